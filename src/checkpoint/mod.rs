@@ -1,0 +1,438 @@
+//! Reading and writing Hugging Face checkpoint directories (`config.json` + safetensors shards).
+//!
+//! Shards are memory-mapped and every header is validated when the checkpoint is opened, so a
+//! truncated file or a header that lies about offsets or dtypes fails early with the file named.
+//! Tensors are materialised only when asked for, which is what lets the pipeline hold one layer at
+//! a time.
+
+pub mod experts;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// The file name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The file name of a sharded checkpoint's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The file name of the model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Element type of a tensor stored in a safetensors file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit brain float.
+    BF16,
+    /// 16-bit IEEE float.
+    F16,
+    /// 64-bit float.
+    F64,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 8-bit unsigned integer.
+    U8,
+}
+
+impl StoredDType {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "F32" => Self::F32,
+            "BF16" => Self::BF16,
+            "F16" => Self::F16,
+            "F64" => Self::F64,
+            "I64" => Self::I64,
+            "I32" => Self::I32,
+            "U8" => Self::U8,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            Self::F32 | Self::I32 => 4,
+            Self::BF16 | Self::F16 => 2,
+            Self::F64 | Self::I64 => 8,
+            Self::U8 => 1,
+        }
+    }
+
+    /// The safetensors spelling of this dtype.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::BF16 => "BF16",
+            Self::F16 => "F16",
+            Self::F64 => "F64",
+            Self::I64 => "I64",
+            Self::I32 => "I32",
+            Self::U8 => "U8",
+        }
+    }
+
+    fn candle(self) -> Option<DType> {
+        Some(match self {
+            Self::F32 => DType::F32,
+            Self::BF16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::F64 => DType::F64,
+            Self::I64 => DType::I64,
+            Self::U8 => DType::U8,
+            Self::I32 => return None,
+        })
+    }
+}
+
+/// Where one tensor lives inside a shard.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Element type on disk.
+    pub dtype: StoredDType,
+    /// Shape on disk.
+    pub shape: Vec<usize>,
+    /// Byte range inside the shard's data section.
+    pub data_range: (usize, usize),
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One memory-mapped safetensors file with its validated header.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    /// Memory-maps `path` and validates its header against the file's length.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; we never write through it and the checkpoint files
+        // are not expected to change while the process runs.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bad = |message: String| Error::Safetensors { path: path.to_path_buf(), message };
+        if mmap.len() < 8 {
+            return Err(bad(format!(
+                "file is {} bytes, too short for a safetensors header (truncated?)",
+                mmap.len()
+            )));
+        }
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(&mmap[..8]);
+        let header_len = u64::from_le_bytes(len_bytes) as usize;
+        if header_len > mmap.len() - 8 {
+            return Err(bad(format!(
+                "header claims {header_len} bytes but the file has only {} after the length prefix (truncated?)",
+                mmap.len() - 8
+            )));
+        }
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..8 + header_len])
+                .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let data_start = 8 + header_len;
+        let data_len = mmap.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        for (name, entry) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype_name = entry.get("dtype").and_then(|v| v.as_str()).unwrap_or("<missing>");
+            let dtype = StoredDType::parse(dtype_name).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has unsupported dtype `{dtype_name}` (expected F32, BF16, F16, F64, I64, I32 or U8)"
+                ))
+            })?;
+            let shape: Vec<usize> = entry
+                .get("shape")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .ok_or_else(|| bad(format!("tensor `{name}` has no valid `shape` in the header")))?;
+            let offsets: Vec<usize> = entry
+                .get("data_offsets")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .filter(|v: &Vec<usize>| v.len() == 2)
+                .ok_or_else(|| {
+                    bad(format!("tensor `{name}` has no valid `data_offsets` [begin, end] in the header"))
+                })?;
+            let (begin, end) = (offsets[0], offsets[1]);
+            let numel: usize = shape.iter().product();
+            let expected_bytes = numel * dtype.size_in_bytes();
+            if end < begin || end - begin != expected_bytes {
+                return Err(bad(format!(
+                    "tensor `{name}`: data_offsets [{begin}, {end}] span {} bytes but shape {shape:?} of {} needs {expected_bytes}",
+                    end.saturating_sub(begin),
+                    dtype.name()
+                )));
+            }
+            if end > data_len {
+                return Err(bad(format!(
+                    "tensor `{name}` ends at data byte {end} but the file holds only {data_len} data bytes (truncated?)"
+                )));
+            }
+            tensors.insert(name, TensorInfo { dtype, shape, data_range: (begin, end) });
+        }
+        Ok(Self { path: path.to_path_buf(), mmap, data_start, tensors })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Header entries by tensor name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    /// Raw bytes of a tensor.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[self.data_start + info.data_range.0..self.data_start + info.data_range.1]
+    }
+
+    /// Loads tensor `name` onto `device` (floats converted to `float_dtype`).
+    pub fn load(&self, name: &str, float_dtype: DType, device: &Device) -> Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.path.clone(),
+            expected_by: "caller".into(),
+        })?;
+        tensor_from_bytes(&self.path, name, info, self.bytes(info), float_dtype, device)
+    }
+}
+
+fn tensor_from_bytes(
+    path: &Path,
+    name: &str,
+    info: &TensorInfo,
+    bytes: &[u8],
+    float_dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let tensor = match info.dtype.candle() {
+        Some(dtype) => Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?,
+        None => {
+            // I32 has no candle dtype: widen to I64.
+            let values: Vec<i64> = bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect();
+            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)?
+        }
+    };
+    let tensor = if tensor.dtype().is_float() && tensor.dtype() != float_dtype {
+        tensor.to_dtype(float_dtype)?
+    } else {
+        tensor
+    };
+    let _ = (path, name);
+    Ok(tensor.to_device(device)?)
+}
+
+/// A model directory as Hugging Face writes it: `config.json` plus one or more safetensors shards.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: serde_json::Value,
+    shards: Vec<SafetensorsFile>,
+    location: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`, reading `config.json` and validating every shard header (no tensor data is read).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(Error::io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist"),
+            ));
+        }
+        let config = read_json(&dir.join(CONFIG_FILE))?;
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let mut shards = Vec::new();
+        let mut location = HashMap::new();
+        if index_path.exists() {
+            let index = read_json(&index_path)?;
+            let weight_map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                Error::Json { path: index_path.clone(), message: "missing object `weight_map`".into() }
+            })?;
+            let mut shard_of_file: HashMap<String, usize> = HashMap::new();
+            let mut files: Vec<&str> =
+                weight_map.values().filter_map(|v| v.as_str()).collect::<Vec<_>>();
+            files.sort_unstable();
+            files.dedup();
+            for file in files {
+                let path = dir.join(file);
+                if !path.exists() {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        message: format!("shard listed in {INDEX_FILE} is missing"),
+                    });
+                }
+                shard_of_file.insert(file.to_string(), shards.len());
+                shards.push(SafetensorsFile::open(&path)?);
+            }
+            for (name, file) in weight_map {
+                let file = file.as_str().ok_or_else(|| Error::Json {
+                    path: index_path.clone(),
+                    message: format!("weight_map entry `{name}` is not a file name"),
+                })?;
+                let shard = shard_of_file[file];
+                if !shards[shard].tensors.contains_key(name) {
+                    return Err(Error::Safetensors {
+                        path: shards[shard].path.clone(),
+                        message: format!(
+                            "tensor `{name}` is listed in {INDEX_FILE} for this shard but the shard does not contain it"
+                        ),
+                    });
+                }
+                location.insert(name.clone(), shard);
+            }
+        } else if single_path.exists() {
+            let shard = SafetensorsFile::open(&single_path)?;
+            for name in shard.tensors.keys() {
+                location.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(Error::io(
+                &dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no {SINGLE_FILE} or {INDEX_FILE} in the model directory"),
+                ),
+            ));
+        }
+        Ok(Self { dir, config, shards, location })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// Path of `config.json`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// All tensor names, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.location.keys().map(|s| s.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Header entry of `name` and the shard file holding it.
+    pub fn info(&self, name: &str) -> Option<(&TensorInfo, &Path)> {
+        let shard = &self.shards[*self.location.get(name)?];
+        Some((&shard.tensors[name], shard.path()))
+    }
+
+    /// The shard files of this checkpoint.
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path()).collect()
+    }
+
+    /// Total bytes of the shard files on disk.
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
+    }
+
+    /// Loads tensor `name` (floats as `dtype`) onto `device`; `expected_by` names the caller in errors.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device, expected_by: &str) -> Result<Tensor> {
+        let shard = self.location.get(name).map(|&s| &self.shards[s]).ok_or_else(|| {
+            Error::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+                expected_by: expected_by.to_string(),
+            }
+        })?;
+        let info = &shard.tensors[name];
+        tensor_from_bytes(&shard.path, name, info, shard.bytes(info), dtype, device)
+    }
+
+    /// Like [`Checkpoint::load`], but first checks the shape against `expected` (from the config).
+    pub fn load_shaped(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<Tensor> {
+        if let Some((info, path)) = self.info(name) {
+            if info.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    path: path.to_path_buf(),
+                    expected: expected.to_vec(),
+                    found: info.shape.clone(),
+                });
+            }
+        }
+        self.load(name, dtype, device, expected_by)
+    }
+
+    /// The dtype most floating-point tensors are stored in.
+    pub fn dominant_dtype(&self) -> StoredDType {
+        let mut counts: HashMap<&'static str, (usize, StoredDType)> = HashMap::new();
+        for shard in &self.shards {
+            for info in shard.tensors.values() {
+                let entry = counts.entry(info.dtype.name()).or_insert((0, info.dtype));
+                entry.0 += info.numel();
+            }
+        }
+        counts.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d).unwrap_or(StoredDType::F32)
+    }
+}
+
+/// Reads and parses a JSON file, naming it in errors.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Json { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+}
+
+/// Loads every tensor of a single safetensors file (used for small files such as token batches).
+pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let file = SafetensorsFile::open(path)?;
+    let mut out = HashMap::new();
+    for name in file.tensors.keys() {
+        let info = &file.tensors[name];
+        let tensor = tensor_from_bytes(path, name, info, file.bytes(info), info_float(info), device)?;
+        out.insert(name.clone(), tensor);
+    }
+    Ok(out)
+}
+
+fn info_float(info: &TensorInfo) -> DType {
+    info.dtype.candle().filter(|d| d.is_float()).unwrap_or(DType::F32)
+}

@@ -1,0 +1,81 @@
+//! The library's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in rfid-moe; each message names the file, tensor or key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a named file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A JSON file could not be parsed or lacks an expected key.
+    #[error("{path}: {message}")]
+    Json {
+        /// The JSON file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// A safetensors file is malformed (truncated, bad header, offsets or dtypes that lie).
+    #[error("{path}: {message}")]
+    Safetensors {
+        /// The shard file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("tensor `{name}` not found in checkpoint {dir} (expected by {expected_by})")]
+    MissingTensor {
+        /// The tensor name.
+        name: String,
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// What needed it.
+        expected_by: String,
+    },
+    /// A tensor's shape disagrees with what `config.json` implies.
+    #[error("tensor `{name}` in {path}: shape {found:?} disagrees with config.json, which implies {expected:?}")]
+    ShapeMismatch {
+        /// The tensor name.
+        name: String,
+        /// The shard holding it.
+        path: PathBuf,
+        /// The shape implied by the config.
+        expected: Vec<usize>,
+        /// The shape on disk.
+        found: Vec<usize>,
+    },
+    /// `config.json` is missing a key, has a bad value or names an unsupported architecture.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// The arguments of a call do not make sense together.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A numerical routine failed (e.g. an SVD or Cholesky that did not converge).
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+    /// An error raised by candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias with the library's error type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

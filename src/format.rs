@@ -1,0 +1,95 @@
+//! The compressed-checkpoint format: the `compression` section of `config.json` and the tensor
+//! names of factored experts (documented in `docs/FORMAT.md`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Key of the compression section in `config.json`.
+pub const COMPRESSION_KEY: &str = "compression";
+
+/// How a group basis is applied at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisActivation {
+    /// `Ŵ_i = A_i B_g` (SVD factoriser).
+    #[default]
+    Identity,
+    /// `Ŵ_i = A_i SiLU(B_g)` (MoBE-style basis factoriser).
+    Silu,
+}
+
+/// One group of experts sharing a basis for one matrix type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Expert indices in the group (descending routing frequency).
+    pub experts: Vec<usize>,
+    /// Rank of the shared basis (0 when kept dense).
+    pub rank: usize,
+    /// Whether the group was kept dense (factoring would not save parameters).
+    pub dense: bool,
+    /// Number of residual coefficients η (0 = no residual).
+    #[serde(default)]
+    pub residual_size: usize,
+}
+
+/// Compression of one matrix type (e.g. `gate_proj`) in one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatrixRecord {
+    /// The groups, in order; `expert_groups.{g}` tensors follow this order.
+    pub groups: Vec<GroupRecord>,
+}
+
+/// Compression of one decoder layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Per matrix type, keyed by the checkpoint's own name (`gate_proj`, `up_proj`, Mixtral's `w1`, `w3`).
+    pub matrices: BTreeMap<String, MatrixRecord>,
+}
+
+/// The `compression` section of a compressed checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressionRecord {
+    /// Always `rfid-moe`.
+    pub method: String,
+    /// Version of the tool that wrote it.
+    pub tool_version: String,
+    /// Activation applied to bases at inference.
+    #[serde(default)]
+    pub basis_activation: BasisActivation,
+    /// Seed of the residual's random sparse projection.
+    #[serde(default)]
+    pub residual_seed: u64,
+    /// The resolved settings the checkpoint was made with.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+    /// Fingerprint of the calibration data (hash of the token windows).
+    #[serde(default)]
+    pub calibration_fingerprint: String,
+    /// Per compressed layer.
+    pub layers: Vec<LayerRecord>,
+}
+
+impl CompressionRecord {
+    /// The record of `layer`, if that layer was compressed.
+    pub fn layer(&self, layer: usize) -> Option<&LayerRecord> {
+        self.layers.iter().find(|l| l.layer == layer)
+    }
+}
+
+/// Name of expert `expert`'s coefficient matrix `A_i` [p, rank] for `matrix` under `block` (e.g. `model.layers.3.mlp`).
+pub fn coefficients_name(block: &str, expert: usize, matrix: &str) -> String {
+    format!("{block}.experts.{expert}.{matrix}.lowrank_a")
+}
+
+/// Name of group `group`'s basis `B_g` [rank, d].
+pub fn basis_name(block: &str, group: usize, matrix: &str) -> String {
+    format!("{block}.expert_groups.{group}.{matrix}.basis")
+}
+
+/// Name of group `group`'s residual coefficients η [residual_size].
+pub fn residual_name(block: &str, group: usize, matrix: &str) -> String {
+    format!("{block}.expert_groups.{group}.{matrix}.residual_eta")
+}

@@ -1,0 +1,140 @@
+//! `rfid-moe inspect`: what a checkpoint is, and where its parameters are.
+
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+use crate::models::{compression_record, ArchConfig, Family};
+
+/// Parameter counts split by role.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ParameterCounts {
+    /// Routed experts (dense or factored, residuals included).
+    pub routed_experts: u64,
+    /// Shared experts and their gates.
+    pub shared_experts: u64,
+    /// Everything else: attention, routers, norms, embeddings, head.
+    pub other: u64,
+    /// The sum.
+    pub total: u64,
+}
+
+/// The role of a tensor, judged from its Hugging Face name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    /// Part of a routed expert.
+    RoutedExpert,
+    /// Part of a shared expert.
+    SharedExpert,
+    /// Anything else.
+    Other,
+}
+
+/// Classifies a tensor name.
+pub fn tensor_role(name: &str) -> TensorRole {
+    if name.contains(".shared_expert") {
+        TensorRole::SharedExpert
+    } else if name.contains(".experts.") || name.contains(".expert_groups.") {
+        TensorRole::RoutedExpert
+    } else {
+        TensorRole::Other
+    }
+}
+
+/// Counts a checkpoint's parameters by role from the shard headers (no data is read).
+pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
+    let mut counts = ParameterCounts::default();
+    for name in checkpoint.tensor_names() {
+        let Some((info, _)) = checkpoint.info(name) else { continue };
+        let n = info.numel() as u64;
+        match tensor_role(name) {
+            TensorRole::RoutedExpert => counts.routed_experts += n,
+            TensorRole::SharedExpert => counts.shared_experts += n,
+            TensorRole::Other => counts.other += n,
+        }
+        counts.total += n;
+    }
+    counts
+}
+
+/// What `inspect` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    /// Checkpoint directory.
+    pub path: String,
+    /// Architecture family.
+    pub family: Family,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Indices of MoE layers.
+    pub moe_layers: Vec<usize>,
+    /// Indices of dense layers.
+    pub dense_layers: Vec<usize>,
+    /// Routed experts per MoE layer.
+    pub experts_per_layer: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Shared-expert intermediate size per MoE layer (0 = none).
+    pub shared_expert_intermediate_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Routed expert intermediate size.
+    pub expert_intermediate_size: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Dominant storage dtype.
+    pub dtype: String,
+    /// Parameters by role.
+    pub parameters: ParameterCounts,
+    /// Bytes of the safetensors files.
+    pub bytes_on_disk: u64,
+    /// Number of shard files.
+    pub shards: usize,
+    /// Whether the checkpoint was written by `rfid-moe compress`.
+    pub compressed: bool,
+}
+
+/// Summarises the checkpoint at `checkpoint`.
+pub fn summarize(checkpoint: &Checkpoint) -> Result<ModelSummary> {
+    let config = ArchConfig::from_checkpoint(checkpoint)?;
+    let spec = config.spec();
+    let moe_layers = spec.moe_layer_indices();
+    let first = spec.moe_layers.iter().flatten().next();
+    Ok(ModelSummary {
+        path: checkpoint.dir().display().to_string(),
+        family: spec.family,
+        num_layers: spec.num_layers,
+        dense_layers: (0..spec.num_layers).filter(|i| !moe_layers.contains(i)).collect(),
+        moe_layers,
+        experts_per_layer: first.map_or(0, |l| l.num_experts),
+        top_k: spec.top_k,
+        shared_expert_intermediate_size: spec.shared_expert_intermediate_size,
+        hidden_size: spec.hidden_size,
+        expert_intermediate_size: first.map_or(0, |l| l.intermediate_size),
+        vocab_size: spec.vocab_size,
+        dtype: checkpoint.dominant_dtype().name().to_string(),
+        parameters: parameter_counts(checkpoint),
+        bytes_on_disk: checkpoint.bytes_on_disk(),
+        shards: checkpoint.shard_paths().len(),
+        compressed: compression_record(checkpoint)?.is_some(),
+    })
+}
+
+impl std::fmt::Display for ModelSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = &self.parameters;
+        let pct = |n: u64| if p.total == 0 { 0.0 } else { 100.0 * n as f64 / p.total as f64 };
+        writeln!(f, "model            {}", self.path)?;
+        writeln!(f, "family           {}{}", self.family.model_type(), if self.compressed { " (rfid-moe compressed)" } else { "" })?;
+        writeln!(f, "layers           {} ({} MoE, {} dense: {:?})", self.num_layers, self.moe_layers.len(), self.dense_layers.len(), self.dense_layers)?;
+        writeln!(f, "experts/layer    {} routed, top-{}", self.experts_per_layer, self.top_k)?;
+        writeln!(f, "shared experts   {}", if self.shared_expert_intermediate_size > 0 { format!("intermediate {}", self.shared_expert_intermediate_size) } else { "none".into() })?;
+        writeln!(f, "sizes            hidden {}, expert intermediate {}, vocab {}", self.hidden_size, self.expert_intermediate_size, self.vocab_size)?;
+        writeln!(f, "dtype            {}", self.dtype)?;
+        writeln!(f, "parameters       {} total", p.total)?;
+        writeln!(f, "  routed experts {:>12} ({:.1}%)", p.routed_experts, pct(p.routed_experts))?;
+        writeln!(f, "  shared experts {:>12} ({:.1}%)", p.shared_experts, pct(p.shared_experts))?;
+        writeln!(f, "  other          {:>12} ({:.1}%)", p.other, pct(p.other))?;
+        write!(f, "on disk          {} bytes in {} file(s)", self.bytes_on_disk, self.shards)
+    }
+}

@@ -1,0 +1,394 @@
+//! MoE architectures (one file each) and the decoder that runs them.
+//!
+//! Every architecture turns its `config.json` into a [`ModelSpec`] (the facts the pipeline needs)
+//! and loads one [`DecoderLayer`] at a time, which is what lets calibration stream layers.
+
+pub mod common;
+pub mod deepseek_v2;
+pub mod deepseek_v3;
+pub mod mixtral;
+pub mod moe;
+pub mod olmoe;
+pub mod qwen2_moe;
+pub mod qwen3_moe;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::checkpoint::experts::ExpertLayout;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::format::{CompressionRecord, COMPRESSION_KEY};
+use common::{Attention, GatedMlp, Linear, RmsNorm, Rotary, Weights};
+use moe::{MoeBlock, MoeObserver};
+
+/// The supported model families, by `config.json`'s `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// `mixtral`
+    Mixtral,
+    /// `qwen2_moe`
+    Qwen2Moe,
+    /// `qwen3_moe`
+    Qwen3Moe,
+    /// `olmoe`
+    Olmoe,
+    /// `deepseek_v2`
+    DeepseekV2,
+    /// `deepseek_v3`
+    DeepseekV3,
+}
+
+impl Family {
+    /// The family named by `model_type`, if supported.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "mixtral" => Self::Mixtral,
+            "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3_moe" => Self::Qwen3Moe,
+            "olmoe" => Self::Olmoe,
+            "deepseek_v2" => Self::DeepseekV2,
+            "deepseek_v3" => Self::DeepseekV3,
+            _ => return None,
+        })
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Olmoe => "olmoe",
+            Self::DeepseekV2 => "deepseek_v2",
+            Self::DeepseekV3 => "deepseek_v3",
+        }
+    }
+}
+
+/// Family-independent facts about a model, derived from `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// The family.
+    pub family: Family,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// For each layer, where its routed experts live (`None` for dense layers).
+    pub moe_layers: Vec<Option<ExpertLayout>>,
+    /// Shared-expert intermediate size per MoE layer (0 when there is none).
+    pub shared_expert_intermediate_size: usize,
+    /// Whether `lm_head` reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Maximum positions the rotary table covers.
+    pub max_positions: usize,
+}
+
+impl ModelSpec {
+    /// Indices of the MoE layers.
+    pub fn moe_layer_indices(&self) -> Vec<usize> {
+        self.moe_layers.iter().enumerate().filter_map(|(i, l)| l.as_ref().map(|_| i)).collect()
+    }
+}
+
+/// The attention variant of a layer.
+#[derive(Debug, Clone)]
+pub enum AttentionBlock {
+    /// Grouped-query attention.
+    Standard(Attention),
+    /// DeepSeek multi-head latent attention.
+    Latent(deepseek_v2::LatentAttention),
+}
+
+/// The feed-forward variant of a layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// A dense gated MLP.
+    Dense(GatedMlp),
+    /// A sparse MoE block.
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Layer index.
+    pub index: usize,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub attention: AttentionBlock,
+    /// Norm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm,
+    /// Feed-forward block.
+    pub feed_forward: FeedForward,
+}
+
+impl DecoderLayer {
+    /// Runs the layer on `x` [batch, seq, hidden]; returns the output and, for MoE layers, the
+    /// router logits [batch*seq, experts].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        observer: Option<&mut dyn MoeObserver>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = self.input_layernorm.forward(x)?;
+        let attended = match &self.attention {
+            AttentionBlock::Standard(a) => a.forward(&normed, rotary)?,
+            AttentionBlock::Latent(a) => a.forward(&normed, rotary)?,
+        };
+        let x = (x + attended)?;
+        let normed = self.post_attention_layernorm.forward(&x)?;
+        let (y, router_logits) = match &self.feed_forward {
+            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
+            FeedForward::Moe(block) => {
+                let (y, logits) = block.forward(&normed, self.index, observer)?;
+                (y, Some(logits))
+            }
+        };
+        Ok(((x + y)?, router_logits))
+    }
+}
+
+/// A parsed architecture configuration.
+#[derive(Debug, Clone)]
+pub enum ArchConfig {
+    /// Mixtral.
+    Mixtral(mixtral::Config),
+    /// Qwen2-MoE.
+    Qwen2Moe(qwen2_moe::Config),
+    /// Qwen3-MoE.
+    Qwen3Moe(qwen3_moe::Config),
+    /// OLMoE.
+    Olmoe(olmoe::Config),
+    /// DeepSeek-V2.
+    DeepseekV2(deepseek_v2::Config),
+    /// DeepSeek-V3.
+    DeepseekV3(deepseek_v3::Config),
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(checkpoint: &Checkpoint) -> Result<T> {
+    serde_json::from_value(checkpoint.config().clone()).map_err(|e| Error::Config {
+        path: checkpoint.config_path(),
+        message: format!("does not describe the model as expected: {e}"),
+    })
+}
+
+impl ArchConfig {
+    /// Parses the checkpoint's `config.json` according to its `model_type`.
+    pub fn from_checkpoint(checkpoint: &Checkpoint) -> Result<Self> {
+        let path = checkpoint.config_path();
+        let model_type = checkpoint
+            .config()
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Config { path: path.clone(), message: "missing key `model_type`".into() })?;
+        let family = Family::from_model_type(model_type).ok_or_else(|| Error::Config {
+            path: path.clone(),
+            message: format!(
+                "unsupported model_type `{model_type}` (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)"
+            ),
+        })?;
+        let config = match family {
+            Family::Mixtral => Self::Mixtral(parse_config(checkpoint)?),
+            Family::Qwen2Moe => Self::Qwen2Moe(parse_config(checkpoint)?),
+            Family::Qwen3Moe => Self::Qwen3Moe(parse_config(checkpoint)?),
+            Family::Olmoe => Self::Olmoe(parse_config(checkpoint)?),
+            Family::DeepseekV2 => Self::DeepseekV2(parse_config(checkpoint)?),
+            Family::DeepseekV3 => Self::DeepseekV3(parse_config(checkpoint)?),
+        };
+        config.validate(&path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &std::path::Path) -> Result<()> {
+        let spec = self.spec();
+        let bad = |message: String| Err(Error::Config { path: path.to_path_buf(), message });
+        if spec.num_layers == 0 || spec.hidden_size == 0 || spec.vocab_size == 0 {
+            return bad("num_hidden_layers, hidden_size and vocab_size must be positive".into());
+        }
+        for layout in spec.moe_layers.iter().flatten() {
+            if layout.num_experts == 0 || spec.top_k == 0 || spec.top_k > layout.num_experts {
+                return bad(format!(
+                    "num_experts_per_tok = {} must be between 1 and the number of experts ({})",
+                    spec.top_k, layout.num_experts
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Family-independent facts.
+    pub fn spec(&self) -> ModelSpec {
+        match self {
+            Self::Mixtral(c) => c.spec(),
+            Self::Qwen2Moe(c) => c.spec(),
+            Self::Qwen3Moe(c) => c.spec(),
+            Self::Olmoe(c) => c.spec(),
+            Self::DeepseekV2(c) => c.spec(),
+            Self::DeepseekV3(c) => c.spec(),
+        }
+    }
+
+    /// Rotary tables for this model.
+    pub fn rotary(&self, checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Rotary> {
+        let path = checkpoint.config_path();
+        let config = checkpoint.config();
+        match self {
+            Self::Mixtral(c) => c.rotary(config, &path, dtype, device),
+            Self::Qwen2Moe(c) => c.rotary(config, &path, dtype, device),
+            Self::Qwen3Moe(c) => c.rotary(config, &path, dtype, device),
+            Self::Olmoe(c) => c.rotary(config, &path, dtype, device),
+            Self::DeepseekV2(c) => c.rotary(config, &path, dtype, device),
+            Self::DeepseekV3(c) => c.rotary(config, &path, dtype, device),
+        }
+    }
+
+    /// Loads decoder layer `index` (its routed experts via `experts`).
+    pub fn load_layer(
+        &self,
+        weights: &Weights,
+        index: usize,
+        compression: Option<&CompressionRecord>,
+    ) -> Result<DecoderLayer> {
+        let spec = self.spec();
+        let moe = match &spec.moe_layers[index] {
+            Some(layout) => Some(layout.load_experts(weights, index, compression)?),
+            None => None,
+        };
+        match self {
+            Self::Mixtral(c) => c.load_layer(weights, index, moe),
+            Self::Qwen2Moe(c) => c.load_layer(weights, index, moe),
+            Self::Qwen3Moe(c) => c.load_layer(weights, index, moe),
+            Self::Olmoe(c) => c.load_layer(weights, index, moe),
+            Self::DeepseekV2(c) => c.load_layer(weights, index, moe),
+            Self::DeepseekV3(c) => c.load_layer(weights, index, moe),
+        }
+    }
+}
+
+/// Reads the compression record from a checkpoint's `config.json`, if it has one.
+pub fn compression_record(checkpoint: &Checkpoint) -> Result<Option<CompressionRecord>> {
+    match checkpoint.config().get(COMPRESSION_KEY) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value.clone()).map(Some).map_err(|e| Error::Config {
+            path: checkpoint.config_path(),
+            message: format!("invalid `{COMPRESSION_KEY}` section: {e}"),
+        }),
+    }
+}
+
+/// Embedding, final norm and output head: the parts of a model outside the decoder layers.
+#[derive(Debug, Clone)]
+pub struct ModelEnds {
+    /// Token embeddings, [vocab, hidden].
+    pub embed_tokens: Tensor,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output head.
+    pub lm_head: Linear,
+}
+
+impl ModelEnds {
+    /// Loads `model.embed_tokens`, `model.norm` and `lm_head` (or the tied embedding).
+    pub fn load(weights: &Weights, spec: &ModelSpec, rms_norm_eps: f64) -> Result<Self> {
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[v, h])?;
+        let norm = weights.rms_norm("model.norm", h, rms_norm_eps)?;
+        let lm_head = if spec.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            Linear { weight: embed_tokens.clone(), bias: None }
+        } else {
+            weights.linear("lm_head", h, v, false)?
+        };
+        Ok(Self { embed_tokens, norm, lm_head })
+    }
+
+    /// Embeds `input_ids` [batch, seq] (integer) to [batch, seq, hidden].
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let vocab = self.embed_tokens.dim(0)?;
+        let max = ids.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= vocab {
+            return Err(Error::InvalidArgument(format!(
+                "token id {max} is out of range for a vocabulary of {vocab}"
+            )));
+        }
+        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, s, ()))?)
+    }
+
+    /// Final norm and head: [batch, seq, hidden] -> logits [batch, seq, vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?)
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Logits, [batch, seq, vocab].
+    pub logits: Tensor,
+    /// Router logits of each MoE layer, (layer index, [batch*seq, experts]).
+    pub router_logits: Vec<(usize, Tensor)>,
+}
+
+/// A whole model held in memory.
+#[derive(Debug)]
+pub struct Model {
+    /// Parsed configuration.
+    pub config: ArchConfig,
+    /// Family-independent facts.
+    pub spec: ModelSpec,
+    /// Embedding, final norm and head.
+    pub ends: ModelEnds,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Rotary tables.
+    pub rotary: Rotary,
+}
+
+/// RMSNorm epsilon of a config (all supported families call it `rms_norm_eps`).
+pub fn rms_norm_eps(checkpoint: &Checkpoint) -> f64 {
+    checkpoint.config().get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6)
+}
+
+impl Model {
+    /// Loads the whole model from a checkpoint onto `device` in `dtype`.
+    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ArchConfig::from_checkpoint(checkpoint)?;
+        let spec = config.spec();
+        let compression = compression_record(checkpoint)?;
+        let weights = Weights { checkpoint, device, dtype, family: spec.family.model_type() };
+        let ends = ModelEnds::load(&weights, &spec, rms_norm_eps(checkpoint))?;
+        let layers = (0..spec.num_layers)
+            .map(|i| config.load_layer(&weights, i, compression.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let rotary = config.rotary(checkpoint, dtype, device)?;
+        Ok(Self { config, spec, ends, layers, rotary })
+    }
+
+    /// Runs `input_ids` [batch, seq] through the model.
+    pub fn forward(&self, input_ids: &Tensor, mut observer: Option<&mut dyn MoeObserver>) -> Result<ForwardOutput> {
+        let mut hidden = self.ends.embed(input_ids)?;
+        let mut router_logits = Vec::new();
+        for layer in &self.layers {
+            let layer_observer: Option<&mut dyn MoeObserver> = match observer.as_mut() {
+                Some(o) => Some(&mut **o),
+                None => None,
+            };
+            let (next, logits) = layer.forward(&hidden, &self.rotary, layer_observer)?;
+            hidden = next;
+            if let Some(logits) = logits {
+                router_logits.push((layer.index, logits));
+            }
+        }
+        Ok(ForwardOutput { logits: self.ends.logits(&hidden)?, router_logits })
+    }
+}
