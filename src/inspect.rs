@@ -45,7 +45,9 @@ pub fn tensor_role(name: &str) -> TensorRole {
 pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
     let mut counts = ParameterCounts::default();
     for name in checkpoint.tensor_names() {
-        let Some((info, _)) = checkpoint.info(name) else { continue };
+        let Some((info, _)) = checkpoint.info(name) else {
+            continue;
+        };
         let n = info.numel() as u64;
         match tensor_role(name) {
             TensorRole::RoutedExpert => counts.routed_experts += n,
@@ -104,7 +106,9 @@ pub fn summarize(checkpoint: &Checkpoint) -> Result<ModelSummary> {
         path: checkpoint.dir().display().to_string(),
         family: spec.family,
         num_layers: spec.num_layers,
-        dense_layers: (0..spec.num_layers).filter(|i| !moe_layers.contains(i)).collect(),
+        dense_layers: (0..spec.num_layers)
+            .filter(|i| !moe_layers.contains(i))
+            .collect(),
         moe_layers,
         experts_per_layer: first.map_or(0, |l| l.num_experts),
         top_k: spec.top_k,
@@ -123,18 +127,70 @@ pub fn summarize(checkpoint: &Checkpoint) -> Result<ModelSummary> {
 impl std::fmt::Display for ModelSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let p = &self.parameters;
-        let pct = |n: u64| if p.total == 0 { 0.0 } else { 100.0 * n as f64 / p.total as f64 };
+        let pct = |n: u64| {
+            if p.total == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / p.total as f64
+            }
+        };
         writeln!(f, "model            {}", self.path)?;
-        writeln!(f, "family           {}{}", self.family.model_type(), if self.compressed { " (rfid-moe compressed)" } else { "" })?;
-        writeln!(f, "layers           {} ({} MoE, {} dense: {:?})", self.num_layers, self.moe_layers.len(), self.dense_layers.len(), self.dense_layers)?;
-        writeln!(f, "experts/layer    {} routed, top-{}", self.experts_per_layer, self.top_k)?;
-        writeln!(f, "shared experts   {}", if self.shared_expert_intermediate_size > 0 { format!("intermediate {}", self.shared_expert_intermediate_size) } else { "none".into() })?;
-        writeln!(f, "sizes            hidden {}, expert intermediate {}, vocab {}", self.hidden_size, self.expert_intermediate_size, self.vocab_size)?;
+        writeln!(
+            f,
+            "family           {}{}",
+            self.family.model_type(),
+            if self.compressed {
+                " (rfid-moe compressed)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            f,
+            "layers           {} ({} MoE, {} dense: {:?})",
+            self.num_layers,
+            self.moe_layers.len(),
+            self.dense_layers.len(),
+            self.dense_layers
+        )?;
+        writeln!(
+            f,
+            "experts/layer    {} routed, top-{}",
+            self.experts_per_layer, self.top_k
+        )?;
+        writeln!(
+            f,
+            "shared experts   {}",
+            if self.shared_expert_intermediate_size > 0 {
+                format!("intermediate {}", self.shared_expert_intermediate_size)
+            } else {
+                "none".into()
+            }
+        )?;
+        writeln!(
+            f,
+            "sizes            hidden {}, expert intermediate {}, vocab {}",
+            self.hidden_size, self.expert_intermediate_size, self.vocab_size
+        )?;
         writeln!(f, "dtype            {}", self.dtype)?;
         writeln!(f, "parameters       {} total", p.total)?;
-        writeln!(f, "  routed experts {:>12} ({:.1}%)", p.routed_experts, pct(p.routed_experts))?;
-        writeln!(f, "  shared experts {:>12} ({:.1}%)", p.shared_experts, pct(p.shared_experts))?;
+        writeln!(
+            f,
+            "  routed experts {:>12} ({:.1}%)",
+            p.routed_experts,
+            pct(p.routed_experts)
+        )?;
+        writeln!(
+            f,
+            "  shared experts {:>12} ({:.1}%)",
+            p.shared_experts,
+            pct(p.shared_experts)
+        )?;
         writeln!(f, "  other          {:>12} ({:.1}%)", p.other, pct(p.other))?;
-        write!(f, "on disk          {} bytes in {} file(s)", self.bytes_on_disk, self.shards)
+        write!(
+            f,
+            "on disk          {} bytes in {} file(s)",
+            self.bytes_on_disk, self.shards
+        )
     }
 }

@@ -33,9 +33,14 @@ impl SparseProjection {
         for &b in &bucket_of_entry {
             counts[b as usize] += 1;
         }
-        let scale_of_bucket =
-            counts.iter().map(|&n| if n == 0 { 0.0 } else { 1.0 / (n as f32).sqrt() }).collect();
-        Self { bucket_of_entry, scale_of_bucket }
+        let scale_of_bucket = counts
+            .iter()
+            .map(|&n| if n == 0 { 0.0 } else { 1.0 / (n as f32).sqrt() })
+            .collect();
+        Self {
+            bucket_of_entry,
+            scale_of_bucket,
+        }
     }
 
     /// Number of buckets `a`.
@@ -49,7 +54,10 @@ impl SparseProjection {
         for (&b, &r) in self.bucket_of_entry.iter().zip(residual) {
             eta[b as usize] += r as f64;
         }
-        eta.iter().zip(&self.scale_of_bucket).map(|(&s, &c)| (s * c as f64) as f32).collect()
+        eta.iter()
+            .zip(&self.scale_of_bucket)
+            .map(|(&s, &c)| (s * c as f64) as f32)
+            .collect()
     }
 
     /// `r̂ = P η`: every entry becomes its bucket's coefficient scaled by `1/√n_q`.
@@ -69,7 +77,9 @@ mod tests {
     fn closed_form_equals_bucket_means() {
         let entries = 1000;
         let projection = SparseProjection::new(7, entries, 37);
-        let residual: Vec<f32> = (0..entries).map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0).collect();
+        let residual: Vec<f32> = (0..entries)
+            .map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0)
+            .collect();
         let reconstructed = projection.expand(&projection.project(&residual));
         let mut sums = vec![0f64; 37];
         let mut counts = vec![0usize; 37];

@@ -10,12 +10,23 @@ use rfid_moe::models::Model;
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Runs the fixture and returns (max |Δlogits|, max |Δrouter logits| over layers, router layers compared).
@@ -56,3 +67,94 @@ parity_test!(qwen3_moe_sharded_matches_transformers, "tiny-qwen3_moe", 3);
 parity_test!(olmoe_matches_transformers, "tiny-olmoe", 2);
 parity_test!(deepseek_v2_matches_transformers, "tiny-deepseek_v2", 0);
 parity_test!(deepseek_v3_matches_transformers, "tiny-deepseek_v3", 0);
+
+/// The fused 3-D expert layout (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) that
+/// transformers 5 uses in memory loads behind the same canonical view and gives the same logits.
+#[test]
+fn fused_expert_tensors_give_the_same_logits() {
+    use std::collections::HashMap;
+    let source = fixture("tiny-qwen3_moe");
+    let checkpoint = Checkpoint::open(&source).unwrap();
+    let config = checkpoint.config().clone();
+    let (n, layers) = (16usize, 3usize);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for name in checkpoint.tensor_names() {
+        if !name.contains(".experts.") {
+            tensors.insert(
+                name.to_string(),
+                checkpoint
+                    .load(name, DType::F32, &Device::Cpu, "test")
+                    .unwrap(),
+            );
+        }
+    }
+    for layer in 0..layers {
+        let get = |j: usize, m: &str| {
+            checkpoint
+                .load(
+                    &format!("model.layers.{layer}.mlp.experts.{j}.{m}.weight"),
+                    DType::F32,
+                    &Device::Cpu,
+                    "test",
+                )
+                .unwrap()
+        };
+        let gate_up: Vec<Tensor> = (0..n)
+            .map(|j| Tensor::cat(&[get(j, "gate_proj"), get(j, "up_proj")], 0).unwrap())
+            .collect();
+        let down: Vec<Tensor> = (0..n).map(|j| get(j, "down_proj")).collect();
+        tensors.insert(
+            format!("model.layers.{layer}.mlp.experts.gate_up_proj"),
+            Tensor::stack(&gate_up, 0).unwrap(),
+        );
+        tensors.insert(
+            format!("model.layers.{layer}.mlp.experts.down_proj"),
+            Tensor::stack(&down, 0).unwrap(),
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fused");
+    let mut writer = rfid_moe::checkpoint::writer::CheckpointWriter::create(&out, false).unwrap();
+    writer.write_shard(tensors).unwrap();
+    writer
+        .write_file(
+            "config.json",
+            serde_json::to_string(&config).unwrap().as_bytes(),
+        )
+        .unwrap();
+    writer.finish().unwrap();
+
+    let fused = Checkpoint::open(&out).unwrap();
+    assert!(fused.contains("model.layers.0.mlp.experts.gate_up_proj"));
+    assert!(!fused.contains("model.layers.0.mlp.experts.0.gate_proj.weight"));
+    let model = Model::load(&fused, DType::F32, &Device::Cpu).unwrap();
+    let reference =
+        checkpoint::load_all(&source.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let output = model.forward(&reference["input_ids"], None).unwrap();
+    assert!(max_abs_diff(&output.logits, &reference["logits"]) <= TOLERANCE);
+}
+
+/// bf16 weights load, converted to the requested dtype, and give finite logits of the right shape.
+#[test]
+fn bf16_checkpoint_loads_and_runs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mini-moe-docs");
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    assert_eq!(
+        checkpoint.dominant_dtype(),
+        rfid_moe::checkpoint::StoredDType::BF16
+    );
+    let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 50, 200, 7, 99, 1000, 3, 4]], &Device::Cpu).unwrap();
+    let out = model.forward(&ids, None).unwrap();
+    assert_eq!(out.logits.dims(), &[1, 8, 4096]);
+    assert_eq!(out.router_logits.len(), 4);
+    let finite = out
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite());
+    assert!(finite);
+}

@@ -11,7 +11,11 @@ use rfid_moe::checkpoint::{self, writer, Checkpoint};
 use rfid_moe::models::Model;
 
 #[derive(Parser)]
-#[command(name = "rfid-moe", version, about = "Compress and run Mixture-of-Experts checkpoints (RFID-MoE)")]
+#[command(
+    name = "rfid-moe",
+    version,
+    about = "Compress and run Mixture-of-Experts checkpoints (RFID-MoE)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +59,12 @@ impl DeviceArgs {
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
             s if s == "cuda" || s.starts_with("cuda:") => {
-                let ordinal = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose().context("bad CUDA ordinal")?.unwrap_or(0);
+                let ordinal = s
+                    .strip_prefix("cuda:")
+                    .map(str::parse::<usize>)
+                    .transpose()
+                    .context("bad CUDA ordinal")?
+                    .unwrap_or(0);
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device {s}: this binary was built without the `cuda` feature (cargo build --features cuda)");
                 }
@@ -78,22 +87,37 @@ fn main() -> Result<()> {
                 println!("{summary}");
             }
         }
-        Command::Logits { model, tokens, out, device } => {
+        Command::Logits {
+            model,
+            tokens,
+            out,
+            device,
+        } => {
             let device = device.device()?;
             let checkpoint = Checkpoint::open(&model)?;
             let model = Model::load(&checkpoint, DType::F32, &device)?;
             let inputs = checkpoint::load_all(&tokens, &device)?;
-            let input_ids = inputs
-                .get("input_ids")
-                .with_context(|| format!("{}: no tensor `input_ids` (expected i64 [batch, seq])", tokens.display()))?;
+            let input_ids = inputs.get("input_ids").with_context(|| {
+                format!(
+                    "{}: no tensor `input_ids` (expected i64 [batch, seq])",
+                    tokens.display()
+                )
+            })?;
             if input_ids.rank() != 2 {
-                bail!("{}: `input_ids` has shape {:?}, expected [batch, seq]", tokens.display(), input_ids.dims());
+                bail!(
+                    "{}: `input_ids` has shape {:?}, expected [batch, seq]",
+                    tokens.display(),
+                    input_ids.dims()
+                );
             }
             let output = model.forward(input_ids, None)?;
             let mut tensors = HashMap::new();
             tensors.insert("logits".to_string(), output.logits.to_device(&Device::Cpu)?);
             for (layer, logits) in output.router_logits {
-                tensors.insert(format!("router_logits.{layer}"), logits.to_device(&Device::Cpu)?);
+                tensors.insert(
+                    format!("router_logits.{layer}"),
+                    logits.to_device(&Device::Cpu)?,
+                );
             }
             writer::save_safetensors_atomic(&out, &tensors)?;
         }

@@ -58,11 +58,20 @@ impl ExpertLayout {
 
     /// Per-expert key of `matrix` for `expert`.
     pub fn dense_name(&self, expert: usize, matrix: ExpertMatrix) -> String {
-        format!("{}.experts.{expert}.{}.weight", self.block, self.name(matrix))
+        format!(
+            "{}.experts.{expert}.{}.weight",
+            self.block,
+            self.name(matrix)
+        )
     }
 
     /// Loads the original dense matrix of `expert` from per-expert or fused tensors.
-    pub fn load_dense(&self, weights: &Weights, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
+    pub fn load_dense(
+        &self,
+        weights: &Weights,
+        expert: usize,
+        matrix: ExpertMatrix,
+    ) -> Result<Tensor> {
         let shape = self.shape(matrix);
         let per_expert = self.dense_name(expert, matrix);
         if weights.contains(&per_expert) {
@@ -157,8 +166,10 @@ impl ExpertLayout {
     ) -> Result<Vec<Projection>> {
         let name = self.name(matrix);
         let [rows, cols] = self.shape(matrix);
-        let raw_basis =
-            weights.get(&format::basis_name(&self.block, group_index, name), &[group.rank, cols])?;
+        let raw_basis = weights.get(
+            &format::basis_name(&self.block, group_index, name),
+            &[group.rank, cols],
+        )?;
         let basis = match compression.basis_activation {
             BasisActivation::Identity => raw_basis,
             BasisActivation::Silu => candle_nn::ops::silu(&raw_basis)?,
@@ -170,9 +181,14 @@ impl ExpertLayout {
             )?;
             let eta: Vec<f32> = eta.to_dtype(candle_core::DType::F32)?.to_vec1()?;
             let entries = group.experts.len() * rows * cols;
-            let projection = SparseProjection::new(compression.residual_seed, entries, group.residual_size);
-            let dense = Tensor::from_vec(projection.expand(&eta), (group.experts.len() * rows, cols), weights.device)?
-                .to_dtype(weights.dtype)?;
+            let projection =
+                SparseProjection::new(compression.residual_seed, entries, group.residual_size);
+            let dense = Tensor::from_vec(
+                projection.expand(&eta),
+                (group.experts.len() * rows, cols),
+                weights.device,
+            )?
+            .to_dtype(weights.dtype)?;
             Some(dense)
         } else {
             None
@@ -190,7 +206,11 @@ impl ExpertLayout {
                     Some(r) => Some(r.narrow(0, slot * rows, rows)?),
                     None => None,
                 };
-                Ok(Projection::LowRank { coefficients, basis: basis.clone(), residual })
+                Ok(Projection::LowRank {
+                    coefficients,
+                    basis: basis.clone(),
+                    residual,
+                })
             })
             .collect()
     }

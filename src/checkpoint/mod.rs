@@ -127,7 +127,10 @@ impl SafetensorsFile {
         // SAFETY: the mapping is read-only; we never write through it and the checkpoint files
         // are not expected to change while the process runs.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |message: String| Error::Safetensors { path: path.to_path_buf(), message };
+        let bad = |message: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
         if mmap.len() < 8 {
             return Err(bad(format!(
                 "file is {} bytes, too short for a safetensors header (truncated?)",
@@ -153,7 +156,10 @@ impl SafetensorsFile {
             if name == "__metadata__" {
                 continue;
             }
-            let dtype_name = entry.get("dtype").and_then(|v| v.as_str()).unwrap_or("<missing>");
+            let dtype_name = entry
+                .get("dtype")
+                .and_then(|v| v.as_str())
+                .unwrap_or("<missing>");
             let dtype = StoredDType::parse(dtype_name).ok_or_else(|| {
                 bad(format!(
                     "tensor `{name}` has unsupported dtype `{dtype_name}` (expected F32, BF16, F16, F64, I64, I32 or U8)"
@@ -162,13 +168,19 @@ impl SafetensorsFile {
             let shape: Vec<usize> = entry
                 .get("shape")
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid `shape` in the header")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` has no valid `shape` in the header"
+                    ))
+                })?;
             let offsets: Vec<usize> = entry
                 .get("data_offsets")
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .filter(|v: &Vec<usize>| v.len() == 2)
                 .ok_or_else(|| {
-                    bad(format!("tensor `{name}` has no valid `data_offsets` [begin, end] in the header"))
+                    bad(format!(
+                        "tensor `{name}` has no valid `data_offsets` [begin, end] in the header"
+                    ))
                 })?;
             let (begin, end) = (offsets[0], offsets[1]);
             let numel: usize = shape.iter().product();
@@ -185,9 +197,21 @@ impl SafetensorsFile {
                     "tensor `{name}` ends at data byte {end} but the file holds only {data_len} data bytes (truncated?)"
                 )));
             }
-            tensors.insert(name, TensorInfo { dtype, shape, data_range: (begin, end) });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape,
+                    data_range: (begin, end),
+                },
+            );
         }
-        Ok(Self { path: path.to_path_buf(), mmap, data_start, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            tensors,
+        })
     }
 
     /// The file's path.
@@ -212,7 +236,14 @@ impl SafetensorsFile {
             dir: self.path.clone(),
             expected_by: "caller".into(),
         })?;
-        tensor_from_bytes(&self.path, name, info, self.bytes(info), float_dtype, device)
+        tensor_from_bytes(
+            &self.path,
+            name,
+            info,
+            self.bytes(info),
+            float_dtype,
+            device,
+        )
     }
 }
 
@@ -260,7 +291,10 @@ impl Checkpoint {
         if !dir.is_dir() {
             return Err(Error::io(
                 &dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory does not exist"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model directory does not exist",
+                ),
             ));
         }
         let config = read_json(&dir.join(CONFIG_FILE))?;
@@ -270,12 +304,18 @@ impl Checkpoint {
         let mut location = HashMap::new();
         if index_path.exists() {
             let index = read_json(&index_path)?;
-            let weight_map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::Json { path: index_path.clone(), message: "missing object `weight_map`".into() }
-            })?;
+            let weight_map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Json {
+                    path: index_path.clone(),
+                    message: "missing object `weight_map`".into(),
+                })?;
             let mut shard_of_file: HashMap<String, usize> = HashMap::new();
-            let mut files: Vec<&str> =
-                weight_map.values().filter_map(|v| v.as_str()).collect::<Vec<_>>();
+            let mut files: Vec<&str> = weight_map
+                .values()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>();
             files.sort_unstable();
             files.dedup();
             for file in files {
@@ -320,7 +360,12 @@ impl Checkpoint {
                 ),
             ));
         }
-        Ok(Self { dir, config, shards, location })
+        Ok(Self {
+            dir,
+            config,
+            shards,
+            location,
+        })
     }
 
     /// The checkpoint directory.
@@ -367,14 +412,22 @@ impl Checkpoint {
     }
 
     /// Loads tensor `name` (floats as `dtype`) onto `device`; `expected_by` names the caller in errors.
-    pub fn load(&self, name: &str, dtype: DType, device: &Device, expected_by: &str) -> Result<Tensor> {
-        let shard = self.location.get(name).map(|&s| &self.shards[s]).ok_or_else(|| {
-            Error::MissingTensor {
+    pub fn load(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<Tensor> {
+        let shard = self
+            .location
+            .get(name)
+            .map(|&s| &self.shards[s])
+            .ok_or_else(|| Error::MissingTensor {
                 name: name.to_string(),
                 dir: self.dir.clone(),
                 expected_by: expected_by.to_string(),
-            }
-        })?;
+            })?;
         let info = &shard.tensors[name];
         tensor_from_bytes(&shard.path, name, info, shard.bytes(info), dtype, device)
     }
@@ -410,15 +463,21 @@ impl Checkpoint {
                 entry.0 += info.numel();
             }
         }
-        counts.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d).unwrap_or(StoredDType::F32)
+        counts
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| d)
+            .unwrap_or(StoredDType::F32)
     }
 }
 
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Json { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        message: format!("invalid JSON: {e}"),
+    })
 }
 
 /// Loads every tensor of a single safetensors file (used for small files such as token batches).
@@ -427,12 +486,16 @@ pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     let mut out = HashMap::new();
     for name in file.tensors.keys() {
         let info = &file.tensors[name];
-        let tensor = tensor_from_bytes(path, name, info, file.bytes(info), info_float(info), device)?;
+        let tensor =
+            tensor_from_bytes(path, name, info, file.bytes(info), info_float(info), device)?;
         out.insert(name.clone(), tensor);
     }
     Ok(out)
 }
 
 fn info_float(info: &TensorInfo) -> DType {
-    info.dtype.candle().filter(|d| d.is_float()).unwrap_or(DType::F32)
+    info.dtype
+        .candle()
+        .filter(|d| d.is_float())
+        .unwrap_or(DType::F32)
 }

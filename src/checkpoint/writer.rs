@@ -27,7 +27,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn temporary_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -58,7 +61,9 @@ impl CheckpointWriter {
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let name = out
             .file_name()
-            .ok_or_else(|| Error::InvalidArgument(format!("invalid output path {}", out.display())))?
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("invalid output path {}", out.display()))
+            })?
             .to_string_lossy()
             .into_owned();
         let tmp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));

@@ -22,7 +22,8 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// Loads `name`, which config.json says must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.checkpoint.load_shaped(name, shape, self.dtype, self.device, self.family)
+        self.checkpoint
+            .load_shaped(name, shape, self.dtype, self.device, self.family)
     }
 
     /// Loads `name` if present.
@@ -40,15 +41,28 @@ impl<'a> Weights<'a> {
     }
 
     /// A linear layer `prefix.weight` [out, in] with an optional `prefix.bias` [out].
-    pub fn linear(&self, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         let weight = self.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias { Some(self.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
     /// An RMSNorm `prefix.weight` [dim].
     pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: self.get(&format!("{prefix}.weight"), &[dim])?, eps })
+        Ok(RmsNorm {
+            weight: self.get(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        })
     }
 }
 
@@ -99,7 +113,9 @@ impl RmsNorm {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(variance + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = xf
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
@@ -119,7 +135,10 @@ pub fn rope_theta(config: &serde_json::Value, path: &std::path::Path, default: f
     let params = config.get("rope_parameters").filter(|v| v.is_object());
     let scaling = config.get("rope_scaling").filter(|v| v.is_object());
     for p in [params, scaling].into_iter().flatten() {
-        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str());
+        let kind = p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(|v| v.as_str());
         if let Some(kind) = kind {
             if kind != "default" {
                 return Err(Error::Config {
@@ -167,7 +186,11 @@ impl Rotary {
             }
         }
         let angles = Tensor::from_vec(angles, (max_positions, dim / 2), device)?;
-        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)?, style })
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+            style,
+        })
     }
 
     /// Rotates `x` [batch, heads, seq, dim] for positions `0..seq`.
@@ -214,7 +237,9 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, kv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))?)
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))?)
 }
 
 /// Where query/key normalisation sits, if anywhere.
@@ -279,12 +304,39 @@ pub struct AttentionShape {
 impl Attention {
     /// Loads `{prefix}.{q,k,v,o}_proj` with the given shape; `qk_norm` is attached by the caller.
     pub fn load(weights: &Weights, prefix: &str, shape: AttentionShape) -> Result<Self> {
-        let AttentionShape { hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias } = shape;
+        let AttentionShape {
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qkv_bias,
+            o_bias,
+        } = shape;
         Ok(Self {
-            q_proj: weights.linear(&format!("{prefix}.q_proj"), hidden_size, num_heads * head_dim, qkv_bias)?,
-            k_proj: weights.linear(&format!("{prefix}.k_proj"), hidden_size, num_kv_heads * head_dim, qkv_bias)?,
-            v_proj: weights.linear(&format!("{prefix}.v_proj"), hidden_size, num_kv_heads * head_dim, qkv_bias)?,
-            o_proj: weights.linear(&format!("{prefix}.o_proj"), num_heads * head_dim, hidden_size, o_bias)?,
+            q_proj: weights.linear(
+                &format!("{prefix}.q_proj"),
+                hidden_size,
+                num_heads * head_dim,
+                qkv_bias,
+            )?,
+            k_proj: weights.linear(
+                &format!("{prefix}.k_proj"),
+                hidden_size,
+                num_kv_heads * head_dim,
+                qkv_bias,
+            )?,
+            v_proj: weights.linear(
+                &format!("{prefix}.v_proj"),
+                hidden_size,
+                num_kv_heads * head_dim,
+                qkv_bias,
+            )?,
+            o_proj: weights.linear(
+                &format!("{prefix}.o_proj"),
+                num_heads * head_dim,
+                hidden_size,
+                o_bias,
+            )?,
             qk_norm: QkNorm::None,
             num_heads,
             num_kv_heads,
@@ -302,9 +354,15 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let mut q = q.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?;
-        let mut k = k.reshape((b, s, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        let v = v.reshape((b, s, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let mut q = q
+            .reshape((b, s, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let mut k = k
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
         if let QkNorm::PerHead { q: qn, k: kn } = &self.qk_norm {
             q = qn.forward(&q.contiguous()?)?;
             k = kn.forward(&k.contiguous()?)?;
@@ -315,7 +373,9 @@ impl Attention {
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         let out = causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
-        let out = out.transpose(1, 2)?.reshape((b, s, self.num_heads * self.head_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }

@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::common::{causal_attention, rope_theta, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights};
+use super::common::{
+    causal_attention, rope_theta, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights,
+};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
 use super::qwen3_moe::one;
@@ -129,9 +131,22 @@ impl Config {
     }
 
     /// Rotary tables (interleaved pairs over the rotary part of each head).
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         let theta = rope_theta(raw, path, 1e4)?;
-        Rotary::new(self.qk_rope_head_dim, theta, self.max_position_embeddings, RopeStyle::Interleaved, dtype, device)
+        Rotary::new(
+            self.qk_rope_head_dim,
+            theta,
+            self.max_position_embeddings,
+            RopeStyle::Interleaved,
+            dtype,
+            device,
+        )
     }
 
     /// Loads decoder layer `i`, with `rule` routing its experts.
@@ -151,33 +166,57 @@ impl Config {
                 let shared = (self.shared_size() > 0)
                     .then(|| -> Result<SharedExpert> {
                         Ok(SharedExpert {
-                            mlp: GatedMlp::load(w, &format!("{block}.shared_experts"), h, self.shared_size())?,
+                            mlp: GatedMlp::load(
+                                w,
+                                &format!("{block}.shared_experts"),
+                                h,
+                                self.shared_size(),
+                            )?,
                             gate: None,
                         })
                     })
                     .transpose()?;
                 FeedForward::Moe(MoeBlock {
                     router: Router {
-                        weight: w.get(&format!("{block}.gate.weight"), &[self.n_routed_experts, h])?,
+                        weight: w
+                            .get(&format!("{block}.gate.weight"), &[self.n_routed_experts, h])?,
                         rule: rule(w, &block)?,
                     },
                     experts,
                     shared,
                 })
             }
-            None => FeedForward::Dense(GatedMlp::load(w, &format!("{prefix}.mlp"), h, self.intermediate_size)?),
+            None => FeedForward::Dense(GatedMlp::load(
+                w,
+                &format!("{prefix}.mlp"),
+                h,
+                self.intermediate_size,
+            )?),
         };
         Ok(DecoderLayer {
             index: i,
-            input_layernorm: w.rms_norm(&format!("{prefix}.input_layernorm"), h, self.rms_norm_eps)?,
+            input_layernorm: w.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             attention: AttentionBlock::Latent(attention),
-            post_attention_layernorm: w.rms_norm(&format!("{prefix}.post_attention_layernorm"), h, self.rms_norm_eps)?,
+            post_attention_layernorm: w.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             feed_forward,
         })
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let n_group = match self.topk_method.as_deref() {
             Some("group_limited_greedy") => self.n_group,
             _ => 1,
@@ -236,7 +275,12 @@ impl LatentAttention {
         let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
         let heads = c.num_attention_heads;
         let query = match c.q_lora_rank {
-            None => QueryProjection::Direct(w.linear(&format!("{prefix}.q_proj"), h, heads * qk, false)?),
+            None => QueryProjection::Direct(w.linear(
+                &format!("{prefix}.q_proj"),
+                h,
+                heads * qk,
+                false,
+            )?),
             Some(r) => QueryProjection::LowRank {
                 q_a_proj: w.linear(&format!("{prefix}.q_a_proj"), h, r, c.attention_bias)?,
                 q_a_layernorm: w.rms_norm(&format!("{prefix}.q_a_layernorm"), r, c.rms_norm_eps)?,
@@ -251,14 +295,23 @@ impl LatentAttention {
                 c.kv_lora_rank + c.qk_rope_head_dim,
                 c.attention_bias,
             )?,
-            kv_a_layernorm: w.rms_norm(&format!("{prefix}.kv_a_layernorm"), c.kv_lora_rank, c.rms_norm_eps)?,
+            kv_a_layernorm: w.rms_norm(
+                &format!("{prefix}.kv_a_layernorm"),
+                c.kv_lora_rank,
+                c.rms_norm_eps,
+            )?,
             kv_b_proj: w.linear(
                 &format!("{prefix}.kv_b_proj"),
                 c.kv_lora_rank,
                 heads * (c.qk_nope_head_dim + c.v_head_dim),
                 false,
             )?,
-            o_proj: w.linear(&format!("{prefix}.o_proj"), heads * c.v_head_dim, h, c.attention_bias)?,
+            o_proj: w.linear(
+                &format!("{prefix}.o_proj"),
+                heads * c.v_head_dim,
+                h,
+                c.attention_bias,
+            )?,
             num_heads: heads,
             nope: c.qk_nope_head_dim,
             rope: c.qk_rope_head_dim,
@@ -272,17 +325,23 @@ impl LatentAttention {
         let (b, s, _) = x.dims3()?;
         let q = match &self.query {
             QueryProjection::Direct(p) => p.forward(x)?,
-            QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
-                q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?
-            }
+            QueryProjection::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
         };
-        let q = q.reshape((b, s, self.num_heads, self.nope + self.rope))?.transpose(1, 2)?;
+        let q = q
+            .reshape((b, s, self.num_heads, self.nope + self.rope))?
+            .transpose(1, 2)?;
         let q_nope = q.narrow(3, 0, self.nope)?;
         let q_pe = rotary.apply(&q.narrow(3, self.nope, self.rope)?)?;
 
         let compressed = self.kv_a_proj_with_mqa.forward(x)?;
         let kv_latent = compressed.narrow(2, 0, self.kv_lora)?;
-        let k_pe = compressed.narrow(2, self.kv_lora, self.rope)?.reshape((b, 1, s, self.rope))?;
+        let k_pe = compressed
+            .narrow(2, self.kv_lora, self.rope)?
+            .reshape((b, 1, s, self.rope))?;
         let k_pe = rotary.apply(&k_pe)?;
         let kv = self
             .kv_b_proj
@@ -296,7 +355,9 @@ impl LatentAttention {
         let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
         let scale = 1.0 / ((self.nope + self.rope) as f64).sqrt();
         let out = causal_attention(&query, &key, &value, scale)?;
-        let out = out.transpose(1, 2)?.reshape((b, s, self.num_heads * self.v_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.v_dim))?;
         self.o_proj.forward(&out)
     }
 }

@@ -23,12 +23,23 @@ impl Config {
     }
 
     /// Rotary tables.
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         self.0.rotary(raw, path, dtype, device)
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let c = &self.0;
         self.0.load_layer_with(w, i, experts, |w, block| {
             let bias_name = format!("{block}.gate.e_score_correction_bias");

@@ -54,7 +54,8 @@ pub(crate) fn default_positions() -> usize {
 
 impl Config {
     fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Family-independent facts.
@@ -72,7 +73,9 @@ impl Config {
             hidden_size: self.hidden_size,
             vocab_size: self.vocab_size,
             top_k: self.num_experts_per_tok,
-            moe_layers: (0..self.num_hidden_layers).map(|i| Some(layout(i))).collect(),
+            moe_layers: (0..self.num_hidden_layers)
+                .map(|i| Some(layout(i)))
+                .collect(),
             shared_expert_intermediate_size: 0,
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
@@ -80,13 +83,31 @@ impl Config {
     }
 
     /// Rotary tables.
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         let theta = rope_theta(raw, path, 1e6)?;
-        Rotary::new(self.head_dim(), theta, self.max_position_embeddings, RopeStyle::Half, dtype, device)
+        Rotary::new(
+            self.head_dim(),
+            theta,
+            self.max_position_embeddings,
+            RopeStyle::Half,
+            dtype,
+            device,
+        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let h = self.hidden_size;
         let attention = Attention::load(
@@ -102,15 +123,33 @@ impl Config {
             },
         )?;
         let router = Router {
-            weight: w.get(&format!("{prefix}.block_sparse_moe.gate.weight"), &[self.num_local_experts, h])?,
-            rule: RoutingRule::SoftmaxTopK { top_k: self.num_experts_per_tok, normalize: true },
+            weight: w.get(
+                &format!("{prefix}.block_sparse_moe.gate.weight"),
+                &[self.num_local_experts, h],
+            )?,
+            rule: RoutingRule::SoftmaxTopK {
+                top_k: self.num_experts_per_tok,
+                normalize: true,
+            },
         };
         Ok(DecoderLayer {
             index: i,
-            input_layernorm: w.rms_norm(&format!("{prefix}.input_layernorm"), h, self.rms_norm_eps)?,
+            input_layernorm: w.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(&format!("{prefix}.post_attention_layernorm"), h, self.rms_norm_eps)?,
-            feed_forward: FeedForward::Moe(MoeBlock { router, experts: experts.unwrap_or_default(), shared: None }),
+            post_attention_layernorm: w.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
+            feed_forward: FeedForward::Moe(MoeBlock {
+                router,
+                experts: experts.unwrap_or_default(),
+                shared: None,
+            }),
         })
     }
 }

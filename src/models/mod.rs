@@ -93,7 +93,11 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Indices of the MoE layers.
     pub fn moe_layer_indices(&self) -> Vec<usize> {
-        self.moe_layers.iter().enumerate().filter_map(|(i, l)| l.as_ref().map(|_| i)).collect()
+        self.moe_layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|_| i))
+            .collect()
     }
 }
 
@@ -189,7 +193,10 @@ impl ArchConfig {
             .config()
             .get("model_type")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::Config { path: path.clone(), message: "missing key `model_type`".into() })?;
+            .ok_or_else(|| Error::Config {
+                path: path.clone(),
+                message: "missing key `model_type`".into(),
+            })?;
         let family = Family::from_model_type(model_type).ok_or_else(|| Error::Config {
             path: path.clone(),
             message: format!(
@@ -210,7 +217,12 @@ impl ArchConfig {
 
     fn validate(&self, path: &std::path::Path) -> Result<()> {
         let spec = self.spec();
-        let bad = |message: String| Err(Error::Config { path: path.to_path_buf(), message });
+        let bad = |message: String| {
+            Err(Error::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
         if spec.num_layers == 0 || spec.hidden_size == 0 || spec.vocab_size == 0 {
             return bad("num_hidden_layers, hidden_size and vocab_size must be positive".into());
         }
@@ -278,10 +290,12 @@ impl ArchConfig {
 pub fn compression_record(checkpoint: &Checkpoint) -> Result<Option<CompressionRecord>> {
     match checkpoint.config().get(COMPRESSION_KEY) {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(value) => serde_json::from_value(value.clone()).map(Some).map_err(|e| Error::Config {
-            path: checkpoint.config_path(),
-            message: format!("invalid `{COMPRESSION_KEY}` section: {e}"),
-        }),
+        Some(value) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|e| Error::Config {
+                path: checkpoint.config_path(),
+                message: format!("invalid `{COMPRESSION_KEY}` section: {e}"),
+            }),
     }
 }
 
@@ -303,11 +317,18 @@ impl ModelEnds {
         let embed_tokens = weights.get("model.embed_tokens.weight", &[v, h])?;
         let norm = weights.rms_norm("model.norm", h, rms_norm_eps)?;
         let lm_head = if spec.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            Linear { weight: embed_tokens.clone(), bias: None }
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+            }
         } else {
             weights.linear("lm_head", h, v, false)?
         };
-        Ok(Self { embed_tokens, norm, lm_head })
+        Ok(Self {
+            embed_tokens,
+            norm,
+            lm_head,
+        })
     }
 
     /// Embeds `input_ids` [batch, seq] (integer) to [batch, seq, hidden].
@@ -321,7 +342,10 @@ impl ModelEnds {
                 "token id {max} is out of range for a vocabulary of {vocab}"
             )));
         }
-        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, s, ()))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, s, ()))?)
     }
 
     /// Final norm and head: [batch, seq, hidden] -> logits [batch, seq, vocab].
@@ -356,7 +380,11 @@ pub struct Model {
 
 /// RMSNorm epsilon of a config (all supported families call it `rms_norm_eps`).
 pub fn rms_norm_eps(checkpoint: &Checkpoint) -> f64 {
-    checkpoint.config().get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6)
+    checkpoint
+        .config()
+        .get("rms_norm_eps")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1e-6)
 }
 
 impl Model {
@@ -365,17 +393,32 @@ impl Model {
         let config = ArchConfig::from_checkpoint(checkpoint)?;
         let spec = config.spec();
         let compression = compression_record(checkpoint)?;
-        let weights = Weights { checkpoint, device, dtype, family: spec.family.model_type() };
+        let weights = Weights {
+            checkpoint,
+            device,
+            dtype,
+            family: spec.family.model_type(),
+        };
         let ends = ModelEnds::load(&weights, &spec, rms_norm_eps(checkpoint))?;
         let layers = (0..spec.num_layers)
             .map(|i| config.load_layer(&weights, i, compression.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let rotary = config.rotary(checkpoint, dtype, device)?;
-        Ok(Self { config, spec, ends, layers, rotary })
+        Ok(Self {
+            config,
+            spec,
+            ends,
+            layers,
+            rotary,
+        })
     }
 
     /// Runs `input_ids` [batch, seq] through the model.
-    pub fn forward(&self, input_ids: &Tensor, mut observer: Option<&mut dyn MoeObserver>) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        mut observer: Option<&mut dyn MoeObserver>,
+    ) -> Result<ForwardOutput> {
         let mut hidden = self.ends.embed(input_ids)?;
         let mut router_logits = Vec::new();
         for layer in &self.layers {
@@ -389,6 +432,9 @@ impl Model {
                 router_logits.push((layer.index, logits));
             }
         }
-        Ok(ForwardOutput { logits: self.ends.logits(&hidden)?, router_logits })
+        Ok(ForwardOutput {
+            logits: self.ends.logits(&hidden)?,
+            router_logits,
+        })
     }
 }

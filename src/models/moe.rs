@@ -122,14 +122,21 @@ fn mask_to_best_groups(
     scores
         .iter()
         .enumerate()
-        .map(|(i, &s)| if keep.contains(&(i / per_group)) { s } else { 0.0 })
+        .map(|(i, &s)| {
+            if keep.contains(&(i / per_group)) {
+                s
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 
 impl Router {
     /// Routes `x` [tokens, hidden]; logits are computed in f32.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = matmul_transposed(&x.to_dtype(DType::F32)?, &self.weight.to_dtype(DType::F32)?)?;
+        let logits =
+            matmul_transposed(&x.to_dtype(DType::F32)?, &self.weight.to_dtype(DType::F32)?)?;
         let rows: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
         let top_k = self.rule.top_k();
         let mut experts = Vec::with_capacity(rows.len() * top_k);
@@ -146,7 +153,12 @@ impl Router {
                     }
                     (chosen, w)
                 }
-                RoutingRule::SoftmaxGroupLimited { top_k, n_group, topk_group, scaling } => {
+                RoutingRule::SoftmaxGroupLimited {
+                    top_k,
+                    n_group,
+                    topk_group,
+                    scaling,
+                } => {
                     let probs = softmax(row);
                     let masked = mask_to_best_groups(&probs, *n_group, *topk_group, |g| {
                         g.iter().copied().fold(f32::NEG_INFINITY, f32::max)
@@ -164,8 +176,11 @@ impl Router {
                     correction_bias,
                 } => {
                     let scores: Vec<f32> = row.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-                    let biased: Vec<f32> =
-                        scores.iter().zip(correction_bias).map(|(s, b)| s + b).collect();
+                    let biased: Vec<f32> = scores
+                        .iter()
+                        .zip(correction_bias)
+                        .map(|(s, b)| s + b)
+                        .collect();
                     let masked = mask_to_best_groups(&biased, *n_group, *topk_group, |g| {
                         let best = top_indices(g, 2.min(g.len()));
                         best.iter().map(|&i| g[i]).sum()
@@ -183,7 +198,12 @@ impl Router {
             experts.extend(chosen.iter().map(|&e| e as u32));
             weights.append(&mut chosen_weights);
         }
-        Ok(Routing { logits, experts, weights, top_k })
+        Ok(Routing {
+            logits,
+            experts,
+            weights,
+            top_k,
+        })
     }
 }
 
@@ -209,7 +229,11 @@ impl Projection {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => matmul_transposed(x, w),
-            Self::LowRank { coefficients, basis, residual } => {
+            Self::LowRank {
+                coefficients,
+                basis,
+                residual,
+            } => {
                 let projected = matmul_transposed(x, basis)?;
                 let y = matmul_transposed(&projected, coefficients)?;
                 match residual {
@@ -224,7 +248,11 @@ impl Projection {
     pub fn to_dense(&self) -> Result<Tensor> {
         match self {
             Self::Dense(w) => Ok(w.clone()),
-            Self::LowRank { coefficients, basis, residual } => {
+            Self::LowRank {
+                coefficients,
+                basis,
+                residual,
+            } => {
                 let w = coefficients.matmul(basis)?;
                 Ok(match residual {
                     Some(r) => (w + r)?,
@@ -304,11 +332,17 @@ impl MoeBlock {
         let flat = x.reshape((b * s, h))?;
         let routing = self.router.route(&flat)?;
         if let Some(observer) = observer {
-            observer.observe(&MoeTrace { layer, input: &flat, routing: &routing })?;
+            observer.observe(&MoeTrace {
+                layer,
+                input: &flat,
+                routing: &routing,
+            })?;
         }
         let mut out = flat.zeros_like()?;
-        for (expert_index, (tokens, weights)) in
-            routing.tokens_per_expert(self.experts.len()).into_iter().enumerate()
+        for (expert_index, (tokens, weights)) in routing
+            .tokens_per_expert(self.experts.len())
+            .into_iter()
+            .enumerate()
         {
             if tokens.is_empty() {
                 continue;

@@ -81,7 +81,13 @@ impl Config {
     }
 
     /// Rotary tables.
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         if let Some(clip) = self.clip_qkv {
             return Err(Error::Config {
                 path: path.to_path_buf(),
@@ -89,11 +95,23 @@ impl Config {
             });
         }
         let theta = rope_theta(raw, path, 1e4)?;
-        Rotary::new(self.head_dim(), theta, self.max_position_embeddings, RopeStyle::Half, dtype, device)
+        Rotary::new(
+            self.head_dim(),
+            theta,
+            self.max_position_embeddings,
+            RopeStyle::Half,
+            dtype,
+            device,
+        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let (h, hd) = (self.hidden_size, self.head_dim());
         let mut attention = Attention::load(
@@ -109,19 +127,42 @@ impl Config {
             },
         )?;
         attention.qk_norm = QkNorm::FullWidth {
-            q: w.rms_norm(&format!("{prefix}.self_attn.q_norm"), self.num_attention_heads * hd, self.rms_norm_eps)?,
-            k: w.rms_norm(&format!("{prefix}.self_attn.k_norm"), self.num_key_value_heads * hd, self.rms_norm_eps)?,
+            q: w.rms_norm(
+                &format!("{prefix}.self_attn.q_norm"),
+                self.num_attention_heads * hd,
+                self.rms_norm_eps,
+            )?,
+            k: w.rms_norm(
+                &format!("{prefix}.self_attn.k_norm"),
+                self.num_key_value_heads * hd,
+                self.rms_norm_eps,
+            )?,
         };
         let router = Router {
             weight: w.get(&format!("{prefix}.mlp.gate.weight"), &[self.num_experts, h])?,
-            rule: RoutingRule::SoftmaxTopK { top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob },
+            rule: RoutingRule::SoftmaxTopK {
+                top_k: self.num_experts_per_tok,
+                normalize: self.norm_topk_prob,
+            },
         };
         Ok(DecoderLayer {
             index: i,
-            input_layernorm: w.rms_norm(&format!("{prefix}.input_layernorm"), h, self.rms_norm_eps)?,
+            input_layernorm: w.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(&format!("{prefix}.post_attention_layernorm"), h, self.rms_norm_eps)?,
-            feed_forward: FeedForward::Moe(MoeBlock { router, experts: experts.unwrap_or_default(), shared: None }),
+            post_attention_layernorm: w.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
+            feed_forward: FeedForward::Moe(MoeBlock {
+                router,
+                experts: experts.unwrap_or_default(),
+                shared: None,
+            }),
         })
     }
 }

@@ -70,7 +70,12 @@ impl Config {
     }
 
     fn sparse(&self, i: usize) -> bool {
-        is_sparse(i, self.num_experts, self.decoder_sparse_step, &self.mlp_only_layers)
+        is_sparse(
+            i,
+            self.num_experts,
+            self.decoder_sparse_step,
+            &self.mlp_only_layers,
+        )
     }
 
     /// Family-independent facts.
@@ -99,13 +104,31 @@ impl Config {
     }
 
     /// Rotary tables.
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         let theta = rope_theta(raw, path, 1e6)?;
-        Rotary::new(self.head_dim(), theta, self.max_position_embeddings, RopeStyle::Half, dtype, device)
+        Rotary::new(
+            self.head_dim(),
+            theta,
+            self.max_position_embeddings,
+            RopeStyle::Half,
+            dtype,
+            device,
+        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let h = self.hidden_size;
         let attention = Attention::load(
@@ -124,28 +147,55 @@ impl Config {
             Some(experts) => {
                 let shared = if self.shared_expert_intermediate_size > 0 {
                     Some(SharedExpert {
-                        mlp: GatedMlp::load(w, &format!("{prefix}.mlp.shared_expert"), h, self.shared_expert_intermediate_size)?,
-                        gate: Some(w.linear(&format!("{prefix}.mlp.shared_expert_gate"), h, 1, false)?),
+                        mlp: GatedMlp::load(
+                            w,
+                            &format!("{prefix}.mlp.shared_expert"),
+                            h,
+                            self.shared_expert_intermediate_size,
+                        )?,
+                        gate: Some(w.linear(
+                            &format!("{prefix}.mlp.shared_expert_gate"),
+                            h,
+                            1,
+                            false,
+                        )?),
                     })
                 } else {
                     None
                 };
                 FeedForward::Moe(MoeBlock {
                     router: Router {
-                        weight: w.get(&format!("{prefix}.mlp.gate.weight"), &[self.num_experts, h])?,
-                        rule: RoutingRule::SoftmaxTopK { top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob },
+                        weight: w
+                            .get(&format!("{prefix}.mlp.gate.weight"), &[self.num_experts, h])?,
+                        rule: RoutingRule::SoftmaxTopK {
+                            top_k: self.num_experts_per_tok,
+                            normalize: self.norm_topk_prob,
+                        },
                     },
                     experts,
                     shared,
                 })
             }
-            None => FeedForward::Dense(GatedMlp::load(w, &format!("{prefix}.mlp"), h, self.intermediate_size)?),
+            None => FeedForward::Dense(GatedMlp::load(
+                w,
+                &format!("{prefix}.mlp"),
+                h,
+                self.intermediate_size,
+            )?),
         };
         Ok(DecoderLayer {
             index: i,
-            input_layernorm: w.rms_norm(&format!("{prefix}.input_layernorm"), h, self.rms_norm_eps)?,
+            input_layernorm: w.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(&format!("{prefix}.post_attention_layernorm"), h, self.rms_norm_eps)?,
+            post_attention_layernorm: w.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             feed_forward,
         })
     }

@@ -5,7 +5,9 @@
 use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{rope_theta, Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Rotary, Weights};
+use super::common::{
+    rope_theta, Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Rotary, Weights,
+};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
@@ -71,11 +73,17 @@ pub(crate) fn is_sparse(i: usize, num_experts: usize, step: usize, mlp_only: &[u
 
 impl Config {
     fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     fn sparse(&self, i: usize) -> bool {
-        is_sparse(i, self.num_experts, self.decoder_sparse_step, &self.mlp_only_layers)
+        is_sparse(
+            i,
+            self.num_experts,
+            self.decoder_sparse_step,
+            &self.mlp_only_layers,
+        )
     }
 
     /// Family-independent facts.
@@ -104,13 +112,31 @@ impl Config {
     }
 
     /// Rotary tables.
-    pub fn rotary(&self, raw: &serde_json::Value, path: &std::path::Path, dtype: DType, device: &Device) -> Result<Rotary> {
+    pub fn rotary(
+        &self,
+        raw: &serde_json::Value,
+        path: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
         let theta = rope_theta(raw, path, 1e6)?;
-        Rotary::new(self.head_dim(), theta, self.max_position_embeddings, RopeStyle::Half, dtype, device)
+        Rotary::new(
+            self.head_dim(),
+            theta,
+            self.max_position_embeddings,
+            RopeStyle::Half,
+            dtype,
+            device,
+        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
-    pub fn load_layer(&self, w: &Weights, i: usize, experts: Option<Vec<Expert>>) -> Result<DecoderLayer> {
+    pub fn load_layer(
+        &self,
+        w: &Weights,
+        i: usize,
+        experts: Option<Vec<Expert>>,
+    ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let (h, hd) = (self.hidden_size, self.head_dim());
         let mut attention = Attention::load(
@@ -133,18 +159,34 @@ impl Config {
             Some(experts) => FeedForward::Moe(MoeBlock {
                 router: Router {
                     weight: w.get(&format!("{prefix}.mlp.gate.weight"), &[self.num_experts, h])?,
-                    rule: RoutingRule::SoftmaxTopK { top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob },
+                    rule: RoutingRule::SoftmaxTopK {
+                        top_k: self.num_experts_per_tok,
+                        normalize: self.norm_topk_prob,
+                    },
                 },
                 experts,
                 shared: None,
             }),
-            None => FeedForward::Dense(GatedMlp::load(w, &format!("{prefix}.mlp"), h, self.intermediate_size)?),
+            None => FeedForward::Dense(GatedMlp::load(
+                w,
+                &format!("{prefix}.mlp"),
+                h,
+                self.intermediate_size,
+            )?),
         };
         Ok(DecoderLayer {
             index: i,
-            input_layernorm: w.rms_norm(&format!("{prefix}.input_layernorm"), h, self.rms_norm_eps)?,
+            input_layernorm: w.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(&format!("{prefix}.post_attention_layernorm"), h, self.rms_norm_eps)?,
+            post_attention_layernorm: w.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                self.rms_norm_eps,
+            )?,
             feed_forward,
         })
     }

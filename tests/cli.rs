@@ -1,0 +1,194 @@
+//! The `rfid-moe` binary: `inspect` counts and the `logits` contract.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::Device;
+use rfid_moe::checkpoint;
+
+fn rfid_moe(args: &[&str]) -> std::process::Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+        .args(args)
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        panic!(
+            "rfid-moe {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output
+}
+
+/// Expected (routed, shared) parameter counts from the config alone.
+fn expected_expert_params(config: &serde_json::Value, moe_layers: u64) -> (u64, u64) {
+    let get = |k: &str| config.get(k).and_then(|v| v.as_u64());
+    let d = get("hidden_size").unwrap();
+    let model_type = config["model_type"].as_str().unwrap();
+    let (n, p) = match model_type {
+        "mixtral" => (
+            get("num_local_experts").unwrap(),
+            get("intermediate_size").unwrap(),
+        ),
+        "olmoe" => (
+            get("num_experts").unwrap(),
+            get("intermediate_size").unwrap(),
+        ),
+        "deepseek_v2" | "deepseek_v3" => (
+            get("n_routed_experts").unwrap(),
+            get("moe_intermediate_size").unwrap(),
+        ),
+        _ => (
+            get("num_experts")
+                .or_else(|| get("num_local_experts"))
+                .unwrap(),
+            get("moe_intermediate_size").unwrap(),
+        ),
+    };
+    let shared = match model_type {
+        "qwen2_moe" => 3 * get("shared_expert_intermediate_size").unwrap() * d + d,
+        "deepseek_v2" | "deepseek_v3" => {
+            3 * get("n_shared_experts").unwrap() * get("moe_intermediate_size").unwrap() * d
+        }
+        _ => 0,
+    };
+    (moe_layers * n * 3 * p * d, moe_layers * shared)
+}
+
+#[test]
+fn inspect_counts_match_the_tensors_for_every_fixture() {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::fixture("fixtures.json")).unwrap()).unwrap();
+    for (family, facts) in manifest["families"].as_object().unwrap() {
+        let dir = common::fixture(&format!("tiny-{family}"));
+        let out = rfid_moe(&["inspect", dir.to_str().unwrap(), "--json"]);
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let moe_layers = summary["moe_layers"].as_array().unwrap().len() as u64;
+        let dense_layers = summary["dense_layers"].as_array().unwrap().len() as u64;
+        assert_eq!(
+            moe_layers + dense_layers,
+            config["num_hidden_layers"].as_u64().unwrap()
+        );
+        let expected_dense = config
+            .get("first_k_dense_replace")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        assert_eq!(dense_layers, expected_dense, "{family}: dense layers");
+        let (routed, shared) = expected_expert_params(&config, moe_layers);
+        let params = &summary["parameters"];
+        assert_eq!(
+            params["total"].as_u64().unwrap(),
+            facts["params"].as_u64().unwrap(),
+            "{family}: total"
+        );
+        assert_eq!(
+            params["routed_experts"].as_u64().unwrap(),
+            routed,
+            "{family}: routed"
+        );
+        assert_eq!(
+            params["shared_experts"].as_u64().unwrap(),
+            shared,
+            "{family}: shared"
+        );
+        assert_eq!(
+            params["other"].as_u64().unwrap() + routed + shared,
+            params["total"].as_u64().unwrap(),
+            "{family}: parts add up"
+        );
+        assert_eq!(
+            summary["family"].as_str().unwrap(),
+            config["model_type"].as_str().unwrap()
+        );
+        assert_eq!(summary["top_k"], config["num_experts_per_tok"]);
+        let on_disk: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("model") && name.ends_with(".safetensors")
+            })
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert_eq!(
+            summary["bytes_on_disk"].as_u64().unwrap(),
+            on_disk,
+            "{family}: bytes"
+        );
+        assert_eq!(summary["dtype"], "F32");
+    }
+}
+
+#[test]
+fn inspect_prints_a_readable_table() {
+    let out = rfid_moe(&[
+        "inspect",
+        common::fixture("tiny-deepseek_v3").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    println!("{text}");
+    assert!(
+        text.contains("deepseek_v3")
+            && text.contains("routed experts")
+            && text.contains("dense: [0]")
+    );
+}
+
+#[test]
+fn logits_command_reproduces_reference() {
+    let dir = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("out.safetensors");
+    rfid_moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        dir.join("reference.safetensors").to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    let got = checkpoint::load_all(&out_path, &Device::Cpu).unwrap();
+    let reference = checkpoint::load_all(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    for name in [
+        "logits",
+        "router_logits.0",
+        "router_logits.1",
+        "router_logits.2",
+    ] {
+        let diff = (&got[name] - &reference[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() <= 1e-4, "{name}");
+    }
+}
+
+#[test]
+fn logits_command_rejects_tokens_file_without_input_ids() {
+    let dir = common::fixture("tiny-mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+        .args([
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            dir.join("model.safetensors").to_str().unwrap(),
+            "--out",
+            tmp.path().join("o.safetensors").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("input_ids"), "{stderr}");
+    assert!(!tmp.path().join("o.safetensors").exists());
+}

@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// A fixture directory under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The bundled mini model.
+pub fn mini_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mini-moe-docs")
+}
+
+/// Copies a fixture into a fresh temporary directory (writable) and returns both.
+pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        std::fs::copy(entry.path(), &to).unwrap();
+        let mut perms = std::fs::metadata(&to).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&to, perms).unwrap();
+    }
+    (tmp, dst)
+}
+
+/// Splits a safetensors file into (header JSON, data bytes).
+pub fn read_safetensors_raw(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// Writes a safetensors file from a header JSON and data bytes (no validation: for malformed files).
+pub fn write_safetensors_raw(path: &Path, header: &serde_json::Value, data: &[u8]) {
+    let header = serde_json::to_vec(header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
