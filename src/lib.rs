@@ -3,7 +3,9 @@
 
 pub mod allocation;
 pub mod analysis;
+pub mod calibration;
 pub mod checkpoint;
+pub mod compress;
 pub mod error;
 pub mod eval;
 pub mod factorize;
@@ -14,4 +16,5 @@ pub mod models;
 pub mod residual;
 pub mod text;
 
+pub use compress::{compress, CompressOptions, Report};
 pub use error::{Error, Result};

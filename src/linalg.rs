@@ -1,1 +1,351 @@
-//! (in progress)
+//! Dense `f64` linear algebra on top of faer: tensor conversion, thin SVD, Cholesky whitening.
+//!
+//! Everything here uses row-major semantics at the boundary (a candle tensor of shape `[m, n]`
+//! becomes an `m × n` faer matrix with the same `(i, j)` entries); faer stores matrices
+//! column-major internally, which callers never need to know.
+
+use candle_core::{DType, Device, Tensor};
+use faer::{Mat, Side};
+
+use crate::{Error, Result};
+
+/// Copy a 2-D candle tensor of any float dtype, on any device, into an `f64` faer matrix.
+pub fn tensor_to_mat(t: &Tensor) -> Result<Mat<f64>> {
+    let (rows, cols) = match t.dims() {
+        [rows, cols] => (*rows, *cols),
+        dims => {
+            return Err(Error::InvalidArgument(format!(
+                "tensor_to_mat expects a 2-D tensor, got shape {dims:?}"
+            )))
+        }
+    };
+    if !t.dtype().is_float() {
+        return Err(Error::InvalidArgument(format!(
+            "tensor_to_mat expects a float tensor, got dtype {:?}",
+            t.dtype()
+        )));
+    }
+    let data: Vec<f64> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(Mat::from_fn(rows, cols, |i, j| data[i * cols + j]))
+}
+
+/// Copy an `f64` faer matrix (`m × n`) into a candle tensor of shape `[m, n]`, `dtype`, `device`.
+pub fn mat_to_tensor(m: &Mat<f64>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    let mut data = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            data.push(m[(i, j)]);
+        }
+    }
+    // Convert on the CPU first so the transfer to an accelerator moves the narrow dtype.
+    let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?;
+    Ok(t.to_device(device)?)
+}
+
+/// Thin singular value decomposition `A = U diag(s) Vᵀ` with `r = min(m, n)`.
+#[derive(Debug, Clone)]
+pub struct ThinSvd {
+    /// Left singular vectors, `m × r`, orthonormal columns.
+    pub u: Mat<f64>,
+    /// Singular values, length `r`, non-negative and descending.
+    pub s: Vec<f64>,
+    /// Right singular vectors transposed, `r × n`, orthonormal rows.
+    pub vt: Mat<f64>,
+}
+
+impl ThinSvd {
+    /// Number of singular triplets `r = min(m, n)`.
+    pub fn len(&self) -> usize {
+        self.s.len()
+    }
+
+    /// Whether the decomposition is empty (a matrix with a zero dimension).
+    pub fn is_empty(&self) -> bool {
+        self.s.is_empty()
+    }
+}
+
+fn check_finite(a: &Mat<f64>, what: &str) -> Result<()> {
+    for j in 0..a.ncols() {
+        if let Some(i) = a.col_as_slice(j).iter().position(|x| !x.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "{what}: {}×{} matrix has a non-finite entry at ({i}, {j})",
+                a.nrows(),
+                a.ncols()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Thin SVD of an `m × n` matrix (faer, `f64`); errors on non-finite input or no convergence.
+pub fn thin_svd(a: &Mat<f64>) -> Result<ThinSvd> {
+    check_finite(a, "thin_svd")?;
+    let (m, n) = (a.nrows(), a.ncols());
+    let r = m.min(n);
+    if r == 0 {
+        return Ok(ThinSvd {
+            u: Mat::zeros(m, 0),
+            s: Vec::new(),
+            vt: Mat::zeros(0, n),
+        });
+    }
+    let svd = a
+        .thin_svd()
+        .map_err(|e| Error::Numerical(format!("thin SVD of a {m}×{n} matrix failed: {e:?}")))?;
+    let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+    Ok(ThinSvd {
+        u: svd.U().to_owned(),
+        s,
+        vt: svd.V().transpose().to_owned(),
+    })
+}
+
+/// Singular values of an `m × n` matrix, descending, length `min(m, n)` (no vectors computed).
+pub fn singular_values(a: &Mat<f64>) -> Result<Vec<f64>> {
+    check_finite(a, "singular_values")?;
+    let (m, n) = (a.nrows(), a.ncols());
+    if m.min(n) == 0 {
+        return Ok(Vec::new());
+    }
+    a.singular_values()
+        .map_err(|e| Error::Numerical(format!("singular values of a {m}×{n} matrix failed: {e:?}")))
+}
+
+/// Lower Cholesky factor `S` (`d × d`) with `S Sᵀ = G + ridge_relative · tr(G)/d · I`.
+///
+/// `gram` is a symmetric positive semi-definite `d × d` input Gram matrix (only its lower
+/// triangle is read). When `tr(G) == 0` (no tokens reached the group) the identity is
+/// returned, so whitening degrades to the plain factorisation.
+pub fn whitening_factor(gram: &Mat<f64>, ridge_relative: f64) -> Result<Mat<f64>> {
+    let d = gram.nrows();
+    if gram.ncols() != d {
+        return Err(Error::InvalidArgument(format!(
+            "whitening_factor expects a square Gram matrix, got {}×{}",
+            gram.nrows(),
+            gram.ncols()
+        )));
+    }
+    if !(ridge_relative.is_finite() && ridge_relative >= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "whitening ridge must be finite and non-negative, got {ridge_relative}"
+        )));
+    }
+    check_finite(gram, "whitening_factor")?;
+    let trace: f64 = (0..d).map(|i| gram[(i, i)]).sum();
+    if d == 0 || trace == 0.0 {
+        return Ok(Mat::identity(d, d));
+    }
+    if trace < 0.0 {
+        return Err(Error::Numerical(format!(
+            "Gram matrix ({d}×{d}) has negative trace {trace}; it is not positive semi-definite"
+        )));
+    }
+    let ridge = ridge_relative * trace / d as f64;
+    let mut regularised = gram.clone();
+    for i in 0..d {
+        regularised[(i, i)] += ridge;
+    }
+    let llt = regularised.llt(Side::Lower).map_err(|e| {
+        Error::Numerical(format!(
+            "Cholesky of the {d}×{d} Gram matrix + ridge {ridge:e} failed ({e:?}); \
+             raise the ridge"
+        ))
+    })?;
+    // faer leaves the strict upper triangle of `L()` at zero.
+    Ok(llt.L().to_owned())
+}
+
+/// Stack matrices with equal column counts on top of each other (`Σ rows_i × cols`).
+///
+/// An empty slice gives a `0 × 0` matrix; differing column counts are an error.
+pub fn stack_rows(blocks: &[Mat<f64>]) -> Result<Mat<f64>> {
+    let Some(first) = blocks.first() else {
+        return Ok(Mat::zeros(0, 0));
+    };
+    let cols = first.ncols();
+    if let Some((i, b)) = blocks.iter().enumerate().find(|(_, b)| b.ncols() != cols) {
+        return Err(Error::InvalidArgument(format!(
+            "stack_rows: block {i} has {} columns, block 0 has {cols}",
+            b.ncols()
+        )));
+    }
+    let rows: usize = blocks.iter().map(|b| b.nrows()).sum();
+    let mut out = Mat::zeros(rows, cols);
+    let mut offset = 0;
+    for b in blocks {
+        out.as_mut()
+            .submatrix_mut(offset, 0, b.nrows(), cols)
+            .copy_from(b.as_ref());
+        offset += b.nrows();
+    }
+    Ok(out)
+}
+
+/// Frobenius norm `‖A‖_F`.
+pub fn frobenius_norm(a: &Mat<f64>) -> f64 {
+    a.as_ref().norm_l2()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Deterministic SplitMix64 generator for test data (no `rand` dependency).
+    pub(crate) struct TestRng(u64);
+
+    impl TestRng {
+        pub(crate) fn new(seed: u64) -> Self {
+            TestRng(seed)
+        }
+
+        pub(crate) fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [0, 1).
+        pub(crate) fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// Standard normal (Box–Muller).
+        pub(crate) fn normal(&mut self) -> f64 {
+            let u1 = self.uniform().max(1e-300);
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        }
+
+        pub(crate) fn matrix(&mut self, rows: usize, cols: usize) -> Mat<f64> {
+            let mut m = Mat::zeros(rows, cols);
+            for j in 0..cols {
+                for i in 0..rows {
+                    m[(i, j)] = self.normal();
+                }
+            }
+            m
+        }
+    }
+
+    fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+        assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
+        let mut worst = 0.0f64;
+        for j in 0..a.ncols() {
+            for i in 0..a.nrows() {
+                worst = worst.max((a[(i, j)] - b[(i, j)]).abs());
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn tensor_round_trip_keeps_row_major_layout() {
+        let data: Vec<f32> = (0..6).map(|x| x as f32).collect();
+        let t = Tensor::from_vec(data, (2, 3), &Device::Cpu).unwrap();
+        let m = tensor_to_mat(&t).unwrap();
+        assert_eq!((m.nrows(), m.ncols()), (2, 3));
+        assert_eq!(m[(0, 2)], 2.0);
+        assert_eq!(m[(1, 0)], 3.0);
+        let back = mat_to_tensor(&m, DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(back.dtype(), DType::BF16);
+        let back: Vec<Vec<f32>> = back.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        assert_eq!(back, vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]);
+    }
+
+    #[test]
+    fn tensor_to_mat_rejects_non_matrices() {
+        let t = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(tensor_to_mat(&t), Err(Error::InvalidArgument(_))));
+        let t = Tensor::zeros((2, 3), DType::U32, &Device::Cpu).unwrap();
+        assert!(matches!(tensor_to_mat(&t), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn thin_svd_reconstructs_and_is_orthonormal() {
+        let mut rng = TestRng::new(1);
+        for (m, n) in [(7, 4), (4, 7), (5, 5)] {
+            let a = rng.matrix(m, n);
+            let svd = thin_svd(&a).unwrap();
+            let r = m.min(n);
+            assert_eq!((svd.u.nrows(), svd.u.ncols()), (m, r));
+            assert_eq!((svd.vt.nrows(), svd.vt.ncols()), (r, n));
+            assert!(svd.s.windows(2).all(|w| w[0] >= w[1]));
+            assert!(svd.s.iter().all(|&x| x >= 0.0));
+            let mut us = svd.u.clone();
+            for (k, &s) in svd.s.iter().enumerate() {
+                for i in 0..m {
+                    us[(i, k)] *= s;
+                }
+            }
+            let rebuilt = &us * &svd.vt;
+            assert!(max_abs_diff(&rebuilt, &a) < 1e-12 * 10.0 * frobenius_norm(&a));
+            let utu = svd.u.transpose() * &svd.u;
+            assert!(max_abs_diff(&utu, &Mat::identity(r, r)) < 1e-12);
+            let vvt = &svd.vt * svd.vt.transpose();
+            assert!(max_abs_diff(&vvt, &Mat::identity(r, r)) < 1e-12);
+            let values = singular_values(&a).unwrap();
+            assert_eq!(values.len(), r);
+            for (x, y) in values.iter().zip(&svd.s) {
+                assert!((x - y).abs() < 1e-12 * svd.s[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn svd_rejects_non_finite() {
+        let mut a = Mat::<f64>::zeros(3, 3);
+        a[(1, 2)] = f64::NAN;
+        assert!(matches!(thin_svd(&a), Err(Error::Numerical(_))));
+        assert!(matches!(singular_values(&a), Err(Error::Numerical(_))));
+    }
+
+    #[test]
+    fn whitening_factor_is_lower_and_reproduces_regularised_gram() {
+        let mut rng = TestRng::new(2);
+        // Rank-deficient Gram (3 tokens in 5 dimensions): only the ridge makes it definite.
+        let x = rng.matrix(5, 3);
+        let gram = &x * x.transpose();
+        let s = whitening_factor(&gram, 1e-4).unwrap();
+        let trace: f64 = (0..5).map(|i| gram[(i, i)]).sum();
+        let mut expected = gram.clone();
+        for i in 0..5 {
+            expected[(i, i)] += 1e-4 * trace / 5.0;
+        }
+        let sst = &s * s.transpose();
+        assert!(max_abs_diff(&sst, &expected) < 1e-12 * trace);
+        for i in 0..5 {
+            for j in i + 1..5 {
+                assert_eq!(s[(i, j)], 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn whitening_factor_of_empty_gram_is_identity() {
+        let s = whitening_factor(&Mat::zeros(4, 4), 1e-4).unwrap();
+        assert_eq!(max_abs_diff(&s, &Mat::identity(4, 4)), 0.0);
+        assert!(whitening_factor(&Mat::zeros(3, 4), 1e-4).is_err());
+        assert!(whitening_factor(&Mat::identity(3, 3), -1.0).is_err());
+    }
+
+    #[test]
+    fn stack_rows_concatenates_in_order() {
+        let a = Mat::from_fn(2, 3, |i, j| (i * 3 + j) as f64);
+        let b = Mat::from_fn(1, 3, |_, j| 100.0 + j as f64);
+        let s = stack_rows(&[a.clone(), b]).unwrap();
+        assert_eq!((s.nrows(), s.ncols()), (3, 3));
+        assert_eq!(s[(1, 2)], 5.0);
+        assert_eq!(s[(2, 1)], 101.0);
+        assert!(stack_rows(&[a, Mat::zeros(1, 2)]).is_err());
+        let empty = stack_rows(&[]).unwrap();
+        assert_eq!((empty.nrows(), empty.ncols()), (0, 0));
+    }
+}

@@ -7,7 +7,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use rfid_moe::allocation::Allocation;
 use rfid_moe::checkpoint::{self, writer, Checkpoint};
+use rfid_moe::compress::{CompressOptions, FactorizerKind};
+use rfid_moe::eval::{evaluate, EvalModel, EvalOptions, EvalPlan};
 use rfid_moe::models::Model;
 
 #[derive(Parser)]
@@ -31,6 +34,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compress a MoE checkpoint with RFID-MoE (or a baseline allocation).
+    Compress(Box<CompressArgs>),
+    /// Evaluate a model: perplexity, divergence from a reference, zero-shot multiple choice.
+    Eval(EvalArgs),
     /// Run a batch of token ids through the model and save logits and router logits.
     Logits {
         /// Model directory.
@@ -47,6 +54,186 @@ enum Command {
     },
 }
 
+/// `compress` flags; each overrides the same key of `--config`.
+#[derive(Args)]
+struct CompressArgs {
+    /// TOML file with any of the options below (flags given on the command line win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Calibration data: plain text (blank-line separated documents), JSON lines with `text`, or safetensors with `input_ids`.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Output directory (written atomically; refused if it exists unless --force).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Fraction of the routed experts' gate/up parameters to remove.
+    #[arg(long)]
+    ratio: Option<f64>,
+    /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// Weight of information density in the fused score (1 − ξ goes to routing frequency).
+    #[arg(long)]
+    xi: Option<f64>,
+    /// Rank allocation policy.
+    #[arg(long, value_enum)]
+    allocation: Option<Allocation>,
+    /// Factoriser.
+    #[arg(long, value_enum)]
+    factorizer: Option<FactorizerKind>,
+    /// Adam steps of the basis factoriser.
+    #[arg(long)]
+    fit_steps: Option<usize>,
+    /// Activation-aware factorisation from routed calibration inputs: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    whiten: Option<bool>,
+    /// Sparse-projection residual (paid from the same budget): on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    residual: Option<bool>,
+    /// Residual size as a fraction of each group's parameters.
+    #[arg(long)]
+    residual_fraction: Option<f64>,
+    /// Keep groups dense where factoring saves nothing: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    dense_fallback: Option<bool>,
+    /// Calibration windows.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Tokens per calibration window.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Window selection seed (0 = the first windows in order).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Windows per forward batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Dtype of written factors: auto, f32, bf16, f16.
+    #[arg(long)]
+    factor_dtype: Option<String>,
+    /// Also write the reconstructed dense model here (original tensor names and shapes).
+    #[arg(long)]
+    export_dense: Option<PathBuf>,
+    /// Replace existing output directories.
+    #[arg(long)]
+    force: bool,
+    /// Preview ranks and sizes without factorising or writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Write the report as JSON to this file as well.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where calibration runs: cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn parse_on_off(value: &str) -> std::result::Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        other => Err(format!("expected on or off, got `{other}`")),
+    }
+}
+
+impl CompressArgs {
+    fn resolve(&self) -> Result<CompressOptions> {
+        let mut options: CompressOptions = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{}: invalid compression config", path.display()))?
+            }
+            None => CompressOptions::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { options.$field = v.clone(); } )* };
+        }
+        take!(
+            model,
+            calibration,
+            ratio,
+            group_size,
+            xi,
+            allocation,
+            factorizer,
+            fit_steps,
+            whiten,
+            residual,
+            residual_fraction,
+            dense_fallback,
+            samples,
+            seq_len,
+            seed,
+            batch_size,
+            factor_dtype
+        );
+        if self.out.is_some() {
+            options.out = self.out.clone();
+        }
+        if self.export_dense.is_some() {
+            options.export_dense = self.export_dense.clone();
+        }
+        options.force |= self.force;
+        options.dry_run |= self.dry_run;
+        options.quiet |= self.quiet;
+        if options.model.as_os_str().is_empty() {
+            bail!("--model is required (flag or `model` in --config)");
+        }
+        if options.calibration.as_os_str().is_empty() {
+            bail!("--calibration is required (flag or `calibration` in --config)");
+        }
+        Ok(options)
+    }
+}
+
+/// `eval` flags.
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory to evaluate (with tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Original model to measure divergence against (KL, top-1 agreement).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Text files (documents separated by blank lines, or JSON lines with `text`).
+    #[arg(long)]
+    text: Vec<PathBuf>,
+    /// Multiple-choice JSON lines (`context`, `choices`, `gold`).
+    #[arg(long)]
+    multiple_choice: Vec<PathBuf>,
+    /// Context length of each window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sliding-window stride (default: non-overlapping windows).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Evaluate at most this many windows per text.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write charts (PNG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Args, Clone)]
 struct DeviceArgs {
     /// `cpu` or `cuda` / `cuda:N` (needs the `cuda` feature).
@@ -56,22 +243,7 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn device(&self) -> Result<Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            s if s == "cuda" || s.starts_with("cuda:") => {
-                let ordinal = s
-                    .strip_prefix("cuda:")
-                    .map(str::parse::<usize>)
-                    .transpose()
-                    .context("bad CUDA ordinal")?
-                    .unwrap_or(0);
-                if !candle_core::utils::cuda_is_available() {
-                    bail!("--device {s}: this binary was built without the `cuda` feature (cargo build --features cuda)");
-                }
-                Ok(Device::new_cuda(ordinal)?)
-            }
-            other => bail!("unknown --device `{other}` (expected cpu, cuda or cuda:N)"),
-        }
+        Ok(rfid_moe::compress::parse_device(&self.device)?)
     }
 }
 
@@ -85,6 +257,51 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
                 println!("{summary}");
+            }
+        }
+        Command::Compress(args) => {
+            let options = args.resolve()?;
+            let report = rfid_moe::compress(&options)?;
+            println!("{}", report.table());
+            if let Some(path) = &args.json {
+                writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            match &report.output {
+                Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
+                None => println!("dry run: nothing written ({:.1}s)", report.seconds),
+            }
+        }
+        Command::Eval(args) => {
+            if args.text.is_empty() && args.multiple_choice.is_empty() {
+                bail!("nothing to evaluate: give --text and/or --multiple-choice");
+            }
+            let device = args.device.device()?;
+            let candidate = EvalModel::load(&args.model, DType::F32, &device)?;
+            let reference = args
+                .reference
+                .as_ref()
+                .map(|r| EvalModel::load(r, DType::F32, &device))
+                .transpose()?;
+            let plan = EvalPlan {
+                texts: args.text.clone(),
+                multiple_choice: args.multiple_choice.clone(),
+                options: EvalOptions {
+                    seq_len: args.seq_len,
+                    stride: args.stride,
+                    batch_size: args.batch_size,
+                    max_windows: args.max_windows,
+                    quiet: args.quiet,
+                    ..EvalOptions::default()
+                },
+            };
+            let report = evaluate(&candidate, reference.as_ref(), &plan)?;
+            println!("{report}");
+            if let Some(path) = &args.json {
+                writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            if let Some(dir) = &args.plot {
+                let _ = dir;
+                bail!("--plot is not available yet");
             }
         }
         Command::Logits {

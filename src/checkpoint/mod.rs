@@ -432,6 +432,15 @@ impl Checkpoint {
         tensor_from_bytes(&shard.path, name, info, shard.bytes(info), dtype, device)
     }
 
+    /// Loads tensor `name` on the CPU in the dtype it is stored in.
+    pub fn load_stored(&self, name: &str, expected_by: &str) -> Result<Tensor> {
+        let dtype = self
+            .info(name)
+            .map(|(info, _)| info_float(info))
+            .unwrap_or(DType::F32);
+        self.load(name, dtype, &Device::Cpu, expected_by)
+    }
+
     /// Like [`Checkpoint::load`], but first checks the shape against `expected` (from the config).
     pub fn load_shaped(
         &self,

@@ -223,7 +223,8 @@ pub fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> 
 /// Scaled dot-product attention with a causal mask; q [b, h, s, dq], k [b, h, s, dq], v [b, h, s, dv].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let seq = q.dim(2)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // Scaling q (seq × head_dim) is cheaper than scaling the scores (seq × seq).
+    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let mask = causal_mask(seq, scores.dtype(), q.device())?;
     let scores = scores.broadcast_add(&mask)?;
     let dtype = scores.dtype();

@@ -1,0 +1,310 @@
+//! The compression pipeline on the fixture models: budgets, closeness to the original, monotone
+//! error in the ratio, whitening, dense export, atomic output and bounded memory.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use rfid_moe::allocation::Allocation;
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::compress::{CompressOptions, Report};
+use rfid_moe::models::Model;
+
+const FAMILIES: [&str; 6] = [
+    "tiny-mixtral",
+    "tiny-qwen2_moe",
+    "tiny-qwen3_moe",
+    "tiny-olmoe",
+    "tiny-deepseek_v2",
+    "tiny-deepseek_v3",
+];
+
+/// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
+fn calibration_file(dir: &Path, vocab: u32, windows: usize, seq: usize) -> PathBuf {
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let ids: Vec<i64> = (0..windows * seq)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    let path = dir.join("calibration.safetensors");
+    let tensor = Tensor::from_vec(ids, (windows, seq), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), tensor)]), &path)
+        .unwrap();
+    path
+}
+
+fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
+    CompressOptions {
+        model: model.to_path_buf(),
+        calibration: calibration.to_path_buf(),
+        out: Some(out.to_path_buf()),
+        ratio,
+        samples: 16,
+        seq_len: 32,
+        batch_size: 4,
+        quiet: true,
+        ..CompressOptions::default()
+    }
+}
+
+/// Mean per-token KL(original ‖ compressed) and max |Δlogit| on the reference inputs.
+fn divergence(original: &Path, compressed: &Path) -> (f64, f32) {
+    let reference =
+        rfid_moe::checkpoint::load_all(&original.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = &reference["input_ids"];
+    let run = |dir: &Path| {
+        let checkpoint = Checkpoint::open(dir).unwrap();
+        Model::load(&checkpoint, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(ids, None)
+            .unwrap()
+            .logits
+    };
+    let (p_logits, q_logits) = (run(original), run(compressed));
+    let log_p = candle_nn::ops::log_softmax(&p_logits, D::Minus1).unwrap();
+    let log_q = candle_nn::ops::log_softmax(&q_logits, D::Minus1).unwrap();
+    let kl = (log_p.exp().unwrap() * (&log_p - &log_q).unwrap())
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap();
+    let mean_kl = kl.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let max_err = (&p_logits - &q_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    (mean_kl, max_err.to_scalar::<f32>().unwrap())
+}
+
+#[test]
+fn every_family_meets_the_budget_and_degrades_monotonically() {
+    for family in FAMILIES {
+        let source = common::fixture(family);
+        let tmp = tempfile::tempdir().unwrap();
+        let calibration = calibration_file(tmp.path(), 256, 16, 32);
+        let mut previous_kl = 0.0;
+        for ratio in [0.2, 0.4, 0.6] {
+            let out = tmp.path().join(format!("out-{ratio}"));
+            let report = rfid_moe::compress(&options(&source, &calibration, &out, ratio)).unwrap();
+            // One rank of a group costs k·p + d parameters; on these tiny models that can exceed
+            // 0.5% of a layer, so the budget is met to within half a rank (allocation rounds to the
+            // nearest feasible total) or 0.5%, whichever is larger.
+            let tolerance = 0.005f64.max(report.rank_granularity);
+            assert!(
+                (report.targeted_reduction - ratio).abs() <= tolerance,
+                "{family} at {ratio}: reduction {}",
+                report.targeted_reduction
+            );
+            let (kl, max_err) = divergence(&source, &out);
+            println!(
+                "{family} ρ={ratio}: reduction {:.4}, KL {kl:.3e}, max|Δlogit| {max_err:.3e}",
+                report.targeted_reduction
+            );
+            assert!(kl.is_finite() && kl > 0.0, "{family}: KL {kl}");
+            assert!(
+                kl > previous_kl,
+                "{family}: KL must grow with the ratio ({previous_kl} then {kl} at {ratio})"
+            );
+            previous_kl = kl;
+            // The compressed checkpoint reports fewer routed-expert parameters, the rest unchanged.
+            let before = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&source).unwrap());
+            let after = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap());
+            assert_eq!(before.other, after.other, "{family}");
+            assert_eq!(before.shared_experts, after.shared_experts, "{family}");
+            assert_eq!(
+                before.routed_experts - after.routed_experts,
+                report.targeted_parameters_before - report.targeted_parameters_after,
+                "{family}: saved parameters"
+            );
+        }
+    }
+}
+
+fn mean_activation_error(report: &Report) -> f64 {
+    let errors: Vec<f64> = report
+        .layers
+        .iter()
+        .flat_map(|l| l.matrices.values().flatten())
+        .filter_map(|g| g.activation_error)
+        .collect();
+    assert!(!errors.is_empty());
+    errors.iter().sum::<f64>() / errors.len() as f64
+}
+
+#[test]
+fn whitening_lowers_output_error_on_calibration_activations() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let mut plain = options(&source, &calibration, &tmp.path().join("plain"), 0.4);
+    plain.whiten = false;
+    let mut whitened = options(&source, &calibration, &tmp.path().join("whitened"), 0.4);
+    whitened.whiten = true;
+    let plain = rfid_moe::compress(&plain).unwrap();
+    let whitened = rfid_moe::compress(&whitened).unwrap();
+    let (e_plain, e_white) = (
+        mean_activation_error(&plain),
+        mean_activation_error(&whitened),
+    );
+    println!("activation error: plain {e_plain:.4}, whitened {e_white:.4}");
+    assert!(e_white < e_plain);
+}
+
+#[test]
+fn dense_export_matches_factored_model_and_keeps_names() {
+    let source = common::fixture("tiny-mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let mut opts = options(&source, &calibration, &tmp.path().join("factored"), 0.4);
+    opts.factor_dtype = "f32".into();
+    opts.residual = true;
+    opts.export_dense = Some(tmp.path().join("dense"));
+    rfid_moe::compress(&opts).unwrap();
+    let original = Checkpoint::open(&source).unwrap();
+    let dense = Checkpoint::open(tmp.path().join("dense")).unwrap();
+    let mut names: Vec<&str> = original.tensor_names();
+    let mut dense_names: Vec<&str> = dense.tensor_names();
+    names.sort();
+    dense_names.sort();
+    assert_eq!(names, dense_names);
+    for name in names {
+        assert_eq!(
+            original.info(name).unwrap().0.shape,
+            dense.info(name).unwrap().0.shape,
+            "{name}"
+        );
+    }
+    let reference =
+        rfid_moe::checkpoint::load_all(&source.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let logits = |dir: &Path| {
+        let c = Checkpoint::open(dir).unwrap();
+        Model::load(&c, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&reference["input_ids"], None)
+            .unwrap()
+            .logits
+    };
+    let diff = (logits(&tmp.path().join("factored")) - logits(&tmp.path().join("dense")))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-4, "factored vs dense export differ by {diff}");
+}
+
+#[test]
+fn output_is_refused_if_it_exists_and_input_is_never_overwritten() {
+    let source = common::fixture("tiny-olmoe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "precious").unwrap();
+    let error = rfid_moe::compress(&options(&source, &calibration, &out, 0.4))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("already exists") && error.contains("--force"),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "precious"
+    );
+    let error = rfid_moe::compress(&options(&source, &calibration, &source, 0.4))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("overwrite the input"), "{error}");
+    let mut forced = options(&source, &calibration, &out, 0.4);
+    forced.force = true;
+    rfid_moe::compress(&forced).unwrap();
+    assert!(!out.join("keep.txt").exists() && out.join("config.json").exists());
+    // No temporary directories are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn dry_run_writes_nothing_and_previews_the_same_ranks() {
+    let source = common::fixture("tiny-deepseek_v2");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let mut dry = options(&source, &calibration, &tmp.path().join("dry"), 0.4);
+    dry.dry_run = true;
+    let preview = rfid_moe::compress(&dry).unwrap();
+    assert!(!tmp.path().join("dry").exists());
+    let real = rfid_moe::compress(&options(
+        &source,
+        &calibration,
+        &tmp.path().join("real"),
+        0.4,
+    ))
+    .unwrap();
+    let ranks = |r: &Report| -> Vec<usize> {
+        r.layers
+            .iter()
+            .flat_map(|l| l.matrices.values().flatten().map(|g| g.rank))
+            .collect()
+    };
+    assert_eq!(ranks(&preview), ranks(&real));
+    assert!(preview.table().contains("targeted (gate+up) parameters"));
+}
+
+#[test]
+fn routing_counts_sum_to_tokens_times_top_k() {
+    let source = common::fixture("tiny-qwen2_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let mut dry = options(&source, &calibration, &tmp.path().join("x"), 0.4);
+    dry.dry_run = true;
+    let report = rfid_moe::compress(&dry).unwrap();
+    for layer in &report.layers {
+        let total: u64 = layer.routing_counts.iter().sum();
+        assert_eq!(total, 16 * 32 * 2, "layer {}", layer.layer);
+        let frequency_sum: f64 = layer.frequencies.iter().sum();
+        assert!((frequency_sum - 1.0).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn allocation_policies_spend_the_same_budget() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    for allocation in [
+        Allocation::Uniform,
+        Allocation::Frequency,
+        Allocation::Density,
+        Allocation::Rfid,
+    ] {
+        let mut opts = options(&source, &calibration, &tmp.path().join("x"), 0.4);
+        opts.allocation = allocation;
+        opts.dry_run = true;
+        let report = rfid_moe::compress(&opts).unwrap();
+        assert!(
+            (report.targeted_reduction - 0.4).abs() <= 0.005,
+            "{allocation:?}: {}",
+            report.targeted_reduction
+        );
+    }
+}
