@@ -98,6 +98,7 @@ pub struct LayerStream<'a> {
     hidden: Vec<Tensor>,
     next_layer: usize,
     collect_gram: bool,
+    replay: Option<Vec<LayerStatistics>>,
 }
 
 impl<'a> LayerStream<'a> {
@@ -150,6 +151,44 @@ impl<'a> LayerStream<'a> {
             hidden,
             next_layer: 0,
             collect_gram,
+            replay: None,
+        })
+    }
+
+    /// Streams the layers without running them, handing out previously saved statistics instead.
+    pub fn replay(
+        checkpoint: &'a Checkpoint,
+        device: &'a Device,
+        statistics: Vec<LayerStatistics>,
+    ) -> Result<Self> {
+        let config = ArchConfig::from_checkpoint(checkpoint)?;
+        let spec = config.spec();
+        for layer in spec.moe_layer_indices() {
+            let experts = spec.moe_layers[layer].as_ref().map_or(0, |l| l.num_experts);
+            let found = statistics.iter().find(|s| s.layer == layer);
+            if found.is_none_or(|s| s.routing_counts.len() != experts) {
+                return Err(Error::InvalidArgument(format!(
+                    "saved calibration statistics do not match {} (layer {layer})",
+                    checkpoint.dir().display()
+                )));
+            }
+        }
+        let weights = Weights {
+            checkpoint,
+            device,
+            dtype: DType::F32,
+            family: spec.family.model_type(),
+        };
+        let rotary = config.rotary(checkpoint, DType::F32, device)?;
+        Ok(Self {
+            config,
+            spec,
+            weights,
+            rotary,
+            hidden: Vec::new(),
+            next_layer: 0,
+            collect_gram: false,
+            replay: Some(statistics),
         })
     }
 
@@ -167,6 +206,13 @@ impl<'a> LayerStream<'a> {
         }
         self.next_layer += 1;
         let layer = self.config.load_layer(&self.weights, index, None)?;
+        if let Some(saved) = &mut self.replay {
+            let stats = saved
+                .iter()
+                .position(|s| s.layer == index)
+                .map(|i| saved.swap_remove(i));
+            return Ok(Some((layer, stats)));
+        }
         let mut collector =
             self.spec.moe_layers[index]
                 .as_ref()
@@ -218,4 +264,103 @@ pub fn resident_anonymous_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Saves per-layer statistics (routing counts and, if present, Gram matrices) with the
+/// calibration fingerprint, so that later runs on the same data can skip the forward passes.
+pub fn save_statistics(
+    path: &std::path::Path,
+    statistics: &[LayerStatistics],
+    fingerprint: &str,
+) -> Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for stats in statistics {
+        let counts: Vec<i64> = stats.routing_counts.iter().map(|&c| c as i64).collect();
+        let n = counts.len();
+        tensors.insert(
+            format!("layer.{}.routing_counts", stats.layer),
+            Tensor::from_vec(counts, n, &Device::Cpu)?,
+        );
+        tensors.insert(
+            format!("layer.{}.tokens", stats.layer),
+            Tensor::new(&[stats.tokens as i64], &Device::Cpu)?,
+        );
+        if let Some(grams) = &stats.gram {
+            let d = grams.first().map_or(0, |g| g.nrows());
+            let values: Vec<f64> = grams
+                .iter()
+                .flat_map(|g| (0..d).flat_map(move |i| (0..d).map(move |j| g[(i, j)])))
+                .collect();
+            tensors.insert(
+                format!("layer.{}.gram", stats.layer),
+                Tensor::from_vec(values, (n, d, d), &Device::Cpu)?,
+            );
+        }
+    }
+    let fingerprint_bytes: Vec<u8> = fingerprint.bytes().collect();
+    let len = fingerprint_bytes.len();
+    tensors.insert(
+        "fingerprint".into(),
+        Tensor::from_vec(fingerprint_bytes, len, &Device::Cpu)?,
+    );
+    crate::checkpoint::writer::save_safetensors_atomic(path, &tensors)
+}
+
+/// Loads statistics saved by [`save_statistics`]; `None` when they were made from other data.
+pub fn load_statistics(
+    path: &std::path::Path,
+    fingerprint: &str,
+) -> Result<Option<Vec<LayerStatistics>>> {
+    let tensors = crate::checkpoint::load_all(path, &Device::Cpu)?;
+    let saved: Vec<u8> = match tensors.get("fingerprint") {
+        Some(t) => t.to_vec1()?,
+        None => return Ok(None),
+    };
+    if saved != fingerprint.as_bytes() {
+        return Ok(None);
+    }
+    let mut layers = Vec::new();
+    for (name, tensor) in &tensors {
+        let Some(layer) = name
+            .strip_prefix("layer.")
+            .and_then(|r| r.strip_suffix(".routing_counts"))
+        else {
+            continue;
+        };
+        let layer: usize = layer.parse().map_err(|_| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("bad statistics key `{name}`"),
+        })?;
+        let routing_counts: Vec<u64> = tensor
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|c| c as u64)
+            .collect();
+        let tokens = tensors
+            .get(&format!("layer.{layer}.tokens"))
+            .map(|t| t.to_vec1::<i64>())
+            .transpose()?
+            .and_then(|v| v.first().copied())
+            .unwrap_or(0) as u64;
+        let gram = match tensors.get(&format!("layer.{layer}.gram")) {
+            Some(t) => {
+                let (n, d, _) = t.dims3()?;
+                let values: Vec<f64> = t.flatten_all()?.to_vec1()?;
+                Some(
+                    (0..n)
+                        .map(|e| Mat::from_fn(d, d, |i, j| values[e * d * d + i * d + j]))
+                        .collect(),
+                )
+            }
+            None => None,
+        };
+        layers.push(LayerStatistics {
+            layer,
+            routing_counts,
+            tokens,
+            gram,
+        });
+    }
+    layers.sort_by_key(|l| l.layer);
+    Ok(Some(layers))
 }

@@ -103,6 +103,9 @@ pub struct CompressOptions {
     pub quiet: bool,
     /// Where calibration runs: `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Save calibration statistics here, or reuse them if the file holds statistics of the same
+    /// calibration windows (skips the forward passes; holds all layers' statistics in memory).
+    pub statistics_cache: Option<PathBuf>,
     /// Collect per-expert input Gram matrices even without whitening, to report activation errors
     /// (d×d doubles per expert: large for big models).
     pub activation_statistics: bool,
@@ -139,6 +142,7 @@ impl Default for CompressOptions {
             quiet: false,
             activation_statistics: true,
             device: "cpu".into(),
+            statistics_cache: None,
         }
     }
 }
@@ -350,7 +354,11 @@ fn progress(quiet: bool, len: u64, message: &str) -> ProgressBar {
 }
 
 fn factor_dtype(options: &CompressOptions, checkpoint: &Checkpoint) -> Result<DType> {
-    Ok(match options.factor_dtype.as_str() {
+    factor_dtype_named(&options.factor_dtype, checkpoint)
+}
+
+fn factor_dtype_named(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
+    Ok(match name {
         "auto" => match checkpoint.dominant_dtype() {
             crate::checkpoint::StoredDType::BF16 => DType::BF16,
             crate::checkpoint::StoredDType::F16 => DType::F16,
@@ -619,15 +627,34 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
     let windows = calibration_windows(options, &checkpoint)?;
     let calibration_tokens = windows.iter().map(|w| w.len()).sum();
     let fingerprint = calibration::fingerprint(&windows);
-    let mut stream = LayerStream::new(
-        &checkpoint,
-        &windows,
-        options.batch_size,
-        &device,
-        options.whiten || options.activation_statistics,
-    )?;
+    let want_gram = options.whiten || options.activation_statistics;
+    // Statistics belong to one model and one set of windows.
+    let model_dir = checkpoint
+        .dir()
+        .canonicalize()
+        .unwrap_or_else(|_| checkpoint.dir().to_path_buf());
+    let cache_key = format!("{fingerprint}@{}", model_dir.display());
+    let cached = match &options.statistics_cache {
+        Some(path) if path.exists() => calibration::load_statistics(path, &cache_key)?
+            .filter(|layers| !want_gram || layers.iter().all(|l| l.gram.is_some())),
+        _ => None,
+    };
+    let replaying = cached.is_some();
+    let mut stream = match cached {
+        Some(statistics) => LayerStream::replay(&checkpoint, &device, statistics)?,
+        None => LayerStream::new(
+            &checkpoint,
+            &windows,
+            options.batch_size,
+            &device,
+            want_gram,
+        )?,
+    };
+    let mut statistics_to_save = Vec::new();
     let spec = stream.spec().clone();
     let factor_dtype = factor_dtype(options, &checkpoint)?;
+    // Uncompressed expert matrices keep the checkpoint's own dtype.
+    let stored_dtype = factor_dtype_named("auto", &checkpoint)?;
     let factorizer: Box<dyn Factorizer> = match options.factorizer {
         FactorizerKind::Svd => Box::new(SvdFactorizer),
         FactorizerKind::Basis => Box::new(BasisFactorizer {
@@ -671,6 +698,7 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
     while let Some((layer, stats)) = stream.next_layer()? {
         let index = layer.index;
         bar.set_message(format!("layer {index}"));
+        sample_peak(&mut peak_resident);
         let layer_prefix = format!("model.layers.{index}.");
         let (Some(stats), Some(layout)) = (stats, spec.moe_layers[index].clone()) else {
             for w in [writer.as_mut(), dense_writer.as_mut()]
@@ -685,6 +713,9 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
             continue;
         };
         let plan = plan_groups(&stats, options.group_size)?;
+        if options.statistics_cache.is_some() && !replaying {
+            statistics_to_save.push(stats.clone());
+        }
         let mut matrices = BTreeMap::new();
         let mut records = BTreeMap::new();
         let mut out_tensors = HashMap::new();
@@ -703,6 +734,7 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
                 &dense,
                 factorize_groups,
             )?;
+            sample_peak(&mut peak_resident);
             let p = layout.intermediate_size;
             let matrix_params: u64 = groups.iter().map(|g| g.report.parameters_before).sum();
             let largest_rank_cost = plan
@@ -736,7 +768,7 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
                         None => {
                             out_tensors.insert(
                                 layout.dense_name(expert, matrix),
-                                linalg::mat_to_tensor(&dense[expert], factor_dtype, &Device::Cpu)?,
+                                linalg::mat_to_tensor(&dense[expert], stored_dtype, &Device::Cpu)?,
                             );
                         }
                     }
@@ -770,13 +802,14 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
         let down = dense_matrices(&layer, ExpertMatrix::Down)?;
         for (expert, w) in down.iter().enumerate() {
             down_params += (w.nrows() * w.ncols()) as u64;
-            let tensor = linalg::mat_to_tensor(w, factor_dtype, &Device::Cpu)?;
+            let tensor = linalg::mat_to_tensor(w, stored_dtype, &Device::Cpu)?;
             out_tensors.insert(
                 layout.dense_name(expert, ExpertMatrix::Down),
                 tensor.clone(),
             );
             dense_tensors.insert(layout.dense_name(expert, ExpertMatrix::Down), tensor);
         }
+        sample_peak(&mut peak_resident);
         if let Some(w) = writer.as_mut() {
             copy_tensors(
                 &checkpoint,
@@ -816,6 +849,9 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let (Some(path), false) = (&options.statistics_cache, replaying) {
+        calibration::save_statistics(path, &statistics_to_save, &cache_key)?;
+    }
 
     let counts = crate::inspect::parameter_counts(&checkpoint);
     let saved = targeted_before.saturating_sub(targeted_after);
@@ -865,6 +901,13 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
         w.finish()?;
     }
     Ok(report)
+}
+
+/// Raises `peak` to the current anonymous resident memory.
+fn sample_peak(peak: &mut Option<u64>) {
+    if let (Some(now), Some(peak)) = (calibration::resident_anonymous_bytes(), peak.as_mut()) {
+        *peak = (*peak).max(now);
+    }
 }
 
 fn write_common_files(

@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod linalg;
 pub mod models;
 pub mod residual;
+pub mod sweep;
 pub mod text;
 
 pub use compress::{compress, CompressOptions, Report};

@@ -308,3 +308,49 @@ fn allocation_policies_spend_the_same_budget() {
         );
     }
 }
+
+#[test]
+fn cached_statistics_reproduce_the_same_compression() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let cache = tmp.path().join("stats.safetensors");
+    let mut first = options(&source, &calibration, &tmp.path().join("a"), 0.4);
+    first.statistics_cache = Some(cache.clone());
+    let a = rfid_moe::compress(&first).unwrap();
+    assert!(cache.exists());
+    let mut second = options(&source, &calibration, &tmp.path().join("b"), 0.4);
+    second.statistics_cache = Some(cache.clone());
+    let b = rfid_moe::compress(&second).unwrap();
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(la.routing_counts, lb.routing_counts);
+        for (ga, gb) in la
+            .matrices
+            .values()
+            .flatten()
+            .zip(lb.matrices.values().flatten())
+        {
+            assert_eq!(ga.rank, gb.rank);
+            assert!((ga.relative_error - gb.relative_error).abs() < 1e-9);
+        }
+    }
+    // Different calibration data must not reuse the cache.
+    let other = calibration_file(&tmp.path().join("other").tap_mkdir(), 256, 8, 32);
+    let mut third = options(&source, &other, &tmp.path().join("c"), 0.4);
+    third.samples = 8;
+    third.statistics_cache = Some(cache);
+    let c = rfid_moe::compress(&third).unwrap();
+    let total: u64 = c.layers[0].routing_counts.iter().sum();
+    assert_eq!(total, 8 * 32 * 4);
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}

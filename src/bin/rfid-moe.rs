@@ -38,6 +38,8 @@ enum Command {
     Compress(Box<CompressArgs>),
     /// Evaluate a model: perplexity, divergence from a reference, zero-shot multiple choice.
     Eval(EvalArgs),
+    /// Compress at several ratios and settings, evaluate each, and write one table.
+    Sweep(SweepArgs),
     /// Run a batch of token ids through the model and save logits and router logits.
     Logits {
         /// Model directory.
@@ -194,6 +196,61 @@ impl CompressArgs {
     }
 }
 
+/// `sweep` flags.
+#[derive(Args)]
+struct SweepArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration data (as for compress).
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Evaluation text.
+    #[arg(long)]
+    text: PathBuf,
+    /// Ratios, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.2,0.4,0.6")]
+    ratios: Vec<f64>,
+    /// `reference`: the ten columns of method.md §8; `full`: every allocation × residual × whitening, plus k=1.
+    #[arg(long, default_value = "reference")]
+    grid: String,
+    /// Working directory (compressed models are written and deleted here; statistics are cached).
+    #[arg(long)]
+    work_dir: PathBuf,
+    /// Write the markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Calibration window length.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Fused-score weight ξ.
+    #[arg(long, default_value_t = 0.8)]
+    xi: f64,
+    /// Keep groups dense where factoring saves nothing: on or off.
+    #[arg(long, value_parser = parse_on_off, default_value = "on")]
+    dense_fallback: bool,
+    /// Dtype of the factors: auto, f32, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    factor_dtype: String,
+    /// Evaluation window length.
+    #[arg(long, default_value_t = 512)]
+    eval_seq_len: usize,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 /// `eval` flags.
 #[derive(Args)]
 struct EvalArgs {
@@ -247,7 +304,25 @@ impl DeviceArgs {
     }
 }
 
+/// Makes glibc serve large buffers with mmap and return them on free. By default glibc raises its
+/// mmap threshold after the first large free, after which layer-sized buffers come from the heap
+/// and stay resident once freed: peak memory then grows with the number of layers streamed.
+fn bound_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only changes allocator tuning; called before any threads start.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 64 * 1024);
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    bound_allocator_retention();
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect { model, json } => {
@@ -302,6 +377,58 @@ fn main() -> Result<()> {
             if let Some(dir) = &args.plot {
                 let _ = dir;
                 bail!("--plot is not available yet");
+            }
+        }
+        Command::Sweep(args) => {
+            let columns = match args.grid.as_str() {
+                "reference" => rfid_moe::sweep::reference_columns(),
+                "full" => {
+                    let mut columns = vec![(Allocation::Uniform, 1, false, false)];
+                    for allocation in [
+                        Allocation::Uniform,
+                        Allocation::Frequency,
+                        Allocation::Density,
+                        Allocation::Rfid,
+                    ] {
+                        for residual in [false, true] {
+                            for whiten in [false, true] {
+                                columns.push((allocation, 4, residual, whiten));
+                            }
+                        }
+                    }
+                    columns
+                }
+                other => bail!("--grid `{other}`: expected reference or full"),
+            };
+            let base = CompressOptions {
+                model: args.model.clone(),
+                calibration: args.calibration.clone(),
+                samples: args.samples,
+                seq_len: args.seq_len,
+                xi: args.xi,
+                dense_fallback: args.dense_fallback,
+                factor_dtype: args.factor_dtype.clone(),
+                batch_size: args.batch_size,
+                device: args.device.device.clone(),
+                quiet: args.quiet,
+                ..CompressOptions::default()
+            };
+            let eval_options = EvalOptions {
+                seq_len: args.eval_seq_len,
+                batch_size: args.batch_size,
+                quiet: args.quiet,
+                ..EvalOptions::default()
+            };
+            let points = rfid_moe::sweep::grid(&args.ratios, &columns);
+            let report =
+                rfid_moe::sweep::sweep(&base, &points, &args.text, &eval_options, &args.work_dir)?;
+            let markdown = report.markdown();
+            println!("{markdown}");
+            if let Some(path) = &args.markdown {
+                writer::write_atomic(path, markdown.as_bytes())?;
+            }
+            if let Some(path) = &args.json {
+                writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
             }
         }
         Command::Logits {

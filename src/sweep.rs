@@ -1,0 +1,262 @@
+//! `rfid-moe sweep`: compress one model at several ratios × allocations × residual × whitening
+//! settings, evaluate each result, and tabulate perplexity and divergence side by side.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::allocation::Allocation;
+use crate::compress::{compress, parse_device, CompressOptions};
+use crate::error::{Error, Result};
+use crate::eval::{divergence, perplexity, EvalModel, EvalOptions};
+
+/// One configuration of the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    /// Fraction of targeted parameters removed.
+    pub ratio: f64,
+    /// Allocation policy.
+    pub allocation: Allocation,
+    /// Experts per group.
+    pub group_size: usize,
+    /// Sparse-projection residual.
+    pub residual: bool,
+    /// Activation-aware factorisation.
+    pub whiten: bool,
+}
+
+impl SweepPoint {
+    /// A short column label such as `rfid + res + whiten` or `uniform, per expert (k=1)`.
+    pub fn label(&self) -> String {
+        let mut label = self.allocation.to_string();
+        if self.group_size == 1 {
+            label.push_str(", per expert (k=1)");
+        }
+        if self.residual {
+            label.push_str(" + res");
+        }
+        if self.whiten {
+            label.push_str(" + whiten");
+        }
+        label
+    }
+}
+
+/// What one configuration measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    /// The configuration.
+    pub point: SweepPoint,
+    /// Column label.
+    pub label: String,
+    /// Achieved reduction of the targeted parameters.
+    pub targeted_reduction: f64,
+    /// Perplexity on the evaluation text.
+    pub perplexity: f64,
+    /// Mean KL(original ‖ compressed) per token.
+    pub mean_kl: f64,
+    /// Top-1 agreement with the original.
+    pub top1_agreement: f64,
+    /// Mean relative weight error over factored groups.
+    pub mean_relative_error: f64,
+    /// Mean residual energy recovered (residual runs only).
+    pub residual_energy_recovered: Option<f64>,
+    /// Seconds spent compressing.
+    pub compress_seconds: f64,
+}
+
+/// The sweep's full result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// Model swept.
+    pub model: PathBuf,
+    /// Evaluation text.
+    pub text: PathBuf,
+    /// Perplexity of the uncompressed model.
+    pub original_perplexity: f64,
+    /// Tokens scored.
+    pub tokens_scored: usize,
+    /// One row per configuration.
+    pub rows: Vec<SweepRow>,
+}
+
+/// The configurations of a full sweep: each point of `ratios` × (`columns`).
+pub fn grid(ratios: &[f64], columns: &[(Allocation, usize, bool, bool)]) -> Vec<SweepPoint> {
+    ratios
+        .iter()
+        .flat_map(|&ratio| {
+            columns.iter().map(
+                move |&(allocation, group_size, residual, whiten)| SweepPoint {
+                    ratio,
+                    allocation,
+                    group_size,
+                    residual,
+                    whiten,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The columns of `method.md` §8's reference table, in its order.
+pub fn reference_columns() -> Vec<(Allocation, usize, bool, bool)> {
+    use Allocation::*;
+    vec![
+        (Uniform, 1, false, false),
+        (Uniform, 4, false, false),
+        (Uniform, 4, true, false),
+        (Frequency, 4, false, false),
+        (Density, 4, false, false),
+        (Rfid, 4, false, false),
+        (Rfid, 4, true, false),
+        (Uniform, 4, false, true),
+        (Rfid, 4, false, true),
+        (Rfid, 4, true, true),
+    ]
+}
+
+/// Compresses `base.model` at every point (into `work_dir`), evaluates each on `text` against the
+/// original, and returns the table. Calibration statistics are computed once and reused.
+pub fn sweep(
+    base: &CompressOptions,
+    points: &[SweepPoint],
+    text: &std::path::Path,
+    eval_options: &EvalOptions,
+    work_dir: &std::path::Path,
+) -> Result<SweepReport> {
+    let device = parse_device(&base.device)?;
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
+    let original = EvalModel::load(&base.model, DType::F32, &device)?;
+    let tokens = original.tokenize_file(text)?;
+    let original_ppl = perplexity(&original.model, &tokens, eval_options)?;
+    if !base.quiet {
+        eprintln!(
+            "original: PPL {:.4} over {} tokens",
+            original_ppl.perplexity, original_ppl.tokens_scored
+        );
+    }
+    let mut rows = Vec::new();
+    for (i, point) in points.iter().enumerate() {
+        let out = work_dir.join(format!("point-{i:03}"));
+        let options = CompressOptions {
+            ratio: point.ratio,
+            allocation: point.allocation,
+            group_size: point.group_size,
+            residual: point.residual,
+            whiten: point.whiten,
+            out: Some(out.clone()),
+            force: true,
+            dry_run: false,
+            export_dense: None,
+            statistics_cache: Some(work_dir.join("calibration-statistics.safetensors")),
+            ..base.clone()
+        };
+        let report = compress(&options)?;
+        let candidate = EvalModel::load(&out, DType::F32, &device)?;
+        let measured = divergence(&original.model, &candidate.model, &tokens, eval_options)?;
+        let groups: Vec<_> = report
+            .layers
+            .iter()
+            .flat_map(|l| l.matrices.values().flatten())
+            .filter(|g| !g.dense)
+            .collect();
+        let mean = |values: Vec<f64>| {
+            if values.is_empty() {
+                None
+            } else {
+                Some(values.iter().sum::<f64>() / values.len() as f64)
+            }
+        };
+        let row = SweepRow {
+            point: *point,
+            label: point.label(),
+            targeted_reduction: report.targeted_reduction,
+            perplexity: measured.candidate.perplexity,
+            mean_kl: measured.mean_kl,
+            top1_agreement: measured.top1_agreement,
+            mean_relative_error: mean(groups.iter().map(|g| g.relative_error).collect())
+                .unwrap_or(0.0),
+            residual_energy_recovered: mean(
+                groups
+                    .iter()
+                    .filter_map(|g| g.residual_energy_recovered)
+                    .collect(),
+            ),
+            compress_seconds: report.seconds,
+        };
+        if !base.quiet {
+            eprintln!(
+                "[{}/{}] ρ={} {}: PPL {:.4}, KL {:.4}, reduction {:.4}",
+                i + 1,
+                points.len(),
+                point.ratio,
+                row.label,
+                row.perplexity,
+                row.mean_kl,
+                row.targeted_reduction
+            );
+        }
+        rows.push(row);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    Ok(SweepReport {
+        model: base.model.clone(),
+        text: text.to_path_buf(),
+        original_perplexity: original_ppl.perplexity,
+        tokens_scored: original_ppl.tokens_scored,
+        rows,
+    })
+}
+
+impl SweepReport {
+    /// Markdown tables (perplexity, then KL) with one row per ratio and one column per setting.
+    pub fn markdown(&self) -> String {
+        let mut ratios: Vec<f64> = self.rows.iter().map(|r| r.point.ratio).collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios.dedup();
+        let mut labels: Vec<String> = Vec::new();
+        for row in &self.rows {
+            if !labels.contains(&row.label) {
+                labels.push(row.label.clone());
+            }
+        }
+        let mut out = format!(
+            "Original perplexity {:.4} ({} tokens scored).\n\n",
+            self.original_perplexity, self.tokens_scored
+        );
+        for (title, value) in [
+            (
+                "Perplexity",
+                (|r: &SweepRow| format!("{:.2}", r.perplexity)) as fn(&SweepRow) -> String,
+            ),
+            (
+                "Mean KL(original ‖ compressed) per token",
+                |r: &SweepRow| format!("{:.4}", r.mean_kl),
+            ),
+            ("Top-1 agreement with the original", |r: &SweepRow| {
+                format!("{:.1}%", 100.0 * r.top1_agreement)
+            }),
+        ] {
+            out.push_str(&format!(
+                "**{title}**\n\n| ρ | {} |\n|{}\n",
+                labels.join(" | "),
+                " --- |".repeat(labels.len() + 1)
+            ));
+            for ratio in &ratios {
+                let cells: Vec<String> = labels
+                    .iter()
+                    .map(|l| {
+                        self.rows
+                            .iter()
+                            .find(|r| r.point.ratio == *ratio && &r.label == l)
+                            .map_or("–".to_string(), value)
+                    })
+                    .collect();
+                out.push_str(&format!("| {ratio} | {} |\n", cells.join(" | ")));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
