@@ -418,7 +418,11 @@ fn compress_matrix(
         .collect::<Result<_>>()?;
     let effective_ranks: Vec<f64> = stacked
         .par_iter()
-        .map(|w| linalg::singular_values(w).map(|s| analysis::effective_rank(&s)))
+        .map(|w| {
+            linalg::squared_singular_values(w).map(|s2| {
+                analysis::effective_rank(&s2.iter().map(|v| v.sqrt()).collect::<Vec<_>>())
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let density = analysis::normalize(&effective_ranks);
     let scores = allocation::importance_scores(

@@ -8,7 +8,7 @@
 use faer::Mat;
 
 use crate::format::BasisActivation;
-use crate::linalg::{frobenius_norm, thin_svd};
+use crate::linalg::{frobenius_norm, leading_right_singular_vectors};
 use crate::{Error, Result};
 
 /// Factors of one group: `Ŵ_g = coefficients · act(basis)`.
@@ -101,14 +101,14 @@ fn truncated_svd(
         Some(s) => stacked * s,
         None => stacked.clone(),
     };
-    let svd = thin_svd(&target)?;
-    let m = stacked.nrows();
-    let coefficients = Mat::from_fn(m, rank, |i, k| svd.u[(i, k)] * svd.s[k]);
+    // A = U_K Σ_K = target · V_K, so only the leading right singular vectors are needed.
+    let v = leading_right_singular_vectors(&target, rank)?;
+    let coefficients = &target * &v;
     let basis = match whitening {
-        None => svd.vt.as_ref().subrows(0, rank).to_owned(),
+        None => v.transpose().to_owned(),
         Some(s) => {
             // Bᵀ = S⁻ᵀ V_K: solve the upper-triangular system Sᵀ Bᵀ = V_K.
-            let mut bt = svd.vt.as_ref().subrows(0, rank).transpose().to_owned();
+            let mut bt = v.clone();
             s.transpose().solve_upper_triangular_in_place(bt.as_mut());
             bt.transpose().to_owned()
         }

@@ -93,7 +93,7 @@ impl Config {
         self.n_routed_experts > 0
             && i >= self.first_k_dense_replace
             && self.moe_layer_freq > 0
-            && i % self.moe_layer_freq == 0
+            && i.is_multiple_of(self.moe_layer_freq)
     }
 
     fn shared_size(&self) -> usize {

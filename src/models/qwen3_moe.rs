@@ -68,7 +68,7 @@ pub(crate) fn one() -> usize {
 
 /// Whether layer `i` is sparse under Qwen's `mlp_only_layers` / `decoder_sparse_step` rule.
 pub(crate) fn is_sparse(i: usize, num_experts: usize, step: usize, mlp_only: &[usize]) -> bool {
-    !mlp_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1) % step == 0
+    !mlp_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1).is_multiple_of(step)
 }
 
 impl Config {
