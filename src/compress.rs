@@ -119,7 +119,7 @@ impl Default for CompressOptions {
             out: None,
             ratio: 0.4,
             group_size: 4,
-            xi: 0.8,
+            xi: 0.2,
             allocation: Allocation::Rfid,
             budget_scope: BudgetScope::Layer,
             factorizer: FactorizerKind::Svd,

@@ -32,6 +32,8 @@ impl SweepPoint {
         let mut label = self.allocation.to_string();
         if self.group_size == 1 {
             label.push_str(", per expert (k=1)");
+        } else if self.group_size != 4 {
+            label.push_str(&format!(" (k={})", self.group_size));
         }
         if self.residual {
             label.push_str(" + res");

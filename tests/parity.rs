@@ -158,3 +158,40 @@ fn bf16_checkpoint_loads_and_runs() {
         .all(|v| v.is_finite());
     assert!(finite);
 }
+
+/// With `--features cuda` and a GPU present, every family also matches on CUDA; otherwise skips.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches_transformers() {
+    let device = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    for name in [
+        "tiny-mixtral",
+        "tiny-qwen2_moe",
+        "tiny-qwen3_moe",
+        "tiny-olmoe",
+        "tiny-deepseek_v2",
+        "tiny-deepseek_v3",
+    ] {
+        let dir = fixture(name);
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
+        let reference =
+            checkpoint::load_all(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let ids = reference["input_ids"].to_device(&device).unwrap();
+        let logits = model
+            .forward(&ids, None)
+            .unwrap()
+            .logits
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        println!("{name} on CUDA: max |Δlogits| = {diff:.3e}");
+        assert!(diff <= TOLERANCE, "{name}: {diff}");
+    }
+}

@@ -211,7 +211,8 @@ struct SweepArgs {
     /// Ratios, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "0.2,0.4,0.6")]
     ratios: Vec<f64>,
-    /// `reference`: the ten columns of method.md §8; `full`: every allocation × residual × whitening, plus k=1.
+    /// `reference`: the ten columns of method.md §8; `full`: every allocation × residual ×
+    /// whitening, plus k=1; `rfid-whiten`: the default method alone (for tuning ξ and friends).
     #[arg(long, default_value = "reference")]
     grid: String,
     /// Working directory (compressed models are written and deleted here; statistics are cached).
@@ -229,11 +230,14 @@ struct SweepArgs {
     /// Calibration window length.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Fused-score weight ξ.
-    #[arg(long, default_value_t = 0.8)]
+    /// Fused-score weight ξ (0.2: our measured default; method.md §8's reference used 0.8).
+    #[arg(long, default_value_t = 0.2)]
     xi: f64,
+    /// Experts per group for the grouped columns (the k=1 column stays per expert).
+    #[arg(long, default_value_t = 4)]
+    group_size: usize,
     /// Keep groups dense where factoring saves nothing: on or off.
-    #[arg(long, value_parser = parse_on_off, default_value = "on")]
+    #[arg(long, value_parser = parse_on_off, default_value = "on", action = clap::ArgAction::Set)]
     dense_fallback: bool,
     /// Dtype of the factors: auto, f32, bf16, f16.
     #[arg(long, default_value = "f32")]
@@ -398,7 +402,8 @@ fn main() -> Result<()> {
                     }
                     columns
                 }
-                other => bail!("--grid `{other}`: expected reference or full"),
+                "rfid-whiten" => vec![(Allocation::Rfid, 4, false, true)],
+                other => bail!("--grid `{other}`: expected reference, full or rfid-whiten"),
             };
             let base = CompressOptions {
                 model: args.model.clone(),
@@ -419,6 +424,10 @@ fn main() -> Result<()> {
                 quiet: args.quiet,
                 ..EvalOptions::default()
             };
+            let columns: Vec<_> = columns
+                .into_iter()
+                .map(|(a, k, r, w)| (a, if k == 1 { 1 } else { args.group_size }, r, w))
+                .collect();
             let points = rfid_moe::sweep::grid(&args.ratios, &columns);
             let report =
                 rfid_moe::sweep::sweep(&base, &points, &args.text, &eval_options, &args.work_dir)?;
