@@ -215,7 +215,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 /// One group's outcome for one matrix type.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupReport {
     /// Experts (descending frequency).
     pub experts: Vec<usize>,
@@ -246,7 +246,7 @@ pub struct GroupReport {
 }
 
 /// One layer's outcome.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerReport {
     /// Decoder layer index.
     pub layer: usize,
@@ -609,6 +609,20 @@ fn copy_tensors(
         }
     }
     Ok(())
+}
+
+/// Reads the per-layer part of a `compression_report.json` written by [`compress`].
+pub fn read_layer_reports(model_dir: &Path) -> Result<Vec<LayerReport>> {
+    let path = model_dir.join("compression_report.json");
+    let value = crate::checkpoint::read_json(&path)?;
+    let layers = value.get("layers").cloned().ok_or_else(|| Error::Json {
+        path: path.clone(),
+        message: "missing `layers`".into(),
+    })?;
+    serde_json::from_value(layers).map_err(|e| Error::Json {
+        path,
+        message: format!("invalid `layers`: {e}"),
+    })
 }
 
 /// Tokenizer and generation files copied next to the compressed weights.

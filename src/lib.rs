@@ -13,6 +13,7 @@ pub mod format;
 pub mod inspect;
 pub mod linalg;
 pub mod models;
+pub mod plot;
 pub mod residual;
 pub mod sweep;
 pub mod text;

@@ -46,7 +46,7 @@ impl SweepPoint {
 }
 
 /// What one configuration measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepRow {
     /// The configuration.
     pub point: SweepPoint,
@@ -69,7 +69,7 @@ pub struct SweepRow {
 }
 
 /// The sweep's full result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepReport {
     /// Model swept.
     pub model: PathBuf,

@@ -192,3 +192,65 @@ fn logits_command_rejects_tokens_file_without_input_ids() {
     assert!(stderr.contains("input_ids"), "{stderr}");
     assert!(!tmp.path().join("o.safetensors").exists());
 }
+
+#[test]
+fn plot_writes_png_charts_from_sweep_reports_and_compressed_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/results");
+    let out = tmp.path().join("charts");
+    rfid_moe(&[
+        "plot",
+        "--sweep",
+        results.join("ref-0204.json").to_str().unwrap(),
+        "--sweep",
+        results.join("ref-06.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let png = std::fs::read(out.join("perplexity_vs_ratio.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(
+        png.len() > 10_000,
+        "chart suspiciously small: {} bytes",
+        png.len()
+    );
+
+    // Heatmaps need a compression report: make one quickly on a fixture.
+    let fixture = common::fixture("tiny-qwen3_moe");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 31 % 256) as i64).collect();
+    let calibration = tmp.path().join("calibration.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(
+            "input_ids".to_string(),
+            candle_core::Tensor::from_vec(ids, (8, 16), &Device::Cpu).unwrap(),
+        )]),
+        &calibration,
+    )
+    .unwrap();
+    let compressed = tmp.path().join("compressed");
+    rfid_moe(&[
+        "compress",
+        "--quiet",
+        "--samples",
+        "8",
+        "--seq-len",
+        "16",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--out",
+        compressed.to_str().unwrap(),
+    ]);
+    rfid_moe(&[
+        "plot",
+        "--compressed",
+        compressed.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    for name in ["routing_frequency.png", "allocated_rank_gate_proj.png"] {
+        let png = std::fs::read(out.join(name)).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+    }
+}

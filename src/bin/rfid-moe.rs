@@ -40,6 +40,18 @@ enum Command {
     Eval(EvalArgs),
     /// Compress at several ratios and settings, evaluate each, and write one table.
     Sweep(SweepArgs),
+    /// Draw charts from sweep reports (perplexity vs ratio) and/or a compressed model (heatmaps).
+    Plot {
+        /// Sweep JSON reports (from `sweep --json`); rows of several files are merged.
+        #[arg(long)]
+        sweep: Vec<PathBuf>,
+        /// A compressed model directory (routing-frequency and allocated-rank heatmaps).
+        #[arg(long)]
+        compressed: Option<PathBuf>,
+        /// Output directory for the PNG files.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run a batch of token ids through the model and save logits and router logits.
     Logits {
         /// Model directory.
@@ -251,6 +263,9 @@ struct SweepArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Write the perplexity-versus-ratio chart (PNG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -325,6 +340,31 @@ fn bound_allocator_retention() {
     }
 }
 
+/// Writes the routing-frequency and allocated-rank heatmaps of a compressed model into `dir`.
+fn plot_compression(model: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    if !model.join("compression_report.json").exists() {
+        bail!(
+            "--plot: {} has no compression_report.json (charts describe a compressed model)",
+            model.display()
+        );
+    }
+    let layers = rfid_moe::compress::read_layer_reports(model)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let frequency = dir.join("routing_frequency.png");
+    rfid_moe::plot::routing_frequency_heatmap(&frequency, &layers)?;
+    println!("wrote {}", frequency.display());
+    if let Some(matrix) = layers
+        .first()
+        .and_then(|l| l.matrices.keys().next())
+        .cloned()
+    {
+        let ranks = dir.join(format!("allocated_rank_{matrix}.png"));
+        rfid_moe::plot::allocated_rank_heatmap(&ranks, &layers, &matrix)?;
+        println!("wrote {}", ranks.display());
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     bound_allocator_retention();
     let cli = Cli::parse();
@@ -379,8 +419,7 @@ fn main() -> Result<()> {
                 writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
             }
             if let Some(dir) = &args.plot {
-                let _ = dir;
-                bail!("--plot is not available yet");
+                plot_compression(&args.model, dir)?;
             }
         }
         Command::Sweep(args) => {
@@ -438,6 +477,45 @@ fn main() -> Result<()> {
             }
             if let Some(path) = &args.json {
                 writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            if let Some(dir) = &args.plot {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join("perplexity_vs_ratio.png");
+                rfid_moe::plot::perplexity_vs_ratio(&path, &report)?;
+                println!("wrote {}", path.display());
+            }
+        }
+        Command::Plot {
+            sweep,
+            compressed,
+            out,
+        } => {
+            if sweep.is_empty() && compressed.is_none() {
+                bail!("nothing to plot: give --sweep REPORT.json and/or --compressed MODEL_DIR");
+            }
+            if let Some(model) = &compressed {
+                plot_compression(model, &out)?;
+            }
+            if !sweep.is_empty() {
+                let mut merged: Option<rfid_moe::sweep::SweepReport> = None;
+                for path in &sweep {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let report: rfid_moe::sweep::SweepReport = serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not a sweep report", path.display()))?;
+                    match merged.as_mut() {
+                        Some(m) => m.rows.extend(report.rows),
+                        None => merged = Some(report),
+                    }
+                }
+                if let Some(report) = merged {
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("creating {}", out.display()))?;
+                    let path = out.join("perplexity_vs_ratio.png");
+                    rfid_moe::plot::perplexity_vs_ratio(&path, &report)?;
+                    println!("wrote {}", path.display());
+                }
             }
         }
         Command::Logits {
