@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::allocation::{self, Allocation, GroupAllocation, GroupShape};
 use crate::analysis;
 use crate::calibration::{self, LayerStatistics, LayerStream};
-use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
+use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::writer::CheckpointWriter;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
@@ -43,6 +43,8 @@ pub enum FactorizerKind {
 pub enum BudgetScope {
     /// Each layer and matrix type gets `(1−ρ)` of its own parameters.
     Layer,
+    /// All layers share one budget per matrix type (holds every layer's statistics in memory).
+    Model,
 }
 
 /// Every setting of a compression run; also the schema of `--config compress.toml`.
@@ -399,23 +401,34 @@ fn plan_groups(stats: &LayerStatistics, group_size: usize) -> Result<LayerPlan> 
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compress_matrix(
-    options: &CompressOptions,
-    factorizer: &dyn Factorizer,
-    layout: &ExpertLayout,
-    stats: &LayerStatistics,
-    plan: &LayerPlan,
-    dense: &[Mat<f64>],
-    factorize_groups: bool,
-) -> Result<Vec<FactoredGroup>> {
-    let p = dense[0].nrows();
-    let d = dense[0].ncols();
-    let stacked: Vec<Mat<f64>> = plan
-        .groups
+/// Everything about one layer's groups for one matrix type that decides their ranks.
+#[derive(Debug, Clone)]
+struct MatrixPlan {
+    effective_ranks: Vec<f64>,
+    density: Vec<f64>,
+    scores: Vec<f64>,
+    shapes: Vec<GroupShape>,
+    reserved: Vec<usize>,
+    allocations: Vec<GroupAllocation>,
+}
+
+fn stack_groups(plan: &LayerPlan, dense: &[Mat<f64>]) -> Result<Vec<Mat<f64>>> {
+    plan.groups
         .iter()
         .map(|g| linalg::stack_rows(&g.iter().map(|&e| dense[e].clone()).collect::<Vec<_>>()))
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Effective ranks, scores and the layer-scope allocation of one matrix type's groups.
+fn analyse_groups(
+    options: &CompressOptions,
+    plan: &LayerPlan,
+    stacked: &[Mat<f64>],
+) -> Result<MatrixPlan> {
+    let (p, d) = (
+        stacked[0].nrows() / plan.groups[0].len(),
+        stacked[0].ncols(),
+    );
     let effective_ranks: Vec<f64> = stacked
         .par_iter()
         .map(|w| {
@@ -455,7 +468,74 @@ fn compress_matrix(
     let budget = allocation::budget_for_ratio(&shapes, options.ratio);
     let allocations =
         allocation::allocate_ranks(&shapes, &scores, budget, &reserved, options.dense_fallback)?;
-    let _ = layout;
+    Ok(MatrixPlan {
+        effective_ranks,
+        density,
+        scores,
+        shapes,
+        reserved,
+        allocations,
+    })
+}
+
+/// Re-allocates ranks over all layers at once (`--budget-scope model`): densities are normalised
+/// over every group of the model and frequencies divided by the number of layers, so layers
+/// compete for one budget of `(1−ρ)` of all their parameters.
+fn allocate_model_scope(
+    options: &CompressOptions,
+    plans: &mut [(&LayerPlan, &mut MatrixPlan)],
+) -> Result<()> {
+    let layers = plans.len().max(1) as f64;
+    let effective: Vec<f64> = plans
+        .iter()
+        .flat_map(|(_, m)| m.effective_ranks.clone())
+        .collect();
+    let density = analysis::normalize(&effective);
+    let frequency: Vec<f64> = plans
+        .iter()
+        .flat_map(|(l, _)| l.group_frequency.iter().map(|f| f / layers))
+        .collect();
+    let scores =
+        allocation::importance_scores(options.allocation, &density, &frequency, options.xi);
+    let shapes: Vec<GroupShape> = plans.iter().flat_map(|(_, m)| m.shapes.clone()).collect();
+    let reserved: Vec<usize> = plans.iter().flat_map(|(_, m)| m.reserved.clone()).collect();
+    let budget = allocation::budget_for_ratio(&shapes, options.ratio);
+    let allocations =
+        allocation::allocate_ranks(&shapes, &scores, budget, &reserved, options.dense_fallback)?;
+    let mut offset = 0;
+    for (_, plan) in plans.iter_mut() {
+        let n = plan.shapes.len();
+        plan.density = density[offset..offset + n].to_vec();
+        plan.scores = scores[offset..offset + n].to_vec();
+        plan.allocations = allocations[offset..offset + n].to_vec();
+        offset += n;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compress_matrix(
+    options: &CompressOptions,
+    factorizer: &dyn Factorizer,
+    stats: &LayerStatistics,
+    plan: &LayerPlan,
+    dense: &[Mat<f64>],
+    factorize_groups: bool,
+    given: Option<&MatrixPlan>,
+) -> Result<Vec<FactoredGroup>> {
+    let stacked = stack_groups(plan, dense)?;
+    let matrix_plan = match given {
+        Some(m) => m.clone(),
+        None => analyse_groups(options, plan, &stacked)?,
+    };
+    let MatrixPlan {
+        effective_ranks,
+        density,
+        scores,
+        shapes,
+        reserved,
+        allocations,
+    } = matrix_plan;
     (0..plan.groups.len())
         .into_par_iter()
         .map(|g| {
@@ -670,6 +750,43 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
     };
     let mut statistics_to_save = Vec::new();
     let spec = stream.spec().clone();
+    // --budget-scope model: a first pass analyses every layer, ranks are allocated over the whole
+    // model, and a second pass replays the statistics to factor with those ranks.
+    let mut global_plans: HashMap<(usize, ExpertMatrix), MatrixPlan> = HashMap::new();
+    if options.budget_scope == BudgetScope::Model {
+        let mut all_statistics = Vec::new();
+        let mut layer_plans: HashMap<usize, LayerPlan> = HashMap::new();
+        let bar = progress(options.quiet, spec.num_layers as u64, "analysing");
+        while let Some((layer, stats)) = stream.next_layer()? {
+            bar.inc(1);
+            let Some(stats) = stats else { continue };
+            let plan = plan_groups(&stats, options.group_size)?;
+            for matrix in [ExpertMatrix::Gate, ExpertMatrix::Up] {
+                let stacked = stack_groups(&plan, &dense_matrices(&layer, matrix)?)?;
+                global_plans.insert(
+                    (layer.index, matrix),
+                    analyse_groups(options, &plan, &stacked)?,
+                );
+            }
+            layer_plans.insert(layer.index, plan);
+            all_statistics.push(stats);
+        }
+        bar.finish_and_clear();
+        for matrix in [ExpertMatrix::Gate, ExpertMatrix::Up] {
+            let mut entries: Vec<(usize, &mut MatrixPlan)> = global_plans
+                .iter_mut()
+                .filter(|((_, m), _)| *m == matrix)
+                .map(|((layer, _), plan)| (*layer, plan))
+                .collect();
+            entries.sort_by_key(|(layer, _)| *layer);
+            let mut pairs: Vec<(&LayerPlan, &mut MatrixPlan)> = entries
+                .into_iter()
+                .map(|(layer, plan)| (&layer_plans[&layer], plan))
+                .collect();
+            allocate_model_scope(options, &mut pairs)?;
+        }
+        stream = LayerStream::replay(&checkpoint, &device, all_statistics)?;
+    }
     let factor_dtype = factor_dtype(options, &checkpoint)?;
     // Uncompressed expert matrices keep the checkpoint's own dtype.
     let stored_dtype = factor_dtype_named("auto", &checkpoint)?;
@@ -746,11 +863,11 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
             let groups = compress_matrix(
                 options,
                 factorizer.as_ref(),
-                &layout,
                 &stats,
                 &plan,
                 &dense,
                 factorize_groups,
+                global_plans.get(&(index, matrix)),
             )?;
             sample_peak(&mut peak_resident);
             let p = layout.intermediate_size;

@@ -354,3 +354,33 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+#[test]
+fn model_scope_budget_is_met_across_layers() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let mut opts = options(&source, &calibration, &tmp.path().join("model-scope"), 0.4);
+    opts.budget_scope = rfid_moe::compress::BudgetScope::Model;
+    let report = rfid_moe::compress(&opts).unwrap();
+    // One budget for all layers: the granularity is one rank of one group over the whole model.
+    assert!(
+        (report.targeted_reduction - 0.4).abs() <= 0.005f64.max(report.rank_granularity),
+        "{}",
+        report.targeted_reduction
+    );
+    let per_layer: Vec<u64> = report
+        .layers
+        .iter()
+        .map(|l| {
+            l.matrices["gate_proj"]
+                .iter()
+                .map(|g| g.parameters_after)
+                .sum()
+        })
+        .collect();
+    println!("gate_proj parameters after, per layer: {per_layer:?}");
+    let (divergence_kl, _) = divergence(&source, &tmp.path().join("model-scope"));
+    assert!(divergence_kl.is_finite());
+    // The output loads and runs like any other compressed checkpoint (divergence() ran it).
+}

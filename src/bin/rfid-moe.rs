@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use rfid_moe::allocation::Allocation;
 use rfid_moe::checkpoint::{self, writer, Checkpoint};
-use rfid_moe::compress::{CompressOptions, FactorizerKind};
+use rfid_moe::compress::{BudgetScope, CompressOptions, FactorizerKind};
 use rfid_moe::eval::{evaluate, EvalModel, EvalOptions, EvalPlan};
 use rfid_moe::models::Model;
 
@@ -95,6 +95,9 @@ struct CompressArgs {
     /// Rank allocation policy.
     #[arg(long, value_enum)]
     allocation: Option<Allocation>,
+    /// Budget per layer, or one budget shared by all layers.
+    #[arg(long, value_enum)]
+    budget_scope: Option<BudgetScope>,
     /// Factoriser.
     #[arg(long, value_enum)]
     factorizer: Option<FactorizerKind>,
@@ -177,6 +180,7 @@ impl CompressArgs {
             group_size,
             xi,
             allocation,
+            budget_scope,
             factorizer,
             fit_steps,
             whiten,
@@ -248,6 +252,9 @@ struct SweepArgs {
     /// Experts per group for the grouped columns (the k=1 column stays per expert).
     #[arg(long, default_value_t = 4)]
     group_size: usize,
+    /// Budget per layer, or one budget shared by all layers.
+    #[arg(long, value_enum, default_value = "layer")]
+    budget_scope: BudgetScope,
     /// Keep groups dense where factoring saves nothing: on or off.
     #[arg(long, value_parser = parse_on_off, default_value = "on", action = clap::ArgAction::Set)]
     dense_fallback: bool,
@@ -451,6 +458,7 @@ fn main() -> Result<()> {
                 seq_len: args.seq_len,
                 xi: args.xi,
                 dense_fallback: args.dense_fallback,
+                budget_scope: args.budget_scope,
                 factor_dtype: args.factor_dtype.clone(),
                 batch_size: args.batch_size,
                 device: args.device.device.clone(),
@@ -505,7 +513,22 @@ fn main() -> Result<()> {
                     let report: rfid_moe::sweep::SweepReport = serde_json::from_str(&text)
                         .with_context(|| format!("{}: not a sweep report", path.display()))?;
                     match merged.as_mut() {
-                        Some(m) => m.rows.extend(report.rows),
+                        Some(m) => {
+                            // The same setting at the same ratio from another file is another
+                            // series: name it after its file.
+                            let stem = path
+                                .file_stem()
+                                .map(|s| s.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            for mut row in report.rows {
+                                if m.rows.iter().any(|r| {
+                                    r.label == row.label && r.point.ratio == row.point.ratio
+                                }) {
+                                    row.label = format!("{} [{stem}]", row.label);
+                                }
+                                m.rows.push(row);
+                            }
+                        }
                         None => merged = Some(report),
                     }
                 }
