@@ -43,6 +43,22 @@ pub struct ExpertLayout {
 }
 
 impl ExpertLayout {
+    /// The common layout: `model.layers.{layer}.mlp.experts.{j}.{gate,up,down}_proj`.
+    pub fn standard(
+        layer: usize,
+        num_experts: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+    ) -> Self {
+        Self {
+            block: format!("model.layers.{layer}.mlp"),
+            names: ["gate_proj", "up_proj", "down_proj"],
+            num_experts,
+            hidden_size,
+            intermediate_size,
+        }
+    }
+
     /// The checkpoint's name for `matrix`.
     pub fn name(&self, matrix: ExpertMatrix) -> &'static str {
         self.names[matrix as usize]

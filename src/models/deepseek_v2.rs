@@ -110,12 +110,13 @@ impl Config {
             top_k: self.num_experts_per_tok,
             moe_layers: (0..self.num_hidden_layers)
                 .map(|i| {
-                    self.is_moe(i).then(|| ExpertLayout {
-                        block: format!("model.layers.{i}.mlp"),
-                        names: ["gate_proj", "up_proj", "down_proj"],
-                        num_experts: self.n_routed_experts,
-                        hidden_size: self.hidden_size,
-                        intermediate_size: self.moe_intermediate_size,
+                    self.is_moe(i).then(|| {
+                        ExpertLayout::standard(
+                            i,
+                            self.n_routed_experts,
+                            self.hidden_size,
+                            self.moe_intermediate_size,
+                        )
                     })
                 })
                 .collect(),
@@ -193,21 +194,14 @@ impl Config {
                 self.intermediate_size,
             )?),
         };
-        Ok(DecoderLayer {
-            index: i,
-            input_layernorm: w.rms_norm(
-                &format!("{prefix}.input_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            attention: AttentionBlock::Latent(attention),
-            post_attention_layernorm: w.rms_norm(
-                &format!("{prefix}.post_attention_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
+        DecoderLayer::with_norms(
+            w,
+            i,
+            h,
+            self.rms_norm_eps,
+            AttentionBlock::Latent(attention),
             feed_forward,
-        })
+        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.

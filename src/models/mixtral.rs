@@ -132,24 +132,17 @@ impl Config {
                 normalize: true,
             },
         };
-        Ok(DecoderLayer {
-            index: i,
-            input_layernorm: w.rms_norm(
-                &format!("{prefix}.input_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(
-                &format!("{prefix}.post_attention_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            feed_forward: FeedForward::Moe(MoeBlock {
+        DecoderLayer::with_norms(
+            w,
+            i,
+            h,
+            self.rms_norm_eps,
+            AttentionBlock::Standard(attention),
+            FeedForward::Moe(MoeBlock {
                 router,
                 experts: experts.unwrap_or_default(),
                 shared: None,
             }),
-        })
+        )
     }
 }

@@ -135,6 +135,34 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Assembles layer `index` from its attention and feed-forward blocks, loading the two norms
+    /// `model.layers.{index}.{input,post_attention}_layernorm`.
+    pub fn with_norms(
+        weights: &Weights,
+        index: usize,
+        hidden_size: usize,
+        eps: f64,
+        attention: AttentionBlock,
+        feed_forward: FeedForward,
+    ) -> Result<Self> {
+        let prefix = format!("model.layers.{index}");
+        Ok(Self {
+            index,
+            input_layernorm: weights.rms_norm(
+                &format!("{prefix}.input_layernorm"),
+                hidden_size,
+                eps,
+            )?,
+            attention,
+            post_attention_layernorm: weights.rms_norm(
+                &format!("{prefix}.post_attention_layernorm"),
+                hidden_size,
+                eps,
+            )?,
+            feed_forward,
+        })
+    }
+
     /// Runs the layer on `x` [batch, seq, hidden]; returns the output and, for MoE layers, the
     /// router logits [batch*seq, experts].
     pub fn forward(

@@ -65,13 +65,12 @@ impl Config {
             top_k: self.num_experts_per_tok,
             moe_layers: (0..self.num_hidden_layers)
                 .map(|i| {
-                    Some(ExpertLayout {
-                        block: format!("model.layers.{i}.mlp"),
-                        names: ["gate_proj", "up_proj", "down_proj"],
-                        num_experts: self.num_experts,
-                        hidden_size: self.hidden_size,
-                        intermediate_size: self.intermediate_size,
-                    })
+                    Some(ExpertLayout::standard(
+                        i,
+                        self.num_experts,
+                        self.hidden_size,
+                        self.intermediate_size,
+                    ))
                 })
                 .collect(),
             shared_expert_intermediate_size: 0,
@@ -145,24 +144,17 @@ impl Config {
                 normalize: self.norm_topk_prob,
             },
         };
-        Ok(DecoderLayer {
-            index: i,
-            input_layernorm: w.rms_norm(
-                &format!("{prefix}.input_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(
-                &format!("{prefix}.post_attention_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            feed_forward: FeedForward::Moe(MoeBlock {
+        DecoderLayer::with_norms(
+            w,
+            i,
+            h,
+            self.rms_norm_eps,
+            AttentionBlock::Standard(attention),
+            FeedForward::Moe(MoeBlock {
                 router,
                 experts: experts.unwrap_or_default(),
                 shared: None,
             }),
-        })
+        )
     }
 }

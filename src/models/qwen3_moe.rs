@@ -96,12 +96,13 @@ impl Config {
             top_k: self.num_experts_per_tok,
             moe_layers: (0..self.num_hidden_layers)
                 .map(|i| {
-                    self.sparse(i).then(|| ExpertLayout {
-                        block: format!("model.layers.{i}.mlp"),
-                        names: ["gate_proj", "up_proj", "down_proj"],
-                        num_experts: self.num_experts,
-                        hidden_size: self.hidden_size,
-                        intermediate_size: self.moe_intermediate_size,
+                    self.sparse(i).then(|| {
+                        ExpertLayout::standard(
+                            i,
+                            self.num_experts,
+                            self.hidden_size,
+                            self.moe_intermediate_size,
+                        )
                     })
                 })
                 .collect(),
@@ -174,20 +175,13 @@ impl Config {
                 self.intermediate_size,
             )?),
         };
-        Ok(DecoderLayer {
-            index: i,
-            input_layernorm: w.rms_norm(
-                &format!("{prefix}.input_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
-            attention: AttentionBlock::Standard(attention),
-            post_attention_layernorm: w.rms_norm(
-                &format!("{prefix}.post_attention_layernorm"),
-                h,
-                self.rms_norm_eps,
-            )?,
+        DecoderLayer::with_norms(
+            w,
+            i,
+            h,
+            self.rms_norm_eps,
+            AttentionBlock::Standard(attention),
             feed_forward,
-        })
+        )
     }
 }
