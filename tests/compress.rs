@@ -96,10 +96,9 @@ fn every_family_meets_the_budget_and_degrades_monotonically() {
         for ratio in [0.2, 0.4, 0.6] {
             let out = tmp.path().join(format!("out-{ratio}"));
             let report = rfid_moe::compress(&options(&source, &calibration, &out, ratio)).unwrap();
-            // One rank of a group costs k·p + d parameters; on these tiny models that can exceed
-            // 0.5% of a layer, so the budget is met to within half a rank (allocation rounds to the
-            // nearest feasible total) or 0.5%, whichever is larger.
-            let tolerance = 0.005f64.max(report.rank_granularity);
+            // One rank of a group costs k·p + d parameters (up to 1.2% of a layer's matrix on
+            // these fixtures); rounding to the nearest total keeps the error within 0.5%.
+            let tolerance = 0.005;
             assert!(
                 (report.targeted_reduction - ratio).abs() <= tolerance,
                 "{family} at {ratio}: reduction {}",
