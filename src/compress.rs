@@ -241,6 +241,13 @@ pub struct GroupReport {
     pub activation_error: Option<f64>,
     /// Fraction of the low-rank residual's energy the sparse residual recovered.
     pub residual_energy_recovered: Option<f64>,
+    /// Residual runs: (fraction of the truncation residual's energy recovered) per stored η
+    /// coefficient.
+    pub residual_energy_per_parameter: Option<f64>,
+    /// Residual runs: the same measure for spending parameters on one more rank instead
+    /// (σ_K² over the energy of the SVD tail Σ_{j≥K} σ_j², per k·p + d parameters; from the
+    /// unwhitened spectrum).
+    pub rank_energy_per_parameter: Option<f64>,
     /// Parameters before.
     pub parameters_before: u64,
     /// Parameters after.
@@ -558,6 +565,8 @@ fn compress_matrix(
                 relative_error: 0.0,
                 activation_error: None,
                 residual_energy_recovered: None,
+                residual_energy_per_parameter: None,
+                rank_energy_per_parameter: None,
                 parameters_before: shape.dense_params() as u64,
                 parameters_after: if keep_dense {
                     shape.dense_params() as u64
@@ -605,8 +614,19 @@ fn compress_matrix(
                     reconstruction[(t / cols, t % cols)] += v as f64;
                     recovered += (v as f64) * (v as f64);
                 }
-                report.residual_energy_recovered = Some(if energy > 0.0 {
+                let recovered_fraction = if energy > 0.0 {
                     recovered / energy
+                } else {
+                    0.0
+                };
+                report.residual_energy_recovered = Some(recovered_fraction);
+                report.residual_energy_per_parameter =
+                    Some(recovered_fraction / report.residual_size as f64);
+                let spectrum = linalg::squared_singular_values(w)?;
+                let tail: f64 = spectrum.iter().skip(rank).sum();
+                let next = spectrum.get(rank).copied().unwrap_or(0.0);
+                report.rank_energy_per_parameter = Some(if tail > 0.0 {
+                    next / tail / shape.rank_cost() as f64
                 } else {
                     0.0
                 });
