@@ -1094,7 +1094,7 @@ impl Report {
     /// A per-layer table of ranks and sizes (the dry-run preview and the end-of-run summary).
     pub fn table(&self) -> String {
         let mut out = String::new();
-        out.push_str("layer  matrix      groups  ranks (dense = D)                     params before → after   rel.err\n");
+        out.push_str("layer  matrix      groups  ranks (dense = D)                     params before → after   max rel.err\n");
         for layer in &self.layers {
             for (matrix, groups) in &layer.matrices {
                 let ranks: Vec<String> = groups
