@@ -254,3 +254,92 @@ fn plot_writes_png_charts_from_sweep_reports_and_compressed_models() {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}");
     }
 }
+
+#[test]
+fn compress_reads_a_config_file_and_flags_win() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("compress.toml");
+    let model = common::mini_model();
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ncalibration = {:?}\nratio = 0.3\ngroup_size = 2\nsamples = 4\nseq_len = 64\nwhiten = false\n",
+            model.to_str().unwrap(),
+            model.join("calibration.txt").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let report = tmp.path().join("report.json");
+    rfid_moe(&[
+        "compress",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--ratio",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(
+        report["options"]["ratio"], 0.5,
+        "the flag wins over the file"
+    );
+    assert_eq!(
+        report["options"]["group_size"], 2,
+        "the file's value is kept"
+    );
+    assert_eq!(report["options"]["whiten"], false);
+    let groups = report["layers"][0]["matrices"]["gate_proj"]
+        .as_array()
+        .unwrap();
+    assert_eq!(groups.len(), 8, "16 experts in groups of 2");
+    // The resolved configuration is saved with the output and repeats the run.
+    let saved = std::fs::read_to_string(out.join("compress.toml")).unwrap();
+    assert!(
+        saved.contains("ratio = 0.5") && saved.contains("group_size = 2"),
+        "{saved}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["compression"]["method"], "rfid-moe");
+    assert!(out.join("tokenizer.json").exists());
+}
+
+#[test]
+fn compress_rejects_bad_options_with_clear_messages() {
+    let model = common::mini_model();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let calibration = model.join("calibration.txt");
+    let base = [
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--calibration",
+        calibration.to_str().unwrap(),
+    ];
+    let stderr = run(&[&base[..], &["--ratio", "1.5", "--dry-run"]].concat());
+    assert!(stderr.contains("--ratio 1.5"), "{stderr}");
+    let stderr = run(&[&base[..], &["--ratio", "0.4"]].concat());
+    assert!(stderr.contains("--out is required"), "{stderr}");
+    let stderr = run(&[
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--calibration",
+        "/nonexistent.txt",
+        "--dry-run",
+    ]);
+    assert!(stderr.contains("/nonexistent.txt"), "{stderr}");
+}
