@@ -195,3 +195,16 @@ fn cuda_matches_transformers() {
         assert!(diff <= TOLERANCE, "{name}: {diff}");
     }
 }
+
+// YaRN rope scaling (factor 4, mscale = mscale_all_dim = 0.707: cos/sin unscaled, softmax scaled
+// by mscale²), fixtures written by transformers 5.17 with `scripts/make-yarn-fixtures.py`.
+parity_test!(
+    deepseek_v2_yarn_matches_transformers,
+    "tiny-deepseek_v2-yarn",
+    0
+);
+parity_test!(
+    deepseek_v3_yarn_matches_transformers,
+    "tiny-deepseek_v3-yarn",
+    0
+);

@@ -129,32 +129,171 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// Reads the rotary base from either `rope_parameters.rope_theta` (transformers 5) or the
-/// top-level `rope_theta` (transformers 4), and refuses scaling types we do not implement.
-pub fn rope_theta(config: &serde_json::Value, path: &std::path::Path, default: f64) -> Result<f64> {
-    let params = config.get("rope_parameters").filter(|v| v.is_object());
-    let scaling = config.get("rope_scaling").filter(|v| v.is_object());
-    for p in [params, scaling].into_iter().flatten() {
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(|v| v.as_str());
-        if let Some(kind) = kind {
-            if kind != "default" {
-                return Err(Error::Config {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "rope type `{kind}` is not supported yet (only `default` rotary embeddings are implemented)"
-                    ),
-                });
+/// Rotary-embedding settings from `config.json`: `rope_parameters` (transformers 5) or the
+/// top-level `rope_theta` with an optional `rope_scaling` object (transformers 4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeParameters {
+    /// The base θ.
+    pub theta: f64,
+    /// YaRN context extension, when `rope_type` is `yarn`.
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN parameters (transformers' `_compute_yarn_parameters`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    /// Context extension factor.
+    pub factor: f64,
+    /// Context length the model was trained with.
+    pub original_max_position_embeddings: f64,
+    /// High-frequency boundary, in rotations.
+    pub beta_fast: f64,
+    /// Low-frequency boundary, in rotations.
+    pub beta_slow: f64,
+    /// `mscale` (scales cos/sin together with `mscale_all_dim`).
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim` (DeepSeek also scales the softmax by its square).
+    pub mscale_all_dim: Option<f64>,
+    /// Explicit cos/sin scaling, overriding the mscale rule.
+    pub attention_factor: Option<f64>,
+    /// Round the correction range to whole dimensions.
+    pub truncate: bool,
+}
+
+/// YaRN's magnitude correction `0.1·m·ln(s) + 1` (1 for s ≤ 1).
+pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl Yarn {
+    /// The factor cos/sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(f) = self.attention_factor {
+            return f;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                yarn_mscale(self.factor, m) / yarn_mscale(self.factor, all)
             }
+            _ => yarn_mscale(self.factor, 1.0),
         }
     }
-    Ok(params
-        .and_then(|p| p.get("rope_theta"))
-        .or_else(|| config.get("rope_theta"))
-        .and_then(|v| v.as_f64())
-        .unwrap_or(default))
+
+    /// Blends interpolated and extrapolated inverse frequencies for `dim` rotary dimensions.
+    fn inverse_frequencies(&self, theta: f64, dim: usize) -> Vec<f64> {
+        let correction_dim = |rotations: f64| {
+            (dim as f64
+                * (self.original_max_position_embeddings
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln())
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(self.beta_fast),
+            correction_dim(self.beta_slow),
+        );
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let low = low.max(0.0);
+        let high = high.min(dim as f64 - 1.0);
+        let span = if high == low { 0.001 } else { high - low };
+        (0..dim / 2)
+            .map(|i| {
+                let position_frequency = theta.powf((2 * i) as f64 / dim as f64);
+                let extrapolation = 1.0 / position_frequency;
+                let interpolation = 1.0 / (self.factor * position_frequency);
+                let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+                let extrapolation_weight = 1.0 - ramp;
+                interpolation * (1.0 - extrapolation_weight) + extrapolation * extrapolation_weight
+            })
+            .collect()
+    }
+}
+
+impl RopeParameters {
+    /// Parses the rope settings of `config` (a `config.json`), with `default_theta` when absent.
+    pub fn from_config(
+        config: &serde_json::Value,
+        path: &std::path::Path,
+        default_theta: f64,
+    ) -> Result<Self> {
+        let params = config.get("rope_parameters").filter(|v| v.is_object());
+        let scaling = config.get("rope_scaling").filter(|v| v.is_object());
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| config.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(default_theta);
+        let mut yarn = None;
+        for p in [params, scaling].into_iter().flatten() {
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(|v| v.as_str());
+            match kind {
+                None | Some("default") => {}
+                Some("yarn") => {
+                    let number = |key: &str| p.get(key).and_then(|v| v.as_f64());
+                    let factor = number("factor").ok_or_else(|| Error::Config {
+                        path: path.to_path_buf(),
+                        message: "yarn rope scaling needs `factor`".into(),
+                    })?;
+                    let max_positions = config
+                        .get("max_position_embeddings")
+                        .and_then(|v| v.as_f64());
+                    yarn = Some(Yarn {
+                        factor,
+                        original_max_position_embeddings: number(
+                            "original_max_position_embeddings",
+                        )
+                        .or(max_positions)
+                        .unwrap_or(4096.0),
+                        beta_fast: number("beta_fast").unwrap_or(32.0),
+                        beta_slow: number("beta_slow").unwrap_or(1.0),
+                        mscale: number("mscale"),
+                        mscale_all_dim: number("mscale_all_dim"),
+                        attention_factor: number("attention_factor"),
+                        truncate: p.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
+                    });
+                }
+                Some(other) => {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "rope type `{other}` is not supported yet (implemented: default, yarn)"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(Self { theta, yarn })
+    }
+
+    /// DeepSeek's extra softmax scale under YaRN: `mscale(factor, mscale_all_dim)²` (1 otherwise).
+    pub fn softmax_scale_multiplier(&self) -> f64 {
+        match &self.yarn {
+            Some(y) => match y.mscale_all_dim {
+                Some(all) if all != 0.0 => yarn_mscale(y.factor, all).powi(2),
+                _ => 1.0,
+            },
+            None => 1.0,
+        }
+    }
+}
+
+/// Parses the rope settings of a `config.json` (see [`RopeParameters::from_config`]).
+pub fn rope_parameters(
+    config: &serde_json::Value,
+    path: &std::path::Path,
+    default_theta: f64,
+) -> Result<RopeParameters> {
+    RopeParameters::from_config(config, path, default_theta)
 }
 
 /// Precomputed rotary cos/sin tables.
@@ -169,16 +308,25 @@ impl Rotary {
     /// Tables for `dim` rotary dimensions, positions `0..max_positions`.
     pub fn new(
         dim: usize,
-        theta: f64,
+        rope: &RopeParameters,
         max_positions: usize,
         style: RopeStyle,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let theta = rope.theta;
         // transformers computes inv_freq and the angles in f32.
-        let inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> = match &rope.yarn {
+            None => (0..dim / 2)
+                .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32))
+                .collect(),
+            Some(yarn) => yarn
+                .inverse_frequencies(theta, dim)
+                .into_iter()
+                .map(|f| f as f32)
+                .collect(),
+        };
+        let attention_factor = rope.yarn.as_ref().map_or(1.0, |y| y.attention_factor());
         let mut angles = Vec::with_capacity(max_positions * dim / 2);
         for pos in 0..max_positions {
             for f in &inv_freq {
@@ -187,8 +335,8 @@ impl Rotary {
         }
         let angles = Tensor::from_vec(angles, (max_positions, dim / 2), device)?;
         Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
+            cos: (angles.cos()? * attention_factor)?.to_dtype(dtype)?,
+            sin: (angles.sin()? * attention_factor)?.to_dtype(dtype)?,
             style,
         })
     }
@@ -424,4 +572,60 @@ pub fn config_value<T: serde::de::DeserializeOwned>(
         path: path.to_path_buf(),
         message: format!("key `{key}`: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yarn(mscale: Option<f64>, mscale_all_dim: Option<f64>) -> Yarn {
+        Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 64.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale,
+            mscale_all_dim,
+            attention_factor: None,
+            truncate: true,
+        }
+    }
+
+    #[test]
+    fn yarn_attention_factor_follows_transformers_rules() {
+        // Without mscale: 0.1·ln(factor) + 1 (Qwen-style YaRN).
+        assert!((yarn(None, None).attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // DeepSeek: the ratio of the two corrections, 1 when they are equal.
+        assert!((yarn(Some(0.707), Some(0.707)).attention_factor() - 1.0).abs() < 1e-12);
+        let expected = yarn_mscale(4.0, 1.0) / yarn_mscale(4.0, 0.5);
+        assert!((yarn(Some(1.0), Some(0.5)).attention_factor() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn yarn_keeps_high_frequencies_and_interpolates_low_ones() {
+        let plain: Vec<f64> = (0..32)
+            .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / 64.0))
+            .collect();
+        let scaled = yarn(None, None).inverse_frequencies(10000.0, 64);
+        assert!(
+            (scaled[0] - plain[0]).abs() < 1e-12,
+            "fastest rotation unchanged"
+        );
+        assert!(
+            (scaled[31] - plain[31] / 4.0).abs() < 1e-12,
+            "slowest rotation divided by the factor"
+        );
+        assert!(scaled
+            .iter()
+            .zip(&plain)
+            .all(|(s, p)| *s <= *p + 1e-15 && *s >= p / 4.0 - 1e-15));
+    }
+
+    #[test]
+    fn unknown_rope_types_are_refused() {
+        let config = serde_json::json!({"rope_scaling": {"type": "longrope", "factor": 2.0}});
+        let error = RopeParameters::from_config(&config, std::path::Path::new("config.json"), 1e4)
+            .unwrap_err();
+        assert!(error.to_string().contains("longrope"));
+    }
 }

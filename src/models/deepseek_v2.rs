@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::common::{
-    causal_attention, rope_theta, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights,
+    causal_attention, rope_parameters, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights,
 };
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
@@ -139,10 +139,10 @@ impl Config {
         dtype: DType,
         device: &Device,
     ) -> Result<Rotary> {
-        let theta = rope_theta(raw, path, 1e4)?;
+        let rope = rope_parameters(raw, path, 1e4)?;
         Rotary::new(
             self.qk_rope_head_dim,
-            theta,
+            &rope,
             self.max_position_embeddings,
             RopeStyle::Interleaved,
             dtype,
@@ -260,6 +260,7 @@ pub struct LatentAttention {
     rope: usize,
     v_dim: usize,
     kv_lora: usize,
+    softmax_scale: f64,
 }
 
 impl LatentAttention {
@@ -311,6 +312,14 @@ impl LatentAttention {
             rope: c.qk_rope_head_dim,
             v_dim: c.v_head_dim,
             kv_lora: c.kv_lora_rank,
+            // YaRN checkpoints also scale the softmax by mscale(factor, mscale_all_dim)².
+            softmax_scale: rope_parameters(
+                w.checkpoint.config(),
+                &w.checkpoint.config_path(),
+                1e4,
+            )?
+            .softmax_scale_multiplier()
+                / ((c.qk_nope_head_dim + c.qk_rope_head_dim) as f64).sqrt(),
         })
     }
 
@@ -347,7 +356,7 @@ impl LatentAttention {
         let k_pe = k_pe.broadcast_as((b, self.num_heads, s, self.rope))?;
         let query = Tensor::cat(&[&q_nope.contiguous()?, &q_pe], 3)?;
         let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
-        let scale = 1.0 / ((self.nope + self.rope) as f64).sqrt();
+        let scale = self.softmax_scale;
         let out = causal_attention(&query, &key, &value, scale)?;
         let out = out
             .transpose(1, 2)?

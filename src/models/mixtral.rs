@@ -5,7 +5,7 @@
 use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{rope_theta, Attention, AttentionShape, RopeStyle, Rotary, Weights};
+use super::common::{rope_parameters, Attention, AttentionShape, RopeStyle, Rotary, Weights};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
 use crate::checkpoint::experts::ExpertLayout;
@@ -90,10 +90,10 @@ impl Config {
         dtype: DType,
         device: &Device,
     ) -> Result<Rotary> {
-        let theta = rope_theta(raw, path, 1e6)?;
+        let rope = rope_parameters(raw, path, 1e6)?;
         Rotary::new(
             self.head_dim(),
-            theta,
+            &rope,
             self.max_position_embeddings,
             RopeStyle::Half,
             dtype,

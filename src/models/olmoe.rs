@@ -4,7 +4,9 @@
 use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{rope_theta, Attention, AttentionShape, QkNorm, RopeStyle, Rotary, Weights};
+use super::common::{
+    rope_parameters, Attention, AttentionShape, QkNorm, RopeStyle, Rotary, Weights,
+};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
@@ -93,10 +95,10 @@ impl Config {
                 message: format!("clip_qkv = {clip} is not supported yet (only null)"),
             });
         }
-        let theta = rope_theta(raw, path, 1e4)?;
+        let rope = rope_parameters(raw, path, 1e4)?;
         Rotary::new(
             self.head_dim(),
-            theta,
+            &rope,
             self.max_position_embeddings,
             RopeStyle::Half,
             dtype,

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use serde::Deserialize;
 
 use super::common::{
-    rope_theta, Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Rotary, Weights,
+    rope_parameters, Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Rotary, Weights,
 };
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
@@ -120,10 +120,10 @@ impl Config {
         dtype: DType,
         device: &Device,
     ) -> Result<Rotary> {
-        let theta = rope_theta(raw, path, 1e6)?;
+        let rope = rope_parameters(raw, path, 1e6)?;
         Rotary::new(
             self.head_dim(),
-            theta,
+            &rope,
             self.max_position_embeddings,
             RopeStyle::Half,
             dtype,
