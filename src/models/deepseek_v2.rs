@@ -3,7 +3,7 @@
 //! dense layers, shared experts, softmax greedy (or group-limited greedy) top-k scaled by
 //! `routed_scaling_factor`. DeepSeek-V3 reuses the attention and config defined here.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::common::{
@@ -12,7 +12,7 @@ use super::common::{
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
 use super::qwen3_moe::one;
-use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
+use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
 use crate::error::Result;
 
@@ -123,31 +123,17 @@ impl Config {
             shared_expert_intermediate_size: self.shared_size(),
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
+            rotary: RotarySpec {
+                dim: self.qk_rope_head_dim,
+                style: RopeStyle::Interleaved,
+                default_theta: 1e4,
+            },
         }
     }
 
     /// Family-independent facts.
     pub fn spec(&self) -> ModelSpec {
         self.spec_for(Family::DeepseekV2)
-    }
-
-    /// Rotary tables (interleaved pairs over the rotary part of each head).
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        let rope = rope_parameters(raw, path, 1e4)?;
-        Rotary::new(
-            self.qk_rope_head_dim,
-            &rope,
-            self.max_position_embeddings,
-            RopeStyle::Interleaved,
-            dtype,
-            device,
-        )
     }
 
     /// Loads decoder layer `i`, with `rule` routing its experts.

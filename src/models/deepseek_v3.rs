@@ -3,10 +3,10 @@
 //! selection biased by `e_score_correction_bias` inside the best `topk_group` of `n_group` groups,
 //! optional renormalisation and `routed_scaling_factor`.
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use serde::Deserialize;
 
-use super::common::{Rotary, Weights};
+use super::common::Weights;
 use super::moe::{Expert, RoutingRule};
 use super::{deepseek_v2, DecoderLayer, Family, ModelSpec};
 use crate::error::Result;
@@ -20,17 +20,6 @@ impl Config {
     /// Family-independent facts.
     pub fn spec(&self) -> ModelSpec {
         self.0.spec_for(Family::DeepseekV3)
-    }
-
-    /// Rotary tables.
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        self.0.rotary(raw, path, dtype, device)
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.

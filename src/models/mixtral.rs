@@ -2,12 +2,11 @@
 //! attention, softmax top-k routing with renormalised weights, experts under
 //! `block_sparse_moe.experts.{j}.w1/w3/w2`.
 
-use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{rope_parameters, Attention, AttentionShape, RopeStyle, Rotary, Weights};
+use super::common::{Attention, AttentionShape, RopeStyle, Weights};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
-use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
+use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
 use crate::error::Result;
 
@@ -79,26 +78,12 @@ impl Config {
             shared_expert_intermediate_size: 0,
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
+            rotary: RotarySpec {
+                dim: self.head_dim(),
+                style: RopeStyle::Half,
+                default_theta: 1e6,
+            },
         }
-    }
-
-    /// Rotary tables.
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        let rope = rope_parameters(raw, path, 1e6)?;
-        Rotary::new(
-            self.head_dim(),
-            &rope,
-            self.max_position_embeddings,
-            RopeStyle::Half,
-            dtype,
-            device,
-        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.

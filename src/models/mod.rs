@@ -19,7 +19,7 @@ use crate::checkpoint::experts::ExpertLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{CompressionRecord, COMPRESSION_KEY};
-use common::{Attention, GatedMlp, Linear, RmsNorm, Rotary, Weights};
+use common::{Attention, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights};
 use moe::{MoeBlock, MoeObserver};
 
 /// The supported model families, by `config.json`'s `model_type`.
@@ -88,6 +88,19 @@ pub struct ModelSpec {
     pub tie_word_embeddings: bool,
     /// Maximum positions the rotary table covers.
     pub max_positions: usize,
+    /// How rotary embeddings are laid out.
+    pub rotary: RotarySpec,
+}
+
+/// The rotary-embedding layout of a family (the base and scaling come from `config.json`).
+#[derive(Debug, Clone, Copy)]
+pub struct RotarySpec {
+    /// Rotary dimensions per head.
+    pub dim: usize,
+    /// How dimensions are paired.
+    pub style: RopeStyle,
+    /// Base θ when the config names none.
+    pub default_theta: f64,
 }
 
 impl ModelSpec {
@@ -244,6 +257,16 @@ impl ArchConfig {
     }
 
     fn validate(&self, path: &std::path::Path) -> Result<()> {
+        if let Self::Olmoe(olmoe::Config {
+            clip_qkv: Some(clip),
+            ..
+        }) = self
+        {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!("clip_qkv = {clip} is not supported yet (only null)"),
+            });
+        }
         let spec = self.spec();
         let bad = |message: String| {
             Err(Error::Config {
@@ -279,16 +302,18 @@ impl ArchConfig {
 
     /// Rotary tables for this model.
     pub fn rotary(&self, checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Rotary> {
-        let path = checkpoint.config_path();
-        let config = checkpoint.config();
-        match self {
-            Self::Mixtral(c) => c.rotary(config, &path, dtype, device),
-            Self::Qwen2Moe(c) => c.rotary(config, &path, dtype, device),
-            Self::Qwen3Moe(c) => c.rotary(config, &path, dtype, device),
-            Self::Olmoe(c) => c.rotary(config, &path, dtype, device),
-            Self::DeepseekV2(c) => c.rotary(config, &path, dtype, device),
-            Self::DeepseekV3(c) => c.rotary(config, &path, dtype, device),
-        }
+        let spec = self.spec();
+        let RotarySpec {
+            dim,
+            style,
+            default_theta,
+        } = spec.rotary;
+        let rope = common::rope_parameters(
+            checkpoint.config(),
+            &checkpoint.config_path(),
+            default_theta,
+        )?;
+        Rotary::new(dim, &rope, spec.max_positions, style, dtype, device)
     }
 
     /// Loads decoder layer `index` (its routed experts via `experts`).

@@ -1,17 +1,14 @@
 //! OLMoE (`model_type: olmoe`), after transformers' `modeling_olmoe.py`: q/k RMSNorm over the
 //! full projection width, softmax top-k routing (`norm_topk_prob`), no shared experts.
 
-use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{
-    rope_parameters, Attention, AttentionShape, QkNorm, RopeStyle, Rotary, Weights,
-};
+use super::common::{Attention, AttentionShape, QkNorm, RopeStyle, Weights};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
-use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
+use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// OLMoE's `config.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,32 +75,12 @@ impl Config {
             shared_expert_intermediate_size: 0,
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
+            rotary: RotarySpec {
+                dim: self.head_dim(),
+                style: RopeStyle::Half,
+                default_theta: 1e4,
+            },
         }
-    }
-
-    /// Rotary tables.
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        if let Some(clip) = self.clip_qkv {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: format!("clip_qkv = {clip} is not supported yet (only null)"),
-            });
-        }
-        let rope = rope_parameters(raw, path, 1e4)?;
-        Rotary::new(
-            self.head_dim(),
-            &rope,
-            self.max_position_embeddings,
-            RopeStyle::Half,
-            dtype,
-            device,
-        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.

@@ -1,16 +1,13 @@
 //! Qwen2-MoE (`model_type: qwen2_moe`), after transformers' `modeling_qwen2_moe.py`: q/k/v bias,
 //! softmax top-k routing (`norm_topk_prob`), one shared expert scaled by a sigmoid gate.
 
-use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{
-    rope_parameters, Attention, AttentionShape, GatedMlp, RopeStyle, Rotary, Weights,
-};
+use super::common::{Attention, AttentionShape, GatedMlp, RopeStyle, Weights};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
 use super::qwen3_moe::{is_sparse, one};
-use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
+use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
 use crate::error::Result;
 
@@ -103,26 +100,12 @@ impl Config {
             shared_expert_intermediate_size: self.shared_expert_intermediate_size,
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
+            rotary: RotarySpec {
+                dim: self.head_dim(),
+                style: RopeStyle::Half,
+                default_theta: 1e6,
+            },
         }
-    }
-
-    /// Rotary tables.
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        let rope = rope_parameters(raw, path, 1e6)?;
-        Rotary::new(
-            self.head_dim(),
-            &rope,
-            self.max_position_embeddings,
-            RopeStyle::Half,
-            dtype,
-            device,
-        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.

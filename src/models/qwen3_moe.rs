@@ -2,15 +2,12 @@
 //! q/k RMSNorm, softmax top-k routing (`norm_topk_prob`), `mlp_only_layers` and
 //! `decoder_sparse_step` for dense layers, no shared experts.
 
-use candle_core::{DType, Device};
 use serde::Deserialize;
 
-use super::common::{
-    rope_parameters, Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Rotary, Weights,
-};
+use super::common::{Attention, AttentionShape, GatedMlp, QkNorm, RopeStyle, Weights};
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{Expert, MoeBlock, Router, RoutingRule};
-use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec};
+use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
 use crate::error::Result;
 
@@ -109,26 +106,12 @@ impl Config {
             shared_expert_intermediate_size: 0,
             tie_word_embeddings: self.tie_word_embeddings,
             max_positions: self.max_position_embeddings,
+            rotary: RotarySpec {
+                dim: self.head_dim(),
+                style: RopeStyle::Half,
+                default_theta: 1e6,
+            },
         }
-    }
-
-    /// Rotary tables.
-    pub fn rotary(
-        &self,
-        raw: &serde_json::Value,
-        path: &std::path::Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rotary> {
-        let rope = rope_parameters(raw, path, 1e6)?;
-        Rotary::new(
-            self.head_dim(),
-            &rope,
-            self.max_position_embeddings,
-            RopeStyle::Half,
-            dtype,
-            device,
-        )
     }
 
     /// Loads decoder layer `i` around its already-loaded routed experts.
