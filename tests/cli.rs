@@ -159,15 +159,10 @@ fn logits_command_reproduces_reference() {
         "router_logits.1",
         "router_logits.2",
     ] {
-        let diff = (&got[name] - &reference[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() <= 1e-4, "{name}");
+        assert!(
+            common::max_abs_diff(&got[name], &reference[name]) <= 1e-4,
+            "{name}"
+        );
     }
 }
 

@@ -75,15 +75,7 @@ fn divergence(original: &Path, compressed: &Path) -> (f64, f32) {
         .sum(D::Minus1)
         .unwrap();
     let mean_kl = kl.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let max_err = (&p_logits - &q_logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    (mean_kl, max_err.to_scalar::<f32>().unwrap())
+    (mean_kl, common::max_abs_diff(&p_logits, &q_logits))
 }
 
 #[test]
@@ -194,16 +186,10 @@ fn dense_export_matches_factored_model_and_keeps_names() {
             .unwrap()
             .logits
     };
-    let diff = (logits(&tmp.path().join("factored")) - logits(&tmp.path().join("dense")))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &logits(&tmp.path().join("factored")),
+        &logits(&tmp.path().join("dense")),
+    );
     assert!(diff <= 1e-4, "factored vs dense export differ by {diff}");
 }
 

@@ -1,33 +1,17 @@
 //! Every supported family reproduces transformers 5.17's logits and router logits on the tiny
 //! fixtures (`tests/fixtures/tiny-*/reference.safetensors`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, max_abs_diff};
+
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::{self, Checkpoint};
 use rfid_moe::models::Model;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Runs the fixture and returns (max |Δlogits|, max |Δrouter logits| over layers, router layers compared).
 fn parity(name: &str) -> (f32, f32, usize) {

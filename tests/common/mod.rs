@@ -48,3 +48,18 @@ pub fn write_safetensors_raw(path: &Path, header: &serde_json::Value, data: &[u8
     out.extend_from_slice(data);
     std::fs::write(path, out).unwrap();
 }
+
+/// Largest absolute elementwise difference of two same-shaped f32 tensors.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
