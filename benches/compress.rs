@@ -6,9 +6,10 @@
 use std::time::Instant;
 
 use faer::Mat;
-use rfid_moe::allocation::{allocate_ranks, budget_for_ratio, GroupShape};
-use rfid_moe::factorize::{BasisFactorizer, Factorizer, SvdFactorizer};
+use rfid_moe::linalg::CpuBackend;
 use rfid_moe::linalg::{stack_rows, whitening_factor};
+use rfid_moe::pipeline::allocate::{allocate_ranks, budget_for_ratio, GroupShape};
+use rfid_moe::pipeline::factor::{BasisFactorizer, Factorizer, SvdFactorizer};
 
 const P: usize = 768;
 const D: usize = 2048;
@@ -61,7 +62,7 @@ fn main() {
     let inputs = random_matrix(4096, D, 99);
     let gram = inputs.transpose() * &inputs;
     let whitening = whitening_factor(&gram, 1e-4).expect("positive definite");
-    let factorizers: Vec<(&str, Box<dyn Factorizer>, bool)> = vec![
+    let factorizers: Vec<(&str, Box<dyn Factorizer<CpuBackend>>, bool)> = vec![
         ("svd", Box::new(SvdFactorizer), false),
         ("svd + whiten", Box::new(SvdFactorizer), true),
         (
@@ -78,7 +79,7 @@ fn main() {
         let started = Instant::now();
         for (g, w) in stacked.iter().enumerate() {
             factorizer
-                .factor(w, ranks[g].rank, whiten.then_some(&whitening))
+                .factor(&CpuBackend, w, ranks[g].rank, whiten.then_some(&whitening))
                 .expect("factorisation");
         }
         let seconds = started.elapsed().as_secs_f64();

@@ -7,16 +7,17 @@ fn main() -> anyhow::Result<()> {
     let out = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "/tmp/mini-rfid-example".into());
-    let report = compress(&CompressOptions {
+    let mut options = CompressOptions {
         model: "models/mini-moe-docs".into(),
-        calibration: "models/mini-moe-docs/calibration.txt".into(),
-        out: Some(out.into()),
-        ratio: 0.4,
-        samples: 32,
-        seq_len: 256,
-        force: true,
         ..CompressOptions::default()
-    })?;
+    };
+    options.calibration.data = "models/mini-moe-docs/calibration.txt".into();
+    options.calibration.samples = 32;
+    options.calibration.seq_len = 256;
+    options.allocation.ratio = 0.4;
+    options.output.out = Some(out.into());
+    options.output.force = true;
+    let report = compress(&options)?;
     println!("{}", report.table());
     Ok(())
 }

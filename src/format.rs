@@ -8,16 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Key of the compression section in `config.json`.
 pub const COMPRESSION_KEY: &str = "compression";
 
-/// How a group basis is applied at inference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BasisActivation {
-    /// `Ŵ_i = A_i B_g` (SVD factoriser).
-    #[default]
-    Identity,
-    /// `Ŵ_i = A_i SiLU(B_g)` (MoBE-style basis factoriser).
-    Silu,
-}
+pub use crate::pipeline::factor::BasisActivation;
 
 /// One group of experts sharing a basis for one matrix type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

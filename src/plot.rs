@@ -5,8 +5,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::compress::LayerReport;
 use crate::error::{Error, Result};
+use crate::pipeline::LayerReport;
 use crate::sweep::SweepReport;
 
 /// DejaVu Sans (see `assets/DejaVuSans-LICENSE.txt`), bundled so charts render without system fonts.

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::allocation::Allocation;
-use crate::compress::{compress, parse_device, CompressOptions};
 use crate::error::{Error, Result};
 use crate::eval::{divergence, perplexity, EvalModel, EvalOptions};
+use crate::pipeline::allocate::Allocation;
+use crate::pipeline::{compress_with_progress, parse_device, CompressOptions, OutputOptions};
+use crate::progress::Progress;
 
 /// One configuration of the sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -126,35 +127,38 @@ pub fn sweep(
     text: &std::path::Path,
     eval_options: &EvalOptions,
     work_dir: &std::path::Path,
+    progress: &dyn Progress,
 ) -> Result<SweepReport> {
     let device = parse_device(&base.device)?;
     std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
     let original = EvalModel::load(&base.model, DType::F32, &device)?;
     let tokens = original.tokenize_file(text)?;
     let original_ppl = perplexity(&original.model, &tokens, eval_options)?;
-    if !base.quiet {
-        eprintln!(
+    progress.message(
+        "sweep",
+        &format!(
             "original: PPL {:.4} over {} tokens",
             original_ppl.perplexity, original_ppl.tokens_scored
-        );
-    }
+        ),
+    );
     let mut rows = Vec::new();
     for (i, point) in points.iter().enumerate() {
         let out = work_dir.join(format!("point-{i:03}"));
-        let options = CompressOptions {
-            ratio: point.ratio,
-            allocation: point.allocation,
-            group_size: point.group_size,
-            residual: point.residual,
-            whiten: point.whiten,
+        let mut options = base.clone();
+        options.allocation.ratio = point.ratio;
+        options.allocation.policy = point.allocation;
+        options.allocation.residual = point.residual;
+        options.calibration.group_size = point.group_size;
+        options.calibration.statistics_cache =
+            Some(work_dir.join("calibration-statistics.safetensors"));
+        options.factorization.whiten = point.whiten;
+        options.output = OutputOptions {
             out: Some(out.clone()),
+            export_dense: None,
             force: true,
             dry_run: false,
-            export_dense: None,
-            statistics_cache: Some(work_dir.join("calibration-statistics.safetensors")),
-            ..base.clone()
         };
-        let report = compress(&options)?;
+        let report = compress_with_progress(&options, progress)?;
         let candidate = EvalModel::load(&out, DType::F32, &device)?;
         let measured = divergence(&original.model, &candidate.model, &tokens, eval_options)?;
         let groups: Vec<_> = report
@@ -187,8 +191,9 @@ pub fn sweep(
             ),
             compress_seconds: report.seconds,
         };
-        if !base.quiet {
-            eprintln!(
+        progress.message(
+            "sweep",
+            &format!(
                 "[{}/{}] ρ={} {}: PPL {:.4}, KL {:.4}, reduction {:.4}",
                 i + 1,
                 points.len(),
@@ -197,8 +202,8 @@ pub fn sweep(
                 row.perplexity,
                 row.mean_kl,
                 row.targeted_reduction
-            );
-        }
+            ),
+        );
         rows.push(row);
         let _ = std::fs::remove_dir_all(&out);
     }

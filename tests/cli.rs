@@ -258,7 +258,7 @@ fn compress_reads_a_config_file_and_flags_win() {
     std::fs::write(
         &config,
         format!(
-            "model = {:?}\ncalibration = {:?}\nratio = 0.3\ngroup_size = 2\nsamples = 4\nseq_len = 64\nwhiten = false\n",
+            "model = {:?}\n[calibration]\ndata = {:?}\ngroup_size = 2\nsamples = 4\nseq_len = 64\n[allocation]\nratio = 0.3\n[factorization]\nwhiten = false\n",
             model.to_str().unwrap(),
             model.join("calibration.txt").to_str().unwrap()
         ),
@@ -281,24 +281,27 @@ fn compress_reads_a_config_file_and_flags_win() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(
-        report["options"]["ratio"], 0.5,
+        report["options"]["allocation"]["ratio"], 0.5,
         "the flag wins over the file"
     );
     assert_eq!(
-        report["options"]["group_size"], 2,
+        report["options"]["calibration"]["group_size"], 2,
         "the file's value is kept"
     );
-    assert_eq!(report["options"]["whiten"], false);
+    assert_eq!(report["options"]["factorization"]["whiten"], false);
     let groups = report["layers"][0]["matrices"]["gate_proj"]
         .as_array()
         .unwrap();
     assert_eq!(groups.len(), 8, "16 experts in groups of 2");
-    // The resolved configuration is saved with the output and repeats the run.
+    // The resolved configuration is saved with the output and reads back as the same options.
     let saved = std::fs::read_to_string(out.join("compress.toml")).unwrap();
-    assert!(
-        saved.contains("ratio = 0.5") && saved.contains("group_size = 2"),
+    let saved: toml::Value = toml::from_str(&saved).unwrap();
+    assert_eq!(
+        saved["allocation"]["ratio"].as_float(),
+        Some(0.5),
         "{saved}"
     );
+    assert_eq!(saved["calibration"]["group_size"].as_integer(), Some(2));
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["compression"]["method"], "rfid-moe");

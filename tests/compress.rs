@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use rfid_moe::allocation::Allocation;
 use rfid_moe::checkpoint::Checkpoint;
-use rfid_moe::compress::{CompressOptions, Report};
 use rfid_moe::models::Model;
+use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::{BudgetScope, CompressOptions, Report};
 
 const FAMILIES: [&str; 6] = [
     "tiny-mixtral",
@@ -40,17 +40,17 @@ fn calibration_file(dir: &Path, vocab: u32, windows: usize, seq: usize) -> PathB
 }
 
 fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
-    CompressOptions {
+    let mut options = CompressOptions {
         model: model.to_path_buf(),
-        calibration: calibration.to_path_buf(),
-        out: Some(out.to_path_buf()),
-        ratio,
-        samples: 16,
-        seq_len: 32,
-        batch_size: 4,
-        quiet: true,
         ..CompressOptions::default()
-    }
+    };
+    options.calibration.data = calibration.to_path_buf();
+    options.calibration.samples = 16;
+    options.calibration.seq_len = 32;
+    options.calibration.batch_size = 4;
+    options.allocation.ratio = ratio;
+    options.output.out = Some(out.to_path_buf());
+    options
 }
 
 /// Mean per-token KL(original ‖ compressed) and max |Δlogit| on the reference inputs.
@@ -138,9 +138,9 @@ fn whitening_lowers_output_error_on_calibration_activations() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut plain = options(&source, &calibration, &tmp.path().join("plain"), 0.4);
-    plain.whiten = false;
+    plain.factorization.whiten = false;
     let mut whitened = options(&source, &calibration, &tmp.path().join("whitened"), 0.4);
-    whitened.whiten = true;
+    whitened.factorization.whiten = true;
     let plain = rfid_moe::compress(&plain).unwrap();
     let whitened = rfid_moe::compress(&whitened).unwrap();
     let (e_plain, e_white) = (
@@ -157,9 +157,9 @@ fn dense_export_matches_factored_model_and_keeps_names() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut opts = options(&source, &calibration, &tmp.path().join("factored"), 0.4);
-    opts.factor_dtype = "f32".into();
-    opts.residual = true;
-    opts.export_dense = Some(tmp.path().join("dense"));
+    opts.factorization.factor_dtype = "f32".into();
+    opts.allocation.residual = true;
+    opts.output.export_dense = Some(tmp.path().join("dense"));
     rfid_moe::compress(&opts).unwrap();
     let original = Checkpoint::open(&source).unwrap();
     let dense = Checkpoint::open(tmp.path().join("dense")).unwrap();
@@ -217,7 +217,7 @@ fn output_is_refused_if_it_exists_and_input_is_never_overwritten() {
         .to_string();
     assert!(error.contains("overwrite the input"), "{error}");
     let mut forced = options(&source, &calibration, &out, 0.4);
-    forced.force = true;
+    forced.output.force = true;
     rfid_moe::compress(&forced).unwrap();
     assert!(!out.join("keep.txt").exists() && out.join("config.json").exists());
     // No temporary directories are left behind.
@@ -235,7 +235,7 @@ fn dry_run_writes_nothing_and_previews_the_same_ranks() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut dry = options(&source, &calibration, &tmp.path().join("dry"), 0.4);
-    dry.dry_run = true;
+    dry.output.dry_run = true;
     let preview = rfid_moe::compress(&dry).unwrap();
     assert!(!tmp.path().join("dry").exists());
     let real = rfid_moe::compress(&options(
@@ -261,7 +261,7 @@ fn routing_counts_sum_to_tokens_times_top_k() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut dry = options(&source, &calibration, &tmp.path().join("x"), 0.4);
-    dry.dry_run = true;
+    dry.output.dry_run = true;
     let report = rfid_moe::compress(&dry).unwrap();
     for layer in &report.layers {
         let total: u64 = layer.routing_counts.iter().sum();
@@ -283,8 +283,8 @@ fn allocation_policies_spend_the_same_budget() {
         Allocation::Rfid,
     ] {
         let mut opts = options(&source, &calibration, &tmp.path().join("x"), 0.4);
-        opts.allocation = allocation;
-        opts.dry_run = true;
+        opts.allocation.policy = allocation;
+        opts.output.dry_run = true;
         let report = rfid_moe::compress(&opts).unwrap();
         assert!(
             (report.targeted_reduction - 0.4).abs() <= 0.005,
@@ -301,11 +301,11 @@ fn cached_statistics_reproduce_the_same_compression() {
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let cache = tmp.path().join("stats.safetensors");
     let mut first = options(&source, &calibration, &tmp.path().join("a"), 0.4);
-    first.statistics_cache = Some(cache.clone());
+    first.calibration.statistics_cache = Some(cache.clone());
     let a = rfid_moe::compress(&first).unwrap();
     assert!(cache.exists());
     let mut second = options(&source, &calibration, &tmp.path().join("b"), 0.4);
-    second.statistics_cache = Some(cache.clone());
+    second.calibration.statistics_cache = Some(cache.clone());
     let b = rfid_moe::compress(&second).unwrap();
     for (la, lb) in a.layers.iter().zip(&b.layers) {
         assert_eq!(la.routing_counts, lb.routing_counts);
@@ -322,8 +322,8 @@ fn cached_statistics_reproduce_the_same_compression() {
     // Different calibration data must not reuse the cache.
     let other = calibration_file(&tmp.path().join("other").tap_mkdir(), 256, 8, 32);
     let mut third = options(&source, &other, &tmp.path().join("c"), 0.4);
-    third.samples = 8;
-    third.statistics_cache = Some(cache);
+    third.calibration.samples = 8;
+    third.calibration.statistics_cache = Some(cache);
     let c = rfid_moe::compress(&third).unwrap();
     let total: u64 = c.layers[0].routing_counts.iter().sum();
     assert_eq!(total, 8 * 32 * 4);
@@ -346,7 +346,7 @@ fn model_scope_budget_is_met_across_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut opts = options(&source, &calibration, &tmp.path().join("model-scope"), 0.4);
-    opts.budget_scope = rfid_moe::compress::BudgetScope::Model;
+    opts.allocation.budget_scope = BudgetScope::Model;
     let report = rfid_moe::compress(&opts).unwrap();
     // One budget for all layers: the granularity is one rank of one group over the whole model.
     assert!(

@@ -8,10 +8,6 @@ use candle_core::{DType, Device, Tensor};
 use rfid_moe::eval::{self, EvalModel, EvalOptions, EvalPlan, MultipleChoiceItem};
 use rfid_moe::text;
 
-const TINY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/models/tiny-moe-docs"
-);
 const MINI: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mini-moe-docs");
 
 fn data(name: &str) -> PathBuf {
@@ -58,11 +54,6 @@ fn reproduces_readme(dir: &str, windows: usize, tokens: usize, perplexity: f64) 
 }
 
 #[test]
-fn tiny_moe_docs_reproduces_reference_perplexity() {
-    reproduces_readme(TINY, 118, 60_298, 29.0841);
-}
-
-#[test]
 #[ignore = "about 50 s on 2 cores; run with `cargo test --test eval -- --ignored`"]
 fn mini_moe_docs_reproduces_reference_perplexity() {
     reproduces_readme(MINI, 274, 140_014, 32.7354);
@@ -70,9 +61,9 @@ fn mini_moe_docs_reproduces_reference_perplexity() {
 
 #[test]
 fn joined_and_per_document_tokenization_agree() {
-    let tokenizer = text::load_tokenizer(Path::new(TINY)).unwrap();
+    let tokenizer = text::load_tokenizer(Path::new(MINI)).unwrap();
     let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap(),
+        &std::fs::read_to_string(Path::new(MINI).join("config.json")).unwrap(),
     )
     .unwrap();
     let eos = text::end_of_text_id(&tokenizer, &config).unwrap();
@@ -80,8 +71,8 @@ fn joined_and_per_document_tokenization_agree() {
         tokenizer.id_to_token(eos).as_deref(),
         Some(text::END_OF_TEXT)
     );
-    let documents = text::read_documents(&Path::new(TINY).join("test.txt")).unwrap();
-    assert_eq!(documents.len(), 561);
+    let documents = text::read_documents(&Path::new(MINI).join("test.txt")).unwrap();
+    assert!(documents.len() > 100, "{} documents", documents.len());
     let stream = text::tokenize_documents(&tokenizer, &documents, eos).unwrap();
     let joined: String = documents
         .iter()

@@ -7,11 +7,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
-use rfid_moe::allocation::Allocation;
 use rfid_moe::checkpoint::{self, writer, Checkpoint};
-use rfid_moe::compress::{BudgetScope, CompressOptions, FactorizerKind};
 use rfid_moe::eval::{evaluate, EvalModel, EvalOptions, EvalPlan};
 use rfid_moe::models::Model;
+use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::{BudgetScope, CompressOptions, FactorizerKind};
+use rfid_moe::progress::Progress;
 
 #[derive(Parser)]
 #[command(
@@ -170,43 +171,49 @@ impl CompressArgs {
             }
             None => CompressOptions::default(),
         };
-        macro_rules! take {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { options.$field = v.clone(); } )* };
+        fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
+            if let Some(value) = flag {
+                *target = value.clone();
+            }
         }
-        take!(
-            model,
-            calibration,
-            ratio,
-            group_size,
-            xi,
-            allocation,
-            budget_scope,
-            factorizer,
-            fit_steps,
-            whiten,
-            residual,
-            residual_fraction,
-            dense_fallback,
-            samples,
-            seq_len,
-            seed,
-            batch_size,
-            factor_dtype
-        );
+        set(&mut options.model, &self.model);
+        set(&mut options.device, &self.device);
+        let calibration = &mut options.calibration;
+        set(&mut calibration.data, &self.calibration);
+        set(&mut calibration.samples, &self.samples);
+        set(&mut calibration.seq_len, &self.seq_len);
+        set(&mut calibration.seed, &self.seed);
+        set(&mut calibration.batch_size, &self.batch_size);
+        set(&mut calibration.group_size, &self.group_size);
+        let allocation = &mut options.allocation;
+        set(&mut allocation.ratio, &self.ratio);
+        set(&mut allocation.xi, &self.xi);
+        set(&mut allocation.policy, &self.allocation);
+        set(&mut allocation.budget_scope, &self.budget_scope);
+        set(&mut allocation.dense_fallback, &self.dense_fallback);
+        set(&mut allocation.residual, &self.residual);
+        set(&mut allocation.residual_fraction, &self.residual_fraction);
+        let factorization = &mut options.factorization;
+        set(&mut factorization.factorizer, &self.factorizer);
+        set(&mut factorization.fit_steps, &self.fit_steps);
+        set(&mut factorization.whiten, &self.whiten);
+        set(&mut factorization.factor_dtype, &self.factor_dtype);
+        let output = &mut options.output;
         if self.out.is_some() {
-            options.out = self.out.clone();
+            output.out = self.out.clone();
         }
         if self.export_dense.is_some() {
-            options.export_dense = self.export_dense.clone();
+            output.export_dense = self.export_dense.clone();
         }
-        options.force |= self.force;
-        options.dry_run |= self.dry_run;
-        options.quiet |= self.quiet;
+        output.force |= self.force;
+        output.dry_run |= self.dry_run;
         if options.model.as_os_str().is_empty() {
             bail!("--model is required (flag or `model` in --config)");
         }
-        if options.calibration.as_os_str().is_empty() {
-            bail!("--calibration is required (flag or `calibration` in --config)");
+        if options.calibration.data.as_os_str().is_empty() {
+            bail!(
+                "--calibration is required (flag or `data` in the [calibration] table of --config)"
+            );
         }
         Ok(options)
     }
@@ -326,8 +333,24 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn device(&self) -> Result<Device> {
-        Ok(rfid_moe::compress::parse_device(&self.device)?)
+        Ok(rfid_moe::pipeline::parse_device(&self.device)?)
     }
+}
+
+/// Prints progress messages to stderr (bars arrive with the CLI crate).
+struct Messages {
+    quiet: bool,
+}
+
+impl Progress for Messages {
+    fn start(&self, _task: &str, _total: u64) {}
+    fn advance(&self, _task: &str, _by: u64) {}
+    fn message(&self, task: &str, text: &str) {
+        if !self.quiet && task == "sweep" {
+            eprintln!("{text}");
+        }
+    }
+    fn finish(&self, _task: &str) {}
 }
 
 /// Makes glibc serve large buffers with mmap and return them on free. By default glibc raises its
@@ -355,7 +378,7 @@ fn plot_compression(model: &std::path::Path, dir: &std::path::Path) -> Result<()
             model.display()
         );
     }
-    let layers = rfid_moe::compress::read_layer_reports(model)?;
+    let layers = rfid_moe::pipeline::read_layer_reports(model)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let frequency = dir.join("routing_frequency.png");
     rfid_moe::plot::routing_frequency_heatmap(&frequency, &layers)?;
@@ -387,7 +410,8 @@ fn main() -> Result<()> {
         }
         Command::Compress(args) => {
             let options = args.resolve()?;
-            let report = rfid_moe::compress(&options)?;
+            let report =
+                rfid_moe::compress_with_progress(&options, &Messages { quiet: args.quiet })?;
             println!("{}", report.table());
             if let Some(path) = &args.json {
                 writer::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
@@ -451,20 +475,19 @@ fn main() -> Result<()> {
                 "rfid-whiten" => vec![(Allocation::Rfid, 4, false, true)],
                 other => bail!("--grid `{other}`: expected reference, full or rfid-whiten"),
             };
-            let base = CompressOptions {
+            let mut base = CompressOptions {
                 model: args.model.clone(),
-                calibration: args.calibration.clone(),
-                samples: args.samples,
-                seq_len: args.seq_len,
-                xi: args.xi,
-                dense_fallback: args.dense_fallback,
-                budget_scope: args.budget_scope,
-                factor_dtype: args.factor_dtype.clone(),
-                batch_size: args.batch_size,
                 device: args.device.device.clone(),
-                quiet: args.quiet,
                 ..CompressOptions::default()
             };
+            base.calibration.data = args.calibration.clone();
+            base.calibration.samples = args.samples;
+            base.calibration.seq_len = args.seq_len;
+            base.calibration.batch_size = args.batch_size;
+            base.allocation.xi = args.xi;
+            base.allocation.dense_fallback = args.dense_fallback;
+            base.allocation.budget_scope = args.budget_scope;
+            base.factorization.factor_dtype = args.factor_dtype.clone();
             let eval_options = EvalOptions {
                 seq_len: args.eval_seq_len,
                 batch_size: args.batch_size,
@@ -476,8 +499,14 @@ fn main() -> Result<()> {
                 .map(|(a, k, r, w)| (a, if k == 1 { 1 } else { args.group_size }, r, w))
                 .collect();
             let points = rfid_moe::sweep::grid(&args.ratios, &columns);
-            let report =
-                rfid_moe::sweep::sweep(&base, &points, &args.text, &eval_options, &args.work_dir)?;
+            let report = rfid_moe::sweep::sweep(
+                &base,
+                &points,
+                &args.text,
+                &eval_options,
+                &args.work_dir,
+                &Messages { quiet: args.quiet },
+            )?;
             let markdown = report.markdown();
             println!("{markdown}");
             if let Some(path) = &args.markdown {

@@ -1,26 +1,43 @@
-//! Group factorisation (method.md §4): a stacked group `W_g` (`k·p × d`) becomes per-expert
-//! coefficients `A` (`k·p × K`) and one shared basis `B` (`K × d`).
+//! The factor stage (method.md §4): a stacked group `W_g` (`k·p × d`) becomes per-expert
+//! coefficients `A` (`k·p × K`) and one shared basis `B` (`K × d`), through the linear-algebra
+//! backend; [`factor_layer`] turns a layer's [`RankPlan`](super::allocate::RankPlan) into a
+//! [`FactoredLayer`] of tensors ready to write.
 //!
 //! Two factorisers share the [`Factorizer`] trait: [`SvdFactorizer`] (closed-form truncated
 //! SVD, optionally activation-aware) and [`BasisFactorizer`] (MoBE-style `Ŵ = A·SiLU(B)`
-//! fitted with Adam from an SVD initialisation).
+//! fitted with Adam from an SVD initialisation, on the host).
 
 use faer::Mat;
+use serde::{Deserialize, Serialize};
 
-use crate::format::BasisActivation;
-use crate::linalg::{frobenius_norm, leading_right_singular_vectors};
+use crate::linalg::{frobenius_norm, CpuBackend, LinalgBackend};
 use crate::{Error, Result};
 
-/// Factors of one group: `Ŵ_g = coefficients · act(basis)`.
-#[derive(Debug, Clone)]
-pub struct GroupFactors {
-    /// `(k·p) × K`; the rows of expert `i` (in group order) are `i·p .. (i+1)·p`.
-    pub coefficients: Mat<f64>,
-    /// `K × d`, stored raw (before the activation); for the basis factoriser `Ŵ = A·SiLU(B)`.
-    pub basis: Mat<f64>,
+mod layer;
+
+pub use layer::{factor_layer, FactorSettings, FactoredGroup, FactoredLayer, FactoredMatrix};
+
+/// How a group basis is applied at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisActivation {
+    /// `Ŵ_i = A_i B_g` (SVD factoriser).
+    #[default]
+    Identity,
+    /// `Ŵ_i = A_i SiLU(B_g)` (MoBE-style basis factoriser).
+    Silu,
 }
 
-impl GroupFactors {
+/// Factors of one group: `Ŵ_g = coefficients · act(basis)`, in a backend's matrix type.
+#[derive(Debug, Clone)]
+pub struct GroupFactors<M = Mat<f64>> {
+    /// `(k·p) × K`; the rows of expert `i` (in group order) are `i·p .. (i+1)·p`.
+    pub coefficients: M,
+    /// `K × d`, stored raw (before the activation); for the basis factoriser `Ŵ = A·SiLU(B)`.
+    pub basis: M,
+}
+
+impl GroupFactors<Mat<f64>> {
     /// Rank `K` of the factorisation.
     pub fn rank(&self) -> usize {
         self.basis.nrows()
@@ -35,8 +52,25 @@ impl GroupFactors {
     }
 }
 
-/// A way to factor a stacked group at a given rank.
-pub trait Factorizer: Send + Sync {
+impl<M> GroupFactors<M> {
+    /// The approximation `Ŵ_g = A · act(B)` computed by `backend`.
+    pub fn reconstruct_with<B: LinalgBackend<Matrix = M>>(
+        &self,
+        backend: &B,
+        activation: BasisActivation,
+    ) -> Result<M> {
+        match activation {
+            BasisActivation::Identity => backend.matmul(&self.coefficients, &self.basis),
+            BasisActivation::Silu => {
+                let basis = backend.from_host(&silu_mat(&backend.to_host(&self.basis)?))?;
+                backend.matmul(&self.coefficients, &basis)
+            }
+        }
+    }
+}
+
+/// A way to factor a stacked group at a given rank, with matrices of backend `B`.
+pub trait Factorizer<B: LinalgBackend>: Send + Sync {
     /// Short name used on the command line and in saved settings (`svd`, `basis`).
     fn name(&self) -> &'static str;
 
@@ -47,10 +81,11 @@ pub trait Factorizer: Send + Sync {
     /// `S Sᵀ` = input Gram + ridge) under whose metric `‖(W − Ŵ) S‖_F` is minimised.
     fn factor(
         &self,
-        stacked: &Mat<f64>,
+        backend: &B,
+        stacked: &B::Matrix,
         rank: usize,
-        whitening: Option<&Mat<f64>>,
-    ) -> Result<GroupFactors>;
+        whitening: Option<&B::Matrix>,
+    ) -> Result<GroupFactors<B::Matrix>>;
 }
 
 /// Relative Frobenius error `‖W − Ŵ‖_F / ‖W‖_F`.
@@ -68,20 +103,22 @@ pub fn relative_error(w: &Mat<f64>, w_hat: &Mat<f64>) -> f64 {
     diff / norm
 }
 
-fn check_inputs(stacked: &Mat<f64>, rank: usize, whitening: Option<&Mat<f64>>) -> Result<()> {
-    let (m, d) = (stacked.nrows(), stacked.ncols());
+fn check_inputs(
+    shape: (usize, usize),
+    rank: usize,
+    whitening: Option<(usize, usize)>,
+) -> Result<()> {
+    let (m, d) = shape;
     let max_rank = m.min(d);
     if rank == 0 || rank > max_rank {
         return Err(Error::InvalidArgument(format!(
             "rank {rank} is outside [1, {max_rank}] for a {m}×{d} group"
         )));
     }
-    if let Some(s) = whitening {
-        if (s.nrows(), s.ncols()) != (d, d) {
+    if let Some((rows, cols)) = whitening {
+        if (rows, cols) != (d, d) {
             return Err(Error::InvalidArgument(format!(
-                "whitening factor is {}×{}, expected {d}×{d} for a {m}×{d} group",
-                s.nrows(),
-                s.ncols()
+                "whitening factor is {rows}×{cols}, expected {d}×{d} for a {m}×{d} group"
             )));
         }
     }
@@ -92,49 +129,36 @@ fn check_inputs(stacked: &Mat<f64>, rank: usize, whitening: Option<&Mat<f64>>) -
 ///
 /// With a whitening factor `S`, the SVD is of `W S` and `B = V_Kᵀ S⁻¹` (a triangular solve),
 /// which minimises `‖(W − A B) S‖_F` over rank-`K` products (SVD-LLM).
-fn truncated_svd(
-    stacked: &Mat<f64>,
+fn truncated_svd<B: LinalgBackend>(
+    backend: &B,
+    stacked: &B::Matrix,
     rank: usize,
-    whitening: Option<&Mat<f64>>,
-) -> Result<(Mat<f64>, Mat<f64>)> {
+    whitening: Option<&B::Matrix>,
+) -> Result<(B::Matrix, B::Matrix)> {
     let target = match whitening {
-        Some(s) => stacked * s,
+        Some(s) => backend.matmul(stacked, s)?,
         None => stacked.clone(),
     };
     // A = U_K Σ_K = target · V_K, so only the leading right singular vectors are needed.
-    let v = leading_right_singular_vectors(&target, rank)?;
-    let coefficients = &target * &v;
+    let v = backend.leading_right_singular_vectors(&target, rank)?;
+    let coefficients = backend.matmul(&target, &v)?;
     let basis = match whitening {
-        None => v.transpose().to_owned(),
-        Some(s) => {
-            // Bᵀ = S⁻ᵀ V_K: solve the upper-triangular system Sᵀ Bᵀ = V_K.
-            let mut bt = v.clone();
-            s.transpose().solve_upper_triangular_in_place(bt.as_mut());
-            bt.transpose().to_owned()
-        }
+        None => backend.transpose(&v)?,
+        // Bᵀ = S⁻ᵀ V_K: solve the upper-triangular system Sᵀ Bᵀ = V_K.
+        Some(s) => backend.transpose(&backend.solve_lower_transposed(s, &v)?)?,
     };
-    check_finite(&basis, "SVD basis")?;
+    backend.check_finite(
+        &basis,
+        "SVD basis has non-finite entries; is the whitening factor singular?",
+    )?;
     Ok((coefficients, basis))
-}
-
-fn check_finite(a: &Mat<f64>, what: &str) -> Result<()> {
-    for j in 0..a.ncols() {
-        if a.col_as_slice(j).iter().any(|x| !x.is_finite()) {
-            return Err(Error::Numerical(format!(
-                "{what} ({}×{}) has non-finite entries; is the whitening factor singular?",
-                a.nrows(),
-                a.ncols()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Closed-form truncated SVD factoriser (`Ŵ_i = A_i B_g`), optionally activation-aware.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SvdFactorizer;
 
-impl Factorizer for SvdFactorizer {
+impl<B: LinalgBackend> Factorizer<B> for SvdFactorizer {
     fn name(&self) -> &'static str {
         "svd"
     }
@@ -145,12 +169,17 @@ impl Factorizer for SvdFactorizer {
 
     fn factor(
         &self,
-        stacked: &Mat<f64>,
+        backend: &B,
+        stacked: &B::Matrix,
         rank: usize,
-        whitening: Option<&Mat<f64>>,
-    ) -> Result<GroupFactors> {
-        check_inputs(stacked, rank, whitening)?;
-        let (coefficients, basis) = truncated_svd(stacked, rank, whitening)?;
+        whitening: Option<&B::Matrix>,
+    ) -> Result<GroupFactors<B::Matrix>> {
+        check_inputs(
+            backend.shape(stacked),
+            rank,
+            whitening.map(|s| backend.shape(s)),
+        )?;
+        let (coefficients, basis) = truncated_svd(backend, stacked, rank, whitening)?;
         Ok(GroupFactors {
             coefficients,
             basis,
@@ -209,7 +238,7 @@ pub struct BasisFitReport {
     pub best_step: usize,
 }
 
-impl Factorizer for BasisFactorizer {
+impl<B: LinalgBackend> Factorizer<B> for BasisFactorizer {
     fn name(&self) -> &'static str {
         "basis"
     }
@@ -220,12 +249,19 @@ impl Factorizer for BasisFactorizer {
 
     fn factor(
         &self,
-        stacked: &Mat<f64>,
+        backend: &B,
+        stacked: &B::Matrix,
         rank: usize,
-        whitening: Option<&Mat<f64>>,
-    ) -> Result<GroupFactors> {
-        self.fit(stacked, rank, whitening)
-            .map(|(factors, _)| factors)
+        whitening: Option<&B::Matrix>,
+    ) -> Result<GroupFactors<B::Matrix>> {
+        // The Adam fit runs on the host in f64.
+        let stacked = backend.to_host(stacked)?;
+        let whitening = whitening.map(|s| backend.to_host(s)).transpose()?;
+        let (factors, _) = self.fit(&stacked, rank, whitening.as_ref())?;
+        Ok(GroupFactors {
+            coefficients: backend.from_host(&factors.coefficients)?,
+            basis: backend.from_host(&factors.basis)?,
+        })
     }
 }
 
@@ -387,7 +423,11 @@ impl BasisFactorizer {
         rank: usize,
         whitening: Option<&Mat<f64>>,
     ) -> Result<(GroupFactors, BasisFitReport)> {
-        check_inputs(stacked, rank, whitening)?;
+        check_inputs(
+            (stacked.nrows(), stacked.ncols()),
+            rank,
+            whitening.map(|s| (s.nrows(), s.ncols())),
+        )?;
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "basis learning rate must be positive, got {}",
@@ -407,7 +447,7 @@ impl BasisFactorizer {
         };
         let target = map_mat(stacked, |x| x / scale);
 
-        let (mut a, linear) = truncated_svd(&target, rank, whitening)?;
+        let (mut a, linear) = truncated_svd(&CpuBackend, &target, rank, whitening)?;
         let mut linear = linear;
         for k in 0..rank {
             let peak = (0..linear.ncols())
@@ -557,7 +597,7 @@ mod tests {
     fn svd_full_rank_reconstructs_exactly() {
         let mut rng = TestRng::new(11);
         let w = rng.matrix(12, 8);
-        let f = SvdFactorizer.factor(&w, 8, None).unwrap();
+        let f = SvdFactorizer.factor(&CpuBackend, &w, 8, None).unwrap();
         assert_eq!((f.coefficients.nrows(), f.coefficients.ncols()), (12, 8));
         assert_eq!((f.basis.nrows(), f.basis.ncols()), (8, 8));
         assert!(relative_error(&w, &f.reconstruct(BasisActivation::Identity)) < 1e-9);
@@ -565,7 +605,7 @@ mod tests {
         // Whitened, full rank: B = Vᵀ S⁻¹ undoes S exactly.
         let x = rng.matrix(8, 40);
         let s = whitening_factor(&(&x * x.transpose()), 1e-4).unwrap();
-        let f = SvdFactorizer.factor(&w, 8, Some(&s)).unwrap();
+        let f = SvdFactorizer.factor(&CpuBackend, &w, 8, Some(&s)).unwrap();
         assert!(relative_error(&w, &f.reconstruct(BasisActivation::Identity)) < 1e-9);
     }
 
@@ -575,7 +615,7 @@ mod tests {
         let w = structured(&mut rng, 24, 16, 16);
         let sigma = singular_values(&w).unwrap();
         for rank in [1, 4, 9, 15] {
-            let f = SvdFactorizer.factor(&w, rank, None).unwrap();
+            let f = SvdFactorizer.factor(&CpuBackend, &w, rank, None).unwrap();
             assert_eq!(f.rank(), rank);
             let err = frobenius_norm(&(&w - f.reconstruct(BasisActivation::Identity)));
             let dropped: f64 = sigma[rank..].iter().map(|s| s * s).sum::<f64>().sqrt();
@@ -603,8 +643,10 @@ mod tests {
         let x = &mix * &x;
         let s = whitening_factor(&(&x * x.transpose()), 1e-6).unwrap();
         for rank in [2, 5, 10] {
-            let plain = SvdFactorizer.factor(&w, rank, None).unwrap();
-            let white = SvdFactorizer.factor(&w, rank, Some(&s)).unwrap();
+            let plain = SvdFactorizer.factor(&CpuBackend, &w, rank, None).unwrap();
+            let white = SvdFactorizer
+                .factor(&CpuBackend, &w, rank, Some(&s))
+                .unwrap();
             let err = |f: &GroupFactors| {
                 frobenius_norm(&((&w - f.reconstruct(BasisActivation::Identity)) * &x))
             };
@@ -622,17 +664,17 @@ mod tests {
     fn factor_rejects_bad_rank_and_whitening_shape() {
         let w = Mat::<f64>::identity(6, 4);
         assert!(matches!(
-            SvdFactorizer.factor(&w, 0, None),
+            SvdFactorizer.factor(&CpuBackend, &w, 0, None),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            SvdFactorizer.factor(&w, 5, None),
+            SvdFactorizer.factor(&CpuBackend, &w, 5, None),
             Err(Error::InvalidArgument(_))
         ));
         let s = Mat::<f64>::identity(6, 6);
-        assert!(SvdFactorizer.factor(&w, 2, Some(&s)).is_err());
+        assert!(SvdFactorizer.factor(&CpuBackend, &w, 2, Some(&s)).is_err());
         let basis = BasisFactorizer::default();
-        assert!(basis.factor(&w, 5, None).is_err());
+        assert!(basis.factor(&CpuBackend, &w, 5, None).is_err());
     }
 
     #[test]
@@ -676,12 +718,15 @@ mod tests {
         );
         // The initialisation reproduces the truncated SVD, and A·SiLU(B) has rank ≤ K, so
         // Eckart–Young bounds the fit from below as well.
-        let svd = SvdFactorizer.factor(&w, rank, None).unwrap();
+        let svd = SvdFactorizer.factor(&CpuBackend, &w, rank, None).unwrap();
         let svd_rel = relative_error(&w, &svd.reconstruct(BasisActivation::Identity));
         assert!((svd_rel * svd_rel - report.initial_loss).abs() < 1e-9);
         assert!(report.best_loss >= svd_rel * svd_rel * (1.0 - 1e-9));
-        assert_eq!(fitter.activation(), BasisActivation::Silu);
-        assert_eq!(fitter.name(), "basis");
+        assert_eq!(
+            Factorizer::<CpuBackend>::activation(&fitter),
+            BasisActivation::Silu
+        );
+        assert_eq!(Factorizer::<CpuBackend>::name(&fitter), "basis");
     }
 
     /// Central finite differences of the loss against the hand-coded gradients.
@@ -744,7 +789,7 @@ mod tests {
         let mut rng = TestRng::new(19);
         let w = structured(&mut rng, 32, 16, 16);
         let rank = 4;
-        let (a, linear) = truncated_svd(&w, rank, None).unwrap();
+        let (a, linear) = truncated_svd(&CpuBackend, &w, rank, None).unwrap();
         let optimum = frobenius_norm(&(&w - &a * &linear)).powi(2);
         let b = map_mat(&linear, silu_inverse);
         let noisy_b = &b + map_mat(&rng.matrix(rank, 16), |x| 0.1 * x);
@@ -785,7 +830,7 @@ mod tests {
         let (f, report) = fitter.fit(&w, 5, None).unwrap();
         assert_eq!(report.steps_run, 0);
         assert_eq!(report.best_loss, report.initial_loss);
-        let svd = SvdFactorizer.factor(&w, 5, None).unwrap();
+        let svd = SvdFactorizer.factor(&CpuBackend, &w, 5, None).unwrap();
         let a = f.reconstruct(BasisActivation::Silu);
         let b = svd.reconstruct(BasisActivation::Identity);
         assert!(relative_error(&b, &a) < 1e-9);
@@ -809,7 +854,7 @@ mod tests {
         };
         let (f, report) = fitter.fit(&w, 4, Some(&s)).unwrap();
         assert!(report.best_loss <= report.initial_loss, "{report:?}");
-        let svd = SvdFactorizer.factor(&w, 4, Some(&s)).unwrap();
+        let svd = SvdFactorizer.factor(&CpuBackend, &w, 4, Some(&s)).unwrap();
         let err = |w_hat: Mat<f64>| frobenius_norm(&((&w - w_hat) * &s)).powi(2);
         let reference = frobenius_norm(&(&w * &s)).powi(2);
         let svd_loss = err(svd.reconstruct(BasisActivation::Identity)) / reference;

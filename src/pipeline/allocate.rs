@@ -1,4 +1,5 @@
-//! Importance scores and rank allocation under a parameter budget (method.md §3).
+//! The allocate stage (method.md §3): importance scores and ranks under a parameter budget,
+//! from a layer's [`LayerAnalysis`] (or every layer's, with a model-wide budget) to a [`RankPlan`].
 //!
 //! A group of `k` experts, each a `p × d` matrix, factored at rank `K` stores `k` coefficient
 //! blocks `A_i` (`p × K`) and one basis `B_g` (`K × d`): `K·(k·p + d)` parameters against
@@ -8,7 +9,136 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::analyse::{normalize, LayerAnalysis};
+use super::options::AllocationOptions;
+use crate::checkpoint::experts::ExpertMatrix;
 use crate::{Error, Result};
+
+/// The ranks of one matrix type's groups in one layer, with the signals that chose them.
+#[derive(Debug, Clone)]
+pub struct MatrixPlan {
+    /// The matrix type.
+    pub matrix: ExpertMatrix,
+    /// Normalised density `E_g` the scores used.
+    pub density: Vec<f64>,
+    /// Fused score `C_g`.
+    pub scores: Vec<f64>,
+    /// Residual parameters reserved per group (0 without a residual).
+    pub reserved: Vec<usize>,
+    /// Rank or dense, per group.
+    pub allocations: Vec<GroupAllocation>,
+}
+
+/// The allocate stage's output for one layer.
+#[derive(Debug, Clone)]
+pub struct RankPlan {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Per targeted matrix type, in the analysis' order.
+    pub matrices: Vec<MatrixPlan>,
+}
+
+fn reserved_residual(options: &AllocationOptions, shapes: &[GroupShape]) -> Vec<usize> {
+    shapes
+        .iter()
+        .map(|s| {
+            if options.residual {
+                ((s.dense_params() as f64) * options.residual_fraction)
+                    .round()
+                    .max(1.0) as usize
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Scores and ranks for groups whose signals are already gathered (one layer, or the model).
+fn plan_groups(
+    options: &AllocationOptions,
+    matrix: ExpertMatrix,
+    effective_ranks: &[f64],
+    frequency: &[f64],
+    shapes: &[GroupShape],
+) -> Result<MatrixPlan> {
+    let density = normalize(effective_ranks);
+    let scores = importance_scores(options.policy, &density, frequency, options.xi);
+    let reserved = reserved_residual(options, shapes);
+    let budget = budget_for_ratio(shapes, options.ratio);
+    let allocations = allocate_ranks(shapes, &scores, budget, &reserved, options.dense_fallback)?;
+    Ok(MatrixPlan {
+        matrix,
+        density,
+        scores,
+        reserved,
+        allocations,
+    })
+}
+
+/// Allocates one layer's budget: each matrix type keeps `(1−ρ)` of its own parameters.
+pub fn allocate_layer(analysis: &LayerAnalysis, options: &AllocationOptions) -> Result<RankPlan> {
+    let matrices = analysis
+        .matrices
+        .iter()
+        .map(|m| {
+            plan_groups(
+                options,
+                m.matrix,
+                &m.effective_ranks,
+                &analysis.group_frequency,
+                &m.shapes,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RankPlan {
+        layer: analysis.layer,
+        matrices,
+    })
+}
+
+/// Allocates one budget per matrix type over all layers (`--budget-scope model`): densities are
+/// normalised over every group of the model and frequencies divided by the number of layers, so
+/// layers compete for `(1−ρ)` of all their parameters.
+pub fn allocate_model(
+    analyses: &[LayerAnalysis],
+    options: &AllocationOptions,
+) -> Result<Vec<RankPlan>> {
+    let layers = analyses.len().max(1) as f64;
+    let mut plans: Vec<RankPlan> = analyses
+        .iter()
+        .map(|a| RankPlan {
+            layer: a.layer,
+            matrices: Vec::new(),
+        })
+        .collect();
+    let Some(first) = analyses.first() else {
+        return Ok(plans);
+    };
+    for (slot, matrix) in first.matrices.iter().map(|m| m.matrix).enumerate() {
+        let (mut effective, mut frequency, mut shapes) = (Vec::new(), Vec::new(), Vec::new());
+        for analysis in analyses {
+            let m = &analysis.matrices[slot];
+            effective.extend_from_slice(&m.effective_ranks);
+            frequency.extend(analysis.group_frequency.iter().map(|f| f / layers));
+            shapes.extend_from_slice(&m.shapes);
+        }
+        let whole = plan_groups(options, matrix, &effective, &frequency, &shapes)?;
+        let mut offset = 0;
+        for (plan, analysis) in plans.iter_mut().zip(analyses) {
+            let n = analysis.matrices[slot].shapes.len();
+            let range = offset..offset + n;
+            plan.matrices.push(MatrixPlan {
+                matrix,
+                density: whole.density[range.clone()].to_vec(),
+                scores: whole.scores[range.clone()].to_vec(),
+                reserved: whole.reserved[range.clone()].to_vec(),
+                allocations: whole.allocations[range].to_vec(),
+            });
+            offset += n;
+        }
+    }
+    Ok(plans)
+}
 
 /// Which signal drives the per-group rank allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -1,7 +1,88 @@
-//! Per-layer signals of RFID-MoE (method.md §1–2): routing frequency, frequency-sorted expert
-//! groups and information density (effective rank).
+//! The analyse stage (method.md §1–2): per layer, routing frequency, frequency-sorted expert
+//! groups and information density (the effective rank of each group's stacked weights), as a
+//! [`LayerAnalysis`] for the allocate stage.
 
+use rayon::prelude::*;
+
+use super::allocate::GroupShape;
+use super::calibrate::LayerStatistics;
+use super::experts::LayerExperts;
+use crate::checkpoint::experts::ExpertMatrix;
+use crate::linalg::LinalgBackend;
 use crate::{Error, Result};
+
+/// The matrix types RFID-MoE factors (`down_proj` stays dense).
+pub const TARGETED: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
+
+/// One matrix type's groups in one layer: what decides their ranks.
+#[derive(Debug, Clone)]
+pub struct MatrixAnalysis {
+    /// The matrix type.
+    pub matrix: ExpertMatrix,
+    /// Effective rank of each group's stacked weights.
+    pub effective_ranks: Vec<f64>,
+    /// Each group's shape.
+    pub shapes: Vec<GroupShape>,
+}
+
+/// What the analyse stage learned about one MoE layer.
+#[derive(Debug, Clone)]
+pub struct LayerAnalysis {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// The expert groups (from calibration).
+    pub groups: Vec<Vec<usize>>,
+    /// Group routing frequencies `F_g`.
+    pub group_frequency: Vec<f64>,
+    /// Per targeted matrix type.
+    pub matrices: Vec<MatrixAnalysis>,
+}
+
+/// Analyses one layer: effective ranks of every group of every targeted matrix type, reading
+/// the weights a group at a time.
+pub fn analyse_layer<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    statistics: &LayerStatistics<B::Matrix>,
+) -> Result<LayerAnalysis> {
+    let layout = experts.layout;
+    let matrices = TARGETED
+        .iter()
+        .map(|&matrix| {
+            let [rows_per_expert, cols] = layout.shape(matrix);
+            let effective_ranks = statistics
+                .groups
+                .par_iter()
+                .map(|group| {
+                    let stacked = experts.stacked(backend, matrix, group)?;
+                    let squared = backend.squared_singular_values(&stacked)?;
+                    let singular: Vec<f64> = squared.iter().map(|v| v.sqrt()).collect();
+                    Ok(effective_rank(&singular))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shapes = statistics
+                .groups
+                .iter()
+                .map(|g| GroupShape {
+                    experts: g.len(),
+                    rows_per_expert,
+                    cols,
+                })
+                .collect();
+            Ok(MatrixAnalysis {
+                matrix,
+                effective_ranks,
+                shapes,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LayerAnalysis {
+        layer: statistics.layer,
+        groups: statistics.groups.clone(),
+        group_frequency: statistics.group_frequencies(),
+        matrices,
+    })
+}
 
 /// Effective rank `exp(H)` of a spectrum, with `q_j = σ_j²/Σσ²` and `H = −Σ q_j ln q_j`.
 ///

@@ -1,4 +1,5 @@
-//! Dense `f64` linear algebra on top of faer: tensor conversion, thin SVD, Cholesky whitening.
+//! The CPU linear-algebra backend: dense `f64` matrices on top of faer (tensor conversion, Gram
+//! accumulation, thin SVD, symmetric eigendecomposition, Cholesky whitening, triangular solves).
 //!
 //! Everything here uses row-major semantics at the boundary (a candle tensor of shape `[m, n]`
 //! becomes an `m × n` faer matrix with the same `(i, j)` entries); faer stores matrices
@@ -7,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use faer::{Mat, Side};
 
+use super::LinalgBackend;
 use crate::{Error, Result};
 
 /// Copy a 2-D candle tensor of any float dtype, on any device, into an `f64` faer matrix.
@@ -243,6 +245,186 @@ pub fn stack_rows(blocks: &[Mat<f64>]) -> Result<Mat<f64>> {
 /// Frobenius norm `‖A‖_F`.
 pub fn frobenius_norm(a: &Mat<f64>) -> f64 {
     a.as_ref().norm_l2()
+}
+
+/// The faer backend: `f64` host matrices, parallel over the machine's cores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+impl LinalgBackend for CpuBackend {
+    type Matrix = Mat<f64>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Mat<f64>> {
+        Ok(Mat::zeros(rows, cols))
+    }
+
+    fn shape(&self, a: &Mat<f64>) -> (usize, usize) {
+        (a.nrows(), a.ncols())
+    }
+
+    fn from_tensor(&self, tensor: &Tensor) -> Result<Mat<f64>> {
+        tensor_to_mat(tensor)
+    }
+
+    fn from_host(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
+        Ok(a.clone())
+    }
+
+    fn to_host(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
+        Ok(a.clone())
+    }
+
+    fn rows_to_tensor(
+        &self,
+        a: &Mat<f64>,
+        start: usize,
+        count: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if start + count > a.nrows() {
+            return Err(Error::InvalidArgument(format!(
+                "rows {start}..{} of a {}×{} matrix",
+                start + count,
+                a.nrows(),
+                a.ncols()
+            )));
+        }
+        let block = a.as_ref().subrows(start, count).to_owned();
+        mat_to_tensor(&block, dtype, device)
+    }
+
+    fn stack_rows(&self, blocks: &[Mat<f64>]) -> Result<Mat<f64>> {
+        stack_rows(blocks)
+    }
+
+    fn add(&self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+        same_shape(a, b, "add")?;
+        Ok(a + b)
+    }
+
+    fn sub(&self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+        same_shape(a, b, "sub")?;
+        Ok(a - b)
+    }
+
+    fn matmul(&self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+        if a.ncols() != b.nrows() {
+            return Err(Error::InvalidArgument(format!(
+                "matmul of {}×{} by {}×{}",
+                a.nrows(),
+                a.ncols(),
+                b.nrows(),
+                b.ncols()
+            )));
+        }
+        Ok(a * b)
+    }
+
+    fn transpose(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
+        Ok(a.transpose().to_owned())
+    }
+
+    fn accumulate_gram(&self, gram: &mut Mat<f64>, rows: &Tensor) -> Result<()> {
+        let d = gram.nrows();
+        if rows.rank() != 2 || rows.dim(1)? != d || gram.ncols() != d {
+            return Err(Error::InvalidArgument(format!(
+                "accumulate_gram: rows of shape {:?} into a {}×{} Gram matrix",
+                rows.dims(),
+                gram.nrows(),
+                gram.ncols()
+            )));
+        }
+        // The product runs where the rows are (f32), then accumulates on the host in f64.
+        let x = rows.to_dtype(DType::F32)?;
+        let product: Vec<f64> = x
+            .t()?
+            .matmul(&x)?
+            .to_dtype(DType::F64)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        for i in 0..d {
+            for j in 0..d {
+                gram[(i, j)] += product[i * d + j];
+            }
+        }
+        Ok(())
+    }
+
+    fn squared_singular_values(&self, a: &Mat<f64>) -> Result<Vec<f64>> {
+        squared_singular_values(a)
+    }
+
+    fn leading_right_singular_vectors(&self, a: &Mat<f64>, rank: usize) -> Result<Mat<f64>> {
+        leading_right_singular_vectors(a, rank)
+    }
+
+    fn whitening_factor(&self, gram: &Mat<f64>, ridge_relative: f64) -> Result<Mat<f64>> {
+        whitening_factor(gram, ridge_relative)
+    }
+
+    fn solve_lower_transposed(&self, lower: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+        if lower.nrows() != lower.ncols() || lower.nrows() != b.nrows() {
+            return Err(Error::InvalidArgument(format!(
+                "triangular solve with a {}×{} factor and a {}×{} right-hand side",
+                lower.nrows(),
+                lower.ncols(),
+                b.nrows(),
+                b.ncols()
+            )));
+        }
+        let mut x = b.clone();
+        lower
+            .transpose()
+            .solve_upper_triangular_in_place(x.as_mut());
+        Ok(x)
+    }
+
+    fn frobenius_norm(&self, a: &Mat<f64>) -> Result<f64> {
+        Ok(frobenius_norm(a))
+    }
+
+    fn quadratic_trace(&self, m: &Mat<f64>, gram: &Mat<f64>) -> Result<f64> {
+        if m.ncols() != gram.nrows() || gram.nrows() != gram.ncols() {
+            return Err(Error::InvalidArgument(format!(
+                "tr(M G Mᵀ) of a {}×{} M and a {}×{} G",
+                m.nrows(),
+                m.ncols(),
+                gram.nrows(),
+                gram.ncols()
+            )));
+        }
+        let mg = m * gram;
+        let mut sum = 0.0;
+        for i in 0..m.nrows() {
+            for j in 0..m.ncols() {
+                sum += mg[(i, j)] * m[(i, j)];
+            }
+        }
+        Ok(sum)
+    }
+
+    fn check_finite(&self, a: &Mat<f64>, what: &str) -> Result<()> {
+        check_finite(a, what)
+    }
+}
+
+fn same_shape(a: &Mat<f64>, b: &Mat<f64>, what: &str) -> Result<()> {
+    if (a.nrows(), a.ncols()) != (b.nrows(), b.ncols()) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of a {}×{} and a {}×{} matrix",
+            a.nrows(),
+            a.ncols(),
+            b.nrows(),
+            b.ncols()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,222 @@
+//! The emit stage: a [`FactoredLayer`] becomes one shard of the compressed checkpoint (and, with
+//! `--export-dense`, one shard of the reconstructed dense checkpoint); layers that are not
+//! compressed are copied through; the run ends with `config.json` (with its compression record),
+//! the report and the resolved options, written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+
+use super::experts::LayerExperts;
+use super::factor::FactoredLayer;
+use super::options::OutputOptions;
+use super::report::GroupReport;
+use crate::checkpoint::experts::ExpertMatrix;
+use crate::checkpoint::writer::CheckpointWriter;
+use crate::checkpoint::{Checkpoint, CONFIG_FILE};
+use crate::error::{Error, Result};
+use crate::format::{self, LayerRecord, MatrixRecord};
+
+/// Tokenizer and generation files copied next to the compressed weights.
+const AUXILIARY_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+];
+
+/// What the finished run adds next to the weights.
+pub struct RunFiles<'a> {
+    /// The compression section of `config.json`.
+    pub record: &'a format::CompressionRecord,
+    /// `compression_report.json`.
+    pub report_json: &'a str,
+    /// `compress.toml`: the resolved options.
+    pub options_toml: &'a str,
+}
+
+/// The writers of one run: the compressed checkpoint and, optionally, the dense export.
+pub struct Emitter<'a> {
+    checkpoint: &'a Checkpoint,
+    compressed: Option<CheckpointWriter>,
+    dense: Option<CheckpointWriter>,
+}
+
+impl<'a> Emitter<'a> {
+    /// Opens the writers `options` asks for (none for a dry run) and writes the embedding,
+    /// final norm and head unchanged.
+    pub fn create(checkpoint: &'a Checkpoint, options: &OutputOptions) -> Result<Self> {
+        let open = |path: &Option<PathBuf>| match (path, options.dry_run) {
+            (Some(out), false) => CheckpointWriter::create(out, options.force).map(Some),
+            _ => Ok(None),
+        };
+        let mut emitter = Self {
+            checkpoint,
+            compressed: open(&options.out)?,
+            dense: None,
+        };
+        emitter.dense = open(&options.export_dense)?;
+        if emitter.is_writing() {
+            let ends = emitter.copy_tensors("", |n| n.starts_with("model.layers."))?;
+            emitter.write_both(ends.clone(), ends)?;
+        }
+        Ok(emitter)
+    }
+
+    fn is_writing(&self) -> bool {
+        self.compressed.is_some() || self.dense.is_some()
+    }
+
+    fn write_both(
+        &mut self,
+        compressed: HashMap<String, Tensor>,
+        dense: HashMap<String, Tensor>,
+    ) -> Result<()> {
+        if let Some(w) = self.compressed.as_mut() {
+            w.write_shard(compressed)?;
+        }
+        if let Some(w) = self.dense.as_mut() {
+            w.write_shard(dense)?;
+        }
+        Ok(())
+    }
+
+    /// Every stored tensor whose name starts with `prefix`, except those `skip` rejects, in its
+    /// stored dtype.
+    fn copy_tensors(
+        &self,
+        prefix: &str,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut tensors = HashMap::new();
+        if !self.is_writing() {
+            return Ok(tensors);
+        }
+        for name in self.checkpoint.tensor_names() {
+            if name.starts_with(prefix) && !skip(name) {
+                tensors.insert(name.to_string(), self.checkpoint.load_stored(name, "copy")?);
+            }
+        }
+        Ok(tensors)
+    }
+
+    /// Copies decoder layer `index` unchanged (dense layers).
+    pub fn copy_layer(&mut self, index: usize) -> Result<()> {
+        let tensors = self.copy_tensors(&format!("model.layers.{index}."), |_| false)?;
+        self.write_both(tensors.clone(), tensors)
+    }
+
+    /// Writes a factored MoE layer (factors, dense groups, `down_proj` and the layer's other
+    /// tensors) and returns its record and its per-matrix group reports.
+    pub fn write_layer(
+        &mut self,
+        experts: &LayerExperts,
+        factored: FactoredLayer,
+        stored_dtype: DType,
+    ) -> Result<(LayerRecord, BTreeMap<String, Vec<GroupReport>>)> {
+        let layout = experts.layout;
+        let (mut compressed, mut dense) = (HashMap::new(), HashMap::new());
+        let mut records = BTreeMap::new();
+        let mut reports = BTreeMap::new();
+        for matrix in factored.matrices {
+            let name = layout.name(matrix.matrix);
+            let mut groups = Vec::new();
+            let mut group_reports = Vec::new();
+            for (g, group) in matrix.groups.into_iter().enumerate() {
+                for (slot, &expert) in group.record.experts.iter().enumerate() {
+                    let key = match group.basis {
+                        Some(_) => format::coefficients_name(&layout.block, expert, name),
+                        None => layout.dense_name(expert, matrix.matrix),
+                    };
+                    compressed.insert(key, group.expert_tensors[slot].clone());
+                    if let Some(rebuilt) = &group.reconstruction {
+                        dense.insert(
+                            layout.dense_name(expert, matrix.matrix),
+                            rebuilt[slot].clone(),
+                        );
+                    }
+                }
+                if let Some(basis) = group.basis {
+                    compressed.insert(format::basis_name(&layout.block, g, name), basis);
+                }
+                if let Some(eta) = group.residual_eta {
+                    compressed.insert(format::residual_name(&layout.block, g, name), eta);
+                }
+                groups.push(group.record);
+                group_reports.push(group.report);
+            }
+            records.insert(name.to_string(), MatrixRecord { groups });
+            reports.insert(name.to_string(), group_reports);
+        }
+        if self.is_writing() {
+            // down_proj stays dense, written per expert from the canonical view.
+            for expert in 0..layout.num_experts {
+                let down = experts
+                    .matrix(expert, ExpertMatrix::Down)?
+                    .to_dtype(stored_dtype)?;
+                let key = layout.dense_name(expert, ExpertMatrix::Down);
+                compressed.insert(key.clone(), down.clone());
+                dense.insert(key, down);
+            }
+            let experts_prefix = format!("{}.experts.", layout.block);
+            let rest = self.copy_tensors(&format!("model.layers.{}.", factored.layer), |n| {
+                n.starts_with(&experts_prefix)
+            })?;
+            compressed.extend(rest.clone());
+            dense.extend(rest);
+            self.write_both(compressed, dense)?;
+        }
+        let record = LayerRecord {
+            layer: factored.layer,
+            matrices: records,
+        };
+        Ok((record, reports))
+    }
+
+    /// Writes `config.json` (with the compression record), the report, the options and the
+    /// tokenizer files, and moves the outputs into place; returns where the compressed
+    /// checkpoint went (None for a dry run).
+    pub fn finish(self, files: &RunFiles) -> Result<Option<PathBuf>> {
+        let mut output = None;
+        if let Some(w) = self.compressed {
+            let mut config = self.checkpoint.config().clone();
+            config[format::COMPRESSION_KEY] =
+                serde_json::to_value(files.record).map_err(|e| Error::Json {
+                    path: w.staging_dir().join(CONFIG_FILE),
+                    message: e.to_string(),
+                })?;
+            write_common_files(&w, self.checkpoint, &config)?;
+            w.write_file("compression_report.json", files.report_json.as_bytes())?;
+            w.write_file("compress.toml", files.options_toml.as_bytes())?;
+            output = Some(w.finish()?);
+        }
+        if let Some(w) = self.dense {
+            write_common_files(&w, self.checkpoint, self.checkpoint.config())?;
+            w.finish()?;
+        }
+        Ok(output)
+    }
+}
+
+fn write_common_files(
+    writer: &CheckpointWriter,
+    checkpoint: &Checkpoint,
+    config: &serde_json::Value,
+) -> Result<()> {
+    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Json {
+        path: writer.staging_dir().join(CONFIG_FILE),
+        message: e.to_string(),
+    })?;
+    writer.write_file(CONFIG_FILE, text.as_bytes())?;
+    for name in AUXILIARY_FILES {
+        let path = checkpoint.dir().join(name);
+        if path.exists() {
+            writer.copy_file(&path)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The factor stage for a whole layer: each group of each targeted matrix type is read from the
+//! checkpoint, factored at its planned rank (whitened by its Gram matrix when asked), optionally
+//! given a sparse residual, measured, and turned into tensors of the output dtype. Groups run in
+//! parallel and each group's `f64` working set is dropped as soon as its tensors exist.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::{relative_error, Factorizer};
+use crate::checkpoint::experts::ExpertMatrix;
+use crate::format::GroupRecord;
+use crate::linalg::LinalgBackend;
+use crate::pipeline::allocate::{GroupAllocation, GroupShape, MatrixPlan, RankPlan};
+use crate::pipeline::analyse::{LayerAnalysis, MatrixAnalysis};
+use crate::pipeline::calibrate::LayerStatistics;
+use crate::pipeline::experts::LayerExperts;
+use crate::pipeline::report::GroupReport;
+use crate::residual::SparseProjection;
+use crate::Result;
+
+/// How the factor stage runs, resolved from the options and the checkpoint.
+pub struct FactorSettings<'a, B: LinalgBackend> {
+    /// The factoriser.
+    pub factorizer: &'a dyn Factorizer<B>,
+    /// Whiten by each group's input Gram matrix (when statistics have one).
+    pub whiten: bool,
+    /// Relative ridge of the whitening Cholesky.
+    pub whiten_ridge: f64,
+    /// Seed of the residual's sparse projection.
+    pub residual_seed: u64,
+    /// Dtype of written factors.
+    pub factor_dtype: DType,
+    /// Dtype of matrices kept dense.
+    pub stored_dtype: DType,
+    /// Factor at all (false for a dry run: only reports are filled).
+    pub factorize: bool,
+    /// Keep each expert's reconstructed dense matrix (for `--export-dense`).
+    pub keep_reconstruction: bool,
+}
+
+/// One group's outcome: its record, its report and its tensors.
+#[derive(Debug)]
+pub struct FactoredGroup {
+    /// What the format records about the group.
+    pub record: GroupRecord,
+    /// What the report says about it.
+    pub report: GroupReport,
+    /// Per expert in group order: coefficients `A_i` [p, K] (factor dtype), or the original
+    /// matrix [p, d] (stored dtype) when the group is dense.
+    pub expert_tensors: Vec<Tensor>,
+    /// The raw shared basis [K, d] (factor dtype), for factored groups.
+    pub basis: Option<Tensor>,
+    /// Residual coefficients η (factor dtype), when the group has a residual.
+    pub residual_eta: Option<Tensor>,
+    /// Per expert, the reconstructed dense matrix (factor dtype), when asked for.
+    pub reconstruction: Option<Vec<Tensor>>,
+}
+
+/// One matrix type's groups.
+#[derive(Debug)]
+pub struct FactoredMatrix {
+    /// The matrix type.
+    pub matrix: ExpertMatrix,
+    /// Its groups, in plan order.
+    pub groups: Vec<FactoredGroup>,
+}
+
+/// The factor stage's output for one layer.
+#[derive(Debug)]
+pub struct FactoredLayer {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Per targeted matrix type.
+    pub matrices: Vec<FactoredMatrix>,
+}
+
+/// Factors every group of one layer according to `plan`.
+pub fn factor_layer<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    statistics: &LayerStatistics<B::Matrix>,
+    analysis: &LayerAnalysis,
+    plan: &RankPlan,
+    settings: &FactorSettings<B>,
+) -> Result<FactoredLayer> {
+    let matrices = analysis
+        .matrices
+        .iter()
+        .zip(&plan.matrices)
+        .map(|(matrix_analysis, matrix_plan)| {
+            let groups = (0..analysis.groups.len())
+                .into_par_iter()
+                .map(|g| {
+                    let job = GroupJob {
+                        index: g,
+                        experts: &analysis.groups[g],
+                        frequency: analysis.group_frequency[g],
+                        analysis: matrix_analysis,
+                        plan: matrix_plan,
+                        gram: statistics.group_gram.as_ref().map(|grams| &grams[g]),
+                    };
+                    factor_group(backend, experts, &job, settings)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(FactoredMatrix {
+                matrix: matrix_analysis.matrix,
+                groups,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FactoredLayer {
+        layer: plan.layer,
+        matrices,
+    })
+}
+
+/// Everything the stage knows about one group before factoring it.
+struct GroupJob<'a, M> {
+    index: usize,
+    experts: &'a [usize],
+    frequency: f64,
+    analysis: &'a MatrixAnalysis,
+    plan: &'a MatrixPlan,
+    gram: Option<&'a M>,
+}
+
+impl<M> GroupJob<'_, M> {
+    fn shape(&self) -> GroupShape {
+        self.analysis.shapes[self.index]
+    }
+
+    fn allocation(&self) -> GroupAllocation {
+        self.plan.allocations[self.index]
+    }
+
+    /// The report as far as the plan decides it (errors are filled in after factoring).
+    fn planned_report(&self) -> GroupReport {
+        let g = self.index;
+        let GroupAllocation { rank, dense } = self.allocation();
+        let shape = self.shape();
+        let residual_size = if dense { 0 } else { self.plan.reserved[g] };
+        GroupReport {
+            experts: self.experts.to_vec(),
+            frequency: self.frequency,
+            effective_rank: self.analysis.effective_ranks[g],
+            density: self.plan.density[g],
+            score: self.plan.scores[g],
+            rank: if dense { 0 } else { rank },
+            dense,
+            residual_size,
+            relative_error: 0.0,
+            activation_error: None,
+            residual_energy_recovered: None,
+            residual_energy_per_parameter: None,
+            rank_energy_per_parameter: None,
+            parameters_before: shape.dense_params() as u64,
+            parameters_after: if dense {
+                shape.dense_params() as u64
+            } else {
+                (rank * shape.rank_cost() + residual_size) as u64
+            },
+        }
+    }
+}
+
+fn factor_group<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    job: &GroupJob<B::Matrix>,
+    settings: &FactorSettings<B>,
+) -> Result<FactoredGroup> {
+    let mut report = job.planned_report();
+    let record = GroupRecord {
+        experts: job.experts.to_vec(),
+        rank: report.rank,
+        dense: report.dense,
+        residual_size: report.residual_size,
+    };
+    let matrix = job.analysis.matrix;
+    let rows = job.shape().rows_per_expert;
+    if report.dense || !settings.factorize {
+        let originals = job
+            .experts
+            .iter()
+            .map(|&e| experts.matrix(e, matrix))
+            .collect::<Result<Vec<_>>>()?;
+        let reconstruction = match settings.keep_reconstruction && settings.factorize {
+            true => Some(
+                originals
+                    .iter()
+                    .map(|t| t.to_dtype(settings.factor_dtype))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
+            false => None,
+        };
+        let expert_tensors = originals
+            .iter()
+            .map(|t| t.to_dtype(settings.stored_dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        return Ok(FactoredGroup {
+            record,
+            report,
+            expert_tensors,
+            basis: None,
+            residual_eta: None,
+            reconstruction,
+        });
+    }
+    let w = experts.stacked(backend, matrix, job.experts)?;
+    let whitening = match (job.gram, settings.whiten) {
+        (Some(gram), true) => Some(backend.whitening_factor(gram, settings.whiten_ridge)?),
+        _ => None,
+    };
+    let factors = settings
+        .factorizer
+        .factor(backend, &w, report.rank, whitening.as_ref())?;
+    let mut reconstruction = factors.reconstruct_with(backend, settings.factorizer.activation())?;
+    let residual_eta = if report.residual_size > 0 {
+        let rank_cost = job.shape().rank_cost();
+        let (eta, with_residual) = add_residual(
+            backend,
+            &w,
+            &reconstruction,
+            rank_cost,
+            &mut report,
+            settings,
+        )?;
+        reconstruction = with_residual;
+        Some(
+            Tensor::from_vec(eta.clone(), eta.len(), &Device::Cpu)?
+                .to_dtype(settings.factor_dtype)?,
+        )
+    } else {
+        None
+    };
+    let (w_host, reconstruction_host) = (backend.to_host(&w)?, backend.to_host(&reconstruction)?);
+    report.relative_error = relative_error(&w_host, &reconstruction_host);
+    if let Some(gram) = job.gram {
+        report.activation_error = Some(activation_error(backend, &w, &reconstruction, gram)?);
+    }
+    let per_expert = |m: &B::Matrix, dtype: DType| -> Result<Vec<Tensor>> {
+        (0..job.experts.len())
+            .map(|slot| backend.rows_to_tensor(m, slot * rows, rows, dtype, &Device::Cpu))
+            .collect()
+    };
+    let basis_rows = backend.shape(&factors.basis).0;
+    Ok(FactoredGroup {
+        record,
+        expert_tensors: per_expert(&factors.coefficients, settings.factor_dtype)?,
+        basis: Some(backend.rows_to_tensor(
+            &factors.basis,
+            0,
+            basis_rows,
+            settings.factor_dtype,
+            &Device::Cpu,
+        )?),
+        residual_eta,
+        reconstruction: match settings.keep_reconstruction {
+            true => Some(per_expert(&reconstruction, settings.factor_dtype)?),
+            false => None,
+        },
+        report,
+    })
+}
+
+/// Fits the sparse-projection residual of `w − reconstruction`, fills the residual fields of
+/// `report`, and returns η with the reconstruction plus the expanded residual.
+fn add_residual<B: LinalgBackend>(
+    backend: &B,
+    w: &B::Matrix,
+    reconstruction: &B::Matrix,
+    rank_cost: usize,
+    report: &mut GroupReport,
+    settings: &FactorSettings<B>,
+) -> Result<(Vec<f32>, B::Matrix)> {
+    let residual = backend.to_host(&backend.sub(w, reconstruction)?)?;
+    let mut rebuilt = backend.to_host(reconstruction)?;
+    let cols = residual.ncols();
+    let flat: Vec<f32> = (0..residual.nrows())
+        .flat_map(|i| (0..cols).map(move |j| (i, j)))
+        .map(|(i, j)| residual[(i, j)] as f32)
+        .collect();
+    let projection =
+        SparseProjection::new(settings.residual_seed, flat.len(), report.residual_size);
+    let eta = projection.project(&flat);
+    let expanded = projection.expand(&eta);
+    let energy: f64 = flat.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let mut recovered = 0.0;
+    for (t, &v) in expanded.iter().enumerate() {
+        rebuilt[(t / cols, t % cols)] += v as f64;
+        recovered += (v as f64) * (v as f64);
+    }
+    let recovered_fraction = if energy > 0.0 {
+        recovered / energy
+    } else {
+        0.0
+    };
+    report.residual_energy_recovered = Some(recovered_fraction);
+    report.residual_energy_per_parameter = Some(recovered_fraction / report.residual_size as f64);
+    let spectrum = backend.squared_singular_values(w)?;
+    let tail: f64 = spectrum.iter().skip(report.rank).sum();
+    let next = spectrum.get(report.rank).copied().unwrap_or(0.0);
+    report.rank_energy_per_parameter = Some(if tail > 0.0 {
+        next / tail / rank_cost as f64
+    } else {
+        0.0
+    });
+    Ok((eta, backend.from_host(&rebuilt)?))
+}
+
+/// ‖(W−Ŵ)X‖_F / ‖WX‖_F from the input Gram G = XXᵀ: sqrt(tr(E G Eᵀ) / tr(W G Wᵀ)).
+fn activation_error<B: LinalgBackend>(
+    backend: &B,
+    w: &B::Matrix,
+    w_hat: &B::Matrix,
+    gram: &B::Matrix,
+) -> Result<f64> {
+    let denominator = backend.quadratic_trace(w, gram)?;
+    if denominator <= 0.0 {
+        return Ok(0.0);
+    }
+    let error = backend.sub(w, w_hat)?;
+    Ok((backend.quadratic_trace(&error, gram)? / denominator)
+        .max(0.0)
+        .sqrt())
+}

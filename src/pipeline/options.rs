@@ -1,0 +1,273 @@
+//! The options of a compression run, grouped by the stage that reads them; also the schema of
+//! `compress.toml` (one table per group).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::allocate::Allocation;
+use crate::error::{Error, Result};
+
+/// Which factoriser turns a group into coefficients and a basis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FactorizerKind {
+    /// Truncated SVD (closed form), optionally activation-aware.
+    Svd,
+    /// MoBE-style `A·SiLU(B)` fitted with Adam from the SVD.
+    Basis,
+}
+
+/// Where the parameter budget is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    /// Each layer and matrix type gets `(1−ρ)` of its own parameters.
+    Layer,
+    /// All layers share one budget per matrix type (holds every layer's statistics in memory).
+    Model,
+}
+
+/// What the calibrate stage reads: the data, its windows, and which statistics to collect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CalibrationOptions {
+    /// Calibration data: text, JSON lines with `text`, or safetensors with `input_ids`.
+    pub data: PathBuf,
+    /// Calibration windows.
+    pub samples: usize,
+    /// Tokens per calibration window.
+    pub seq_len: usize,
+    /// Window selection seed (0 = the first `samples` consecutive windows).
+    pub seed: u64,
+    /// Windows per forward batch.
+    pub batch_size: usize,
+    /// Experts per frequency-sorted group (k); statistics are kept per group.
+    pub group_size: usize,
+    /// Collect per-group input Gram matrices even without whitening, to report activation
+    /// errors (d×d doubles per group).
+    pub activation_statistics: bool,
+    /// Save calibration statistics here, or reuse them if the file holds statistics of the same
+    /// model, windows and grouping (skips the forward passes; holds all layers in memory).
+    pub statistics_cache: Option<PathBuf>,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::new(),
+            samples: 128,
+            seq_len: 512,
+            seed: 0,
+            batch_size: 8,
+            group_size: 4,
+            activation_statistics: true,
+            statistics_cache: None,
+        }
+    }
+}
+
+/// What the allocate stage reads: the budget and how it is shared between groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllocationOptions {
+    /// Fraction ρ of the targeted matrices' parameters to remove.
+    pub ratio: f64,
+    /// Weight ξ of information density in the fused score.
+    pub xi: f64,
+    /// Rank allocation policy.
+    pub policy: Allocation,
+    /// Budget scope.
+    pub budget_scope: BudgetScope,
+    /// Keep a group dense when factoring it would not save parameters.
+    pub dense_fallback: bool,
+    /// Reserve part of each group's budget for the sparse-projection residual.
+    pub residual: bool,
+    /// Residual size as a fraction of each group's dense parameters.
+    pub residual_fraction: f64,
+}
+
+impl Default for AllocationOptions {
+    fn default() -> Self {
+        Self {
+            ratio: 0.4,
+            xi: 0.2,
+            policy: Allocation::Rfid,
+            budget_scope: BudgetScope::Layer,
+            dense_fallback: true,
+            residual: false,
+            residual_fraction: 0.03,
+        }
+    }
+}
+
+/// What the factor stage reads: the factoriser and the form of the written factors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FactorizationOptions {
+    /// Factoriser.
+    pub factorizer: FactorizerKind,
+    /// Adam steps for the basis factoriser.
+    pub fit_steps: usize,
+    /// Adam learning rate for the basis factoriser.
+    pub learning_rate: f64,
+    /// Activation-aware (whitened) factorisation.
+    pub whiten: bool,
+    /// Relative ridge added to each Gram matrix before its Cholesky factor (× tr/d).
+    pub whiten_ridge: f64,
+    /// Seed of the residual's random projection.
+    pub residual_seed: u64,
+    /// Dtype of the written factors: `auto` (the checkpoint's), `f32`, `bf16` or `f16`.
+    pub factor_dtype: String,
+}
+
+impl Default for FactorizationOptions {
+    fn default() -> Self {
+        Self {
+            factorizer: FactorizerKind::Svd,
+            fit_steps: 500,
+            learning_rate: 0.07,
+            whiten: true,
+            whiten_ridge: 1e-4,
+            residual_seed: 0x5eed,
+            factor_dtype: "auto".into(),
+        }
+    }
+}
+
+/// What the emit stage reads: where the checkpoint goes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputOptions {
+    /// Output directory (required unless `dry_run`).
+    pub out: Option<PathBuf>,
+    /// Also write the reconstructed dense weights here, in the original layout.
+    pub export_dense: Option<PathBuf>,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Only compute the allocation (no factorisation, nothing written).
+    pub dry_run: bool,
+}
+
+/// Every setting of a compression run, one group per stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressOptions {
+    /// Input checkpoint directory.
+    pub model: PathBuf,
+    /// Where calibration runs: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Calibration stage.
+    pub calibration: CalibrationOptions,
+    /// Allocate stage.
+    pub allocation: AllocationOptions,
+    /// Factor stage.
+    pub factorization: FactorizationOptions,
+    /// Emit stage.
+    pub output: OutputOptions,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            device: "cpu".into(),
+            calibration: CalibrationOptions::default(),
+            allocation: AllocationOptions::default(),
+            factorization: FactorizationOptions::default(),
+            output: OutputOptions::default(),
+        }
+    }
+}
+
+fn invalid<T>(message: String) -> Result<T> {
+    Err(Error::InvalidArgument(message))
+}
+
+impl CompressOptions {
+    /// Checks every group; the message names the offending option and its valid range.
+    pub fn validate(&self) -> Result<()> {
+        self.calibration.validate()?;
+        self.allocation.validate()?;
+        let output = &self.output;
+        if !output.dry_run && output.out.is_none() {
+            return invalid("--out is required (or use --dry-run)".into());
+        }
+        if let Some(out) = &output.out {
+            if same_path(out, &self.model) {
+                return invalid(format!(
+                    "--out {} would overwrite the input model",
+                    out.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether calibration must collect Gram statistics (whitening or activation reports).
+    pub fn wants_gram(&self) -> bool {
+        self.factorization.whiten || self.calibration.activation_statistics
+    }
+}
+
+impl CalibrationOptions {
+    fn validate(&self) -> Result<()> {
+        if self.samples == 0 || self.seq_len < 2 {
+            return invalid("--samples must be ≥ 1 and --seq-len ≥ 2".into());
+        }
+        if self.group_size == 0 {
+            return invalid("--group-size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl AllocationOptions {
+    fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.ratio) {
+            return invalid(format!("--ratio {} must be in [0, 1)", self.ratio));
+        }
+        if !(0.0..=1.0).contains(&self.xi) {
+            return invalid(format!("--xi {} must be in [0, 1]", self.xi));
+        }
+        if self.residual && !(self.residual_fraction > 0.0 && self.residual_fraction < 1.0) {
+            return invalid(format!(
+                "--residual-fraction {} must be in (0, 1)",
+                self.residual_fraction
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| Error::InvalidArgument(format!("bad CUDA ordinal in `{s}`")))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return invalid(format!(
+                    "device `{s}`: this build has no CUDA support (build with `--features cuda`)"
+                ));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => invalid(format!(
+            "unknown device `{other}` (expected cpu, cuda or cuda:N)"
+        )),
+    }
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,269 @@
+//! What a compression run reports: per group, per layer and for the whole run (also written as
+//! `compression_report.json`), and the summary table the CLI prints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::analyse::routing_frequency;
+use super::calibrate::LayerStatistics;
+use super::options::CompressOptions;
+use crate::checkpoint::experts::ExpertLayout;
+use crate::error::{Error, Result};
+
+/// One group's outcome for one matrix type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// Experts (descending frequency).
+    pub experts: Vec<usize>,
+    /// Group routing frequency F_g.
+    pub frequency: f64,
+    /// Effective rank of the stacked raw weights.
+    pub effective_rank: f64,
+    /// Normalised density E_g.
+    pub density: f64,
+    /// Fused score C_g.
+    pub score: f64,
+    /// Allocated rank (0 when dense).
+    pub rank: usize,
+    /// Kept dense.
+    pub dense: bool,
+    /// Residual coefficients.
+    pub residual_size: usize,
+    /// ‖W−Ŵ‖_F / ‖W‖_F.
+    pub relative_error: f64,
+    /// ‖(W−Ŵ)X‖_F / ‖WX‖_F over the routed calibration inputs (when Gram statistics exist).
+    pub activation_error: Option<f64>,
+    /// Fraction of the low-rank residual's energy the sparse residual recovered.
+    pub residual_energy_recovered: Option<f64>,
+    /// Residual runs: (fraction of the truncation residual's energy recovered) per stored η
+    /// coefficient.
+    pub residual_energy_per_parameter: Option<f64>,
+    /// Residual runs: the same measure for spending parameters on one more rank instead
+    /// (σ_K² over the energy of the SVD tail Σ_{j≥K} σ_j², per k·p + d parameters; from the
+    /// unwhitened spectrum).
+    pub rank_energy_per_parameter: Option<f64>,
+    /// Parameters before.
+    pub parameters_before: u64,
+    /// Parameters after.
+    pub parameters_after: u64,
+}
+
+/// One layer's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Routing counts per expert.
+    pub routing_counts: Vec<u64>,
+    /// Routing frequency per expert.
+    pub frequencies: Vec<f64>,
+    /// Experts no calibration token reached.
+    pub unused_experts: Vec<usize>,
+    /// Per matrix type (checkpoint name), per group.
+    pub matrices: BTreeMap<String, Vec<GroupReport>>,
+}
+
+/// The outcome of a compression run (also written as `compression_report.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Tool version.
+    pub tool_version: String,
+    /// The resolved options.
+    pub options: CompressOptions,
+    /// Calibration tokens.
+    pub calibration_tokens: usize,
+    /// Calibration fingerprint.
+    pub calibration_fingerprint: String,
+    /// Targeted (gate/up) parameters before.
+    pub targeted_parameters_before: u64,
+    /// Targeted parameters after.
+    pub targeted_parameters_after: u64,
+    /// Achieved reduction of the targeted parameters.
+    pub targeted_reduction: f64,
+    /// Reduction over all routed-expert parameters (gate, up and down).
+    pub routed_expert_reduction: f64,
+    /// Reduction over the whole model.
+    pub model_reduction: f64,
+    /// Whole-model parameters before.
+    pub model_parameters_before: u64,
+    /// Budget granularity: half of one rank's cost as a fraction of a layer's matrix (the
+    /// largest over layers), the precision to which a ratio can be met.
+    pub rank_granularity: f64,
+    /// Seconds spent.
+    pub seconds: f64,
+    /// Peak anonymous resident memory observed between layers (bytes, Linux only).
+    pub peak_resident_bytes: Option<u64>,
+    /// Per layer.
+    pub layers: Vec<LayerReport>,
+    /// Where the checkpoint was written (None for dry runs).
+    pub output: Option<PathBuf>,
+}
+
+/// Reads the per-layer part of a `compression_report.json` written by [`compress`].
+pub fn read_layer_reports(model_dir: &Path) -> Result<Vec<LayerReport>> {
+    let path = model_dir.join("compression_report.json");
+    let value = crate::checkpoint::read_json(&path)?;
+    let layers = value.get("layers").cloned().ok_or_else(|| Error::Json {
+        path: path.clone(),
+        message: "missing `layers`".into(),
+    })?;
+    serde_json::from_value(layers).map_err(|e| Error::Json {
+        path,
+        message: format!("invalid `layers`: {e}"),
+    })
+}
+
+impl Report {
+    /// A per-layer table of ranks and sizes (the dry-run preview and the end-of-run summary).
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str("layer  matrix      groups  ranks (dense = D)                     params before → after   max rel.err\n");
+        for layer in &self.layers {
+            for (matrix, groups) in &layer.matrices {
+                let ranks: Vec<String> = groups
+                    .iter()
+                    .map(|g| {
+                        if g.dense {
+                            "D".to_string()
+                        } else {
+                            g.rank.to_string()
+                        }
+                    })
+                    .collect();
+                let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
+                let after: u64 = groups.iter().map(|g| g.parameters_after).sum();
+                let err = groups.iter().map(|g| g.relative_error).fold(0.0, f64::max);
+                out.push_str(&format!(
+                    "{:>5}  {:<10}  {:>6}  {:<36}  {:>10} → {:<10}  {:.4}\n",
+                    layer.layer,
+                    matrix,
+                    groups.len(),
+                    ranks.join(","),
+                    before,
+                    after,
+                    err
+                ));
+            }
+            if !layer.unused_experts.is_empty() {
+                out.push_str(&format!(
+                    "       experts with no calibration tokens: {:?}\n",
+                    layer.unused_experts
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "targeted (gate+up) parameters {} → {} ({:.2}% removed); routed experts {:.2}%; whole model {:.2}% of {}\n",
+            self.targeted_parameters_before,
+            self.targeted_parameters_after,
+            100.0 * self.targeted_reduction,
+            100.0 * self.routed_expert_reduction,
+            100.0 * self.model_reduction,
+            self.model_parameters_before
+        ));
+        out
+    }
+}
+
+/// Running totals of a compression run, turned into its [`Report`] at the end.
+#[derive(Debug, Default)]
+pub struct Totals {
+    targeted_before: u64,
+    targeted_after: u64,
+    down_parameters: u64,
+    rank_granularity: f64,
+    peak_resident: Option<u64>,
+}
+
+impl Totals {
+    /// Adds one compressed layer's groups (and its dense `down_proj`).
+    pub fn add_layer(
+        &mut self,
+        layout: &ExpertLayout,
+        matrices: &BTreeMap<String, Vec<GroupReport>>,
+    ) {
+        let (p, d) = (layout.intermediate_size, layout.hidden_size);
+        self.down_parameters += (layout.num_experts * p * d) as u64;
+        for groups in matrices.values() {
+            let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
+            self.targeted_before += before;
+            self.targeted_after += groups.iter().map(|g| g.parameters_after).sum::<u64>();
+            let largest_rank_cost = groups
+                .iter()
+                .map(|g| g.experts.len() * p + d)
+                .max()
+                .unwrap_or(0);
+            self.rank_granularity = self
+                .rank_granularity
+                .max(0.5 * largest_rank_cost as f64 / before.max(1) as f64);
+        }
+    }
+
+    /// Raises the peak to the current anonymous resident memory.
+    pub fn sample_memory(&mut self) {
+        if let Some(now) = resident_anonymous_bytes() {
+            self.peak_resident = Some(self.peak_resident.unwrap_or(0).max(now));
+        }
+    }
+
+    /// The run's report (`seconds` and `output` are filled in by the caller).
+    pub fn report(
+        &self,
+        options: CompressOptions,
+        calibration_tokens: usize,
+        calibration_fingerprint: String,
+        model_parameters: u64,
+        layers: Vec<LayerReport>,
+    ) -> Report {
+        let saved = self.targeted_before.saturating_sub(self.targeted_after);
+        let routed_before = self.targeted_before + self.down_parameters;
+        Report {
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            options,
+            calibration_tokens,
+            calibration_fingerprint,
+            targeted_parameters_before: self.targeted_before,
+            targeted_parameters_after: self.targeted_after,
+            targeted_reduction: fraction(saved, self.targeted_before),
+            routed_expert_reduction: fraction(saved, routed_before),
+            model_reduction: fraction(saved, model_parameters),
+            model_parameters_before: model_parameters,
+            rank_granularity: self.rank_granularity,
+            seconds: 0.0,
+            peak_resident_bytes: self.peak_resident,
+            layers,
+            output: None,
+        }
+    }
+}
+
+/// One layer's report from its statistics and its groups' reports.
+pub fn layer_report<M>(
+    statistics: &LayerStatistics<M>,
+    matrices: BTreeMap<String, Vec<GroupReport>>,
+) -> LayerReport {
+    LayerReport {
+        layer: statistics.layer,
+        routing_counts: statistics.routing_counts.clone(),
+        frequencies: routing_frequency(&statistics.routing_counts),
+        unused_experts: statistics.unused_experts(),
+        matrices,
+    }
+}
+
+fn fraction(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// Anonymous resident memory of this process in bytes (Linux; `None` elsewhere).
+pub fn resident_anonymous_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
