@@ -18,7 +18,7 @@ const GROUP: usize = 4;
 fn random_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
     let mut state = seed;
     Mat::from_fn(rows, cols, |_, _| {
-        state = rfid_moe::residual::splitmix64(state);
+        state = rfid_moe::rng::splitmix64(state);
         (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
     })
 }

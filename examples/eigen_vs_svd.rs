@@ -5,7 +5,7 @@ fn main() {
     let (m, n) = (3072, 2048);
     let mut state = 1u64;
     let a = Mat::from_fn(m, n, |_, _| {
-        state = rfid_moe::residual::splitmix64(state);
+        state = rfid_moe::rng::splitmix64(state);
         (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
     });
     let t = Instant::now();

@@ -89,7 +89,7 @@ fn random_bf16(elements: usize, seed: u64) -> Vec<u8> {
         .for_each(|(chunk, out)| {
             let base = seed ^ ((chunk as u64) << 32);
             for (i, pair) in out.chunks_exact_mut(2).enumerate() {
-                let bits = rfid_moe::residual::splitmix64(base.wrapping_add(i as u64));
+                let bits = rfid_moe::rng::splitmix64(base.wrapping_add(i as u64));
                 let unit = (bits >> 11) as f32 / (1u64 << 53) as f32;
                 let value = (unit * 2.0 - 1.0) * 0.02 * 3f32.sqrt();
                 pair.copy_from_slice(&half::bf16::from_f32(value).to_le_bytes());
@@ -220,7 +220,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     // 128 windows of 512 random token ids, i64.
     let ids: Vec<u8> = (0..128 * 512u64)
-        .flat_map(|t| ((rfid_moe::residual::splitmix64(t) % s.vocab as u64) as i64).to_le_bytes())
+        .flat_map(|t| ((rfid_moe::rng::splitmix64(t) % s.vocab as u64) as i64).to_le_bytes())
         .collect();
     let view = TensorView::new(Dtype::I64, vec![128, 512], &ids)?;
     safetensors::serialize_to_file(

@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod residual;
+pub mod rng;
 pub mod sweep;
 pub mod text;
 

@@ -2,14 +2,7 @@
 //! (D×a, columns scaled by `1/√n_q` so that `PᵀP = I`) and per-group coefficients `η = Pᵀ vec(R)`.
 //! Only the seed and `η` are stored; `P` is regenerated from the seed.
 
-/// SplitMix64: a small, well-mixed 64-bit hash, stable across platforms and versions.
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::rng::splitmix64;
 
 /// The random one-hot projection of `entries` matrix entries onto `size` buckets.
 #[derive(Debug, Clone)]

@@ -214,36 +214,7 @@ pub fn windows(tokens: &[u32], seq_len: usize) -> Vec<Vec<u32>> {
     tokens.chunks_exact(seq_len).map(|w| w.to_vec()).collect()
 }
 
-/// A small, fast, reproducible pseudo-random generator (splitmix64).
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator started from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let out = crate::residual::splitmix64(self.state);
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        out
-    }
-
-    /// A uniform integer in `0..bound` (`bound` > 0), without modulo bias.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % bound;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % bound;
-            }
-        }
-    }
-}
+pub use crate::rng::SplitMix64;
 
 /// Up to `samples` non-overlapping windows of `seq_len` tokens for calibration.
 ///

@@ -431,32 +431,26 @@ fn same_shape(a: &Mat<f64>, b: &Mat<f64>, what: &str) -> Result<()> {
 pub(crate) mod tests {
     use super::*;
 
-    /// Deterministic SplitMix64 generator for test data (no `rand` dependency).
-    pub(crate) struct TestRng(u64);
+    /// Test data from the crate's generator.
+    pub(crate) struct TestRng(crate::rng::SplitMix64);
 
     impl TestRng {
         pub(crate) fn new(seed: u64) -> Self {
-            TestRng(seed)
+            TestRng(crate::rng::SplitMix64::new(seed))
         }
 
         pub(crate) fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
 
         /// Uniform in [0, 1).
         pub(crate) fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+            self.0.uniform()
         }
 
-        /// Standard normal (Box–Muller).
+        /// Standard normal.
         pub(crate) fn normal(&mut self) -> f64 {
-            let u1 = self.uniform().max(1e-300);
-            let u2 = self.uniform();
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            self.0.normal()
         }
 
         pub(crate) fn matrix(&mut self, rows: usize, cols: usize) -> Mat<f64> {
