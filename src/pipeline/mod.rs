@@ -287,12 +287,18 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         calibration_tokens: usize,
         started: Instant,
     ) -> Result<Report> {
-        let counts = crate::inspect::parameter_counts(self.checkpoint);
+        let model_parameters = self
+            .checkpoint
+            .tensor_names()
+            .into_iter()
+            .filter_map(|name| self.checkpoint.info(name))
+            .map(|(info, _)| info.numel() as u64)
+            .sum();
         let mut report = self.totals.report(
             self.options.clone(),
             calibration_tokens,
             self.fingerprint.to_string(),
-            counts.total,
+            model_parameters,
             self.layer_reports,
         );
         report.seconds = started.elapsed().as_secs_f64();
