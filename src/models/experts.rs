@@ -532,3 +532,315 @@ impl RoutedExperts {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::experts::StoredResidual;
+    use crate::format::BasisActivation;
+    use crate::models::routing::{Routing, RoutingRule};
+    use crate::residual::SparseProjection;
+    use crate::rng::SplitMix64;
+
+    const D: usize = 12;
+    const P: usize = 7;
+    const N: usize = 6;
+    const TOKENS: usize = 29;
+
+    fn random(seed: u64, shape: (usize, usize)) -> Tensor {
+        let mut rng = SplitMix64::new(seed);
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (rng.uniform() - 0.5) as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    fn shape(matrix: ExpertMatrix) -> (usize, usize) {
+        match matrix {
+            ExpertMatrix::Down => (D, P),
+            _ => (P, D),
+        }
+    }
+
+    /// Routing of `TOKENS` random tokens over `N` experts with top-2; expert `idle` gets none.
+    fn routing(x: &Tensor, idle: Option<usize>) -> Routing {
+        let gate = random(99, (N, D));
+        let mut logits = matmul_transposed(x, &gate).unwrap();
+        if let Some(idle) = idle {
+            let mask: Vec<f32> = (0..N).map(|e| if e == idle { -1e9 } else { 0.0 }).collect();
+            logits = logits
+                .broadcast_add(&Tensor::new(mask.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let rule = RoutingRule::SoftmaxTopK {
+            top_k: 2,
+            normalize: true,
+        };
+        let (experts, weights) = rule.select(&logits).unwrap();
+        Routing {
+            logits,
+            experts,
+            weights,
+            top_k: 2,
+        }
+    }
+
+    fn dense_experts(seed: u64) -> Vec<DenseExpert> {
+        (0..N as u64)
+            .map(|e| DenseExpert {
+                gate: random(seed + 3 * e, (P, D)),
+                up: random(seed + 3 * e + 1, (P, D)),
+                down: random(seed + 3 * e + 2, (D, P)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stacked_experts_match_dense_experts() {
+        let x = random(1, (TOKENS, D));
+        let dispatch = ExpertDispatch::new(&routing(&x, None), N).unwrap();
+        let experts = dense_experts(10);
+        let stack = |f: fn(&DenseExpert) -> &Tensor| {
+            Tensor::stack(&experts.iter().map(f).cloned().collect::<Vec<_>>(), 0).unwrap()
+        };
+        let stacked = RoutedExperts::Stacked(StackedExperts {
+            gate: stack(|e| &e.gate),
+            up: stack(|e| &e.up),
+            down: stack(|e| &e.down),
+        });
+        let dense = RoutedExperts::Dense(experts);
+        let a = dense.forward(&x, &dispatch).unwrap();
+        let b = stacked.forward(&x, &dispatch).unwrap();
+        assert!(max_diff(&a, &b) <= 1e-6, "{}", max_diff(&a, &b));
+        assert!(
+            a.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-3
+        );
+        for m in ExpertMatrix::ALL {
+            assert_eq!(
+                max_diff(
+                    &dense.dense_matrix(4, m).unwrap(),
+                    &stacked.dense_matrix(4, m).unwrap()
+                ),
+                0.0
+            );
+        }
+    }
+
+    /// A stored group of `experts` for `matrix`, with a residual when `residual_size > 0`.
+    fn stored_group(
+        seed: u64,
+        experts: Vec<usize>,
+        matrix: ExpertMatrix,
+        rank: usize,
+        activation: BasisActivation,
+        residual_size: usize,
+    ) -> StoredGroup {
+        let (out, cols) = shape(matrix);
+        StoredGroup {
+            coefficients: (0..experts.len() as u64)
+                .map(|i| random(seed + i, (out, rank)))
+                .collect(),
+            experts,
+            basis: random(seed + 50, (rank, cols)),
+            activation,
+            residual: (residual_size > 0).then(|| StoredResidual {
+                eta: random(seed + 60, (1, residual_size)).flatten_all().unwrap(),
+                seed: 77,
+            }),
+        }
+    }
+
+    /// The dense matrices `A_i·act(B) + P η` of a stored group, computed independently.
+    fn reconstruction(group: &StoredGroup, matrix: ExpertMatrix) -> Vec<Tensor> {
+        let (out, cols) = shape(matrix);
+        let basis = match group.activation {
+            BasisActivation::Identity => group.basis.clone(),
+            BasisActivation::Silu => candle_nn::ops::silu(&group.basis).unwrap(),
+        };
+        let residual: Option<Vec<f32>> = group.residual.as_ref().map(|r| {
+            let eta: Vec<f32> = r.eta.to_vec1().unwrap();
+            SparseProjection::new(r.seed, group.experts.len() * out * cols, eta.len()).expand(&eta)
+        });
+        group
+            .coefficients
+            .iter()
+            .enumerate()
+            .map(|(slot, a)| {
+                let w = a.matmul(&basis).unwrap();
+                match &residual {
+                    Some(r) => {
+                        let part = r[slot * out * cols..(slot + 1) * out * cols].to_vec();
+                        (w + Tensor::from_vec(part, (out, cols), &Device::Cpu).unwrap()).unwrap()
+                    }
+                    None => w,
+                }
+            })
+            .collect()
+    }
+
+    /// Factored projection of `matrix` from `groups`, the other experts dense from `dense`.
+    fn factored(
+        groups: &[StoredGroup],
+        dense: &[DenseExpert],
+        matrix: ExpertMatrix,
+    ) -> (FactoredProjection, Vec<Tensor>) {
+        let pick = |e: &DenseExpert| match matrix {
+            ExpertMatrix::Gate => e.gate.clone(),
+            ExpertMatrix::Up => e.up.clone(),
+            ExpertMatrix::Down => e.down.clone(),
+        };
+        let mut effective: Vec<Tensor> = dense.iter().map(pick).collect();
+        for g in groups {
+            for (slot, w) in reconstruction(g, matrix).into_iter().enumerate() {
+                effective[g.experts[slot]] = w;
+            }
+        }
+        let in_group: Vec<usize> = groups.iter().flat_map(|g| g.experts.clone()).collect();
+        let kept = (0..N)
+            .filter(|e| !in_group.contains(e))
+            .map(|e| (e, pick(&dense[e])))
+            .collect();
+        let prepared = groups
+            .iter()
+            .map(|g| FactorGroup::from_stored(g).unwrap())
+            .collect();
+        (
+            FactoredProjection::new(N, prepared, kept).unwrap(),
+            effective,
+        )
+    }
+
+    #[test]
+    fn factored_experts_match_their_dense_reconstruction() {
+        let x = random(2, (TOKENS, D));
+        let dense = dense_experts(20);
+        let gate_groups = [
+            stored_group(
+                200,
+                vec![4, 0, 2],
+                ExpertMatrix::Gate,
+                3,
+                BasisActivation::Silu,
+                40,
+            ),
+            stored_group(
+                210,
+                vec![1, 5],
+                ExpertMatrix::Gate,
+                2,
+                BasisActivation::Silu,
+                0,
+            ),
+        ];
+        let up_groups = [stored_group(
+            300,
+            vec![0, 1, 2, 3],
+            ExpertMatrix::Up,
+            4,
+            BasisActivation::Silu,
+            25,
+        )];
+        let down_groups = [stored_group(
+            400,
+            vec![3, 5],
+            ExpertMatrix::Down,
+            2,
+            BasisActivation::Identity,
+            0,
+        )];
+        let (gate, gate_w) = factored(&gate_groups, &dense, ExpertMatrix::Gate);
+        let (up, up_w) = factored(&up_groups, &dense, ExpertMatrix::Up);
+        let (down, down_w) = factored(&down_groups, &dense, ExpertMatrix::Down);
+        let experts = RoutedExperts::Factored(FactoredExperts { gate, up, down });
+        let reference = RoutedExperts::Dense(
+            (0..N)
+                .map(|e| DenseExpert {
+                    gate: gate_w[e].clone(),
+                    up: up_w[e].clone(),
+                    down: down_w[e].clone(),
+                })
+                .collect(),
+        );
+        for idle in [None, Some(0), Some(5)] {
+            let dispatch = ExpertDispatch::new(&routing(&x, idle), N).unwrap();
+            if let Some(idle) = idle {
+                assert!(
+                    dispatch.route(idle).is_none(),
+                    "expert {idle} should get no token"
+                );
+            }
+            let got = experts.forward(&x, &dispatch).unwrap();
+            let want = reference.forward(&x, &dispatch).unwrap();
+            assert!(
+                max_diff(&got, &want) <= 1e-5,
+                "idle {idle:?}: {}",
+                max_diff(&got, &want)
+            );
+            assert!(
+                want.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 1e-3
+            );
+        }
+        for m in ExpertMatrix::ALL {
+            for e in 0..N {
+                let d = max_diff(
+                    &experts.dense_matrix(e, m).unwrap(),
+                    &reference.dense_matrix(e, m).unwrap(),
+                );
+                assert!(d <= 1e-6, "{m:?} expert {e}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn factored_projection_refuses_uncovered_or_doubled_experts() {
+        let dense = dense_experts(30);
+        let group = FactorGroup::from_stored(&stored_group(
+            500,
+            vec![0, 1],
+            ExpertMatrix::Gate,
+            2,
+            BasisActivation::Identity,
+            0,
+        ))
+        .unwrap();
+        let others = |range: std::ops::Range<usize>| {
+            range
+                .map(|e| (e, dense[e].gate.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert!(FactoredProjection::new(N, vec![group.clone()], others(2..N)).is_ok());
+        assert!(
+            FactoredProjection::new(N, vec![group.clone()], others(3..N)).is_err(),
+            "expert 2 uncovered"
+        );
+        assert!(
+            FactoredProjection::new(N, vec![group], others(1..N)).is_err(),
+            "expert 1 twice"
+        );
+    }
+}

@@ -394,3 +394,266 @@ impl ExpertDispatch {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Deterministic values in [-4, 4): continuous, or on a grid of 9 values (many exact ties).
+    fn values(seed: u64, count: usize, tied: bool) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        (0..count)
+            .map(|_| {
+                if tied {
+                    rng.below(9) as f32 - 4.0
+                } else {
+                    (rng.uniform() * 8.0 - 4.0) as f32
+                }
+            })
+            .collect()
+    }
+
+    // The host implementation routing used before it moved to the device, kept as the reference.
+    fn host_top(scores: &[f32], k: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        order
+    }
+
+    fn host_softmax(row: &[f32]) -> Vec<f32> {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        exps.iter().map(|e| e / sum).collect()
+    }
+
+    fn host_mask(
+        scores: &[f32],
+        n_group: usize,
+        keep: usize,
+        score: impl Fn(&[f32]) -> f32,
+    ) -> Vec<f32> {
+        if n_group <= 1 {
+            return scores.to_vec();
+        }
+        let per_group = scores.len() / n_group;
+        let group_scores: Vec<f32> = scores.chunks(per_group).map(&score).collect();
+        let kept = host_top(&group_scores, keep);
+        let keep_entry = |i: usize| kept.contains(&(i / per_group));
+        scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| if keep_entry(i) { s } else { 0.0 })
+            .collect()
+    }
+
+    fn host_route(rule: &RoutingRule, bias: &[f32], row: &[f32]) -> (Vec<usize>, Vec<f32>) {
+        match rule {
+            RoutingRule::SoftmaxTopK { top_k, normalize } => {
+                let probs = host_softmax(row);
+                let chosen = host_top(&probs, *top_k);
+                let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
+                if *normalize {
+                    let sum: f32 = w.iter().sum();
+                    w.iter_mut().for_each(|v| *v /= sum);
+                }
+                (chosen, w)
+            }
+            RoutingRule::SoftmaxGroupLimited {
+                top_k,
+                n_group,
+                topk_group,
+                scaling,
+            } => {
+                let probs = host_softmax(row);
+                let masked = host_mask(&probs, *n_group, *topk_group, |g| {
+                    g.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                });
+                let chosen = host_top(&masked, *top_k);
+                let w = chosen.iter().map(|&e| masked[e] * scaling).collect();
+                (chosen, w)
+            }
+            RoutingRule::SigmoidGroupLimited {
+                top_k,
+                n_group,
+                topk_group,
+                normalize,
+                scaling,
+                ..
+            } => {
+                let scores: Vec<f32> = row.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+                let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+                let masked = host_mask(&biased, *n_group, *topk_group, |g| {
+                    host_top(g, 2.min(g.len())).iter().map(|&i| g[i]).sum()
+                });
+                let chosen = host_top(&masked, *top_k);
+                let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+                if *normalize {
+                    let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+                    w.iter_mut().for_each(|v| *v /= sum);
+                }
+                w.iter_mut().for_each(|v| *v *= scaling);
+                (chosen, w)
+            }
+        }
+    }
+
+    const TOKENS: usize = 97;
+    const EXPERTS: usize = 16;
+
+    fn rules(bias: &Tensor) -> Vec<RoutingRule> {
+        let sigmoid = |normalize, n_group, topk_group| RoutingRule::SigmoidGroupLimited {
+            top_k: 4,
+            n_group,
+            topk_group,
+            normalize,
+            scaling: 2.5,
+            correction_bias: bias.clone(),
+        };
+        vec![
+            RoutingRule::SoftmaxTopK {
+                top_k: 2,
+                normalize: true,
+            },
+            RoutingRule::SoftmaxTopK {
+                top_k: 5,
+                normalize: false,
+            },
+            RoutingRule::SoftmaxGroupLimited {
+                top_k: 3,
+                n_group: 1,
+                topk_group: 1,
+                scaling: 1.0,
+            },
+            RoutingRule::SoftmaxGroupLimited {
+                top_k: 3,
+                n_group: 4,
+                topk_group: 2,
+                scaling: 16.0,
+            },
+            sigmoid(true, 4, 2),
+            sigmoid(false, 8, 3),
+            sigmoid(true, 1, 1),
+        ]
+    }
+
+    #[test]
+    fn device_top_k_matches_the_host_implementation_including_ties() {
+        let mut compared_ties = 0;
+        for (seed, tied) in [(1, false), (2, true), (3, true), (4, false)] {
+            let logits = values(seed, TOKENS * EXPERTS, tied);
+            // Coarse biases make biased scores tie too; fine ones keep them distinct.
+            let bias: Vec<f32> = values(seed + 100, EXPERTS, tied)
+                .iter()
+                .map(|b| b / 8.0)
+                .collect();
+            let bias_tensor = Tensor::new(bias.as_slice(), &Device::Cpu).unwrap();
+            let logits_tensor =
+                Tensor::from_vec(logits.clone(), (TOKENS, EXPERTS), &Device::Cpu).unwrap();
+            for rule in rules(&bias_tensor) {
+                let (experts, weights) = rule.select(&logits_tensor).unwrap();
+                let experts: Vec<Vec<u32>> = experts.to_vec2().unwrap();
+                let weights: Vec<Vec<f32>> = weights.to_vec2().unwrap();
+                for (t, row) in logits.chunks(EXPERTS).enumerate() {
+                    let (want_experts, want_weights) = host_route(&rule, &bias, row);
+                    let got: Vec<usize> = experts[t].iter().map(|&e| e as usize).collect();
+                    assert_eq!(got, want_experts, "{rule:?}, token {t}, logits {row:?}");
+                    for (g, w) in weights[t].iter().zip(&want_weights) {
+                        assert!(
+                            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                            "{rule:?}, token {t}: {g} vs {w}"
+                        );
+                    }
+                    let chosen: Vec<f32> = want_experts.iter().map(|&e| row[e]).collect();
+                    if chosen.windows(2).any(|p| p[0] == p[1]) {
+                        compared_ties += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            compared_ties > 100,
+            "only {compared_ties} rows with tied picks were compared"
+        );
+    }
+
+    #[test]
+    fn top_k_prefers_the_lower_index_among_equal_scores() {
+        let scores = Tensor::new(
+            &[[1f32, 3., 3., 2., 3.], [0., 0., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (values, indices) = top_k_last_dim(&scores, 4).unwrap();
+        assert_eq!(
+            indices.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2, 4, 3], vec![0, 1, 2, 3]]
+        );
+        assert_eq!(values.to_vec2::<f32>().unwrap()[0], vec![3., 3., 3., 2.]);
+        assert!(top_k_last_dim(&scores, 6).is_err());
+    }
+
+    #[test]
+    fn dispatch_splits_routing_per_expert_and_group() {
+        let logits = Tensor::from_vec(
+            values(9, TOKENS * EXPERTS, false),
+            (TOKENS, EXPERTS),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rule = RoutingRule::SoftmaxTopK {
+            top_k: 3,
+            normalize: true,
+        };
+        let (experts, weights) = rule.select(&logits).unwrap();
+        let routing = Routing {
+            logits,
+            experts,
+            weights,
+            top_k: 3,
+        };
+        let dispatch = ExpertDispatch::new(&routing, EXPERTS).unwrap();
+        let host = routing.tokens_per_expert(EXPERTS).unwrap();
+        let mut total = 0;
+        for (e, (tokens, weights)) in host.iter().enumerate() {
+            match dispatch.route(e) {
+                None => assert!(tokens.is_empty()),
+                Some(route) => {
+                    assert_eq!(&route.tokens.to_vec1::<u32>().unwrap(), tokens);
+                    assert_eq!(
+                        &route
+                            .weights
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                        weights
+                    );
+                    total += route.count;
+                }
+            }
+        }
+        assert_eq!(total, TOKENS * 3);
+        let members = [5, 2, 11];
+        let group = dispatch.group_route(&members).unwrap().unwrap();
+        let union: Vec<u32> = group.tokens.to_vec1().unwrap();
+        assert!(
+            union.windows(2).all(|p| p[0] < p[1]),
+            "union ascending and unique"
+        );
+        for (slot, &e) in members.iter().enumerate() {
+            let positions: Vec<u32> = group.positions[slot].as_ref().unwrap().to_vec1().unwrap();
+            let tokens: Vec<u32> = positions.iter().map(|&p| union[p as usize]).collect();
+            assert_eq!(tokens, host[e].0, "member {e}");
+        }
+        let expected: std::collections::BTreeSet<u32> =
+            members.iter().flat_map(|&e| host[e].0.clone()).collect();
+        assert_eq!(union, expected.into_iter().collect::<Vec<_>>());
+        assert!(
+            ExpertDispatch::new(&routing, 4).is_err(),
+            "expert index beyond the layer"
+        );
+    }
+}
