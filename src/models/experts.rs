@@ -316,8 +316,8 @@ pub enum RoutedExperts {
     Dense(Vec<DenseExpert>),
     /// `[n, out, in]` stacks.
     Stacked(StackedExperts),
-    /// Factored groups.
-    Factored(FactoredExperts),
+    /// Factored groups (boxed: three projections with their groups).
+    Factored(Box<FactoredExperts>),
 }
 
 impl Default for RoutedExperts {
@@ -390,11 +390,11 @@ impl RoutedExperts {
                         (dtype, device),
                     )
                 };
-                Self::Factored(FactoredExperts {
+                Self::Factored(Box::new(FactoredExperts {
                     gate: load(ExpertMatrix::Gate)?,
                     up: load(ExpertMatrix::Up)?,
                     down: load(ExpertMatrix::Down)?,
-                })
+                }))
             }
         })
     }
@@ -770,7 +770,7 @@ mod tests {
         let (gate, gate_w) = factored(&gate_groups, &dense, ExpertMatrix::Gate);
         let (up, up_w) = factored(&up_groups, &dense, ExpertMatrix::Up);
         let (down, down_w) = factored(&down_groups, &dense, ExpertMatrix::Down);
-        let experts = RoutedExperts::Factored(FactoredExperts { gate, up, down });
+        let experts = RoutedExperts::Factored(Box::new(FactoredExperts { gate, up, down }));
         let reference = RoutedExperts::Dense(
             (0..N)
                 .map(|e| DenseExpert {
