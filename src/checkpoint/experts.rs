@@ -2,13 +2,17 @@
 //! (`mlp.experts.{j}.gate_proj`, Mixtral's `block_sparse_moe.experts.{j}.w1`), fused 3-D tensors
 //! (`mlp.experts.gate_up_proj` [n, 2p, d], `mlp.experts.down_proj` [n, d, p]) or rfid-moe's
 //! compressed factors (`lowrank_a` + shared `basis` + optional residual).
+//!
+//! Everything here returns plain tensors: dense matrices [out, in], stacks [n, out, in] and
+//! [`StoredGroup`]s. How the runtime executes them is `models::experts`' business.
 
-use candle_core::{Tensor, D};
+use std::collections::BTreeSet;
 
+use candle_core::{DType, Device, Tensor, D};
+
+use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{self, BasisActivation, CompressionRecord, GroupRecord};
-use crate::models::common::Weights;
-use crate::models::moe::{Expert, Projection};
 use crate::residual::SparseProjection;
 
 /// The three matrices of a gated expert.
@@ -40,6 +44,101 @@ pub struct ExpertLayout {
     pub hidden_size: usize,
     /// Expert intermediate size `p`.
     pub intermediate_size: usize,
+}
+
+/// The residual of a factored group as stored: coefficients η and the seed of the sparse
+/// projection that expands them.
+#[derive(Debug, Clone)]
+pub struct StoredResidual {
+    /// η, [residual_size].
+    pub eta: Tensor,
+    /// Seed of the random sparse projection (`compression.residual_seed`).
+    pub seed: u64,
+}
+
+impl StoredResidual {
+    /// Expands η to the dense residual of the whole group: `experts` matrices of `shape`
+    /// stacked row-wise, [experts·out, in], in `dtype` on `device`.
+    pub fn expand(
+        &self,
+        experts: usize,
+        shape: [usize; 2],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let eta: Vec<f32> = self.eta.to_dtype(DType::F32)?.to_vec1()?;
+        let [rows, cols] = shape;
+        let entries = experts * rows * cols;
+        if eta.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a stored residual needs at least one coefficient".into(),
+            ));
+        }
+        let projection = SparseProjection::new(self.seed, entries, eta.len());
+        Ok(
+            Tensor::from_vec(projection.expand(&eta), (experts * rows, cols), device)?
+                .to_dtype(dtype)?,
+        )
+    }
+}
+
+/// One factored group of one matrix type as stored: `Ŵ_i = A_i · act(B) (+ R_i)`.
+#[derive(Debug, Clone)]
+pub struct StoredGroup {
+    /// Expert indices of the group, in the record's order.
+    pub experts: Vec<usize>,
+    /// `A_i` of each expert of `experts`, [out, rank] each.
+    pub coefficients: Vec<Tensor>,
+    /// The raw basis `B` as stored, [rank, in] (apply `activation` before use).
+    pub basis: Tensor,
+    /// Activation applied to the basis at inference.
+    pub activation: BasisActivation,
+    /// Optional residual.
+    pub residual: Option<StoredResidual>,
+}
+
+impl StoredGroup {
+    /// `act(B)`, [rank, in].
+    pub fn activated_basis(&self) -> Result<Tensor> {
+        Ok(match self.activation {
+            BasisActivation::Identity => self.basis.clone(),
+            BasisActivation::Silu => candle_nn::ops::silu(&self.basis)?,
+        })
+    }
+
+    /// Each member's dense residual [out, in] (expanded from η), or `None` without a residual.
+    pub fn member_residuals(&self) -> Result<Option<Vec<Tensor>>> {
+        let Some(residual) = &self.residual else {
+            return Ok(None);
+        };
+        let (Some(first), k) = (self.coefficients.first(), self.experts.len()) else {
+            return Ok(None);
+        };
+        let rows = first.dim(0)?;
+        let cols = self.basis.dim(1)?;
+        let dense = residual.expand(k, [rows, cols], self.basis.dtype(), self.basis.device())?;
+        (0..k)
+            .map(|slot| Ok(dense.narrow(0, slot * rows, rows)?))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// The effective dense matrices `A_i·act(B) + R_i` of every member, [out, in] each.
+    pub fn reconstruct(&self) -> Result<Vec<Tensor>> {
+        let basis = self.activated_basis()?;
+        let residuals = self.member_residuals()?;
+        self.coefficients
+            .iter()
+            .enumerate()
+            .map(|(slot, a)| {
+                let w = a.matmul(&basis)?;
+                Ok(match &residuals {
+                    Some(r) => (w + &r[slot])?,
+                    None => w,
+                })
+            })
+            .collect()
+    }
 }
 
 impl ExpertLayout {
@@ -81,154 +180,242 @@ impl ExpertLayout {
         )
     }
 
-    /// Loads the original dense matrix of `expert` from per-expert or fused tensors.
-    pub fn load_dense(
-        &self,
-        weights: &Weights,
-        expert: usize,
-        matrix: ExpertMatrix,
-    ) -> Result<Tensor> {
-        let shape = self.shape(matrix);
-        let per_expert = self.dense_name(expert, matrix);
-        if weights.contains(&per_expert) {
-            return weights.get(&per_expert, &shape);
-        }
-        let (p, d, n) = (self.intermediate_size, self.hidden_size, self.num_experts);
+    /// Name of the fused 3-D tensor holding `matrix` for all experts (`gate_up_proj` holds gate
+    /// and up).
+    pub fn fused_name(&self, matrix: ExpertMatrix) -> String {
         match matrix {
-            ExpertMatrix::Gate | ExpertMatrix::Up => {
-                let fused = format!("{}.experts.gate_up_proj", self.block);
-                if weights.contains(&fused) {
-                    let all = weights.get(&fused, &[n, 2 * p, d])?;
-                    let offset = if matrix == ExpertMatrix::Gate { 0 } else { p };
-                    return Ok(all.get(expert)?.narrow(0, offset, p)?.contiguous()?);
-                }
-            }
-            ExpertMatrix::Down => {
-                let fused = format!("{}.experts.down_proj", self.block);
-                if weights.contains(&fused) {
-                    return Ok(weights.get(&fused, &[n, d, p])?.get(expert)?.contiguous()?);
-                }
-            }
+            ExpertMatrix::Gate | ExpertMatrix::Up => format!("{}.experts.gate_up_proj", self.block),
+            ExpertMatrix::Down => format!("{}.experts.down_proj", self.block),
         }
-        Err(Error::MissingTensor {
-            name: per_expert,
-            dir: weights.checkpoint.dir().to_path_buf(),
-            expected_by: format!(
-                "{} routed expert {expert} (neither per-expert keys nor fused `{}.experts.gate_up_proj`/`down_proj` found)",
-                weights.family, self.block
-            ),
+    }
+
+    /// Whether `matrix` is stored fused ([n, 2p, d] / [n, d, p]) rather than per expert.
+    pub fn is_fused(&self, checkpoint: &Checkpoint, matrix: ExpertMatrix) -> bool {
+        !checkpoint.contains(&self.dense_name(0, matrix))
+            && checkpoint.contains(&self.fused_name(matrix))
+    }
+
+    fn expected_by(&self, what: &str) -> String {
+        format!("{what} of `{}`", self.block)
+    }
+
+    fn check_expert(&self, expert: usize) -> Result<()> {
+        if expert >= self.num_experts {
+            return Err(Error::InvalidArgument(format!(
+                "expert {expert} requested from `{}`, which has {} routed experts",
+                self.block, self.num_experts
+            )));
+        }
+        Ok(())
+    }
+
+    /// The fused tensor of `matrix`, narrowed to `matrix`: [n, out, in], not necessarily contiguous.
+    fn load_fused(
+        &self,
+        checkpoint: &Checkpoint,
+        matrix: ExpertMatrix,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (p, d, n) = (self.intermediate_size, self.hidden_size, self.num_experts);
+        let name = self.fused_name(matrix);
+        let by = self.expected_by("fused routed experts");
+        Ok(match matrix {
+            ExpertMatrix::Gate | ExpertMatrix::Up => {
+                let all = checkpoint.load_shaped(&name, &[n, 2 * p, d], dtype, device, &by)?;
+                let offset = if matrix == ExpertMatrix::Gate { 0 } else { p };
+                all.narrow(1, offset, p)?
+            }
+            ExpertMatrix::Down => checkpoint.load_shaped(&name, &[n, d, p], dtype, device, &by)?,
         })
     }
 
-    /// Loads all routed experts, honouring a compression record when the checkpoint has one.
-    pub fn load_experts(
-        &self,
-        weights: &Weights,
-        layer: usize,
-        compression: Option<&CompressionRecord>,
-    ) -> Result<Vec<Expert>> {
-        let mut projections: Vec<[Option<Projection>; 3]> =
-            (0..self.num_experts).map(|_| [None, None, None]).collect();
-        if let Some(record) = compression.and_then(|c| c.layer(layer).map(|l| (c, l))) {
-            let (compression, layer_record) = record;
-            for matrix in ExpertMatrix::ALL {
-                let Some(matrix_record) = layer_record.matrices.get(self.name(matrix)) else {
-                    continue;
-                };
-                for (g, group) in matrix_record.groups.iter().enumerate() {
-                    if group.dense {
-                        continue;
-                    }
-                    let factored = self.load_group(weights, compression, matrix, g, group)?;
-                    for (expert, projection) in group.experts.iter().zip(factored) {
-                        let slot = projections.get_mut(*expert).ok_or_else(|| Error::Config {
-                            path: weights.checkpoint.config_path(),
-                            message: format!(
-                                "compression record of layer {layer} names expert {expert}, but the layer has {}",
-                                self.num_experts
-                            ),
-                        })?;
-                        slot[matrix as usize] = Some(projection);
-                    }
-                }
-            }
+    fn missing(&self, checkpoint: &Checkpoint, expert: usize, matrix: ExpertMatrix) -> Error {
+        Error::MissingTensor {
+            name: self.dense_name(expert, matrix),
+            dir: checkpoint.dir().to_path_buf(),
+            expected_by: format!(
+                "routed expert {expert} of `{}` (neither per-expert keys nor fused `{}` found)",
+                self.block,
+                self.fused_name(matrix)
+            ),
         }
-        projections
-            .into_iter()
-            .enumerate()
-            .map(|(expert, mut slots)| {
-                let mut take = |matrix: ExpertMatrix| -> Result<Projection> {
-                    match slots[matrix as usize].take() {
-                        Some(p) => Ok(p),
-                        None => Ok(Projection::Dense(self.load_dense(weights, expert, matrix)?)),
-                    }
-                };
-                Ok(Expert {
-                    gate: take(ExpertMatrix::Gate)?,
-                    up: take(ExpertMatrix::Up)?,
-                    down: take(ExpertMatrix::Down)?,
-                })
-            })
+    }
+
+    /// Loads the original dense matrix [out, in] of `expert` from per-expert or fused tensors,
+    /// checking shapes against the config.
+    pub fn load_dense(
+        &self,
+        checkpoint: &Checkpoint,
+        expert: usize,
+        matrix: ExpertMatrix,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.check_expert(expert)?;
+        let per_expert = self.dense_name(expert, matrix);
+        if checkpoint.contains(&per_expert) {
+            let by = self.expected_by(&format!("routed expert {expert}"));
+            return checkpoint.load_shaped(&per_expert, &self.shape(matrix), dtype, device, &by);
+        }
+        if checkpoint.contains(&self.fused_name(matrix)) {
+            let all = self.load_fused(checkpoint, matrix, dtype, device)?;
+            return Ok(all.get(expert)?.contiguous()?);
+        }
+        Err(self.missing(checkpoint, expert, matrix))
+    }
+
+    /// Loads `matrix` of every routed expert, [out, in] each (a fused tensor is read once).
+    pub fn load_matrix(
+        &self,
+        checkpoint: &Checkpoint,
+        matrix: ExpertMatrix,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        if self.is_fused(checkpoint, matrix) {
+            let all = self.load_fused(checkpoint, matrix, dtype, device)?;
+            return (0..self.num_experts)
+                .map(|e| Ok(all.get(e)?.contiguous()?))
+                .collect();
+        }
+        (0..self.num_experts)
+            .map(|e| self.load_dense(checkpoint, e, matrix, dtype, device))
             .collect()
     }
 
-    fn load_group(
+    /// Loads `matrix` of every routed expert as one contiguous stack [n, out, in].
+    pub fn load_stacked(
         &self,
-        weights: &Weights,
-        compression: &CompressionRecord,
+        checkpoint: &Checkpoint,
         matrix: ExpertMatrix,
-        group_index: usize,
-        group: &GroupRecord,
-    ) -> Result<Vec<Projection>> {
-        let name = self.name(matrix);
-        let [rows, cols] = self.shape(matrix);
-        let raw_basis = weights.get(
-            &format::basis_name(&self.block, group_index, name),
-            &[group.rank, cols],
-        )?;
-        let basis = match compression.basis_activation {
-            BasisActivation::Identity => raw_basis,
-            BasisActivation::Silu => candle_nn::ops::silu(&raw_basis)?,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if self.is_fused(checkpoint, matrix) {
+            return Ok(self
+                .load_fused(checkpoint, matrix, dtype, device)?
+                .contiguous()?);
+        }
+        let matrices = self.load_matrix(checkpoint, matrix, dtype, device)?;
+        Ok(Tensor::stack(&matrices, 0)?)
+    }
+
+    /// The factored groups of `matrix` in `layer` of a compressed checkpoint (groups the record
+    /// keeps dense are left out: their experts load through [`ExpertLayout::load_dense`]).
+    /// Empty when the record does not cover this layer or matrix.
+    pub fn load_groups(
+        &self,
+        checkpoint: &Checkpoint,
+        compression: &CompressionRecord,
+        layer: usize,
+        matrix: ExpertMatrix,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<StoredGroup>> {
+        let Some(layer_record) = compression.layer(layer) else {
+            return Ok(Vec::new());
         };
-        let residual_rows = if group.residual_size > 0 {
-            let eta = weights.get(
-                &format::residual_name(&self.block, group_index, name),
-                &[group.residual_size],
-            )?;
-            let eta: Vec<f32> = eta.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            let entries = group.experts.len() * rows * cols;
-            let projection =
-                SparseProjection::new(compression.residual_seed, entries, group.residual_size);
-            let dense = Tensor::from_vec(
-                projection.expand(&eta),
-                (group.experts.len() * rows, cols),
-                weights.device,
-            )?
-            .to_dtype(weights.dtype)?;
-            Some(dense)
+        let Some(matrix_record) = layer_record.matrices.get(self.name(matrix)) else {
+            return Ok(Vec::new());
+        };
+        self.check_membership(checkpoint, layer, matrix, &matrix_record.groups)?;
+        let loader = GroupLoader {
+            layout: self,
+            checkpoint,
+            compression,
+            matrix,
+            dtype,
+            device,
+        };
+        matrix_record
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, group)| !group.dense)
+            .map(|(g, group)| loader.load(g, group))
+            .collect()
+    }
+
+    /// Every expert index in range and in at most one group.
+    fn check_membership(
+        &self,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        matrix: ExpertMatrix,
+        groups: &[GroupRecord],
+    ) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for &expert in groups.iter().flat_map(|g| &g.experts) {
+            let problem = if expert >= self.num_experts {
+                format!("but the layer has {}", self.num_experts)
+            } else if !seen.insert(expert) {
+                "in more than one group".to_string()
+            } else {
+                continue;
+            };
+            return Err(Error::Config {
+                path: checkpoint.config_path(),
+                message: format!(
+                    "compression record of layer {layer} ({}) names expert {expert} {problem}",
+                    self.name(matrix)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the tensors of factored groups of one matrix type.
+struct GroupLoader<'a> {
+    layout: &'a ExpertLayout,
+    checkpoint: &'a Checkpoint,
+    compression: &'a CompressionRecord,
+    matrix: ExpertMatrix,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl GroupLoader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let by = format!("compressed experts of `{}`", self.layout.block);
+        self.checkpoint
+            .load_shaped(name, shape, self.dtype, self.device, &by)
+    }
+
+    fn load(&self, index: usize, group: &GroupRecord) -> Result<StoredGroup> {
+        let block = &self.layout.block;
+        let name = self.layout.name(self.matrix);
+        let [rows, cols] = self.layout.shape(self.matrix);
+        let basis = self.get(&format::basis_name(block, index, name), &[group.rank, cols])?;
+        let residual = if group.residual_size > 0 {
+            Some(StoredResidual {
+                eta: self.get(
+                    &format::residual_name(block, index, name),
+                    &[group.residual_size],
+                )?,
+                seed: self.compression.residual_seed,
+            })
         } else {
             None
         };
-        group
+        let coefficients = group
             .experts
             .iter()
-            .enumerate()
-            .map(|(slot, &expert)| {
-                let coefficients = weights.get(
-                    &format::coefficients_name(&self.block, expert, name),
+            .map(|&expert| {
+                self.get(
+                    &format::coefficients_name(block, expert, name),
                     &[rows, group.rank],
-                )?;
-                let residual = match &residual_rows {
-                    Some(r) => Some(r.narrow(0, slot * rows, rows)?),
-                    None => None,
-                };
-                Ok(Projection::LowRank {
-                    coefficients,
-                    basis: basis.clone(),
-                    residual,
-                })
+                )
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StoredGroup {
+            experts: group.experts.clone(),
+            coefficients,
+            basis,
+            activation: self.compression.basis_activation,
+            residual,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use super::common::{
     causal_attention, rope_parameters, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights,
 };
 use super::mixtral::{default_eps, default_positions};
-use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
+use super::moe::{MoeBlock, RoutedExperts, Router, RoutingRule, SharedExpert};
 use super::qwen3_moe::one;
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
@@ -141,7 +141,7 @@ impl Config {
         &self,
         w: &Weights,
         i: usize,
-        experts: Option<Vec<Expert>>,
+        experts: Option<RoutedExperts>,
         rule: impl FnOnce(&Weights, &str) -> Result<RoutingRule>,
     ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
@@ -195,7 +195,7 @@ impl Config {
         &self,
         w: &Weights,
         i: usize,
-        experts: Option<Vec<Expert>>,
+        experts: Option<RoutedExperts>,
     ) -> Result<DecoderLayer> {
         let n_group = match self.topk_method.as_deref() {
             Some("group_limited_greedy") => self.n_group,

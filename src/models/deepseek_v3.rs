@@ -3,11 +3,11 @@
 //! selection biased by `e_score_correction_bias` inside the best `topk_group` of `n_group` groups,
 //! optional renormalisation and `routed_scaling_factor`.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::common::Weights;
-use super::moe::{Expert, RoutingRule};
+use super::moe::{RoutedExperts, RoutingRule};
 use super::{deepseek_v2, DecoderLayer, Family, ModelSpec};
 use crate::error::Result;
 
@@ -27,14 +27,14 @@ impl Config {
         &self,
         w: &Weights,
         i: usize,
-        experts: Option<Vec<Expert>>,
+        experts: Option<RoutedExperts>,
     ) -> Result<DecoderLayer> {
         let c = &self.0;
         self.0.load_layer_with(w, i, experts, |w, block| {
             let bias_name = format!("{block}.gate.e_score_correction_bias");
             let correction_bias = match w.get_optional(&bias_name, &[c.n_routed_experts])? {
-                Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
-                None => vec![0.0; c.n_routed_experts],
+                Some(t) => t.to_dtype(DType::F32)?,
+                None => Tensor::zeros(c.n_routed_experts, DType::F32, w.device)?,
             };
             Ok(RoutingRule::SigmoidGroupLimited {
                 top_k: c.num_experts_per_tok,

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use super::common::{Attention, AttentionShape, RopeStyle, Weights};
-use super::moe::{Expert, MoeBlock, Router, RoutingRule};
+use super::moe::{MoeBlock, RoutedExperts, Router, RoutingRule};
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
 use crate::error::Result;
@@ -91,7 +91,7 @@ impl Config {
         &self,
         w: &Weights,
         i: usize,
-        experts: Option<Vec<Expert>>,
+        experts: Option<RoutedExperts>,
     ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let h = self.hidden_size;

@@ -6,11 +6,13 @@
 pub mod common;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod experts;
 pub mod mixtral;
 pub mod moe;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
+pub mod routing;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -20,7 +22,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{CompressionRecord, COMPRESSION_KEY};
 use common::{Attention, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights};
-use moe::{MoeBlock, MoeObserver};
+use moe::{MoeBlock, MoeObserver, RoutedExperts};
 
 /// The supported model families, by `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -325,7 +327,14 @@ impl ArchConfig {
     ) -> Result<DecoderLayer> {
         let spec = self.spec();
         let moe = match &spec.moe_layers[index] {
-            Some(layout) => Some(layout.load_experts(weights, index, compression)?),
+            Some(layout) => Some(RoutedExperts::load(
+                layout,
+                weights.checkpoint,
+                index,
+                compression,
+                weights.dtype,
+                weights.device,
+            )?),
             None => None,
         };
         match self {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::common::{Attention, AttentionShape, GatedMlp, RopeStyle, Weights};
 use super::mixtral::{default_eps, default_positions};
-use super::moe::{Expert, MoeBlock, Router, RoutingRule, SharedExpert};
+use super::moe::{MoeBlock, RoutedExperts, Router, RoutingRule, SharedExpert};
 use super::qwen3_moe::{is_sparse, one};
 use super::{AttentionBlock, DecoderLayer, Family, FeedForward, ModelSpec, RotarySpec};
 use crate::checkpoint::experts::ExpertLayout;
@@ -113,7 +113,7 @@ impl Config {
         &self,
         w: &Weights,
         i: usize,
-        experts: Option<Vec<Expert>>,
+        experts: Option<RoutedExperts>,
     ) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{i}");
         let h = self.hidden_size;

@@ -111,7 +111,7 @@ impl MoeObserver for RoutingRecorder {
     fn observe(&mut self, trace: &MoeTrace) -> Result<()> {
         let tokens_per_expert = trace
             .routing
-            .tokens_per_expert(self.num_experts)
+            .tokens_per_expert(self.num_experts)?
             .into_iter()
             .map(|(tokens, _)| tokens)
             .collect();

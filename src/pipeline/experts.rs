@@ -32,7 +32,9 @@ impl<'a> LayerExperts<'a> {
 
     /// One expert's `matrix` ([p, d] for gate/up, [d, p] for down) as f32 on the CPU.
     pub fn matrix(&self, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
-        self.layout.load_dense(&self.weights, expert, matrix)
+        let w = &self.weights;
+        self.layout
+            .load_dense(w.checkpoint, expert, matrix, w.dtype, w.device)
     }
 
     /// The group's matrices stacked row-wise (`k·p × d`) in the backend's matrix type.

@@ -1,0 +1,846 @@
+//! The routed experts of a MoE layer in one of three runtime forms, chosen at load:
+//!
+//! - [`RoutedExperts::Dense`]: one dense `[out, in]` matrix per expert and matrix type (per-expert
+//!   checkpoints);
+//! - [`RoutedExperts::Stacked`]: `[n, out, in]` stacks, each routed expert's slice taken in place
+//!   (fused checkpoints, `gate_up_proj` / `down_proj`);
+//! - [`RoutedExperts::Factored`]: rfid-moe's compressed groups. For gate and up, whose input is
+//!   the layer input, `act(B_g)·x` is computed once for all tokens routed to any member of group
+//!   `g`, then each member applies its `A_i` to its own rows. Experts the record keeps dense stay
+//!   dense. A residual is still expanded to a dense `[out, in]` per member at load; issue 13
+//!   replaces that with the compact form.
+//!
+//! All three give the same function; `checkpoint::experts` supplies their tensors.
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::common::matmul_transposed;
+use super::routing::ExpertDispatch;
+use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix, StoredGroup};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::format::CompressionRecord;
+
+/// Which runtime form a layer's experts take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertsForm {
+    /// One dense matrix per expert.
+    Dense,
+    /// `[n, out, in]` stacks.
+    Stacked,
+    /// Factored groups (with dense experts where the record keeps them).
+    Factored,
+}
+
+impl ExpertsForm {
+    /// The natural form of `layer`: factored when the compression record factors any of its
+    /// groups, stacked when the checkpoint stores fused 3-D tensors, dense otherwise.
+    pub fn for_layer(
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+    ) -> Self {
+        let factored = compression.and_then(|c| c.layer(layer)).is_some_and(|l| {
+            l.matrices
+                .values()
+                .flat_map(|m| &m.groups)
+                .any(|g| !g.dense)
+        });
+        if factored {
+            Self::Factored
+        } else if ExpertMatrix::ALL
+            .iter()
+            .all(|&m| layout.is_fused(checkpoint, m))
+        {
+            Self::Stacked
+        } else {
+            Self::Dense
+        }
+    }
+}
+
+/// The three matrices of one expert, dense.
+#[derive(Debug, Clone)]
+pub struct DenseExpert {
+    /// Gate projection, [p, d].
+    pub gate: Tensor,
+    /// Up projection, [p, d].
+    pub up: Tensor,
+    /// Down projection, [d, p].
+    pub down: Tensor,
+}
+
+/// All experts' matrices as stacks.
+#[derive(Debug, Clone)]
+pub struct StackedExperts {
+    /// Gate projections, [n, p, d].
+    pub gate: Tensor,
+    /// Up projections, [n, p, d].
+    pub up: Tensor,
+    /// Down projections, [n, d, p].
+    pub down: Tensor,
+}
+
+/// One factored group of one matrix type, ready to run.
+#[derive(Debug, Clone)]
+pub struct FactorGroup {
+    /// Member experts.
+    pub experts: Vec<usize>,
+    /// `act(B)`, [rank, in].
+    pub basis: Tensor,
+    /// `A_i` per member, [out, rank].
+    pub coefficients: Vec<Tensor>,
+    /// Dense residual per member, [out, in] (expanded at load; issue 13 keeps it compact).
+    pub residuals: Option<Vec<Tensor>>,
+}
+
+impl FactorGroup {
+    /// Prepares a stored group for inference (activates the basis, expands the residual).
+    pub fn from_stored(stored: &StoredGroup) -> Result<Self> {
+        Ok(Self {
+            experts: stored.experts.clone(),
+            basis: stored.activated_basis()?,
+            coefficients: stored.coefficients.clone(),
+            residuals: stored.member_residuals()?,
+        })
+    }
+
+    /// `A_i·act(B) + R_i` for member `slot`, [out, in].
+    fn dense(&self, slot: usize) -> Result<Tensor> {
+        let w = self.coefficients[slot].matmul(&self.basis)?;
+        Ok(match &self.residuals {
+            Some(r) => (w + &r[slot])?,
+            None => w,
+        })
+    }
+
+    /// Adds member `slot`'s residual applied to `x` to `y`.
+    fn add_residual(&self, slot: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        match &self.residuals {
+            Some(r) => Ok((y + matmul_transposed(x, &r[slot])?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Where an expert's matrix lives in a [`FactoredProjection`].
+#[derive(Debug, Clone, Copy)]
+enum Member {
+    Dense(usize),
+    Group { group: usize, slot: usize },
+}
+
+/// One matrix type of all experts: factored groups plus experts kept dense.
+#[derive(Debug, Clone)]
+pub struct FactoredProjection {
+    groups: Vec<FactorGroup>,
+    dense: Vec<Tensor>,
+    members: Vec<Member>,
+}
+
+impl FactoredProjection {
+    /// Builds the projection of `num_experts` experts from factored `groups` and the dense
+    /// matrices of the other experts (`(expert, [out, in])`); every expert must be covered once.
+    pub fn new(
+        num_experts: usize,
+        groups: Vec<FactorGroup>,
+        dense: Vec<(usize, Tensor)>,
+    ) -> Result<Self> {
+        let mut members = vec![None; num_experts];
+        let mut place = |expert: usize, member: Member| -> Result<()> {
+            match members.get_mut(expert) {
+                Some(slot @ None) => {
+                    *slot = Some(member);
+                    Ok(())
+                }
+                Some(Some(_)) => Err(Error::InvalidArgument(format!(
+                    "expert {expert} appears twice among factored groups and dense experts"
+                ))),
+                None => Err(Error::InvalidArgument(format!(
+                    "expert {expert} is out of range for {num_experts} experts"
+                ))),
+            }
+        };
+        for (g, group) in groups.iter().enumerate() {
+            if group.coefficients.len() != group.experts.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "factored group {g} has {} members but {} coefficient matrices",
+                    group.experts.len(),
+                    group.coefficients.len()
+                )));
+            }
+            for (slot, &e) in group.experts.iter().enumerate() {
+                place(e, Member::Group { group: g, slot })?;
+            }
+        }
+        let mut matrices = Vec::with_capacity(dense.len());
+        for (e, w) in dense {
+            place(e, Member::Dense(matrices.len()))?;
+            matrices.push(w);
+        }
+        let members = members
+            .into_iter()
+            .enumerate()
+            .map(|(e, m)| {
+                m.ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "expert {e} is neither in a factored group nor dense"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            groups,
+            dense: matrices,
+            members,
+        })
+    }
+
+    /// Loads `matrix` of `layer`: the record's factored groups, and the remaining experts dense.
+    pub fn load(
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+        matrix: ExpertMatrix,
+        (dtype, device): (DType, &Device),
+    ) -> Result<Self> {
+        let stored = match compression {
+            Some(c) => layout.load_groups(checkpoint, c, layer, matrix, dtype, device)?,
+            None => Vec::new(),
+        };
+        let mut covered = vec![false; layout.num_experts];
+        stored
+            .iter()
+            .flat_map(|g| &g.experts)
+            .for_each(|&e| covered[e] = true);
+        let dense = (0..layout.num_experts)
+            .filter(|&e| !covered[e])
+            .map(|e| Ok((e, layout.load_dense(checkpoint, e, matrix, dtype, device)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let groups = stored
+            .iter()
+            .map(FactorGroup::from_stored)
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(layout.num_experts, groups, dense)
+    }
+
+    /// The factored groups.
+    pub fn groups(&self) -> &[FactorGroup] {
+        &self.groups
+    }
+
+    /// The effective dense matrix of `expert`, [out, in].
+    pub fn dense_matrix(&self, expert: usize) -> Result<Tensor> {
+        match self.member(expert)? {
+            Member::Dense(i) => Ok(self.dense[i].clone()),
+            Member::Group { group, slot } => self.groups[group].dense(slot),
+        }
+    }
+
+    fn member(&self, expert: usize) -> Result<Member> {
+        self.members.get(expert).copied().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "expert {expert} is out of range for {} experts",
+                self.members.len()
+            ))
+        })
+    }
+
+    /// Applies `expert`'s matrix to its own input rows `x` [count, in].
+    pub fn forward_expert(&self, expert: usize, x: &Tensor) -> Result<Tensor> {
+        match self.member(expert)? {
+            Member::Dense(i) => matmul_transposed(x, &self.dense[i]),
+            Member::Group { group, slot } => {
+                let group = &self.groups[group];
+                let projected = matmul_transposed(x, &group.basis)?;
+                let y = matmul_transposed(&projected, &group.coefficients[slot])?;
+                group.add_residual(slot, x, y)
+            }
+        }
+    }
+
+    /// Applies every routed expert's matrix to its tokens of the shared input `x` [tokens, in]:
+    /// per expert, its rows of the output (in its route's token order), `None` without tokens.
+    /// Each group's basis is applied once to the union of its members' tokens.
+    pub fn forward_routed(
+        &self,
+        x: &Tensor,
+        dispatch: &ExpertDispatch,
+        rows: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut out: Vec<Option<Tensor>> = vec![None; self.members.len()];
+        for (expert, member) in self.members.iter().enumerate() {
+            if let (Member::Dense(i), Some(x_e)) = (member, &rows[expert]) {
+                out[expert] = Some(matmul_transposed(x_e, &self.dense[*i])?);
+            }
+        }
+        for group in &self.groups {
+            let Some(route) = dispatch.group_route(&group.experts)? else {
+                continue;
+            };
+            let projected = matmul_transposed(&x.index_select(&route.tokens, 0)?, &group.basis)?;
+            for (slot, positions) in route.positions.iter().enumerate() {
+                let (Some(positions), expert) = (positions, group.experts[slot]) else {
+                    continue;
+                };
+                let z = projected.index_select(positions, 0)?;
+                let y = matmul_transposed(&z, &group.coefficients[slot])?;
+                let y = match &rows[expert] {
+                    Some(x_e) => group.add_residual(slot, x_e, y)?,
+                    None => y,
+                };
+                out[expert] = Some(y);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Gate, up and down of all experts, each factored or dense per expert.
+#[derive(Debug, Clone)]
+pub struct FactoredExperts {
+    /// Gate projections.
+    pub gate: FactoredProjection,
+    /// Up projections.
+    pub up: FactoredProjection,
+    /// Down projections.
+    pub down: FactoredProjection,
+}
+
+/// The routed experts of a layer, in the runtime form chosen at load.
+#[derive(Debug, Clone)]
+pub enum RoutedExperts {
+    /// One dense matrix per expert and matrix type.
+    Dense(Vec<DenseExpert>),
+    /// `[n, out, in]` stacks.
+    Stacked(StackedExperts),
+    /// Factored groups (boxed: three projections with their groups).
+    Factored(Box<FactoredExperts>),
+}
+
+impl Default for RoutedExperts {
+    fn default() -> Self {
+        Self::Dense(Vec::new())
+    }
+}
+
+/// `down(silu(gate) * up)` on already projected gate and up rows.
+fn gated_down(
+    gate: &Tensor,
+    up: &Tensor,
+    down: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let activated = candle_nn::Activation::Silu.forward(gate)?;
+    down(&(activated * up)?)
+}
+
+impl RoutedExperts {
+    /// Loads the experts of `layer` in the form [`ExpertsForm::for_layer`] picks.
+    pub fn load(
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let form = ExpertsForm::for_layer(layout, checkpoint, layer, compression);
+        Self::load_as(form, layout, checkpoint, layer, compression, dtype, device)
+    }
+
+    /// Loads the experts of `layer` in `form` (a record's factors are honoured only by
+    /// [`ExpertsForm::Factored`]; the other forms need dense experts on disk).
+    pub fn load_as(
+        form: ExpertsForm,
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match form {
+            ExpertsForm::Dense => {
+                let [gate, up, down] =
+                    ExpertMatrix::ALL.map(|m| layout.load_matrix(checkpoint, m, dtype, device));
+                let (gate, up, down) = (gate?, up?, down?);
+                Self::Dense(
+                    gate.into_iter()
+                        .zip(up)
+                        .zip(down)
+                        .map(|((gate, up), down)| DenseExpert { gate, up, down })
+                        .collect(),
+                )
+            }
+            ExpertsForm::Stacked => Self::Stacked(StackedExperts {
+                gate: layout.load_stacked(checkpoint, ExpertMatrix::Gate, dtype, device)?,
+                up: layout.load_stacked(checkpoint, ExpertMatrix::Up, dtype, device)?,
+                down: layout.load_stacked(checkpoint, ExpertMatrix::Down, dtype, device)?,
+            }),
+            ExpertsForm::Factored => {
+                let load = |m| {
+                    FactoredProjection::load(
+                        layout,
+                        checkpoint,
+                        layer,
+                        compression,
+                        m,
+                        (dtype, device),
+                    )
+                };
+                Self::Factored(Box::new(FactoredExperts {
+                    gate: load(ExpertMatrix::Gate)?,
+                    up: load(ExpertMatrix::Up)?,
+                    down: load(ExpertMatrix::Down)?,
+                }))
+            }
+        })
+    }
+
+    /// The form of these experts.
+    pub fn form(&self) -> ExpertsForm {
+        match self {
+            Self::Dense(_) => ExpertsForm::Dense,
+            Self::Stacked(_) => ExpertsForm::Stacked,
+            Self::Factored(_) => ExpertsForm::Factored,
+        }
+    }
+
+    /// Number of routed experts.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Dense(experts) => experts.len(),
+            Self::Stacked(s) => s.gate.dim(0).unwrap_or(0),
+            Self::Factored(f) => f.gate.members.len(),
+        }
+    }
+
+    /// Whether there are no experts.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The effective dense matrix [out, in] of `matrix` for `expert`.
+    pub fn dense_matrix(&self, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
+        let out_of_range = || {
+            Error::InvalidArgument(format!(
+                "expert {expert} is out of range for {} experts",
+                self.len()
+            ))
+        };
+        if expert >= self.len() {
+            return Err(out_of_range());
+        }
+        match self {
+            Self::Dense(experts) => {
+                let e = &experts[expert];
+                Ok(match matrix {
+                    ExpertMatrix::Gate => e.gate.clone(),
+                    ExpertMatrix::Up => e.up.clone(),
+                    ExpertMatrix::Down => e.down.clone(),
+                })
+            }
+            Self::Stacked(s) => {
+                let stack = match matrix {
+                    ExpertMatrix::Gate => &s.gate,
+                    ExpertMatrix::Up => &s.up,
+                    ExpertMatrix::Down => &s.down,
+                };
+                Ok(stack.get(expert)?)
+            }
+            Self::Factored(f) => match matrix {
+                ExpertMatrix::Gate => f.gate.dense_matrix(expert),
+                ExpertMatrix::Up => f.up.dense_matrix(expert),
+                ExpertMatrix::Down => f.down.dense_matrix(expert),
+            },
+        }
+    }
+
+    /// `Σ_e w_e · expert_e(x)` over each token's routed experts, for `x` [tokens, hidden].
+    pub fn forward(&self, x: &Tensor, dispatch: &ExpertDispatch) -> Result<Tensor> {
+        if dispatch.num_experts() != self.len() {
+            return Err(Error::InvalidArgument(format!(
+                "routing covers {} experts but the layer has {}",
+                dispatch.num_experts(),
+                self.len()
+            )));
+        }
+        let rows: Vec<Option<Tensor>> = (0..self.len())
+            .map(|e| {
+                dispatch
+                    .route(e)
+                    .map(|r| x.index_select(&r.tokens, 0))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let outputs: Vec<Option<Tensor>> = match self {
+            Self::Dense(experts) => experts
+                .iter()
+                .zip(&rows)
+                .map(|(e, x_e)| {
+                    x_e.as_ref()
+                        .map(|x_e| {
+                            gated_down(
+                                &matmul_transposed(x_e, &e.gate)?,
+                                &matmul_transposed(x_e, &e.up)?,
+                                |h| matmul_transposed(h, &e.down),
+                            )
+                        })
+                        .transpose()
+                })
+                .collect::<Result<_>>()?,
+            Self::Stacked(s) => rows
+                .iter()
+                .enumerate()
+                .map(|(e, x_e)| {
+                    x_e.as_ref()
+                        .map(|x_e| {
+                            gated_down(
+                                &matmul_transposed(x_e, &s.gate.get(e)?)?,
+                                &matmul_transposed(x_e, &s.up.get(e)?)?,
+                                |h| matmul_transposed(h, &s.down.get(e)?),
+                            )
+                        })
+                        .transpose()
+                })
+                .collect::<Result<_>>()?,
+            Self::Factored(f) => {
+                let gate = f.gate.forward_routed(x, dispatch, &rows)?;
+                let up = f.up.forward_routed(x, dispatch, &rows)?;
+                gate.iter()
+                    .zip(&up)
+                    .enumerate()
+                    .map(|(e, pair)| match pair {
+                        (Some(g), Some(u)) => {
+                            gated_down(g, u, |h| f.down.forward_expert(e, h)).map(Some)
+                        }
+                        _ => Ok(None),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        let mut out = x.zeros_like()?;
+        for (expert, y) in outputs.into_iter().enumerate() {
+            let (Some(y), Some(route)) = (y, dispatch.route(expert)) else {
+                continue;
+            };
+            let weights = route.weights.to_dtype(y.dtype())?;
+            out = out.index_add(&route.tokens, &y.broadcast_mul(&weights)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::experts::StoredResidual;
+    use crate::format::BasisActivation;
+    use crate::models::routing::{Routing, RoutingRule};
+    use crate::residual::SparseProjection;
+    use crate::rng::SplitMix64;
+
+    const D: usize = 12;
+    const P: usize = 7;
+    const N: usize = 6;
+    const TOKENS: usize = 29;
+
+    fn random(seed: u64, shape: (usize, usize)) -> Tensor {
+        let mut rng = SplitMix64::new(seed);
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (rng.uniform() - 0.5) as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    fn shape(matrix: ExpertMatrix) -> (usize, usize) {
+        match matrix {
+            ExpertMatrix::Down => (D, P),
+            _ => (P, D),
+        }
+    }
+
+    /// Routing of `TOKENS` random tokens over `N` experts with top-2; expert `idle` gets none.
+    fn routing(x: &Tensor, idle: Option<usize>) -> Routing {
+        let gate = random(99, (N, D));
+        let mut logits = matmul_transposed(x, &gate).unwrap();
+        if let Some(idle) = idle {
+            let mask: Vec<f32> = (0..N).map(|e| if e == idle { -1e9 } else { 0.0 }).collect();
+            logits = logits
+                .broadcast_add(&Tensor::new(mask.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let rule = RoutingRule::SoftmaxTopK {
+            top_k: 2,
+            normalize: true,
+        };
+        let (experts, weights) = rule.select(&logits).unwrap();
+        Routing {
+            logits,
+            experts,
+            weights,
+            top_k: 2,
+        }
+    }
+
+    fn dense_experts(seed: u64) -> Vec<DenseExpert> {
+        (0..N as u64)
+            .map(|e| DenseExpert {
+                gate: random(seed + 3 * e, (P, D)),
+                up: random(seed + 3 * e + 1, (P, D)),
+                down: random(seed + 3 * e + 2, (D, P)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stacked_experts_match_dense_experts() {
+        let x = random(1, (TOKENS, D));
+        let dispatch = ExpertDispatch::new(&routing(&x, None), N).unwrap();
+        let experts = dense_experts(10);
+        let stack = |f: fn(&DenseExpert) -> &Tensor| {
+            Tensor::stack(&experts.iter().map(f).cloned().collect::<Vec<_>>(), 0).unwrap()
+        };
+        let stacked = RoutedExperts::Stacked(StackedExperts {
+            gate: stack(|e| &e.gate),
+            up: stack(|e| &e.up),
+            down: stack(|e| &e.down),
+        });
+        let dense = RoutedExperts::Dense(experts);
+        let a = dense.forward(&x, &dispatch).unwrap();
+        let b = stacked.forward(&x, &dispatch).unwrap();
+        assert!(max_diff(&a, &b) <= 1e-6, "{}", max_diff(&a, &b));
+        assert!(
+            a.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-3
+        );
+        for m in ExpertMatrix::ALL {
+            assert_eq!(
+                max_diff(
+                    &dense.dense_matrix(4, m).unwrap(),
+                    &stacked.dense_matrix(4, m).unwrap()
+                ),
+                0.0
+            );
+        }
+    }
+
+    /// A stored group of `experts` for `matrix`, with a residual when `residual_size > 0`.
+    fn stored_group(
+        seed: u64,
+        experts: Vec<usize>,
+        matrix: ExpertMatrix,
+        rank: usize,
+        activation: BasisActivation,
+        residual_size: usize,
+    ) -> StoredGroup {
+        let (out, cols) = shape(matrix);
+        StoredGroup {
+            coefficients: (0..experts.len() as u64)
+                .map(|i| random(seed + i, (out, rank)))
+                .collect(),
+            experts,
+            basis: random(seed + 50, (rank, cols)),
+            activation,
+            residual: (residual_size > 0).then(|| StoredResidual {
+                eta: random(seed + 60, (1, residual_size)).flatten_all().unwrap(),
+                seed: 77,
+            }),
+        }
+    }
+
+    /// The dense matrices `A_i·act(B) + P η` of a stored group, computed independently.
+    fn reconstruction(group: &StoredGroup, matrix: ExpertMatrix) -> Vec<Tensor> {
+        let (out, cols) = shape(matrix);
+        let basis = match group.activation {
+            BasisActivation::Identity => group.basis.clone(),
+            BasisActivation::Silu => candle_nn::ops::silu(&group.basis).unwrap(),
+        };
+        let residual: Option<Vec<f32>> = group.residual.as_ref().map(|r| {
+            let eta: Vec<f32> = r.eta.to_vec1().unwrap();
+            SparseProjection::new(r.seed, group.experts.len() * out * cols, eta.len()).expand(&eta)
+        });
+        group
+            .coefficients
+            .iter()
+            .enumerate()
+            .map(|(slot, a)| {
+                let w = a.matmul(&basis).unwrap();
+                match &residual {
+                    Some(r) => {
+                        let part = r[slot * out * cols..(slot + 1) * out * cols].to_vec();
+                        (w + Tensor::from_vec(part, (out, cols), &Device::Cpu).unwrap()).unwrap()
+                    }
+                    None => w,
+                }
+            })
+            .collect()
+    }
+
+    /// Factored projection of `matrix` from `groups`, the other experts dense from `dense`.
+    fn factored(
+        groups: &[StoredGroup],
+        dense: &[DenseExpert],
+        matrix: ExpertMatrix,
+    ) -> (FactoredProjection, Vec<Tensor>) {
+        let pick = |e: &DenseExpert| match matrix {
+            ExpertMatrix::Gate => e.gate.clone(),
+            ExpertMatrix::Up => e.up.clone(),
+            ExpertMatrix::Down => e.down.clone(),
+        };
+        let mut effective: Vec<Tensor> = dense.iter().map(pick).collect();
+        for g in groups {
+            for (slot, w) in reconstruction(g, matrix).into_iter().enumerate() {
+                effective[g.experts[slot]] = w;
+            }
+        }
+        let in_group: Vec<usize> = groups.iter().flat_map(|g| g.experts.clone()).collect();
+        let kept = (0..N)
+            .filter(|e| !in_group.contains(e))
+            .map(|e| (e, pick(&dense[e])))
+            .collect();
+        let prepared = groups
+            .iter()
+            .map(|g| FactorGroup::from_stored(g).unwrap())
+            .collect();
+        (
+            FactoredProjection::new(N, prepared, kept).unwrap(),
+            effective,
+        )
+    }
+
+    #[test]
+    fn factored_experts_match_their_dense_reconstruction() {
+        let x = random(2, (TOKENS, D));
+        let dense = dense_experts(20);
+        let gate_groups = [
+            stored_group(
+                200,
+                vec![4, 0, 2],
+                ExpertMatrix::Gate,
+                3,
+                BasisActivation::Silu,
+                40,
+            ),
+            stored_group(
+                210,
+                vec![1, 5],
+                ExpertMatrix::Gate,
+                2,
+                BasisActivation::Silu,
+                0,
+            ),
+        ];
+        let up_groups = [stored_group(
+            300,
+            vec![0, 1, 2, 3],
+            ExpertMatrix::Up,
+            4,
+            BasisActivation::Silu,
+            25,
+        )];
+        let down_groups = [stored_group(
+            400,
+            vec![3, 5],
+            ExpertMatrix::Down,
+            2,
+            BasisActivation::Identity,
+            0,
+        )];
+        let (gate, gate_w) = factored(&gate_groups, &dense, ExpertMatrix::Gate);
+        let (up, up_w) = factored(&up_groups, &dense, ExpertMatrix::Up);
+        let (down, down_w) = factored(&down_groups, &dense, ExpertMatrix::Down);
+        let experts = RoutedExperts::Factored(Box::new(FactoredExperts { gate, up, down }));
+        let reference = RoutedExperts::Dense(
+            (0..N)
+                .map(|e| DenseExpert {
+                    gate: gate_w[e].clone(),
+                    up: up_w[e].clone(),
+                    down: down_w[e].clone(),
+                })
+                .collect(),
+        );
+        for idle in [None, Some(0), Some(5)] {
+            let dispatch = ExpertDispatch::new(&routing(&x, idle), N).unwrap();
+            if let Some(idle) = idle {
+                assert!(
+                    dispatch.route(idle).is_none(),
+                    "expert {idle} should get no token"
+                );
+            }
+            let got = experts.forward(&x, &dispatch).unwrap();
+            let want = reference.forward(&x, &dispatch).unwrap();
+            assert!(
+                max_diff(&got, &want) <= 1e-5,
+                "idle {idle:?}: {}",
+                max_diff(&got, &want)
+            );
+            assert!(
+                want.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 1e-3
+            );
+        }
+        for m in ExpertMatrix::ALL {
+            for e in 0..N {
+                let d = max_diff(
+                    &experts.dense_matrix(e, m).unwrap(),
+                    &reference.dense_matrix(e, m).unwrap(),
+                );
+                assert!(d <= 1e-6, "{m:?} expert {e}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn factored_projection_refuses_uncovered_or_doubled_experts() {
+        let dense = dense_experts(30);
+        let group = FactorGroup::from_stored(&stored_group(
+            500,
+            vec![0, 1],
+            ExpertMatrix::Gate,
+            2,
+            BasisActivation::Identity,
+            0,
+        ))
+        .unwrap();
+        let others = |range: std::ops::Range<usize>| {
+            range
+                .map(|e| (e, dense[e].gate.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert!(FactoredProjection::new(N, vec![group.clone()], others(2..N)).is_ok());
+        assert!(
+            FactoredProjection::new(N, vec![group.clone()], others(3..N)).is_err(),
+            "expert 2 uncovered"
+        );
+        assert!(
+            FactoredProjection::new(N, vec![group], others(1..N)).is_err(),
+            "expert 1 twice"
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! The checkpoint side of the experts seam: per-expert and fused on-disk layouts give the same
+//! canonical tensors, shapes are checked, and each layout loads in its natural runtime form.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, max_abs_diff};
+use rfid_moe::checkpoint::experts::{ExpertLayout, ExpertMatrix};
+use rfid_moe::checkpoint::writer::CheckpointWriter;
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::models::moe::{ExpertsForm, RoutedExperts};
+use rfid_moe::models::{ArchConfig, FeedForward, Model};
+use rfid_moe::Error;
+
+fn layouts(checkpoint: &Checkpoint) -> Vec<(usize, ExpertLayout)> {
+    let spec = ArchConfig::from_checkpoint(checkpoint).unwrap().spec();
+    spec.moe_layers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.map(|l| (i, l)))
+        .collect()
+}
+
+/// Writes a copy of `source` whose experts are fused 3-D tensors; `break_down` gives layer 0's
+/// `down_proj` one expert too few.
+fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
+    let checkpoint = Checkpoint::open(source).unwrap();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for name in checkpoint.tensor_names() {
+        if !name.contains(".experts.") {
+            let t = checkpoint
+                .load(name, DType::F32, &Device::Cpu, "test")
+                .unwrap();
+            tensors.insert(name.to_string(), t);
+        }
+    }
+    for (layer, layout) in layouts(&checkpoint) {
+        let load = |m| {
+            layout
+                .load_matrix(&checkpoint, m, DType::F32, &Device::Cpu)
+                .unwrap()
+        };
+        let (gate, up, mut down) = (
+            load(ExpertMatrix::Gate),
+            load(ExpertMatrix::Up),
+            load(ExpertMatrix::Down),
+        );
+        let gate_up: Vec<Tensor> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| Tensor::cat(&[g, u], 0).unwrap())
+            .collect();
+        if break_down && layer == layouts(&checkpoint)[0].0 {
+            down.pop();
+        }
+        tensors.insert(
+            layout.fused_name(ExpertMatrix::Gate),
+            Tensor::stack(&gate_up, 0).unwrap(),
+        );
+        tensors.insert(
+            layout.fused_name(ExpertMatrix::Down),
+            Tensor::stack(&down, 0).unwrap(),
+        );
+    }
+    let mut writer = CheckpointWriter::create(out, false).unwrap();
+    writer.write_shard(tensors).unwrap();
+    let config = serde_json::to_string(checkpoint.config()).unwrap();
+    writer.write_file("config.json", config.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    out.to_path_buf()
+}
+
+#[test]
+fn per_expert_and_fused_layouts_give_the_same_canonical_tensors() {
+    let source = fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let per_expert = Checkpoint::open(&source).unwrap();
+    let fused = Checkpoint::open(fused_copy(&source, &tmp.path().join("fused"), false)).unwrap();
+    let cpu = &Device::Cpu;
+    for (_, layout) in layouts(&per_expert) {
+        for matrix in ExpertMatrix::ALL {
+            assert!(!layout.is_fused(&per_expert, matrix) && layout.is_fused(&fused, matrix));
+            let a = layout
+                .load_matrix(&per_expert, matrix, DType::F32, cpu)
+                .unwrap();
+            let b = layout.load_matrix(&fused, matrix, DType::F32, cpu).unwrap();
+            assert_eq!(a.len(), layout.num_experts);
+            for (e, (a, b)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(a.dims(), layout.shape(matrix));
+                assert_eq!(max_abs_diff(a, b), 0.0, "{matrix:?} expert {e}");
+                let single = layout
+                    .load_dense(&fused, e, matrix, DType::F32, cpu)
+                    .unwrap();
+                assert_eq!(max_abs_diff(&single, a), 0.0);
+                let raw = per_expert
+                    .load(&layout.dense_name(e, matrix), DType::F32, cpu, "test")
+                    .unwrap();
+                assert_eq!(max_abs_diff(&raw, a), 0.0);
+            }
+            let stacked = layout
+                .load_stacked(&fused, matrix, DType::F32, cpu)
+                .unwrap();
+            assert_eq!(max_abs_diff(&stacked, &Tensor::stack(&a, 0).unwrap()), 0.0);
+        }
+        let error = layout.load_dense(
+            &per_expert,
+            layout.num_experts,
+            ExpertMatrix::Gate,
+            DType::F32,
+            cpu,
+        );
+        assert!(matches!(error, Err(Error::InvalidArgument(_))));
+    }
+}
+
+fn forms(model: &Model) -> Vec<ExpertsForm> {
+    model
+        .layers
+        .iter()
+        .filter_map(|l| match &l.feed_forward {
+            FeedForward::Moe(block) => Some(block.experts.form()),
+            FeedForward::Dense(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_layout_loads_in_its_natural_form_and_forms_agree() {
+    let source = fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let per_expert = Checkpoint::open(&source).unwrap();
+    let fused = Checkpoint::open(fused_copy(&source, &tmp.path().join("fused"), false)).unwrap();
+    let dense_model = Model::load(&per_expert, DType::F32, &Device::Cpu).unwrap();
+    let mut mixed_model = Model::load(&fused, DType::F32, &Device::Cpu).unwrap();
+    assert!(forms(&dense_model).iter().all(|f| *f == ExpertsForm::Dense));
+    assert!(forms(&mixed_model)
+        .iter()
+        .all(|f| *f == ExpertsForm::Stacked));
+    // Any form can be asked for explicitly: the per-expert experts as a factored form without
+    // groups (every expert dense inside it), swapped into the stacked model.
+    for (layer, layout) in layouts(&per_expert) {
+        if let FeedForward::Moe(block) = &mut mixed_model.layers[layer].feed_forward {
+            block.experts = RoutedExperts::load_as(
+                ExpertsForm::Factored,
+                &layout,
+                &per_expert,
+                layer,
+                None,
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        }
+    }
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 3, 3, 11]], &Device::Cpu).unwrap();
+    let a = dense_model.forward(&ids, None).unwrap().logits;
+    let b = mixed_model.forward(&ids, None).unwrap().logits;
+    assert!(max_abs_diff(&a, &b) <= 1e-6);
+}
+
+#[test]
+fn a_fused_tensor_of_the_wrong_shape_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = Checkpoint::open(fused_copy(
+        &fixture("tiny-qwen3_moe"),
+        &tmp.path().join("broken"),
+        true,
+    ))
+    .unwrap();
+    let (_, layout) = layouts(&broken).remove(0);
+    let error = layout
+        .load_matrix(&broken, ExpertMatrix::Down, DType::F32, &Device::Cpu)
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{message}");
+    assert!(
+        message.contains(&layout.fused_name(ExpertMatrix::Down))
+            && message.contains(".safetensors"),
+        "{message}"
+    );
+}
