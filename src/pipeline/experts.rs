@@ -6,35 +6,25 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
 use crate::checkpoint::Checkpoint;
 use crate::linalg::LinalgBackend;
-use crate::models::common::Weights;
 use crate::Result;
 
 /// A layer's routed experts as the checkpoint stores them.
 pub struct LayerExperts<'a> {
     /// Where the experts live and what their matrices are called.
     pub layout: &'a ExpertLayout,
-    weights: Weights<'a>,
+    checkpoint: &'a Checkpoint,
 }
 
 impl<'a> LayerExperts<'a> {
     /// The experts of `layout` in `checkpoint`, read on the CPU.
-    pub fn new(checkpoint: &'a Checkpoint, layout: &'a ExpertLayout, family: &'static str) -> Self {
-        Self {
-            layout,
-            weights: Weights {
-                checkpoint,
-                device: &Device::Cpu,
-                dtype: DType::F32,
-                family,
-            },
-        }
+    pub fn new(checkpoint: &'a Checkpoint, layout: &'a ExpertLayout) -> Self {
+        Self { layout, checkpoint }
     }
 
     /// One expert's `matrix` ([p, d] for gate/up, [d, p] for down) as f32 on the CPU.
     pub fn matrix(&self, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
-        let w = &self.weights;
         self.layout
-            .load_dense(w.checkpoint, expert, matrix, w.dtype, w.device)
+            .load_dense(self.checkpoint, expert, matrix, DType::F32, &Device::Cpu)
     }
 
     /// The group's matrices stacked row-wise (`k·p × d`) in the backend's matrix type.

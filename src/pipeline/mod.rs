@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
+use crate::checkpoint::experts::ExpertLayout;
 use crate::checkpoint::{Checkpoint, StoredDType};
 use crate::error::{Error, Result};
 use crate::format::CompressionRecord;
@@ -94,8 +95,8 @@ struct Run<'a, B: LinalgBackend> {
     factorizer: Box<dyn Factorizer<B>>,
     factor_dtype: DType,
     stored_dtype: DType,
-    family: &'static str,
     statistics_key: String,
+    moe_layers: Vec<Option<ExpertLayout>>,
     replaying: bool,
     statistics_to_save: Vec<LayerStatistics<B::Matrix>>,
     totals: report::Totals,
@@ -119,7 +120,9 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 patience: 50,
             }),
         };
-        let spec = crate::models::ArchConfig::from_checkpoint(checkpoint)?.spec();
+        let moe_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
+            .spec()
+            .moe_layers;
         // Statistics belong to one model, one set of windows and one grouping.
         let model_dir = checkpoint
             .dir()
@@ -138,8 +141,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             factorizer,
             factor_dtype: factor_dtype(&factorization.factor_dtype, checkpoint)?,
             stored_dtype: factor_dtype("auto", checkpoint)?,
-            family: spec.family.model_type(),
             statistics_key,
+            moe_layers,
             replaying: false,
             statistics_to_save: Vec::new(),
             totals: report::Totals::default(),
@@ -201,7 +204,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 continue;
             };
             let layout = self.layout(layer.index)?;
-            let experts = LayerExperts::new(self.checkpoint, &layout, self.family);
+            let experts = LayerExperts::new(self.checkpoint, &layout);
             analyses.push(analyse::analyse_layer(self.backend, &experts, &statistics)?);
             kept.push(statistics);
         }
@@ -210,9 +213,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         allocate::allocate_model(&analyses, &self.options.allocation)
     }
 
-    fn layout(&self, index: usize) -> Result<crate::checkpoint::experts::ExpertLayout> {
-        let spec = crate::models::ArchConfig::from_checkpoint(self.checkpoint)?.spec();
-        spec.moe_layers
+    fn layout(&self, index: usize) -> Result<ExpertLayout> {
+        self.moe_layers
             .get(index)
             .cloned()
             .flatten()
@@ -227,7 +229,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         model_plan: Option<&RankPlan>,
     ) -> Result<()> {
         let layout = self.layout(statistics.layer)?;
-        let experts = LayerExperts::new(self.checkpoint, &layout, self.family);
+        let experts = LayerExperts::new(self.checkpoint, &layout);
         let analysis = analyse::analyse_layer(self.backend, &experts, &statistics)?;
         let plan = match model_plan {
             Some(plan) => plan.clone(),
