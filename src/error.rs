@@ -59,6 +59,26 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// An input file has the wrong kind, size or content (not a regular file, too large, not UTF-8,
+    /// token ids out of range, ...).
+    #[error("{path}: {message}")]
+    InvalidInput {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// A file named by a model directory or index would be read from outside it.
+    #[error("{path}: {message}")]
+    UnsafePath {
+        /// The file that names the path (an index, or the directory).
+        path: PathBuf,
+        /// The entry and where it resolves.
+        message: String,
+    },
+    /// An output of a run would equal, contain or sit inside an input or another output.
+    #[error("{0}")]
+    PathConflict(String),
     /// The arguments of a call do not make sense together.
     #[error("{0}")]
     InvalidArgument(String),

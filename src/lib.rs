@@ -13,6 +13,7 @@ pub mod plot;
 pub mod progress;
 pub mod residual;
 pub mod rng;
+pub mod safety;
 pub mod sweep;
 pub mod text;
 

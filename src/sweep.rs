@@ -11,6 +11,7 @@ use crate::eval::{divergence, perplexity, EvalModel, EvalOptions};
 use crate::pipeline::allocate::Allocation;
 use crate::pipeline::{compress_with_progress, parse_device, CompressOptions, OutputOptions};
 use crate::progress::Progress;
+use crate::safety::RunPath;
 
 /// One configuration of the sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -129,6 +130,14 @@ pub fn sweep(
     work_dir: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<SweepReport> {
+    crate::safety::check_run_paths(
+        &[
+            RunPath::new("--model", &base.model),
+            RunPath::new("--calibration", &base.calibration.data),
+            RunPath::new("--text", text),
+        ],
+        &[RunPath::new("--work-dir", work_dir)],
+    )?;
     let device = parse_device(&base.device)?;
     std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
     let original = EvalModel::load(&base.model, DType::F32, &device)?;

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
@@ -65,8 +66,10 @@ pub fn end_of_text_id(tokenizer: &Tokenizer, config: &serde_json::Value) -> Resu
 /// file whose first non-blank character is `{`), a JSON array of such objects or of strings
 /// (`.json` starting with `[`), or plain text whose documents are separated by blank lines.
 /// Documents that are empty or whitespace only are dropped.
+///
+/// Only regular files of at most [`crate::safety::MAX_TEXT_BYTES`] of UTF-8 are read.
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safety::read_text_bounded(path, crate::safety::MAX_TEXT_BYTES, "UTF-8 text")?;
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
@@ -160,6 +163,92 @@ fn json_array_documents(path: &Path, text: &str) -> Result<Vec<String>> {
         .enumerate()
         .map(|(i, v)| text_field(path, &format!("element {i}"), v))
         .collect()
+}
+
+/// Name of the token-id tensor in a safetensors token file.
+pub const INPUT_IDS: &str = "input_ids";
+
+/// Checks a token-id tensor read from `path`: I64 (stored I64 or I32), rank 2, every id in
+/// `[0, vocab_size)`; returns its rows. Errors name the file, the tensor and the offending value
+/// and position (ids are never wrapped).
+pub fn token_ids_from_tensor(
+    tensor: &Tensor,
+    vocab_size: usize,
+    path: &Path,
+) -> Result<Vec<Vec<u32>>> {
+    let bad = |message: String| Error::InvalidInput {
+        path: path.to_path_buf(),
+        message,
+    };
+    if tensor.dtype() != DType::I64 {
+        return Err(bad(format!(
+            "tensor `{INPUT_IDS}` has dtype {:?} (expected I64 or I32 token ids)",
+            tensor.dtype()
+        )));
+    }
+    if tensor.rank() != 2 {
+        return Err(bad(format!(
+            "tensor `{INPUT_IDS}` has shape {:?} (expected [batch, seq])",
+            tensor.dims()
+        )));
+    }
+    let rows: Vec<Vec<i64>> = tensor.to_device(&Device::Cpu)?.to_vec2()?;
+    rows.iter()
+        .enumerate()
+        .map(|(r, row)| {
+            row.iter()
+                .enumerate()
+                .map(|(c, &id)| {
+                    u32::try_from(id)
+                        .ok()
+                        .filter(|&id| (id as usize) < vocab_size)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "tensor `{INPUT_IDS}` holds token id {id} at [{r}, {c}] (expected ids in [0, {vocab_size}))"
+                            ))
+                        })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Reads `input_ids` from the safetensors file `path` (only that tensor is loaded) and checks it
+/// with [`token_ids_from_tensor`]; stored dtypes other than I64 and I32 are refused by name.
+pub fn read_token_ids(path: &Path, vocab_size: usize) -> Result<Vec<Vec<u32>>> {
+    let file = crate::checkpoint::SafetensorsFile::open(path)?;
+    let info = file
+        .tensors()
+        .get(INPUT_IDS)
+        .ok_or_else(|| Error::InvalidInput {
+            path: path.to_path_buf(),
+            message: format!(
+                "no tensor `{INPUT_IDS}` (expected I64 or I32 token ids [batch, seq])"
+            ),
+        })?;
+    let stored = info.dtype;
+    if !matches!(
+        stored,
+        crate::checkpoint::StoredDType::I64 | crate::checkpoint::StoredDType::I32
+    ) {
+        return Err(Error::InvalidInput {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{INPUT_IDS}` has dtype {} (expected I64 or I32 token ids)",
+                stored.name()
+            ),
+        });
+    }
+    let tensor = file.load(INPUT_IDS, DType::F32, &Device::Cpu)?;
+    token_ids_from_tensor(&tensor, vocab_size, path)
+}
+
+/// [`read_token_ids`] as a U32 tensor [batch, seq] on `device`, ready for a forward pass.
+pub fn load_token_ids(path: &Path, vocab_size: usize, device: &Device) -> Result<Tensor> {
+    let rows = read_token_ids(path, vocab_size)?;
+    let seq = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), seq), device)?)
 }
 
 /// Tokenizes one string without adding special tokens.

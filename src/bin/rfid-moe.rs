@@ -7,12 +7,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
-use rfid_moe::checkpoint::{self, writer, Checkpoint};
+use rfid_moe::checkpoint::{writer, Checkpoint};
 use rfid_moe::eval::{evaluate, EvalModel, EvalOptions, EvalPlan};
 use rfid_moe::models::Model;
 use rfid_moe::pipeline::allocate::Allocation;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions, FactorizerKind};
 use rfid_moe::progress::Progress;
+use rfid_moe::safety::commands as path_checks;
 
 #[derive(Parser)]
 #[command(
@@ -397,6 +398,7 @@ fn plot_compression(model: &std::path::Path, dir: &std::path::Path) -> Result<()
 
 fn main() -> Result<()> {
     bound_allocator_retention();
+    rfid_moe::safety::install_signal_cleanup()?;
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect { model, json } => {
@@ -410,6 +412,14 @@ fn main() -> Result<()> {
         }
         Command::Compress(args) => {
             let options = args.resolve()?;
+            path_checks::check_compress_paths(
+                &options.model,
+                &options.calibration.data,
+                args.config.as_deref(),
+                options.output.out.as_deref(),
+                options.output.export_dense.as_deref(),
+                args.json.as_deref(),
+            )?;
             let report =
                 rfid_moe::compress_with_progress(&options, &Messages { quiet: args.quiet })?;
             println!("{}", report.table());
@@ -425,6 +435,18 @@ fn main() -> Result<()> {
             if args.text.is_empty() && args.multiple_choice.is_empty() {
                 bail!("nothing to evaluate: give --text and/or --multiple-choice");
             }
+            path_checks::check_eval_paths(
+                &args.model,
+                args.reference.as_deref(),
+                &args.text.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+                &args
+                    .multiple_choice
+                    .iter()
+                    .map(|p| p.as_path())
+                    .collect::<Vec<_>>(),
+                args.json.as_deref(),
+                args.plot.as_deref(),
+            )?;
             let device = args.device.device()?;
             let candidate = EvalModel::load(&args.model, DType::F32, &device)?;
             let reference = args
@@ -454,6 +476,17 @@ fn main() -> Result<()> {
             }
         }
         Command::Sweep(args) => {
+            path_checks::check_sweep_paths(
+                &args.model,
+                &args.calibration,
+                &args.text,
+                &args.work_dir,
+                [
+                    args.markdown.as_deref(),
+                    args.json.as_deref(),
+                    args.plot.as_deref(),
+                ],
+            )?;
             let columns = match args.grid.as_str() {
                 "reference" => rfid_moe::sweep::reference_columns(),
                 "full" => {
@@ -528,6 +561,11 @@ fn main() -> Result<()> {
             compressed,
             out,
         } => {
+            path_checks::check_plot_paths(
+                &sweep.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+                compressed.as_deref(),
+                &out,
+            )?;
             if sweep.is_empty() && compressed.is_none() {
                 bail!("nothing to plot: give --sweep REPORT.json and/or --compressed MODEL_DIR");
             }
@@ -576,24 +614,13 @@ fn main() -> Result<()> {
             out,
             device,
         } => {
+            path_checks::check_logits_paths(&model, &tokens, &out)?;
             let device = device.device()?;
             let checkpoint = Checkpoint::open(&model)?;
             let model = Model::load(&checkpoint, DType::F32, &device)?;
-            let inputs = checkpoint::load_all(&tokens, &device)?;
-            let input_ids = inputs.get("input_ids").with_context(|| {
-                format!(
-                    "{}: no tensor `input_ids` (expected i64 [batch, seq])",
-                    tokens.display()
-                )
-            })?;
-            if input_ids.rank() != 2 {
-                bail!(
-                    "{}: `input_ids` has shape {:?}, expected [batch, seq]",
-                    tokens.display(),
-                    input_ids.dims()
-                );
-            }
-            let output = model.forward(input_ids, None)?;
+            let input_ids =
+                rfid_moe::text::load_token_ids(&tokens, model.spec.vocab_size, &device)?;
+            let output = model.forward(&input_ids, None)?;
             let mut tensors = HashMap::new();
             tensors.insert("logits".to_string(), output.logits.to_device(&Device::Cpu)?);
             for (layer, logits) in output.router_logits {

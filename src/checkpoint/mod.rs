@@ -6,6 +6,7 @@
 //! a time.
 
 pub mod experts;
+pub mod header;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -121,96 +122,26 @@ pub struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
-    /// Memory-maps `path` and validates its header against the file's length.
+    /// Memory-maps `path` and validates its header (through the `safetensors` crate, plus
+    /// duplicate names) against the file's length.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !metadata.is_file() {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                message: "is not a regular file (expected a safetensors file)".into(),
+            });
+        }
         // SAFETY: the mapping is read-only; we never write through it and the checkpoint files
         // are not expected to change while the process runs.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |message: String| Error::Safetensors {
-            path: path.to_path_buf(),
-            message,
-        };
-        if mmap.len() < 8 {
-            return Err(bad(format!(
-                "file is {} bytes, too short for a safetensors header (truncated?)",
-                mmap.len()
-            )));
-        }
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(&mmap[..8]);
-        let header_len = u64::from_le_bytes(len_bytes) as usize;
-        if header_len > mmap.len() - 8 {
-            return Err(bad(format!(
-                "header claims {header_len} bytes but the file has only {} after the length prefix (truncated?)",
-                mmap.len() - 8
-            )));
-        }
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&mmap[8..8 + header_len])
-                .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        let data_start = 8 + header_len;
-        let data_len = mmap.len() - data_start;
-        let mut tensors = BTreeMap::new();
-        for (name, entry) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype_name = entry
-                .get("dtype")
-                .and_then(|v| v.as_str())
-                .unwrap_or("<missing>");
-            let dtype = StoredDType::parse(dtype_name).ok_or_else(|| {
-                bad(format!(
-                    "tensor `{name}` has unsupported dtype `{dtype_name}` (expected F32, BF16, F16, F64, I64, I32 or U8)"
-                ))
-            })?;
-            let shape: Vec<usize> = entry
-                .get("shape")
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tensor `{name}` has no valid `shape` in the header"
-                    ))
-                })?;
-            let offsets: Vec<usize> = entry
-                .get("data_offsets")
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .filter(|v: &Vec<usize>| v.len() == 2)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tensor `{name}` has no valid `data_offsets` [begin, end] in the header"
-                    ))
-                })?;
-            let (begin, end) = (offsets[0], offsets[1]);
-            let numel: usize = shape.iter().product();
-            let expected_bytes = numel * dtype.size_in_bytes();
-            if end < begin || end - begin != expected_bytes {
-                return Err(bad(format!(
-                    "tensor `{name}`: data_offsets [{begin}, {end}] span {} bytes but shape {shape:?} of {} needs {expected_bytes}",
-                    end.saturating_sub(begin),
-                    dtype.name()
-                )));
-            }
-            if end > data_len {
-                return Err(bad(format!(
-                    "tensor `{name}` ends at data byte {end} but the file holds only {data_len} data bytes (truncated?)"
-                )));
-            }
-            tensors.insert(
-                name,
-                TensorInfo {
-                    dtype,
-                    shape,
-                    data_range: (begin, end),
-                },
-            );
-        }
+        let header = header::parse(path, &mmap)?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
-            data_start,
-            tensors,
+            data_start: header.data_start,
+            tensors: header.tensors,
         })
     }
 
@@ -255,6 +186,7 @@ fn tensor_from_bytes(
     float_dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    check_finite(path, name, info.dtype, bytes)?;
     let tensor = match info.dtype.candle() {
         Some(dtype) => Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?,
         None => {
@@ -271,8 +203,47 @@ fn tensor_from_bytes(
     } else {
         tensor
     };
-    let _ = (path, name);
     Ok(tensor.to_device(device)?)
+}
+
+/// Refuses a floating-point tensor holding NaN or ±Inf, naming the tensor, the file and the first
+/// offending element (one pass over the stored bytes, in parallel for large tensors).
+pub fn check_finite(path: &Path, name: &str, dtype: StoredDType, bytes: &[u8]) -> Result<()> {
+    use rayon::prelude::*;
+    let width = dtype.size_in_bytes();
+    let non_finite = |c: &[u8]| match dtype {
+        StoredDType::F32 => !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite(),
+        StoredDType::F64 => {
+            !f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
+        }
+        StoredDType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80,
+        StoredDType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00,
+        StoredDType::I64 | StoredDType::I32 | StoredDType::U8 => false,
+    };
+    if matches!(dtype, StoredDType::I64 | StoredDType::I32 | StoredDType::U8) {
+        return Ok(());
+    }
+    let found = if bytes.len() >= 1 << 22 {
+        bytes.par_chunks_exact(width).position_first(non_finite)
+    } else {
+        bytes.chunks_exact(width).position(non_finite)
+    };
+    let Some(index) = found else {
+        return Ok(());
+    };
+    let chunk = &bytes[index * width..(index + 1) * width];
+    let value = match dtype {
+        StoredDType::F32 => f64::from(f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])),
+        StoredDType::F64 => f64::from_le_bytes(chunk.try_into().unwrap_or([0; 8])),
+        StoredDType::BF16 => f64::from(half::bf16::from_le_bytes([chunk[0], chunk[1]])),
+        _ => f64::from(half::f16::from_le_bytes([chunk[0], chunk[1]])),
+    };
+    Err(Error::Safetensors {
+        path: path.to_path_buf(),
+        message: format!(
+            "tensor `{name}` holds {value} at element {index} (expected finite values)"
+        ),
+    })
 }
 
 /// A model directory as Hugging Face writes it: `config.json` plus one or more safetensors shards.
@@ -300,57 +271,12 @@ impl Checkpoint {
         let config = read_json(&dir.join(CONFIG_FILE))?;
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
-        let mut shards = Vec::new();
-        let mut location = HashMap::new();
-        if index_path.exists() {
-            let index = read_json(&index_path)?;
-            let weight_map = index
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Json {
-                    path: index_path.clone(),
-                    message: "missing object `weight_map`".into(),
-                })?;
-            let mut shard_of_file: HashMap<String, usize> = HashMap::new();
-            let mut files: Vec<&str> = weight_map
-                .values()
-                .filter_map(|v| v.as_str())
-                .collect::<Vec<_>>();
-            files.sort_unstable();
-            files.dedup();
-            for file in files {
-                let path = dir.join(file);
-                if !path.exists() {
-                    return Err(Error::Safetensors {
-                        path: path.clone(),
-                        message: format!("shard listed in {INDEX_FILE} is missing"),
-                    });
-                }
-                shard_of_file.insert(file.to_string(), shards.len());
-                shards.push(SafetensorsFile::open(&path)?);
-            }
-            for (name, file) in weight_map {
-                let file = file.as_str().ok_or_else(|| Error::Json {
-                    path: index_path.clone(),
-                    message: format!("weight_map entry `{name}` is not a file name"),
-                })?;
-                let shard = shard_of_file[file];
-                if !shards[shard].tensors.contains_key(name) {
-                    return Err(Error::Safetensors {
-                        path: shards[shard].path.clone(),
-                        message: format!(
-                            "tensor `{name}` is listed in {INDEX_FILE} for this shard but the shard does not contain it"
-                        ),
-                    });
-                }
-                location.insert(name.clone(), shard);
-            }
+        let (shards, location) = if index_path.exists() {
+            open_indexed_shards(&dir, &index_path)?
         } else if single_path.exists() {
             let shard = SafetensorsFile::open(&single_path)?;
-            for name in shard.tensors.keys() {
-                location.insert(name.clone(), 0);
-            }
-            shards.push(shard);
+            let location = shard.tensors.keys().map(|name| (name.clone(), 0)).collect();
+            (vec![shard], location)
         } else {
             return Err(Error::io(
                 &dir,
@@ -359,7 +285,7 @@ impl Checkpoint {
                     format!("no {SINGLE_FILE} or {INDEX_FILE} in the model directory"),
                 ),
             ));
-        }
+        };
         Ok(Self {
             dir,
             config,
@@ -480,9 +406,90 @@ impl Checkpoint {
     }
 }
 
+/// Shards and tensor locations of a sharded checkpoint: every `weight_map` entry must name a file
+/// inside `dir` that holds the tensor, and a tensor stored in several shards must be listed.
+fn open_indexed_shards(
+    dir: &Path,
+    index_path: &Path,
+) -> Result<(Vec<SafetensorsFile>, HashMap<String, usize>)> {
+    let index = read_json(index_path)?;
+    let weight_map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Json {
+            path: index_path.to_path_buf(),
+            message: "missing object `weight_map`".into(),
+        })?;
+    let mut shards: Vec<SafetensorsFile> = Vec::new();
+    let mut shard_of_file: HashMap<&str, usize> = HashMap::new();
+    let mut location = HashMap::new();
+    for (name, file) in weight_map {
+        let file = file.as_str().ok_or_else(|| Error::Json {
+            path: index_path.to_path_buf(),
+            message: format!("weight_map entry `{name}` is not a file name"),
+        })?;
+        let shard = match shard_of_file.get(file) {
+            Some(&shard) => shard,
+            None => {
+                let what = format!("weight_map entry for tensor `{name}`");
+                let path = crate::safety::confined_file(dir, file, index_path, &what)?;
+                if !path.exists() {
+                    return Err(Error::Safetensors {
+                        path,
+                        message: format!("shard listed in {INDEX_FILE} is missing"),
+                    });
+                }
+                shards.push(SafetensorsFile::open(&path)?);
+                shard_of_file.insert(file, shards.len() - 1);
+                shards.len() - 1
+            }
+        };
+        if !shards[shard].tensors.contains_key(name) {
+            return Err(Error::Safetensors {
+                path: shards[shard].path.clone(),
+                message: format!(
+                    "tensor `{name}` is listed in {INDEX_FILE} for this shard but the shard does not contain it"
+                ),
+            });
+        }
+        location.insert(name.clone(), shard);
+    }
+    refuse_ambiguous_tensors(&shards, &location, index_path)?;
+    Ok((shards, location))
+}
+
+/// Refuses a tensor that several shards hold when the index does not say which one to use.
+fn refuse_ambiguous_tensors(
+    shards: &[SafetensorsFile],
+    location: &HashMap<String, usize>,
+    index_path: &Path,
+) -> Result<()> {
+    let mut holder: HashMap<&str, usize> = HashMap::new();
+    for (k, shard) in shards.iter().enumerate() {
+        for name in shard.tensors.keys() {
+            if let Some(&first) = holder.get(name.as_str()) {
+                if !location.contains_key(name) {
+                    return Err(Error::Safetensors {
+                        path: index_path.to_path_buf(),
+                        message: format!(
+                            "tensor `{name}` is stored in both {} and {} and the index does not say which to use (expected one weight_map entry for it)",
+                            shards[first].path.display(),
+                            shard.path.display()
+                        ),
+                    });
+                }
+            } else {
+                holder.insert(name, k);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text =
+        crate::safety::read_text_bounded(path, crate::safety::MAX_JSON_BYTES, "a JSON file")?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         message: format!("invalid JSON: {e}"),

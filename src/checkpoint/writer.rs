@@ -1,6 +1,8 @@
 //! Atomic checkpoint output: everything goes to a temporary sibling directory that is renamed
 //! into place only when complete, so a crash never leaves a half-written checkpoint that looks
-//! whole.
+//! whole. A `--force` replacement swaps the new directory with the old one in one step
+//! (`renameat2(RENAME_EXCHANGE)` on Linux), so a kill at any instant leaves one of them in place;
+//! staging paths are registered for the interrupt handler and those of dead runs are removed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,29 +11,52 @@ use candle_core::Tensor;
 
 use super::INDEX_FILE;
 use crate::error::{Error, Result};
+use crate::safety::staging::{self, lock_registry};
 
 /// Writes a single safetensors file atomically (temporary file in the same directory, then rename).
 pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = temporary_sibling(path);
-    candle_core::safetensors::save(tensors, &tmp).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    write_via_temporary(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(Error::from)
+    })
 }
 
 /// Writes bytes to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    write_via_temporary(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
 }
 
-fn temporary_sibling(path: &Path) -> PathBuf {
+/// Writes `path` through a registered temporary sibling `.NAME.tmp-PID` renamed into place;
+/// temporaries of dead processes are removed first, and a failed write removes its own.
+fn write_via_temporary(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+        .ok_or_else(|| Error::InvalidArgument(format!("invalid output path {}", path.display())))?;
+    let parent = parent_dir(path);
+    staging::remove_stale_staging(&parent, &name, "tmp");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    staging::register_staging(&tmp);
+    let written = write(&tmp).and_then(|()| {
+        let mut registry = lock_registry();
+        let renamed = std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e));
+        registry.retain(|p| p != &tmp);
+        renamed
+    });
+    if written.is_err() {
+        staging::remove_path(&tmp);
+        staging::unregister_staging(&tmp);
+    }
+    written
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Streams a checkpoint directory shard by shard into a temporary directory and moves it into
@@ -46,19 +71,10 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Starts writing to `out`; refuses an existing `out` unless `force` (which replaces it at the end).
+    /// Starts writing to `out`; refuses an existing `out` unless `force` (which replaces it at the
+    /// end). First repairs an interrupted replacement of `out` and removes staging directories of
+    /// `out` left by dead processes.
     pub fn create(out: &Path, force: bool) -> Result<Self> {
-        if out.exists() && !force {
-            return Err(Error::InvalidArgument(format!(
-                "output directory {} already exists; pass --force to replace it",
-                out.display()
-            )));
-        }
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let name = out
             .file_name()
             .ok_or_else(|| {
@@ -66,10 +82,21 @@ impl CheckpointWriter {
             })?
             .to_string_lossy()
             .into_owned();
-        let tmp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let parent = parent_dir(out);
+        staging::recover_interrupted_replacement(out)?;
+        staging::remove_stale_staging(&parent, &name, "partial");
+        if out.exists() && !force {
+            return Err(Error::InvalidArgument(format!(
+                "output directory {} already exists; pass --force to replace it",
+                out.display()
+            )));
+        }
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let tmp_dir = parent.join(staging::staging_name(&name, std::process::id()));
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
         }
+        staging::register_staging(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
         Ok(Self {
             final_dir: out.to_path_buf(),
@@ -109,11 +136,14 @@ impl CheckpointWriter {
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
     }
 
-    /// Copies `src` into the checkpoint under its own file name.
+    /// Copies `src` into the checkpoint under its own file name; `src` must resolve inside its own
+    /// directory (a symlink out of a model directory is not copied into the output).
     pub fn copy_file(&self, src: &Path) -> Result<()> {
         let name = src.file_name().ok_or_else(|| {
             Error::InvalidArgument(format!("cannot copy {}: no file name", src.display()))
         })?;
+        let dir = parent_dir(src);
+        crate::safety::confined_file(&dir, &name.to_string_lossy(), &dir, "auxiliary file")?;
         let dst = self.tmp_dir.join(name);
         std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
         Ok(())
@@ -147,26 +177,53 @@ impl CheckpointWriter {
             })?;
             self.write_file(INDEX_FILE, text.as_bytes())?;
         }
-        if self.final_dir.exists() {
-            // --force: move the old output aside first so that a failure never loses both.
-            let backup = self.tmp_dir.with_extension("old");
-            std::fs::rename(&self.final_dir, &backup).map_err(|e| Error::io(&self.final_dir, e))?;
-            std::fs::rename(&self.tmp_dir, &self.final_dir)
-                .map_err(|e| Error::io(&self.final_dir, e))?;
-            std::fs::remove_dir_all(&backup).map_err(|e| Error::io(&backup, e))?;
-        } else {
-            std::fs::rename(&self.tmp_dir, &self.final_dir)
-                .map_err(|e| Error::io(&self.final_dir, e))?;
-        }
+        self.move_into_place()?;
         self.finished = true;
         Ok(self.final_dir.clone())
+    }
+}
+
+impl CheckpointWriter {
+    /// Puts the staging directory at `final_dir`. An existing output is swapped out atomically and
+    /// then deleted; where no atomic swap exists it is renamed to `.NAME.old-PID` first, which
+    /// [`staging::recover_interrupted_replacement`] restores if the run dies between the renames.
+    fn move_into_place(&self) -> Result<()> {
+        let (final_dir, tmp_dir) = (&self.final_dir, &self.tmp_dir);
+        let mut registry = lock_registry();
+        if std::fs::symlink_metadata(final_dir).is_err() {
+            std::fs::rename(tmp_dir, final_dir).map_err(|e| Error::io(final_dir, e))?;
+            registry.retain(|p| p != tmp_dir);
+            return Ok(());
+        }
+        if staging::exchange(tmp_dir, final_dir)? {
+            // The staging path now holds the old output; it stays registered until removed.
+            drop(registry);
+            staging::remove_path(tmp_dir);
+            staging::unregister_staging(tmp_dir);
+            return Ok(());
+        }
+        let name = final_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let backup = parent_dir(final_dir).join(staging::backup_name(&name, std::process::id()));
+        std::fs::rename(final_dir, &backup).map_err(|e| Error::io(final_dir, e))?;
+        if let Err(e) = std::fs::rename(tmp_dir, final_dir) {
+            let _ = std::fs::rename(&backup, final_dir);
+            return Err(Error::io(final_dir, e));
+        }
+        registry.retain(|p| p != tmp_dir);
+        drop(registry);
+        staging::remove_path(&backup);
+        Ok(())
     }
 }
 
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = std::fs::remove_dir_all(&self.tmp_dir);
+            staging::remove_path(&self.tmp_dir);
+            staging::unregister_staging(&self.tmp_dir);
         }
     }
 }

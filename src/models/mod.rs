@@ -13,6 +13,7 @@ pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod routing;
+pub mod validate;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -255,6 +256,7 @@ impl ArchConfig {
             Family::DeepseekV3 => Self::DeepseekV3(parse_config(checkpoint)?),
         };
         config.validate(&path)?;
+        validate::check_expert_tensors(checkpoint, &config.spec(), config.experts_key())?;
         Ok(config)
     }
 
@@ -269,6 +271,7 @@ impl ArchConfig {
                 message: format!("clip_qkv = {clip} is not supported yet (only null)"),
             });
         }
+        self.validate_sizes(path)?;
         let spec = self.spec();
         let bad = |message: String| {
             Err(Error::Config {

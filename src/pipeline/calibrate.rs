@@ -29,18 +29,8 @@ pub fn calibration_windows(
     let path = &options.data;
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
     let stream: Vec<u32> = if is_safetensors {
-        let tensors = crate::checkpoint::load_all(path, &Device::Cpu)?;
-        let ids = tensors.get("input_ids").ok_or_else(|| Error::Safetensors {
-            path: path.clone(),
-            message: "no tensor `input_ids` (expected i64 [n, seq])".into(),
-        })?;
-        if ids.rank() != 2 {
-            return Err(Error::Safetensors {
-                path: path.clone(),
-                message: format!("`input_ids` has shape {:?}, expected [n, seq]", ids.dims()),
-            });
-        }
-        let rows: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let vocab = ArchConfig::from_checkpoint(checkpoint)?.spec().vocab_size;
+        let rows = crate::text::read_token_ids(path, vocab)?;
         rows.into_iter().flatten().collect()
     } else {
         let tokenizer = crate::text::load_tokenizer(checkpoint.dir())?;

@@ -1,7 +1,7 @@
 //! The options of a compression run, grouped by the stage that reads them; also the schema of
 //! `compress.toml` (one table per group).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -194,15 +194,24 @@ impl CompressOptions {
         if !output.dry_run && output.out.is_none() {
             return invalid("--out is required (or use --dry-run)".into());
         }
-        if let Some(out) = &output.out {
-            if same_path(out, &self.model) {
-                return invalid(format!(
-                    "--out {} would overwrite the input model",
-                    out.display()
-                ));
-            }
-        }
-        Ok(())
+        use crate::safety::{check_run_paths, RunPath};
+        check_run_paths(
+            &[
+                RunPath::new("--model", &self.model),
+                RunPath::new("--calibration", &self.calibration.data),
+            ],
+            &[
+                RunPath::optional("--out", output.out.as_deref()),
+                RunPath::optional("--export-dense", output.export_dense.as_deref()),
+                RunPath::optional(
+                    "statistics_cache",
+                    self.calibration.statistics_cache.as_deref(),
+                ),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        )
     }
 
     /// Whether calibration must collect Gram statistics (whitening or activation reports).
@@ -262,12 +271,5 @@ pub fn parse_device(name: &str) -> Result<Device> {
         other => invalid(format!(
             "unknown device `{other}` (expected cpu, cuda or cuda:N)"
         )),
-    }
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
     }
 }
