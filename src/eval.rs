@@ -467,7 +467,8 @@ fn parse_item(path: &Path, line: usize, value: &serde_json::Value) -> Result<Mul
 /// Reads multiple-choice questions from JSON lines `{"context": str, "choices": [str], "gold":
 /// int}` (`query`/`question` are accepted for `context`, `label`/`answer` for `gold`).
 pub fn read_multiple_choice(path: &Path) -> Result<Vec<MultipleChoiceItem>> {
-    let text = crate::safety::read_text_bounded(path, crate::safety::MAX_TEXT_BYTES, "JSON lines")?;
+    let text =
+        crate::safety::read_text_bounded(path, crate::safety::MAX_TEXT_BYTES, "UTF-8 JSON lines")?;
     let mut items = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

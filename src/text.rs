@@ -30,7 +30,8 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 
 /// Loads a tokenizer from a `tokenizer.json` file, with truncation and padding off.
 pub fn load_tokenizer_file(path: &Path) -> Result<Tokenizer> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes =
+        crate::safety::read_bounded(path, crate::safety::MAX_JSON_BYTES, "a tokenizer.json")?;
     let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         message: format!("not a tokenizers `tokenizer.json`: {e}"),

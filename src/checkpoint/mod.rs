@@ -489,7 +489,7 @@ fn refuse_ambiguous_tensors(
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text =
-        crate::safety::read_text_bounded(path, crate::safety::MAX_JSON_BYTES, "a JSON file")?;
+        crate::safety::read_text_bounded(path, crate::safety::MAX_JSON_BYTES, "a UTF-8 JSON file")?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         message: format!("invalid JSON: {e}"),

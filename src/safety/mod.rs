@@ -48,13 +48,14 @@ pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Reads a UTF-8 text file with [`read_bounded`], naming the first invalid byte if it is not UTF-8.
+/// Reads a UTF-8 text file with [`read_bounded`], naming the first invalid byte if it is not UTF-8
+/// (`what` should say UTF-8, e.g. "UTF-8 text").
 pub fn read_text_bounded(path: &Path, limit: u64, what: &str) -> Result<String> {
     let bytes = read_bounded(path, limit, what)?;
     String::from_utf8(bytes).map_err(|e| Error::InvalidInput {
         path: path.to_path_buf(),
         message: format!(
-            "invalid UTF-8 at byte {} (expected {what} in UTF-8)",
+            "invalid UTF-8 at byte {} (expected {what})",
             e.utf8_error().valid_up_to()
         ),
     })

@@ -91,10 +91,7 @@ impl ResolvedPath {
 
     /// How `self` (as an output) relates to `other`: "is", "contains" or "sits inside".
     fn relation_to(&self, other: &ResolvedPath) -> Option<&'static str> {
-        if self.identity.is_some() && self.identity == other.identity {
-            return Some("is the same file as");
-        }
-        [
+        let by_path = [
             (&self.lexical, &other.lexical),
             (&self.resolved, &other.resolved),
         ]
@@ -109,7 +106,9 @@ impl ResolvedPath {
             } else {
                 None
             }
-        })
+        });
+        let same_file = self.identity.is_some() && self.identity == other.identity;
+        by_path.or(same_file.then_some("is the same file as"))
     }
 }
 

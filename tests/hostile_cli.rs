@@ -1,0 +1,439 @@
+//! Hostile inputs through the `rfid-moe` binary, one test per class of issue 11. Each refused
+//! run must exit non-zero without panicking, name the culprit on stderr, leave its output path
+//! absent and every input byte-identical.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+}
+
+fn run(args: &[&Path]) -> Output {
+    binary().args(args).output().unwrap()
+}
+
+/// Arguments as paths (flags included), so that paths and flags mix in one list.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { &[$(AsRef::<Path>::as_ref(&$a)),*] };
+}
+
+/// Asserts a clean refusal: non-zero exit, no panic, one stderr naming every `culprit`.
+fn assert_refused(output: &Output, culprits: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    println!("{stderr}");
+    assert!(!output.status.success(), "must fail: {stderr}");
+    assert_ne!(output.status.code(), Some(101), "panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    for culprit in culprits {
+        assert!(
+            stderr.contains(culprit),
+            "stderr should name `{culprit}`: {stderr}"
+        );
+    }
+    stderr
+}
+
+/// A writable copy of the bundled model (with tokenizer) in a fresh temporary directory.
+fn mini_copy() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mini");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(common::mini_model()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn small_compress<'a>(model: &'a Path, calibration: &'a Path, out: &'a Path) -> Vec<&'a Path> {
+    const FLAGS: [&str; 7] = [
+        "compress",
+        "--quiet",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--model",
+    ];
+    let mut args: Vec<&Path> = FLAGS.iter().map(Path::new).collect();
+    args.extend([
+        model,
+        Path::new("--calibration"),
+        calibration,
+        Path::new("--out"),
+        out,
+    ]);
+    args
+}
+
+// ---- 1. inputs destroyed -------------------------------------------------------------------
+
+#[test]
+fn compress_out_that_contains_the_model_is_refused_with_force() {
+    let (tmp, model) = mini_copy();
+    let before = common::snapshot(tmp.path());
+    let calibration = model.join("calibration.txt");
+    let mut args = small_compress(&model, &calibration, tmp.path());
+    args.push(Path::new("--force"));
+    assert_refused(&run(&args), &["--out", "contains the input --model"]);
+    assert_eq!(common::snapshot(tmp.path()), before, "nothing may change");
+}
+
+#[test]
+fn compress_export_dense_equal_to_the_model_is_refused_with_force() {
+    let (tmp, model) = mini_copy();
+    let before = common::snapshot(&model);
+    let calibration = model.join("calibration.txt");
+    let out = tmp.path().join("out");
+    let mut args = small_compress(&model, &calibration, &out);
+    args.extend([Path::new("--export-dense"), &model, Path::new("--force")]);
+    assert_refused(&run(&args), &["--export-dense", "is the input --model"]);
+    assert_eq!(common::snapshot(&model), before);
+    assert!(!out.exists());
+}
+
+#[test]
+fn json_and_logits_outputs_pointing_at_inputs_are_refused() {
+    let (tmp, model) = mini_copy();
+    // Text files outside the model, so that the file itself is the input that is hit.
+    let (text, calibration) = (
+        tmp.path().join("test.txt"),
+        tmp.path().join("calibration.txt"),
+    );
+    std::fs::copy(model.join("test.txt"), &text).unwrap();
+    std::fs::copy(model.join("calibration.txt"), &calibration).unwrap();
+    let before = common::snapshot(tmp.path());
+    let out = tmp.path().join("out");
+    let mut compress = small_compress(&model, &calibration, &out);
+    compress.extend([Path::new("--json"), &calibration]);
+    assert_refused(&run(&compress), &["--json", "is the input --calibration"]);
+    assert!(!out.exists());
+    let eval = run(args![
+        "eval", "--model", model, "--text", text, "--json", text
+    ]);
+    assert_refused(&eval, &["--json", "is the input --text"]);
+    let work = tmp.path().join("work");
+    let sweep = run(args![
+        "sweep",
+        "--model",
+        model,
+        "--calibration",
+        calibration,
+        "--text",
+        text,
+        "--work-dir",
+        work,
+        "--json",
+        text
+    ]);
+    assert_refused(&sweep, &["--json", "is the input --text"]);
+    assert!(!work.exists());
+    let tokens = tmp.path().join("tokens.safetensors");
+    common::write_input_ids(&tokens, Tensor::new(&[[1i64, 2, 3]], &Device::Cpu).unwrap());
+    let tokens_before = std::fs::read(&tokens).unwrap();
+    let logits = run(args![
+        "logits", "--model", model, "--tokens", tokens, "--out", tokens
+    ]);
+    assert_refused(&logits, &["--out", "is the input --tokens"]);
+    assert_eq!(std::fs::read(&tokens).unwrap(), tokens_before);
+    let into_model = run(args![
+        "logits",
+        "--model",
+        model,
+        "--tokens",
+        tokens,
+        "--out",
+        model.join("config.json")
+    ]);
+    assert_refused(&into_model, &["sits inside the input --model"]);
+    std::fs::remove_file(&tokens).unwrap();
+    assert_eq!(common::snapshot(tmp.path()), before);
+}
+
+// ---- 3. reads outside the model ------------------------------------------------------------
+
+#[test]
+fn index_entries_with_parent_paths_are_refused_by_every_command() {
+    let (tmp, dir) = common::copy_fixture("tiny-qwen3_moe");
+    std::fs::copy(
+        dir.join("model-00002-of-00002.safetensors"),
+        tmp.path().join("outside.safetensors"),
+    )
+    .unwrap();
+    let index_path = dir.join("model.safetensors.index.json");
+    let index = std::fs::read_to_string(&index_path)
+        .unwrap()
+        .replace("model-00002-of-00002.safetensors", "../outside.safetensors");
+    std::fs::write(&index_path, index).unwrap();
+    let before = common::snapshot(tmp.path());
+    let culprits = [
+        "model.safetensors.index.json",
+        "../outside.safetensors",
+        "weight_map entry for tensor",
+    ];
+    assert_refused(&run(args!["inspect", dir]), &culprits);
+    let out = tmp.path().join("logits.safetensors");
+    let logits = run(args![
+        "logits",
+        "--model",
+        dir,
+        "--tokens",
+        dir.join("reference.safetensors"),
+        "--out",
+        out
+    ]);
+    assert_refused(&logits, &culprits);
+    assert!(!out.exists());
+    assert_eq!(common::snapshot(tmp.path()), before);
+}
+
+// ---- 4. accepted silently and 5. token ids -------------------------------------------------
+
+#[test]
+fn duplicate_tensor_names_are_refused_by_inspect() {
+    let (_tmp, dir) = common::copy_fixture("tiny-mixtral");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let (header, _) = common::read_safetensors_raw(&path);
+    let entry = serde_json::to_string(&header["model.norm.weight"]).unwrap();
+    let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap().trim_end();
+    let text = format!(
+        "{},\"model.norm.weight\":{entry}}}",
+        &text[..text.len() - 1]
+    );
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    assert_refused(
+        &run(args!["inspect", dir]),
+        &[
+            "model.safetensors",
+            "`model.norm.weight` appears more than once",
+        ],
+    );
+}
+
+#[test]
+fn logits_refuses_float_negative_and_out_of_vocabulary_token_ids() {
+    let dir = common::fixture("tiny-mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(Tensor, &str); 3] = [
+        (
+            Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap(),
+            "dtype F32",
+        ),
+        (
+            Tensor::new(&[[1i64, 2, -7]], &Device::Cpu).unwrap(),
+            "token id -7 at [0, 2]",
+        ),
+        (
+            Tensor::new(&[[1i64], [1 << 32]], &Device::Cpu).unwrap(),
+            "token id 4294967296 at [1, 0]",
+        ),
+    ];
+    for (ids, expected) in cases {
+        let tokens = tmp.path().join("ids.safetensors");
+        common::write_input_ids(&tokens, ids);
+        let out = tmp.path().join("logits.safetensors");
+        let output = run(args![
+            "logits", "--model", dir, "--tokens", tokens, "--out", out
+        ]);
+        assert_refused(&output, &["ids.safetensors", "input_ids", expected]);
+        assert!(!out.exists());
+    }
+}
+
+// ---- 6. non-finite weights -----------------------------------------------------------------
+
+#[test]
+fn nan_weights_make_logits_eval_and_compress_fail_naming_the_tensor() {
+    let (tmp, model) = mini_copy();
+    let name = "model.layers.2.mlp.experts.5.down_proj.weight";
+    let path = model.join("model.safetensors");
+    let (header, mut data) = common::read_safetensors_raw(&path);
+    assert_eq!(header[name]["dtype"], "BF16");
+    let begin = header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    data[begin..begin + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+    common::write_safetensors_raw(&path, &header, &data);
+    let before = common::snapshot(&model);
+    let culprits = [name, "NaN", "expected finite values"];
+    let tokens = tmp.path().join("ids.safetensors");
+    common::write_input_ids(&tokens, Tensor::new(&[[1i64, 2, 3]], &Device::Cpu).unwrap());
+    let out = tmp.path().join("out");
+    let logits = run(args![
+        "logits", "--model", model, "--tokens", tokens, "--out", out
+    ]);
+    assert_refused(&logits, &culprits);
+    let json = tmp.path().join("eval.json");
+    let eval = run(args![
+        "eval",
+        "--model",
+        model,
+        "--text",
+        model.join("test.txt"),
+        "--seq-len",
+        "64",
+        "--max-windows",
+        "1",
+        "--quiet",
+        "--json",
+        json
+    ]);
+    assert_refused(&eval, &culprits);
+    let calibration = model.join("calibration.txt");
+    assert_refused(&run(&small_compress(&model, &calibration, &out)), &culprits);
+    assert!(!out.exists() && !json.exists());
+    assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
+    assert_eq!(common::snapshot(&model), before);
+}
+
+// ---- 7. panics and aborts ------------------------------------------------------------------
+
+#[test]
+fn zero_attention_heads_and_absurd_expert_counts_fail_without_panicking() {
+    for (key, value, expected) in [
+        ("num_attention_heads", 0u64, "num_attention_heads = 0"),
+        (
+            "num_local_experts",
+            1_000_000_000_000,
+            "= 1000000000000 is out of range",
+        ),
+    ] {
+        let (tmp, dir) = common::copy_fixture("tiny-qwen3_moe");
+        common::edit_config(&dir, |c| c[key] = value.into());
+        let out = tmp.path().join("out");
+        let tokens = dir.join("reference.safetensors");
+        let logits = run(args![
+            "logits", "--model", dir, "--tokens", tokens, "--out", out
+        ]);
+        assert_refused(&logits, &["config.json", expected]);
+        let compress = run(&small_compress(&dir, &tokens, &out));
+        assert_refused(&compress, &["config.json", expected]);
+        assert!(!out.exists());
+        assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
+    }
+}
+
+/// Runs `args`, killing the process if it has not finished within `limit`.
+fn run_with_deadline(args: &[&Path], limit: Duration) -> Output {
+    let mut child = binary()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("rfid-moe {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn dev_zero_as_text_fails_at_once_instead_of_reading_forever() {
+    let (tmp, model) = mini_copy();
+    let zero = Path::new("/dev/zero");
+    let out = tmp.path().join("out");
+    let limit = Duration::from_secs(60);
+    let compress = run_with_deadline(&small_compress(&model, zero, &out), limit);
+    assert_refused(&compress, &["/dev/zero", "not a regular file"]);
+    let eval = run_with_deadline(args!["eval", "--model", model, "--text", zero], limit);
+    assert_refused(&eval, &["/dev/zero", "not a regular file"]);
+    assert!(!out.exists());
+}
+
+// ---- 8. leftovers --------------------------------------------------------------------------
+
+/// Starts a compress of the bundled model long enough to be interrupted, waits for its staging
+/// directory, sends `signal`, and checks the exit code and that nothing is left behind.
+#[cfg(unix)]
+fn interrupt_compress(signal: libc::c_int, expected_code: i32) {
+    let (tmp, model) = mini_copy();
+    let before = common::snapshot(&model);
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = work.join("out");
+    let calibration = model.join("calibration.txt");
+    let mut args = small_compress(&model, &calibration, &out);
+    args[3] = Path::new("64"); // --samples
+    args[5] = Path::new("256"); // --seq-len
+    let mut child = binary()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let staging = work.join(format!(".out.partial-{}", child.id()));
+    let started = Instant::now();
+    while !staging.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "compress finished before it could be interrupted"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no staging directory"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sends a signal to the child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(expected_code), "{status:?}");
+    assert_eq!(common::hidden_entries(&work), Vec::<String>::new());
+    assert!(!out.exists());
+    assert_eq!(common::snapshot(&model), before);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_mid_compress_removes_the_staging_directory_and_exits_143() {
+    interrupt_compress(libc::SIGTERM, 143);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_mid_compress_removes_the_staging_directory_and_exits_130() {
+    interrupt_compress(libc::SIGINT, 130);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stale_staging_directory_of_a_dead_run_is_removed_by_the_next_run() {
+    let (tmp, model) = common::copy_fixture("tiny-olmoe");
+    let stale = tmp.path().join(".out.partial-999999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("shard-00001.safetensors"), [0u8; 128]).unwrap();
+    let tokens = tmp.path().join("ids.safetensors");
+    let ids: Vec<i64> = (0..4 * 64).map(|i| (i * 7 % 256) as i64).collect();
+    common::write_input_ids(
+        &tokens,
+        Tensor::from_vec(ids, (4, 64), &Device::Cpu).unwrap(),
+    );
+    let out = tmp.path().join("out");
+    let output = run(&small_compress(&model, &tokens, &out));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(out.join("config.json").exists());
+    assert!(
+        !stale.exists(),
+        "the dead run's staging directory must be removed"
+    );
+    assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
+}
