@@ -712,3 +712,20 @@ fn staging_directories_of_dead_runs_are_removed_by_the_next_writer() {
         vec![".other.partial-999999999"]
     );
 }
+
+#[test]
+fn forward_reports_ids_outside_u32_as_they_are() {
+    let checkpoint = Checkpoint::open(common::fixture("tiny-olmoe")).unwrap();
+    let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    for (bad, shown) in [
+        (-7i64, "token id -7"),
+        ((1 << 32) + 5, "token id 4294967301"),
+    ] {
+        let ids = Tensor::new(&[[1i64, bad]], &Device::Cpu).unwrap();
+        let message = model.forward(&ids, None).unwrap_err().to_string();
+        assert!(
+            message.contains(shown) && message.contains("[0, 256)"),
+            "{message}"
+        );
+    }
+}

@@ -399,6 +399,19 @@ impl ModelEnds {
     /// Embeds `input_ids` [batch, seq] (integer) to [batch, seq, hidden].
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        if input_ids.dtype() == DType::I64 && b * s > 0 {
+            // Ids outside u32 would wrap in the cast below: report them as they are.
+            let flat = input_ids.flatten_all()?;
+            let vocab = self.embed_tokens.dim(0)? as i64;
+            for id in [flat.min(0)?, flat.max(0)?] {
+                let id = id.to_scalar::<i64>()?;
+                if !(0..vocab).contains(&id) {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {id} is out of range for a vocabulary of {vocab} (expected ids in [0, {vocab}))"
+                    )));
+                }
+            }
+        }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let vocab = self.embed_tokens.dim(0)?;
         let max = ids.max(0)?.to_scalar::<u32>()? as usize;

@@ -81,7 +81,7 @@ fn check_heads(
             message,
         })
     };
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return bad(format!(
             "num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads} (expected heads shared evenly by key/value heads)"
         ));
@@ -93,7 +93,7 @@ fn check_heads(
             format!("hidden_size / num_attention_heads = {hidden} / {heads}"),
         ),
     };
-    if dim < 2 || dim % 2 != 0 {
+    if dim < 2 || !dim.is_multiple_of(2) {
         return bad(format!(
             "{source} gives a head dimension of {dim} (expected an even number ≥ 2)"
         ));
@@ -294,13 +294,13 @@ fn check_deepseek_layout(path: &Path, c: &deepseek_v2::Config) -> Result<()> {
             message,
         })
     };
-    if c.qk_rope_head_dim % 2 != 0 {
+    if !c.qk_rope_head_dim.is_multiple_of(2) {
         return bad(format!(
             "qk_rope_head_dim = {} is odd (expected an even rotary dimension)",
             c.qk_rope_head_dim
         ));
     }
-    if c.n_routed_experts % c.n_group != 0 {
+    if !c.n_routed_experts.is_multiple_of(c.n_group) {
         return bad(format!(
             "n_routed_experts = {} is not a multiple of n_group = {} (expected equal expert groups)",
             c.n_routed_experts, c.n_group
