@@ -122,6 +122,18 @@ pub struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
+    /// Drops this file's mapped pages from the resident set (see [`Checkpoint::release_pages`]).
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and backed by the file, so MADV_DONTNEED only unmaps
+        // clean pages; later reads fault them back in from the file with the same contents.
+        unsafe {
+            let _ = self
+                .mmap
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+        }
+    }
+
     /// Memory-maps `path` and validates its header (through the `safetensors` crate, plus
     /// duplicate names) against the file's length.
     pub fn open(path: &Path) -> Result<Self> {
@@ -335,6 +347,15 @@ impl Checkpoint {
     /// Total bytes of the shard files on disk.
     pub fn bytes_on_disk(&self) -> u64 {
         self.shards.iter().map(|s| s.mmap.len() as u64).sum()
+    }
+
+    /// Drops every mapped page of the shards from this process's resident set (they stay in
+    /// the page cache and are read back on the next access), so streaming a model larger than
+    /// memory keeps resident memory at one layer.
+    pub fn release_pages(&self) {
+        for shard in &self.shards {
+            shard.release_pages();
+        }
     }
 
     /// Loads tensor `name` (floats as `dtype`) onto `device`; `expected_by` names the caller in errors.

@@ -63,6 +63,7 @@ impl<'a> Emitter<'a> {
         if emitter.is_writing() {
             let ends = emitter.copy_tensors("", |n| n.starts_with("model.layers."))?;
             emitter.write_both(ends.clone(), ends)?;
+            checkpoint.release_pages();
         }
         Ok(emitter)
     }

@@ -79,6 +79,7 @@ pub fn compress_with_progress(
             None => emitter.copy_layer(layer.index)?,
         }
         run.sample_memory();
+        checkpoint.release_pages();
         task.advance(1);
     }
     drop(task);
