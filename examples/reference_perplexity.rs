@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use rfid_moe::eval::{self, EvalModel, EvalOptions};
+use rfid_moe::Silent;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,11 +22,7 @@ fn main() -> anyhow::Result<()> {
     let (dir, expected): (PathBuf, f64) = (dir.into(), expected.parse()?);
     let model = EvalModel::load(&dir, DType::F32, &Device::Cpu)?;
     let stream = model.tokenize_file(&dir.join("test.txt"))?;
-    let options = EvalOptions {
-        quiet: true,
-        ..EvalOptions::default()
-    };
-    let result = eval::perplexity(&model.model, &stream, &options)?;
+    let result = eval::perplexity(&model.model, &stream, &EvalOptions::default(), &Silent)?;
     let relative = (result.perplexity - expected).abs() / expected;
     println!(
         "{}: PPL {:.4} over {} windows, {} tokens (expected {expected}, relative {relative:.1e})",

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::models::Model;
+use crate::progress::{Progress, Task};
 use crate::text;
 
 /// Settings shared by every evaluation.
@@ -43,9 +43,6 @@ pub struct EvalOptions {
     /// Inserted between a multiple-choice context and each choice (lm-eval's
     /// `target_delimiter`, a space by default).
     pub target_delimiter: String,
-    /// Hide progress bars.
-    #[serde(skip)]
-    pub quiet: bool,
 }
 
 impl Default for EvalOptions {
@@ -56,7 +53,6 @@ impl Default for EvalOptions {
             batch_size: 4,
             max_windows: None,
             target_delimiter: " ".into(),
-            quiet: false,
         }
     }
 }
@@ -185,20 +181,6 @@ impl NllSum {
     }
 }
 
-fn progress_bar(len: usize, unit: &str, message: String, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    let template =
-        format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed_precise}} ETA {{eta}}");
-    let style =
-        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style.progress_chars("=> "));
-    bar.set_message(message);
-    bar
-}
-
 fn model_device(model: &Model) -> &Device {
     model.ends.embed_tokens.device()
 }
@@ -240,13 +222,15 @@ fn target_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok((target_logits - log_sum_exp)?.squeeze(D::Minus1)?)
 }
 
-/// Perplexity of `model` on `tokens` under `options` (windows, stride, batching).
+/// Perplexity of `model` on `tokens` under `options` (windows, stride, batching); reports the
+/// windows done to `progress` as task `perplexity`.
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     options: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<PerplexityResult> {
-    perplexity_labelled(model, tokens, options, "perplexity")
+    perplexity_labelled(model, tokens, options, "perplexity", progress)
 }
 
 fn limited_windows(num_tokens: usize, options: &EvalOptions) -> Result<Vec<Window>> {
@@ -268,10 +252,11 @@ fn perplexity_labelled(
     tokens: &[u32],
     options: &EvalOptions,
     label: &str,
+    progress: &dyn Progress,
 ) -> Result<PerplexityResult> {
     options.validate(model.spec.max_positions)?;
     let windows = limited_windows(tokens.len(), options)?;
-    let bar = progress_bar(windows.len(), "windows", label.to_string(), options.quiet);
+    let task = Task::start(progress, label, windows.len() as u64);
     let mut sum = NllSum::default();
     for batch in windows.chunks(options.batch_size) {
         let (inputs, targets, longest) = batch_tensors(tokens, batch);
@@ -285,9 +270,8 @@ fn perplexity_labelled(
             }
             sum.tokens += w.scored();
         }
-        bar.inc(batch.len() as u64);
+        task.advance(batch.len() as u64);
     }
-    bar.finish_and_clear();
     Ok(sum.result(windows.len()))
 }
 
@@ -326,12 +310,14 @@ fn quantile(sorted: &[f32], q: f64) -> f64 {
 }
 
 /// Runs `reference` and `candidate` on the same windows of `tokens`, one batch at a time, and
-/// compares their next-token distributions at every scored position.
+/// compares their next-token distributions at every scored position; reports the windows done to
+/// `progress` as task `divergence`.
 pub fn divergence(
     reference: &Model,
     candidate: &Model,
     tokens: &[u32],
     options: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<DivergenceResult> {
     options.validate(
         reference
@@ -346,7 +332,7 @@ pub fn divergence(
         )));
     }
     let windows = limited_windows(tokens.len(), options)?;
-    let bar = progress_bar(windows.len(), "windows", "divergence".into(), options.quiet);
+    let task = Task::start(progress, "divergence", windows.len() as u64);
     let (mut reference_sum, mut candidate_sum) = (NllSum::default(), NllSum::default());
     let mut kls: Vec<f32> = Vec::with_capacity(windows.iter().map(|w| w.scored()).sum());
     let (mut kl_sum, mut agreements) = (0f64, 0usize);
@@ -388,9 +374,8 @@ pub fn divergence(
             reference_sum.tokens += w.scored();
             candidate_sum.tokens += w.scored();
         }
-        bar.inc(batch.len() as u64);
+        task.advance(batch.len() as u64);
     }
-    bar.finish_and_clear();
     kls.sort_unstable_by(f32::total_cmp);
     let tokens_compared = kls.len();
     Ok(DivergenceResult {
@@ -576,13 +561,15 @@ struct Request {
     continuation: usize,
 }
 
-/// Summed log-likelihood of each choice of each question (`eos` stands in for empty contexts).
+/// Summed log-likelihood of each choice of each question (`eos` stands in for empty contexts);
+/// reports the continuations scored to `progress` as task `multiple choice`.
 pub fn choice_log_likelihoods(
     model: &Model,
     tokenizer: &Tokenizer,
     eos: u32,
     items: &[MultipleChoiceItem],
     options: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<Vec<Vec<(f64, usize)>>> {
     if options.batch_size == 0 {
         return Err(Error::InvalidArgument(
@@ -630,12 +617,7 @@ pub fn choice_log_likelihoods(
         .iter()
         .map(|it| vec![(0.0, 0); it.choices.len()])
         .collect();
-    let bar = progress_bar(
-        requests.len(),
-        "continuations",
-        "multiple choice".into(),
-        options.quiet,
-    );
+    let task = Task::start(progress, "multiple choice", requests.len() as u64);
     let device = model_device(model).clone();
     for batch in order.chunks(options.batch_size) {
         let longest = batch
@@ -665,9 +647,8 @@ pub fn choice_log_likelihoods(
                 .sum();
             scores[request.item][request.choice] = (loglik, request.continuation);
         }
-        bar.inc(batch.len() as u64);
+        task.advance(batch.len() as u64);
     }
-    bar.finish_and_clear();
     Ok(scores)
 }
 
@@ -678,13 +659,14 @@ pub fn multiple_choice(
     eos: u32,
     items: &[MultipleChoiceItem],
     options: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<MultipleChoiceResult> {
     if items.is_empty() {
         return Err(Error::InvalidArgument(
             "no multiple-choice questions to evaluate".into(),
         ));
     }
-    let scores = choice_log_likelihoods(model, tokenizer, eos, items, options)?;
+    let scores = choice_log_likelihoods(model, tokenizer, eos, items, options, progress)?;
     let items: Vec<ChoiceScores> = items
         .iter()
         .zip(scores)
@@ -794,11 +776,12 @@ pub struct EvalReport {
 }
 
 /// Runs every evaluation of `plan` on `candidate`; with a `reference`, each text is also run
-/// through the reference (in the same pass) to measure divergence.
+/// through the reference (in the same pass) to measure divergence. Progress goes to `progress`.
 pub fn evaluate(
     candidate: &EvalModel,
     reference: Option<&EvalModel>,
     plan: &EvalPlan,
+    progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
     let options = &plan.options;
@@ -827,7 +810,13 @@ pub fn evaluate(
         let tokens = candidate.tokenize_file(path)?;
         match reference {
             Some(reference) => {
-                let result = divergence(&reference.model, &candidate.model, &tokens, options)?;
+                let result = divergence(
+                    &reference.model,
+                    &candidate.model,
+                    &tokens,
+                    options,
+                    progress,
+                )?;
                 report.perplexity.push(Labelled {
                     dataset: dataset.clone(),
                     result: result.candidate,
@@ -836,7 +825,8 @@ pub fn evaluate(
             }
             None => {
                 let label = format!("perplexity {}", file_label(path));
-                let result = perplexity_labelled(&candidate.model, &tokens, options, &label)?;
+                let result =
+                    perplexity_labelled(&candidate.model, &tokens, options, &label, progress)?;
                 report.perplexity.push(Labelled { dataset, result });
             }
         }
@@ -849,6 +839,7 @@ pub fn evaluate(
             candidate.eos,
             &items,
             options,
+            progress,
         )?;
         report.multiple_choice.push(Labelled {
             dataset: path.display().to_string(),

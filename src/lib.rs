@@ -9,7 +9,6 @@ pub mod inspect;
 pub mod linalg;
 pub mod models;
 pub mod pipeline;
-pub mod plot;
 pub mod progress;
 pub mod residual;
 pub mod rng;
@@ -19,3 +18,4 @@ pub mod text;
 
 pub use error::{Error, Result};
 pub use pipeline::{compress, compress_with_progress, CompressOptions, Report};
+pub use progress::{Progress, Silent};

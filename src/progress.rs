@@ -11,7 +11,8 @@ pub trait Progress: Send + Sync {
     fn start(&self, task: &str, total: u64);
     /// `by` more steps of `task` are done.
     fn advance(&self, task: &str, by: u64);
-    /// A line for the user about `task` (a result or a milestone), shown as it comes.
+    /// News about `task`: while it runs, what it is doing now (e.g. `layer 3`, shown beside its
+    /// bar); for a task not running, a line for the user (a result or a milestone).
     fn message(&self, task: &str, text: &str);
     /// `task` is over (also when it ends early, e.g. on an error).
     fn finish(&self, task: &str);

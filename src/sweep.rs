@@ -7,9 +7,11 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::eval::{divergence, perplexity, EvalModel, EvalOptions};
+use crate::eval::{divergence, perplexity, DivergenceResult, EvalModel, EvalOptions};
 use crate::pipeline::allocate::Allocation;
-use crate::pipeline::{compress_with_progress, parse_device, CompressOptions, OutputOptions};
+use crate::pipeline::{
+    compress_with_progress, parse_device, CompressOptions, OutputOptions, Report,
+};
 use crate::progress::Progress;
 use crate::safety::RunPath;
 
@@ -70,6 +72,42 @@ pub struct SweepRow {
     pub compress_seconds: f64,
 }
 
+impl SweepRow {
+    /// The row of `point` from its compression `report` and its divergence from the original.
+    fn measured(point: &SweepPoint, report: &Report, measured: &DivergenceResult) -> Self {
+        let groups: Vec<_> = report
+            .layers
+            .iter()
+            .flat_map(|l| l.matrices.values().flatten())
+            .filter(|g| !g.dense)
+            .collect();
+        let mean = |values: Vec<f64>| {
+            if values.is_empty() {
+                None
+            } else {
+                Some(values.iter().sum::<f64>() / values.len() as f64)
+            }
+        };
+        SweepRow {
+            point: *point,
+            label: point.label(),
+            targeted_reduction: report.targeted_reduction,
+            perplexity: measured.candidate.perplexity,
+            mean_kl: measured.mean_kl,
+            top1_agreement: measured.top1_agreement,
+            mean_relative_error: mean(groups.iter().map(|g| g.relative_error).collect())
+                .unwrap_or(0.0),
+            residual_energy_recovered: mean(
+                groups
+                    .iter()
+                    .filter_map(|g| g.residual_energy_recovered)
+                    .collect(),
+            ),
+            compress_seconds: report.seconds,
+        }
+    }
+}
+
 /// The sweep's full result.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepReport {
@@ -121,7 +159,9 @@ pub fn reference_columns() -> Vec<(Allocation, usize, bool, bool)> {
 }
 
 /// Compresses `base.model` at every point (into `work_dir`), evaluates each on `text` against the
-/// original, and returns the table. Calibration statistics are computed once and reused.
+/// original, and returns the table. Calibration statistics are computed once and reused. Each
+/// row's result goes to `progress` as a message of task `sweep`, and `progress` is passed on to
+/// every compression and evaluation.
 pub fn sweep(
     base: &CompressOptions,
     points: &[SweepPoint],
@@ -142,7 +182,7 @@ pub fn sweep(
     std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
     let original = EvalModel::load(&base.model, DType::F32, &device)?;
     let tokens = original.tokenize_file(text)?;
-    let original_ppl = perplexity(&original.model, &tokens, eval_options)?;
+    let original_ppl = perplexity(&original.model, &tokens, eval_options, progress)?;
     progress.message(
         "sweep",
         &format!(
@@ -169,37 +209,14 @@ pub fn sweep(
         };
         let report = compress_with_progress(&options, progress)?;
         let candidate = EvalModel::load(&out, DType::F32, &device)?;
-        let measured = divergence(&original.model, &candidate.model, &tokens, eval_options)?;
-        let groups: Vec<_> = report
-            .layers
-            .iter()
-            .flat_map(|l| l.matrices.values().flatten())
-            .filter(|g| !g.dense)
-            .collect();
-        let mean = |values: Vec<f64>| {
-            if values.is_empty() {
-                None
-            } else {
-                Some(values.iter().sum::<f64>() / values.len() as f64)
-            }
-        };
-        let row = SweepRow {
-            point: *point,
-            label: point.label(),
-            targeted_reduction: report.targeted_reduction,
-            perplexity: measured.candidate.perplexity,
-            mean_kl: measured.mean_kl,
-            top1_agreement: measured.top1_agreement,
-            mean_relative_error: mean(groups.iter().map(|g| g.relative_error).collect())
-                .unwrap_or(0.0),
-            residual_energy_recovered: mean(
-                groups
-                    .iter()
-                    .filter_map(|g| g.residual_energy_recovered)
-                    .collect(),
-            ),
-            compress_seconds: report.seconds,
-        };
+        let measured = divergence(
+            &original.model,
+            &candidate.model,
+            &tokens,
+            eval_options,
+            progress,
+        )?;
+        let row = SweepRow::measured(point, &report, &measured);
         progress.message(
             "sweep",
             &format!(

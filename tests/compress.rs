@@ -347,7 +347,19 @@ fn model_scope_budget_is_met_across_layers() {
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut opts = options(&source, &calibration, &tmp.path().join("model-scope"), 0.4);
     opts.allocation.budget_scope = BudgetScope::Model;
-    let report = rfid_moe::compress(&opts).unwrap();
+    let progress = common::ProgressRecorder::default();
+    let report = rfid_moe::compress_with_progress(&opts, &progress).unwrap();
+    // Both passes report every decoder layer.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap();
+    assert_eq!(
+        progress.completed_tasks(),
+        [
+            ("analysing".to_string(), layers),
+            ("layers".to_string(), layers)
+        ]
+    );
     // One budget for all layers: the granularity is one rank of one group over the whole model.
     assert!(
         (report.targeted_reduction - 0.4).abs() <= 0.005f64.max(report.rank_granularity),

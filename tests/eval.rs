@@ -1,11 +1,14 @@
 //! Evaluation reproduces the reference perplexities of the bundled models' READMEs, measures
 //! zero divergence of a model from itself, and scores multiple choice as lm-eval does.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use rfid_moe::eval::{self, EvalModel, EvalOptions, EvalPlan, MultipleChoiceItem};
+use rfid_moe::progress::Silent;
 use rfid_moe::text;
 
 const MINI: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mini-moe-docs");
@@ -18,13 +21,6 @@ fn data(name: &str) -> PathBuf {
 
 fn load(dir: &str) -> EvalModel {
     EvalModel::load(Path::new(dir), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn quiet() -> EvalOptions {
-    EvalOptions {
-        quiet: true,
-        ..EvalOptions::default()
-    }
 }
 
 fn assert_relative(found: f64, expected: f64, tolerance: f64, what: &str) {
@@ -43,7 +39,7 @@ fn reproduces_readme(dir: &str, windows: usize, tokens: usize, perplexity: f64) 
         .tokenize_file(&Path::new(dir).join("test.txt"))
         .unwrap();
     assert_eq!(text::windows(&stream, 512).len(), windows);
-    let result = eval::perplexity(&model.model, &stream, &quiet()).unwrap();
+    let result = eval::perplexity(&model.model, &stream, &EvalOptions::default(), &Silent).unwrap();
     println!(
         "{dir}: {result:?} in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -160,8 +156,9 @@ fn sliding_window_perplexity_is_lower_than_fixed_context() {
         stream,
         &EvalOptions {
             seq_len: 256,
-            ..quiet()
+            ..EvalOptions::default()
         },
+        &Silent,
     )
     .unwrap();
     let sliding = eval::perplexity(
@@ -170,8 +167,9 @@ fn sliding_window_perplexity_is_lower_than_fixed_context() {
         &EvalOptions {
             seq_len: 256,
             stride: Some(128),
-            ..quiet()
+            ..EvalOptions::default()
         },
+        &Silent,
     )
     .unwrap();
     println!(
@@ -193,10 +191,10 @@ fn divergence_of_a_model_from_itself_is_zero() {
     let options = EvalOptions {
         max_windows: Some(6),
         batch_size: 3,
-        ..quiet()
+        ..EvalOptions::default()
     };
-    let result = eval::divergence(&model.model, &model.model, &stream, &options).unwrap();
-    let ppl = eval::perplexity(&model.model, &stream, &options).unwrap();
+    let result = eval::divergence(&model.model, &model.model, &stream, &options, &Silent).unwrap();
+    let ppl = eval::perplexity(&model.model, &stream, &options, &Silent).unwrap();
     println!("{result:?} in {:.1} s", started.elapsed().as_secs_f64());
     assert_eq!(result.windows, 6);
     assert_eq!(result.tokens, 6 * 511);
@@ -224,9 +222,9 @@ fn bf16_weights_diverge_a_little() {
     let options = EvalOptions {
         max_windows: Some(2),
         batch_size: 2,
-        ..quiet()
+        ..EvalOptions::default()
     };
-    let result = eval::divergence(&model.model, &bf16.model, &stream, &options).unwrap();
+    let result = eval::divergence(&model.model, &bf16.model, &stream, &options, &Silent).unwrap();
     println!("{result:?}");
     assert!(
         result.mean_kl > 0.0 && result.mean_kl < 0.05,
@@ -294,10 +292,17 @@ fn multiple_choice_matches_hand_computed_log_likelihoods() {
 
     let options = EvalOptions {
         batch_size: 4,
-        ..quiet()
+        ..EvalOptions::default()
     };
-    let result =
-        eval::multiple_choice(&model.model, &model.tokenizer, model.eos, &items, &options).unwrap();
+    let result = eval::multiple_choice(
+        &model.model,
+        &model.tokenizer,
+        model.eos,
+        &items,
+        &options,
+        &Silent,
+    )
+    .unwrap();
     let (mut acc, mut acc_norm, mut disagreements) = (0usize, 0usize, 0usize);
     for (item, scores) in items.iter().zip(&result.items) {
         let expected: Vec<(f64, usize)> = item
@@ -365,11 +370,17 @@ fn multiple_choice_follows_lm_eval_encoding() {
     };
     let options = EvalOptions {
         target_delimiter: String::new(),
-        ..quiet()
+        ..EvalOptions::default()
     };
-    assert!(
-        eval::multiple_choice(&model.model, &model.tokenizer, model.eos, &[bad], &options).is_err()
-    );
+    assert!(eval::multiple_choice(
+        &model.model,
+        &model.tokenizer,
+        model.eos,
+        &[bad],
+        &options,
+        &Silent
+    )
+    .is_err());
 }
 
 #[test]
@@ -382,10 +393,23 @@ fn evaluate_runs_everything_and_prints_a_table() {
         multiple_choice: vec![data("multiple_choice.jsonl")],
         options: EvalOptions {
             max_windows: Some(2),
-            ..quiet()
+            ..EvalOptions::default()
         },
     };
-    let report = eval::evaluate(&model, Some(&reference), &plan).unwrap();
+    let recorder = common::ProgressRecorder::default();
+    let report = eval::evaluate(&model, Some(&reference), &plan, &recorder).unwrap();
+    let continuations: usize = eval::read_multiple_choice(&data("multiple_choice.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|item| item.choices.len())
+        .sum();
+    assert_eq!(
+        recorder.completed_tasks(),
+        [
+            ("divergence".to_string(), 2),
+            ("multiple choice".to_string(), continuations as u64)
+        ]
+    );
     println!("{report}\n({:.1} s)", started.elapsed().as_secs_f64());
     assert_eq!(report.perplexity.len(), 1);
     assert_eq!(report.divergence.len(), 1);
@@ -403,8 +427,13 @@ fn evaluate_runs_everything_and_prints_a_table() {
             multiple_choice: vec![],
             ..plan
         },
+        &recorder,
     )
     .unwrap();
+    assert_eq!(
+        recorder.completed_tasks(),
+        [("perplexity test.txt".to_string(), 2)]
+    );
     assert!(without_reference.divergence.is_empty());
     let (alone, with_reference) = (
         &without_reference.perplexity[0].result,

@@ -141,7 +141,7 @@ pub fn allocate_model(
 }
 
 /// Which signal drives the per-group rank allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Allocation {
     /// Every group gets the same score (equal ranks for equal shapes).
@@ -155,6 +155,14 @@ pub enum Allocation {
 }
 
 impl Allocation {
+    /// Every policy, in the order the command line lists them.
+    pub const ALL: [Allocation; 4] = [
+        Allocation::Uniform,
+        Allocation::Frequency,
+        Allocation::Density,
+        Allocation::Rfid,
+    ];
+
     /// The lowercase name used on the command line and in saved settings.
     pub fn name(&self) -> &'static str {
         match self {
@@ -164,12 +172,51 @@ impl Allocation {
             Allocation::Rfid => "rfid",
         }
     }
+
+    /// One line saying what the policy does (for help texts).
+    pub fn description(&self) -> &'static str {
+        match self {
+            Allocation::Uniform => "Every group gets the same score (equal ranks for equal shapes)",
+            Allocation::Frequency => "Group routing frequency `F_g` alone",
+            Allocation::Density => "Normalised effective rank `E_g` alone",
+            Allocation::Rfid => "The fused RFID score `ξ·E_g + (1−ξ)·F_g`",
+        }
+    }
 }
 
 impl std::fmt::Display for Allocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+impl std::str::FromStr for Allocation {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        parse_named("allocation", name, &Self::ALL, Self::name)
+    }
+}
+
+/// The value of `values` whose `name` is `name`, or an error naming `what` and listing the valid
+/// names (the `FromStr` of the option enums).
+pub(crate) fn parse_named<T: Copy>(
+    what: &str,
+    name: &str,
+    values: &[T],
+    name_of: fn(&T) -> &'static str,
+) -> Result<T> {
+    values
+        .iter()
+        .find(|v| name_of(v) == name)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<&str> = values.iter().map(name_of).collect();
+            Error::InvalidArgument(format!(
+                "unknown {what} `{name}`: expected one of {}",
+                names.join(", ")
+            ))
+        })
 }
 
 /// Per-group importance score `C_g` under `policy`, one per group.
@@ -507,6 +554,40 @@ mod tests {
             rows_per_expert: p,
             cols: d,
         }
+    }
+
+    /// `FromStr` accepts exactly the names `Display` and serde write, and refuses anything else
+    /// with a message listing the valid names.
+    fn assert_names_round_trip<T>(values: &[T], valid: &str)
+    where
+        T: std::str::FromStr<Err = Error>
+            + std::fmt::Display
+            + Serialize
+            + PartialEq
+            + std::fmt::Debug,
+    {
+        for value in values {
+            let name = value.to_string();
+            assert_eq!(&name.parse::<T>().unwrap(), value);
+            assert_eq!(serde_json::to_string(value).unwrap(), format!("\"{name}\""));
+            assert!(
+                name.to_uppercase().parse::<T>().is_err(),
+                "{name} in capitals"
+            );
+        }
+        let message = "nonsense".parse::<T>().unwrap_err().to_string();
+        assert!(
+            message.contains("`nonsense`") && message.ends_with(valid),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn option_enums_parse_their_lowercase_names() {
+        use crate::pipeline::{BudgetScope, FactorizerKind};
+        assert_names_round_trip(&Allocation::ALL, "uniform, frequency, density, rfid");
+        assert_names_round_trip(&FactorizerKind::ALL, "svd, basis");
+        assert_names_round_trip(&BudgetScope::ALL, "layer, model");
     }
 
     fn total(groups: &[GroupShape], alloc: &[GroupAllocation]) -> usize {

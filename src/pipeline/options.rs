@@ -10,7 +10,7 @@ use super::allocate::Allocation;
 use crate::error::{Error, Result};
 
 /// Which factoriser turns a group into coefficients and a basis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FactorizerKind {
     /// Truncated SVD (closed form), optionally activation-aware.
@@ -19,14 +19,86 @@ pub enum FactorizerKind {
     Basis,
 }
 
+impl FactorizerKind {
+    /// Every factoriser, in the order the command line lists them.
+    pub const ALL: [FactorizerKind; 2] = [FactorizerKind::Svd, FactorizerKind::Basis];
+
+    /// The lowercase name used on the command line and in saved settings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FactorizerKind::Svd => "svd",
+            FactorizerKind::Basis => "basis",
+        }
+    }
+
+    /// One line saying what the factoriser does (for help texts).
+    pub fn description(&self) -> &'static str {
+        match self {
+            FactorizerKind::Svd => "Truncated SVD (closed form), optionally activation-aware",
+            FactorizerKind::Basis => "MoBE-style `A·SiLU(B)` fitted with Adam from the SVD",
+        }
+    }
+}
+
+impl std::fmt::Display for FactorizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for FactorizerKind {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        super::allocate::parse_named("factorizer", name, &Self::ALL, Self::name)
+    }
+}
+
 /// Where the parameter budget is enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetScope {
     /// Each layer and matrix type gets `(1−ρ)` of its own parameters.
     Layer,
     /// All layers share one budget per matrix type (holds every layer's statistics in memory).
     Model,
+}
+
+impl BudgetScope {
+    /// Every scope, in the order the command line lists them.
+    pub const ALL: [BudgetScope; 2] = [BudgetScope::Layer, BudgetScope::Model];
+
+    /// The lowercase name used on the command line and in saved settings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BudgetScope::Layer => "layer",
+            BudgetScope::Model => "model",
+        }
+    }
+
+    /// One line saying what the scope means (for help texts).
+    pub fn description(&self) -> &'static str {
+        match self {
+            BudgetScope::Layer => "Each layer and matrix type gets `(1−ρ)` of its own parameters",
+            BudgetScope::Model => {
+                "All layers share one budget per matrix type (holds every layer's statistics in memory)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BudgetScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BudgetScope {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        super::allocate::parse_named("budget scope", name, &Self::ALL, Self::name)
+    }
 }
 
 /// What the calibrate stage reads: the data, its windows, and which statistics to collect.

@@ -3,16 +3,24 @@
 
 use std::path::{Path, PathBuf};
 
+/// The repository root: the library package's directory, which the CLI package's tests (in
+/// `cli/`) reach as their package's parent.
+pub fn repo_root() -> PathBuf {
+    let package = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match package.parent() {
+        Some(parent) if !package.join("tests/fixtures").is_dir() => parent.to_path_buf(),
+        _ => package.to_path_buf(),
+    }
+}
+
 /// A fixture directory under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    repo_root().join("tests/fixtures").join(name)
 }
 
 /// The bundled mini model.
 pub fn mini_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mini-moe-docs")
+    repo_root().join("models/mini-moe-docs")
 }
 
 /// Copies a fixture into a fresh temporary directory (writable) and returns both.
@@ -123,5 +131,45 @@ pub fn staging_leftovers(out: &Path) -> Vec<String> {
             .filter(|n| n.starts_with(&prefix))
             .collect(),
         Err(_) => Vec::new(),
+    }
+}
+
+/// A progress observer that records what a library call reports: per task, its total, the steps
+/// advanced and whether it finished, in the order the tasks started.
+#[derive(Default)]
+pub struct ProgressRecorder(std::sync::Mutex<Vec<(String, u64, u64, bool)>>);
+
+impl rfid_moe::progress::Progress for ProgressRecorder {
+    fn start(&self, task: &str, total: u64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((task.to_string(), total, 0, false));
+    }
+    fn advance(&self, task: &str, by: u64) {
+        let mut tasks = self.0.lock().unwrap();
+        let entry = tasks.iter_mut().rev().find(|t| t.0 == task).unwrap();
+        assert!(!entry.3, "{task} advanced after it finished");
+        entry.2 += by;
+    }
+    fn message(&self, _task: &str, _text: &str) {}
+    fn finish(&self, task: &str) {
+        let mut tasks = self.0.lock().unwrap();
+        tasks.iter_mut().rev().find(|t| t.0 == task).unwrap().3 = true;
+    }
+}
+
+impl ProgressRecorder {
+    /// The tasks reported so far, each checked to have finished after all its steps.
+    pub fn completed_tasks(&self) -> Vec<(String, u64)> {
+        let tasks = std::mem::take(&mut *self.0.lock().unwrap());
+        for (task, total, advanced, finished) in &tasks {
+            assert!(*finished, "{task} never finished");
+            assert_eq!(
+                advanced, total,
+                "{task} advanced {advanced} of {total} steps"
+            );
+        }
+        tasks.into_iter().map(|t| (t.0, t.1)).collect()
     }
 }

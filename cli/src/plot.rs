@@ -5,9 +5,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::error::{Error, Result};
-use crate::pipeline::LayerReport;
-use crate::sweep::SweepReport;
+use rfid_moe::error::{Error, Result};
+use rfid_moe::pipeline::LayerReport;
+use rfid_moe::sweep::SweepReport;
 
 /// DejaVu Sans (see `assets/DejaVuSans-LICENSE.txt`), bundled so charts render without system fonts.
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");

@@ -1,5 +1,6 @@
 //! Peak memory of `compress` does not grow with the number of layers: layers are streamed.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

@@ -2,6 +2,7 @@
 //! run must exit non-zero without panicking, name the culprit on stderr, leave its output path
 //! absent and every input byte-identical.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! The `rfid-moe` binary: `inspect` counts and the `logits` contract.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::Command;
@@ -191,7 +192,7 @@ fn logits_command_rejects_tokens_file_without_input_ids() {
 #[test]
 fn plot_writes_png_charts_from_sweep_reports_and_compressed_models() {
     let tmp = tempfile::tempdir().unwrap();
-    let results = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/results");
+    let results = common::repo_root().join("docs/results");
     let out = tmp.path().join("charts");
     rfid_moe(&[
         "plot",

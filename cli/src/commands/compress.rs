@@ -1,0 +1,182 @@
+//! `rfid-moe compress`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::{BudgetScope, CompressOptions, FactorizerKind};
+
+use rfid_moe::safety::commands as path_checks;
+
+use crate::args::{choice, parse_on_off};
+use crate::bars;
+
+/// `compress` flags; each overrides the same key of `--config`.
+#[derive(Args)]
+pub struct CompressArgs {
+    /// TOML file with any of the options below (flags given on the command line win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Calibration data: plain text (blank-line separated documents), JSON lines with `text`, or safetensors with `input_ids`.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Output directory (written atomically; refused if it exists unless --force).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Fraction of the routed experts' gate/up parameters to remove.
+    #[arg(long)]
+    ratio: Option<f64>,
+    /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// Weight of information density in the fused score (1 − ξ goes to routing frequency).
+    #[arg(long)]
+    xi: Option<f64>,
+    /// Rank allocation policy.
+    #[arg(long, value_parser = choice::<Allocation>())]
+    allocation: Option<Allocation>,
+    /// Budget per layer, or one budget shared by all layers.
+    #[arg(long, value_parser = choice::<BudgetScope>())]
+    budget_scope: Option<BudgetScope>,
+    /// Factoriser.
+    #[arg(long, value_parser = choice::<FactorizerKind>())]
+    factorizer: Option<FactorizerKind>,
+    /// Adam steps of the basis factoriser.
+    #[arg(long)]
+    fit_steps: Option<usize>,
+    /// Activation-aware factorisation from routed calibration inputs: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    whiten: Option<bool>,
+    /// Sparse-projection residual (paid from the same budget): on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    residual: Option<bool>,
+    /// Residual size as a fraction of each group's parameters.
+    #[arg(long)]
+    residual_fraction: Option<f64>,
+    /// Keep groups dense where factoring saves nothing: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    dense_fallback: Option<bool>,
+    /// Calibration windows.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Tokens per calibration window.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Window selection seed (0 = the first windows in order).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Windows per forward batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Dtype of written factors: auto, f32, bf16, f16.
+    #[arg(long)]
+    factor_dtype: Option<String>,
+    /// Also write the reconstructed dense model here (original tensor names and shapes).
+    #[arg(long)]
+    export_dense: Option<PathBuf>,
+    /// Replace existing output directories.
+    #[arg(long)]
+    force: bool,
+    /// Preview ranks and sizes without factorising or writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Write the report as JSON to this file as well.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where calibration runs: cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl CompressArgs {
+    /// The options of the run: `--config` (or the defaults) with every given flag on top.
+    fn resolve(&self) -> Result<CompressOptions> {
+        let mut options: CompressOptions = match &self.config {
+            Some(path) => {
+                let text = rfid_moe::safety::read_text_bounded(
+                    path,
+                    rfid_moe::safety::MAX_JSON_BYTES,
+                    "a UTF-8 TOML file",
+                )?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{}: invalid compression config", path.display()))?
+            }
+            None => CompressOptions::default(),
+        };
+        fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
+            if let Some(value) = flag {
+                *target = value.clone();
+            }
+        }
+        set(&mut options.model, &self.model);
+        set(&mut options.device, &self.device);
+        let calibration = &mut options.calibration;
+        set(&mut calibration.data, &self.calibration);
+        set(&mut calibration.samples, &self.samples);
+        set(&mut calibration.seq_len, &self.seq_len);
+        set(&mut calibration.seed, &self.seed);
+        set(&mut calibration.batch_size, &self.batch_size);
+        set(&mut calibration.group_size, &self.group_size);
+        let allocation = &mut options.allocation;
+        set(&mut allocation.ratio, &self.ratio);
+        set(&mut allocation.xi, &self.xi);
+        set(&mut allocation.policy, &self.allocation);
+        set(&mut allocation.budget_scope, &self.budget_scope);
+        set(&mut allocation.dense_fallback, &self.dense_fallback);
+        set(&mut allocation.residual, &self.residual);
+        set(&mut allocation.residual_fraction, &self.residual_fraction);
+        let factorization = &mut options.factorization;
+        set(&mut factorization.factorizer, &self.factorizer);
+        set(&mut factorization.fit_steps, &self.fit_steps);
+        set(&mut factorization.whiten, &self.whiten);
+        set(&mut factorization.factor_dtype, &self.factor_dtype);
+        let output = &mut options.output;
+        if self.out.is_some() {
+            output.out = self.out.clone();
+        }
+        if self.export_dense.is_some() {
+            output.export_dense = self.export_dense.clone();
+        }
+        output.force |= self.force;
+        output.dry_run |= self.dry_run;
+        if options.model.as_os_str().is_empty() {
+            bail!("--model is required (flag or `model` in --config)");
+        }
+        if options.calibration.data.as_os_str().is_empty() {
+            bail!(
+                "--calibration is required (flag or `data` in the [calibration] table of --config)"
+            );
+        }
+        Ok(options)
+    }
+}
+
+/// Compresses the model, prints the report table and says what was written.
+pub fn run(args: &CompressArgs) -> Result<()> {
+    let options = args.resolve()?;
+    path_checks::check_compress_paths(
+        &options.model,
+        &options.calibration.data,
+        args.config.as_deref(),
+        options.output.out.as_deref(),
+        options.output.export_dense.as_deref(),
+        args.json.as_deref(),
+    )?;
+    let report = rfid_moe::compress_with_progress(&options, bars::observer(args.quiet).as_ref())?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        super::write_json(path, &report)?;
+    }
+    match &report.output {
+        Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
+        None => println!("dry run: nothing written ({:.1}s)", report.seconds),
+    }
+    Ok(())
+}
