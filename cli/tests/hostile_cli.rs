@@ -324,6 +324,22 @@ fn zero_attention_heads_and_absurd_expert_counts_fail_without_panicking() {
 }
 
 /// Runs `args`, killing the process if it has not finished within `limit`.
+#[test]
+fn compress_on_cuda_without_cuda_support_is_refused_not_run_on_the_cpu() {
+    if candle_core::utils::cuda_is_available() {
+        return; // this build can run on CUDA: nothing to refuse
+    }
+    let (tmp, model) = mini_copy();
+    let before = common::snapshot(tmp.path());
+    let calibration = model.join("calibration.txt");
+    let out = tmp.path().join("out");
+    let mut args = small_compress(&model, &calibration, &out);
+    args.extend([Path::new("--device"), Path::new("cuda")]);
+    assert_refused(&run(&args), &["cuda", "--features cuda"]);
+    assert!(!out.exists());
+    assert_eq!(common::snapshot(tmp.path()), before);
+}
+
 fn run_with_deadline(args: &[&Path], limit: Duration) -> Output {
     let mut child = binary()
         .args(args)

@@ -266,11 +266,11 @@ impl LinalgBackend for CpuBackend {
         (a.nrows(), a.ncols())
     }
 
-    fn from_tensor(&self, tensor: &Tensor) -> Result<Mat<f64>> {
+    fn matrix_from_tensor(&self, tensor: &Tensor) -> Result<Mat<f64>> {
         tensor_to_mat(tensor)
     }
 
-    fn from_host(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
+    fn matrix_from_host(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
         Ok(a.clone())
     }
 

@@ -40,10 +40,10 @@ pub trait LinalgBackend: Send + Sync {
     fn shape(&self, a: &Self::Matrix) -> (usize, usize);
 
     /// Copies a 2-D float tensor (any dtype, any device) into a backend matrix.
-    fn from_tensor(&self, tensor: &Tensor) -> Result<Self::Matrix>;
+    fn matrix_from_tensor(&self, tensor: &Tensor) -> Result<Self::Matrix>;
 
     /// Copies a host `f64` matrix into a backend matrix.
-    fn from_host(&self, a: &Mat<f64>) -> Result<Self::Matrix>;
+    fn matrix_from_host(&self, a: &Mat<f64>) -> Result<Self::Matrix>;
 
     /// Copies a backend matrix to the host as `f64`.
     fn to_host(&self, a: &Self::Matrix) -> Result<Mat<f64>>;

@@ -490,7 +490,7 @@ pub fn load_statistics<B: LinalgBackend>(
                 let (n, d, _) = t.dims3()?;
                 Some(
                     (0..n)
-                        .map(|g| backend.from_tensor(&t.get(g)?))
+                        .map(|g| backend.matrix_from_tensor(&t.get(g)?))
                         .collect::<Result<Vec<_>>>()?,
                 )
                 .filter(|v: &Vec<_>| v.len() == n && d > 0)

@@ -36,7 +36,7 @@ impl<'a> LayerExperts<'a> {
     ) -> Result<B::Matrix> {
         let blocks = experts
             .iter()
-            .map(|&e| backend.from_tensor(&self.matrix(e, matrix)?))
+            .map(|&e| backend.matrix_from_tensor(&self.matrix(e, matrix)?))
             .collect::<Result<Vec<_>>>()?;
         backend.stack_rows(&blocks)
     }

@@ -62,7 +62,7 @@ impl<M> GroupFactors<M> {
         match activation {
             BasisActivation::Identity => backend.matmul(&self.coefficients, &self.basis),
             BasisActivation::Silu => {
-                let basis = backend.from_host(&silu_mat(&backend.to_host(&self.basis)?))?;
+                let basis = backend.matrix_from_host(&silu_mat(&backend.to_host(&self.basis)?))?;
                 backend.matmul(&self.coefficients, &basis)
             }
         }
@@ -259,8 +259,8 @@ impl<B: LinalgBackend> Factorizer<B> for BasisFactorizer {
         let whitening = whitening.map(|s| backend.to_host(s)).transpose()?;
         let (factors, _) = self.fit(&stacked, rank, whitening.as_ref())?;
         Ok(GroupFactors {
-            coefficients: backend.from_host(&factors.coefficients)?,
-            basis: backend.from_host(&factors.basis)?,
+            coefficients: backend.matrix_from_host(&factors.coefficients)?,
+            basis: backend.matrix_from_host(&factors.basis)?,
         })
     }
 }

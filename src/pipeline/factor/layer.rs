@@ -305,7 +305,7 @@ fn add_residual<B: LinalgBackend>(
     } else {
         0.0
     });
-    Ok((eta, backend.from_host(&rebuilt)?))
+    Ok((eta, backend.matrix_from_host(&rebuilt)?))
 }
 
 /// ‖(W−Ŵ)X‖_F / ‖WX‖_F from the input Gram G = XXᵀ: sqrt(tr(E G Eᵀ) / tr(W G Wᵀ)).
