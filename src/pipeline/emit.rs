@@ -16,7 +16,7 @@ use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::writer::CheckpointWriter;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
-use crate::format::{self, LayerRecord, MatrixRecord};
+use crate::format::{self, GroupRecord, LayerRecord, MatrixRecord};
 
 /// Tokenizer and generation files copied next to the compressed weights.
 const AUXILIARY_FILES: &[&str] = &[
@@ -128,7 +128,7 @@ impl<'a> Emitter<'a> {
             let mut groups = Vec::new();
             let mut group_reports = Vec::new();
             for (g, group) in matrix.groups.into_iter().enumerate() {
-                for (slot, &expert) in group.record.experts.iter().enumerate() {
+                for (slot, &expert) in group.report.experts.iter().enumerate() {
                     let key = match group.basis {
                         Some(_) => format::coefficients_name(&layout.block, expert, name),
                         None => layout.dense_name(expert, matrix.matrix),
@@ -147,7 +147,12 @@ impl<'a> Emitter<'a> {
                 if let Some(eta) = group.residual_eta {
                     compressed.insert(format::residual_name(&layout.block, g, name), eta);
                 }
-                groups.push(group.record);
+                groups.push(GroupRecord {
+                    experts: group.report.experts.clone(),
+                    rank: group.report.rank,
+                    dense: group.report.dense,
+                    residual_size: group.report.residual_size,
+                });
                 group_reports.push(group.report);
             }
             records.insert(name.to_string(), MatrixRecord { groups });

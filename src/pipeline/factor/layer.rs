@@ -8,7 +8,6 @@ use rayon::prelude::*;
 
 use super::{relative_error, Factorizer};
 use crate::checkpoint::experts::ExpertMatrix;
-use crate::format::GroupRecord;
 use crate::linalg::LinalgBackend;
 use crate::pipeline::allocate::{GroupAllocation, GroupShape, MatrixPlan, RankPlan};
 use crate::pipeline::analyse::{LayerAnalysis, MatrixAnalysis};
@@ -38,12 +37,10 @@ pub struct FactorSettings<'a, B: LinalgBackend> {
     pub keep_reconstruction: bool,
 }
 
-/// One group's outcome: its record, its report and its tensors.
+/// One group's outcome: its report and its tensors.
 #[derive(Debug)]
 pub struct FactoredGroup {
-    /// What the format records about the group.
-    pub record: GroupRecord,
-    /// What the report says about it.
+    /// What the report says about it (experts, rank, errors).
     pub report: GroupReport,
     /// Per expert in group order: coefficients `A_i` [p, K] (factor dtype), or the original
     /// matrix [p, d] (stored dtype) when the group is dense.
@@ -170,12 +167,6 @@ fn factor_group<B: LinalgBackend>(
     settings: &FactorSettings<B>,
 ) -> Result<FactoredGroup> {
     let mut report = job.planned_report();
-    let record = GroupRecord {
-        experts: job.experts.to_vec(),
-        rank: report.rank,
-        dense: report.dense,
-        residual_size: report.residual_size,
-    };
     let matrix = job.analysis.matrix;
     let rows = job.shape().rows_per_expert;
     if report.dense || !settings.factorize {
@@ -198,7 +189,6 @@ fn factor_group<B: LinalgBackend>(
             .map(|t| t.to_dtype(settings.stored_dtype))
             .collect::<candle_core::Result<Vec<_>>>()?;
         return Ok(FactoredGroup {
-            record,
             report,
             expert_tensors,
             basis: None,
@@ -245,7 +235,6 @@ fn factor_group<B: LinalgBackend>(
     };
     let basis_rows = backend.shape(&factors.basis).0;
     Ok(FactoredGroup {
-        record,
         expert_tensors: per_expert(&factors.coefficients, settings.factor_dtype)?,
         basis: Some(backend.rows_to_tensor(
             &factors.basis,
