@@ -327,6 +327,12 @@ impl Default for RoutedExperts {
 }
 
 /// `down(silu(gate) * up)` on already projected gate and up rows.
+/// `weight` in the dtype of `activations` (a no-op when they already agree): experts may be held
+/// in the checkpoint's narrower dtype and still compute in the activations' precision.
+fn in_dtype_of(weight: &Tensor, activations: &Tensor) -> candle_core::Result<Tensor> {
+    weight.to_dtype(activations.dtype())
+}
+
 fn gated_down(
     gate: &Tensor,
     up: &Tensor,
@@ -483,9 +489,9 @@ impl RoutedExperts {
                     x_e.as_ref()
                         .map(|x_e| {
                             gated_down(
-                                &matmul_transposed(x_e, &e.gate)?,
-                                &matmul_transposed(x_e, &e.up)?,
-                                |h| matmul_transposed(h, &e.down),
+                                &matmul_transposed(x_e, &in_dtype_of(&e.gate, x_e)?)?,
+                                &matmul_transposed(x_e, &in_dtype_of(&e.up, x_e)?)?,
+                                |h| matmul_transposed(h, &in_dtype_of(&e.down, h)?),
                             )
                         })
                         .transpose()
@@ -498,9 +504,9 @@ impl RoutedExperts {
                     x_e.as_ref()
                         .map(|x_e| {
                             gated_down(
-                                &matmul_transposed(x_e, &s.gate.get(e)?)?,
-                                &matmul_transposed(x_e, &s.up.get(e)?)?,
-                                |h| matmul_transposed(h, &s.down.get(e)?),
+                                &matmul_transposed(x_e, &in_dtype_of(&s.gate.get(e)?, x_e)?)?,
+                                &matmul_transposed(x_e, &in_dtype_of(&s.up.get(e)?, x_e)?)?,
+                                |h| matmul_transposed(h, &in_dtype_of(&s.down.get(e)?, h)?),
                             )
                         })
                         .transpose()

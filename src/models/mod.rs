@@ -328,6 +328,19 @@ impl ArchConfig {
         index: usize,
         compression: Option<&CompressionRecord>,
     ) -> Result<DecoderLayer> {
+        self.load_layer_with_expert_dtype(weights, index, compression, weights.dtype)
+    }
+
+    /// Loads decoder layer `index` with its routed experts held in `expert_dtype` (e.g. the
+    /// checkpoint's bf16, half the memory of f32); they compute in the activations' dtype, which
+    /// gives the same results as experts loaded in that dtype whenever the cast is exact.
+    pub fn load_layer_with_expert_dtype(
+        &self,
+        weights: &Weights,
+        index: usize,
+        compression: Option<&CompressionRecord>,
+        expert_dtype: DType,
+    ) -> Result<DecoderLayer> {
         let spec = self.spec();
         let moe = match &spec.moe_layers[index] {
             Some(layout) => Some(RoutedExperts::load(
@@ -335,7 +348,7 @@ impl ArchConfig {
                 weights.checkpoint,
                 index,
                 compression,
-                weights.dtype,
+                expert_dtype,
                 weights.device,
             )?),
             None => None,

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::analyse;
 use super::options::CalibrationOptions;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
+use crate::checkpoint::{Checkpoint, StoredDType};
 use crate::error::{Error, Result};
 use crate::linalg::LinalgBackend;
 use crate::models::common::{Rotary, Weights};
@@ -179,6 +180,26 @@ impl RoutingRecorder {
     }
 }
 
+/// The dtype to hold a layer's experts in while calibrating: their stored dtype when all three
+/// matrices share one that widens to f32 exactly (bf16, f16), f32 otherwise.
+fn expert_dtype(checkpoint: &Checkpoint, layout: &ExpertLayout) -> DType {
+    let stored: Vec<Option<StoredDType>> = ExpertMatrix::ALL
+        .iter()
+        .map(|&m| {
+            let name = match layout.is_fused(checkpoint, m) {
+                true => layout.fused_name(m),
+                false => layout.dense_name(0, m),
+            };
+            checkpoint.info(&name).map(|(info, _)| info.dtype)
+        })
+        .collect();
+    match stored.as_slice() {
+        [Some(StoredDType::BF16), Some(StoredDType::BF16), Some(StoredDType::BF16)] => DType::BF16,
+        [Some(StoredDType::F16), Some(StoredDType::F16), Some(StoredDType::F16)] => DType::F16,
+        _ => DType::F32,
+    }
+}
+
 /// One decoder layer as the calibrate stage hands it on.
 #[derive(Debug)]
 pub struct CalibratedLayer<M> {
@@ -337,7 +358,15 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 .map(|i| saved.swap_remove(i));
             return Ok(Some(CalibratedLayer { index, statistics }));
         }
-        let layer = self.config.load_layer(&self.weights, index, None)?;
+        // Experts stay in the checkpoint's dtype (half of f32 for bf16) and are widened per
+        // use: the same f32 products, at half the resident layer.
+        let expert_dtype = match &self.spec.moe_layers[index] {
+            Some(layout) => expert_dtype(self.weights.checkpoint, layout),
+            None => DType::F32,
+        };
+        let layer =
+            self.config
+                .load_layer_with_expert_dtype(&self.weights, index, None, expert_dtype)?;
         let rotary = self.rotary.as_ref().ok_or_else(|| {
             Error::InvalidArgument("calibration stream has no rotary tables".into())
         })?;
