@@ -182,3 +182,54 @@ fn a_fused_tensor_of_the_wrong_shape_is_refused_by_name() {
         "{message}"
     );
 }
+
+/// Writes a bf16 copy of `source` (every tensor rounded to bf16).
+fn bf16_copy(source: &Path, out: &Path) -> PathBuf {
+    let checkpoint = Checkpoint::open(source).unwrap();
+    let tensors: HashMap<String, Tensor> = checkpoint
+        .tensor_names()
+        .into_iter()
+        .map(|name| {
+            let t = checkpoint
+                .load(name, DType::BF16, &Device::Cpu, "test")
+                .unwrap();
+            (name.to_string(), t)
+        })
+        .collect();
+    let mut writer = CheckpointWriter::create(out, false).unwrap();
+    writer.write_shard(tensors).unwrap();
+    let config = serde_json::to_string(checkpoint.config()).unwrap();
+    writer.write_file("config.json", config.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    out.to_path_buf()
+}
+
+#[test]
+fn experts_held_in_bf16_compute_exactly_like_their_f32_widening() {
+    // Calibration keeps bf16 experts in bf16 and widens them per use: the products must be the
+    // ones an all-f32 load of the same bf16 weights gives, bit for bit.
+    for family in ["tiny-qwen3_moe", "tiny-mixtral", "tiny-deepseek_v3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let checkpoint =
+            Checkpoint::open(bf16_copy(&fixture(family), &tmp.path().join("b"))).unwrap();
+        let widened = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        let mut narrow = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        for (layer, layout) in layouts(&checkpoint) {
+            if let FeedForward::Moe(block) = &mut narrow.layers[layer].feed_forward {
+                block.experts = RoutedExperts::load(
+                    &layout,
+                    &checkpoint,
+                    layer,
+                    None,
+                    DType::BF16,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            }
+        }
+        let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 3, 3, 11]], &Device::Cpu).unwrap();
+        let a = widened.forward(&ids, None).unwrap().logits;
+        let b = narrow.forward(&ids, None).unwrap().logits;
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{family}");
+    }
+}
