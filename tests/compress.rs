@@ -216,10 +216,26 @@ fn output_is_refused_if_it_exists_and_input_is_never_overwritten() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("overwrite the input"), "{error}");
+    // --force replaces a previous output, but never a directory that is not a model.
     let mut forced = options(&source, &calibration, &out, 0.4);
     forced.output.force = true;
+    let error = rfid_moe::compress(&forced).unwrap_err().to_string();
+    assert!(error.contains("not a model directory"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "precious"
+    );
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
     rfid_moe::compress(&forced).unwrap();
-    assert!(!out.join("keep.txt").exists() && out.join("config.json").exists());
+    let first = std::fs::read(out.join("compression_report.json")).unwrap();
+    forced.allocation.ratio = 0.5;
+    rfid_moe::compress(&forced).unwrap();
+    assert!(out.join("config.json").exists());
+    assert_ne!(
+        std::fs::read(out.join("compression_report.json")).unwrap(),
+        first,
+        "the previous output was replaced"
+    );
     // No temporary directories are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()

@@ -192,6 +192,7 @@ fn force_replacement_swaps_in_the_new_output_and_leaves_no_debris() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("old.txt"), "old").unwrap();
+    std::fs::write(out.join("config.json"), "{}").unwrap();
     let writer = CheckpointWriter::create(&out, true).unwrap();
     writer.write_file("new.txt", b"new").unwrap();
     // Until finish, the old output is untouched.
@@ -199,6 +200,26 @@ fn force_replacement_swaps_in_the_new_output_and_leaves_no_debris() {
     writer.finish().unwrap();
     assert_eq!(std::fs::read_to_string(out.join("new.txt")).unwrap(), "new");
     assert!(!out.join("old.txt").exists());
+    assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
+}
+
+#[test]
+fn force_never_replaces_a_directory_that_is_not_a_model_or_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let documents = tmp.path().join("documents");
+    std::fs::create_dir(&documents).unwrap();
+    std::fs::write(documents.join("thesis.tex"), "years of work").unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "notes").unwrap();
+    let before = common::snapshot(tmp.path());
+    for out in [&documents, &file] {
+        let error = CheckpointWriter::create(out, true).unwrap_err().to_string();
+        assert!(
+            error.contains(out.to_str().unwrap()) && error.contains("refusing to replace"),
+            "{error}"
+        );
+    }
+    assert_eq!(common::snapshot(tmp.path()), before);
     assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
 }
 

@@ -91,6 +91,7 @@ impl CheckpointWriter {
                 out.display()
             )));
         }
+        check_replaceable(out)?;
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let tmp_dir = parent.join(staging::staging_name(&name, std::process::id()));
         if tmp_dir.exists() {
@@ -217,6 +218,31 @@ impl CheckpointWriter {
         staging::remove_path(&backup);
         Ok(())
     }
+}
+
+/// `--force` replaces only what a run could have written: nothing, an empty directory or a model
+/// directory (one with `config.json`). Anything else is someone's files, refused by name.
+fn check_replaceable(out: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "output {} exists and is not a directory; refusing to replace it (expected a model \
+             directory or a new path)",
+            out.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    if entries.next().is_none() || out.join(super::CONFIG_FILE).is_file() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "output directory {} exists and is not a model directory (no {}); refusing to replace it \
+         even with --force: choose a new path or empty it yourself",
+        out.display(),
+        super::CONFIG_FILE
+    )))
 }
 
 impl Drop for CheckpointWriter {
