@@ -60,12 +60,13 @@ pub fn compress_with_progress(
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);
     let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)?;
+    // Outputs are claimed before any long work, so a refused output fails at once.
+    let mut emitter = Emitter::create(&checkpoint, &options.output)?;
     let mut stream = run.statistics_stream(&windows, &device, progress)?;
     let model_plans = match options.allocation.budget_scope {
         BudgetScope::Model => Some(run.plan_whole_model(&mut stream, &device, progress)?),
         BudgetScope::Layer => None,
     };
-    let mut emitter = Emitter::create(&checkpoint, &options.output)?;
     let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
     while let Some(layer) = stream.next_layer()? {
         task.message(&format!("layer {}", layer.index));
