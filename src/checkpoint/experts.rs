@@ -259,8 +259,22 @@ impl ExpertLayout {
             return checkpoint.load_shaped(&per_expert, &self.shape(matrix), dtype, device, &by);
         }
         if checkpoint.contains(&self.fused_name(matrix)) {
-            let all = self.load_fused(checkpoint, matrix, dtype, device)?;
-            return Ok(all.get(expert)?.contiguous()?);
+            // Only this expert's bytes are read, not the whole fused tensor.
+            let (p, d, n) = (self.intermediate_size, self.hidden_size, self.num_experts);
+            let name = self.fused_name(matrix);
+            let by = self.expected_by("fused routed experts");
+            return Ok(match matrix {
+                ExpertMatrix::Gate | ExpertMatrix::Up => {
+                    let offset = if matrix == ExpertMatrix::Gate { 0 } else { p };
+                    checkpoint
+                        .load_index(&name, &[n, 2 * p, d], expert, dtype, device, &by)?
+                        .narrow(0, offset, p)?
+                        .contiguous()?
+                }
+                ExpertMatrix::Down => {
+                    checkpoint.load_index(&name, &[n, d, p], expert, dtype, device, &by)?
+                }
+            });
         }
         Err(self.missing(checkpoint, expert, matrix))
     }

@@ -410,6 +410,48 @@ impl Checkpoint {
         self.load(name, dtype, device, expected_by)
     }
 
+    /// Loads entry `index` along the first dimension of `name` (whose full shape must be
+    /// `expected`), reading only that entry's bytes: one expert of a fused 3-D expert tensor.
+    pub fn load_index(
+        &self,
+        name: &str,
+        expected: &[usize],
+        index: usize,
+        dtype: DType,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<Tensor> {
+        let (info, path) = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+            expected_by: expected_by.to_string(),
+        })?;
+        if info.shape != expected || expected.is_empty() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        if index >= expected[0] {
+            return Err(Error::InvalidArgument(format!(
+                "entry {index} of `{name}` in {}: the first dimension has {} entries",
+                path.display(),
+                expected[0]
+            )));
+        }
+        let entry_bytes = (info.data_range.1 - info.data_range.0) / expected[0];
+        let begin = info.data_range.0 + index * entry_bytes;
+        let entry = TensorInfo {
+            dtype: info.dtype,
+            shape: expected[1..].to_vec(),
+            data_range: (begin, begin + entry_bytes),
+        };
+        let shard = &self.shards[self.location[name]];
+        tensor_from_bytes(path, name, &entry, shard.bytes(&entry), dtype, device)
+    }
+
     /// The dtype most floating-point tensors are stored in.
     pub fn dominant_dtype(&self) -> StoredDType {
         let mut counts: HashMap<&'static str, (usize, StoredDType)> = HashMap::new();
