@@ -1,0 +1,110 @@
+//! The calibrate stage: per-group statistics are exactly what per-expert statistics summed over
+//! each group give (the old design kept one Gram matrix per expert; this one keeps one per group).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use faer::Mat;
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::linalg::{tensor_to_mat, CpuBackend};
+use rfid_moe::models::moe::{MoeObserver, MoeTrace};
+use rfid_moe::models::Model;
+use rfid_moe::pipeline::analyse::frequency_groups;
+use rfid_moe::pipeline::calibrate::CalibrationStream;
+use rfid_moe::pipeline::CalibrationOptions;
+
+/// Per-expert routing counts and Gram matrices Σ xxᵀ, collected through the runtime model.
+#[derive(Default)]
+struct PerExpert {
+    counts: BTreeMap<usize, Vec<u64>>,
+    grams: BTreeMap<usize, Vec<Mat<f64>>>,
+}
+
+impl MoeObserver for PerExpert {
+    fn observe(&mut self, trace: &MoeTrace) -> rfid_moe::Result<()> {
+        let d = trace.input.dim(1)?;
+        let routed = trace
+            .routing
+            .tokens_per_expert(trace.routing.logits.dim(1)?)?;
+        let counts = self
+            .counts
+            .entry(trace.layer)
+            .or_insert_with(|| vec![0; routed.len()]);
+        let grams = self
+            .grams
+            .entry(trace.layer)
+            .or_insert_with(|| vec![Mat::zeros(d, d); routed.len()]);
+        for (expert, (tokens, _)) in routed.into_iter().enumerate() {
+            counts[expert] += tokens.len() as u64;
+            if tokens.is_empty() {
+                continue;
+            }
+            let index = Tensor::from_vec(tokens.clone(), tokens.len(), &Device::Cpu)?;
+            let x = tensor_to_mat(&trace.input.index_select(&index, 0)?)?;
+            grams[expert] += x.transpose() * &x;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
+    let checkpoint = Checkpoint::open(common::fixture("tiny-qwen3_moe")).unwrap();
+    let windows: Vec<Vec<u32>> = (0..6u32)
+        .map(|w| (0..16u32).map(|t| (w * 37 + t * 11) % 256).collect())
+        .collect();
+    let options = CalibrationOptions {
+        group_size: 3,
+        batch_size: 2,
+        ..CalibrationOptions::default()
+    };
+    let (device, backend) = (Device::Cpu, CpuBackend);
+    let mut stream =
+        CalibrationStream::new(&checkpoint, &windows, &options, true, &device, &backend).unwrap();
+
+    let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
+    let mut reference = PerExpert::default();
+    for batch in windows.chunks(2) {
+        let ids = Tensor::new(batch.to_vec(), &device).unwrap();
+        model.forward(&ids, Some(&mut reference)).unwrap();
+    }
+
+    let mut checked = 0;
+    while let Some(layer) = stream.next_layer().unwrap() {
+        let Some(statistics) = layer.statistics else {
+            continue;
+        };
+        let counts = &reference.counts[&layer.index];
+        assert_eq!(&statistics.routing_counts, counts, "layer {}", layer.index);
+        assert_eq!(statistics.groups, frequency_groups(counts, 3).unwrap());
+        assert_eq!(statistics.tokens, 6 * 16);
+        let grams = statistics.group_gram.as_ref().unwrap();
+        assert_eq!(
+            grams.len(),
+            statistics.groups.len(),
+            "one Gram matrix per group"
+        );
+        for (group, gram) in statistics.groups.iter().zip(grams) {
+            let mut expected = Mat::<f64>::zeros(gram.nrows(), gram.ncols());
+            for &expert in group {
+                expected += &reference.grams[&layer.index][expert];
+            }
+            let scale = (0..expected.nrows())
+                .map(|i| expected[(i, i)].abs())
+                .fold(1e-30, f64::max);
+            let worst = (0..gram.nrows())
+                .flat_map(|i| (0..gram.ncols()).map(move |j| (i, j)))
+                .map(|(i, j)| (gram[(i, j)] - expected[(i, j)]).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-5 * scale,
+                "layer {}: {worst} vs {scale}",
+                layer.index
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "every MoE layer of the fixture");
+}
