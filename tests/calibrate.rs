@@ -108,3 +108,33 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
     }
     assert_eq!(checked, 3, "every MoE layer of the fixture");
 }
+
+#[test]
+fn routing_counts_and_tokens_do_not_depend_on_collecting_gram_matrices() {
+    let checkpoint = Checkpoint::open(common::fixture("tiny-mixtral")).unwrap();
+    let windows: Vec<Vec<u32>> = (0..3u32)
+        .map(|w| (0..8u32).map(|t| (w * 13 + t * 5) % 64).collect())
+        .collect();
+    let options = CalibrationOptions {
+        batch_size: 2,
+        ..CalibrationOptions::default()
+    };
+    let (device, backend) = (Device::Cpu, CpuBackend);
+    let collect = |gram: bool| {
+        let mut stream =
+            CalibrationStream::new(&checkpoint, &windows, &options, gram, &device, &backend)
+                .unwrap();
+        let mut layers = Vec::new();
+        while let Some(layer) = stream.next_layer().unwrap() {
+            if let Some(s) = layer.statistics {
+                assert_eq!(s.group_gram.is_some(), gram);
+                layers.push((s.routing_counts, s.tokens, s.groups));
+            }
+        }
+        layers
+    };
+    let with = collect(true);
+    assert!(!with.is_empty());
+    assert!(with.iter().all(|(_, tokens, _)| *tokens == 3 * 8));
+    assert_eq!(collect(false), with);
+}

@@ -87,7 +87,9 @@ impl<M> LayerStatistics<M> {
 /// One calibration batch's MoE input and the tokens routed to each expert, kept until the
 /// layer's routing counts (and so its groups) are known.
 struct RoutedBatch {
-    input: Tensor,
+    tokens: usize,
+    /// The MoE input [tokens, hidden], kept only when Gram statistics are collected.
+    input: Option<Tensor>,
     tokens_per_expert: Vec<Vec<u32>>,
 }
 
@@ -106,13 +108,9 @@ impl MoeObserver for RoutingRecorder {
             .into_iter()
             .map(|(tokens, _)| tokens)
             .collect();
-        let input = if self.keep_inputs {
-            trace.input.clone()
-        } else {
-            Tensor::zeros(0, DType::F32, trace.input.device())?
-        };
         self.batches.push(RoutedBatch {
-            input,
+            tokens: trace.input.dim(0)?,
+            input: self.keep_inputs.then(|| trace.input.clone()),
             tokens_per_expert,
         });
         Ok(())
@@ -131,7 +129,7 @@ impl RoutingRecorder {
         let mut routing_counts = vec![0u64; self.num_experts];
         let mut tokens = 0u64;
         for batch in &self.batches {
-            tokens += batch.input.dim(0).unwrap_or(0) as u64;
+            tokens += batch.tokens as u64;
             for (expert, routed) in batch.tokens_per_expert.iter().enumerate() {
                 routing_counts[expert] += routed.len() as u64;
             }
@@ -158,8 +156,8 @@ impl RoutingRecorder {
 
     /// Σ over the group's experts of Σ over batches of `XᵀX` of the expert's routed inputs.
     fn group_gram<B: LinalgBackend>(&self, group: &[usize], backend: &B) -> Result<B::Matrix> {
-        let d = match self.batches.first() {
-            Some(batch) => batch.input.dim(1)?,
+        let d = match self.batches.first().and_then(|b| b.input.as_ref()) {
+            Some(input) => input.dim(1)?,
             None => 0,
         };
         let mut sum = backend.zeros(d, d)?;
@@ -167,11 +165,11 @@ impl RoutingRecorder {
             let mut expert_gram = backend.zeros(d, d)?;
             for batch in &self.batches {
                 let routed = &batch.tokens_per_expert[expert];
-                if routed.is_empty() {
+                let Some(input) = batch.input.as_ref().filter(|_| !routed.is_empty()) else {
                     continue;
-                }
-                let index = Tensor::from_slice(routed, routed.len(), batch.input.device())?;
-                let rows = batch.input.index_select(&index, 0)?;
+                };
+                let index = Tensor::from_slice(routed, routed.len(), input.device())?;
+                let rows = input.index_select(&index, 0)?;
                 backend.accumulate_gram(&mut expert_gram, &rows)?;
             }
             sum = backend.add(&sum, &expert_gram)?;
