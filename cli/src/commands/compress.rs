@@ -105,8 +105,14 @@ impl CompressArgs {
                     rfid_moe::safety::MAX_JSON_BYTES,
                     "a UTF-8 TOML file",
                 )?;
-                toml::from_str(&text)
-                    .with_context(|| format!("{}: invalid compression config", path.display()))?
+                toml::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: invalid compression config (expected `model`, `device` and the \
+                         tables [calibration], [allocation], [factorization], [output], as in \
+                         the compress.toml written next to every output)",
+                        path.display()
+                    )
+                })?
             }
             None => CompressOptions::default(),
         };
