@@ -8,8 +8,10 @@
 //!     --ratio 0.4 --out /tmp/qwen3-30b-2l-rfid
 //! ```
 //!
-//! Shapes: `qwen3-30b-a3b` (Qwen/Qwen3-30B-A3B: 128 experts of 768×2048, top-8) and
-//! `mixtral-8x7b` (mistralai/Mixtral-8x7B-v0.1: 8 experts of 14336×4096, top-2). Weights are
+//! Shapes: `qwen3-30b-a3b` (Qwen/Qwen3-30B-A3B: 128 experts of 768×2048, top-8),
+//! `mixtral-8x7b` (mistralai/Mixtral-8x7B-v0.1: 8 experts of 14336×4096, top-2) and
+//! `deepseek-v2-lite` (deepseek-ai/DeepSeek-V2-Lite: latent attention, one dense first layer,
+//! 64 routed experts of 1408×2048 plus 2 shared, top-6). Weights are
 //! uniform in ±0.02·√3 (std 0.02), stored bf16; norms are ones. One shard per decoder layer, so
 //! writing never holds more than one layer.
 
@@ -33,6 +35,13 @@ struct Shape {
     /// Mixtral's `block_sparse_moe.experts.{j}.w1/w3/w2` instead of `mlp.experts.{j}.*_proj`.
     mixtral_names: bool,
     qk_norm: bool,
+    /// DeepSeek multi-head latent attention: (kv_lora_rank, qk_nope, qk_rope, v_head_dim).
+    latent: Option<(usize, usize, usize, usize)>,
+    /// Shared-expert intermediate size (0 = none), at `mlp.shared_experts`.
+    shared_intermediate: usize,
+    /// Leading dense layers and their MLP width.
+    dense_layers: usize,
+    dense_intermediate: usize,
 }
 
 fn shape(name: &str, layers: usize) -> Option<Shape> {
@@ -56,6 +65,10 @@ fn shape(name: &str, layers: usize) -> Option<Shape> {
             expert_intermediate: 768,
             mixtral_names: false,
             qk_norm: true,
+            latent: None,
+            shared_intermediate: 0,
+            dense_layers: 0,
+            dense_intermediate: 0,
         },
         "mixtral-8x7b" => Shape {
             config: json!({
@@ -75,6 +88,39 @@ fn shape(name: &str, layers: usize) -> Option<Shape> {
             expert_intermediate: 14336,
             mixtral_names: true,
             qk_norm: false,
+            latent: None,
+            shared_intermediate: 0,
+            dense_layers: 0,
+            dense_intermediate: 0,
+        },
+        "deepseek-v2-lite" => Shape {
+            config: json!({
+                "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
+                "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+                "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512,
+                "q_lora_rank": null, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                "v_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                "routed_scaling_factor": 1.0, "norm_topk_prob": false, "vocab_size": 102400,
+                "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                    "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+                "attention_bias": false, "tie_word_embeddings": false, "torch_dtype": "bfloat16"
+            }),
+            hidden: 2048,
+            vocab: 102400,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 192,
+            experts: 64,
+            expert_intermediate: 1408,
+            mixtral_names: false,
+            qk_norm: false,
+            latent: Some((512, 128, 64, 128)),
+            shared_intermediate: 2 * 1408,
+            dense_layers: 1,
+            dense_intermediate: 10944,
         },
         _ => return None,
     })
@@ -138,10 +184,47 @@ fn layer_shard(s: &Shape, layer: usize) -> Shard {
         format!("{p}.post_attention_layernorm.weight"),
         (vec![h], ones_bf16(h)),
     );
-    shard.insert(format!("{p}.self_attn.q_proj.weight"), random(vec![q, h]));
-    shard.insert(format!("{p}.self_attn.k_proj.weight"), random(vec![kv, h]));
-    shard.insert(format!("{p}.self_attn.v_proj.weight"), random(vec![kv, h]));
-    shard.insert(format!("{p}.self_attn.o_proj.weight"), random(vec![h, q]));
+    match s.latent {
+        None => {
+            shard.insert(format!("{p}.self_attn.q_proj.weight"), random(vec![q, h]));
+            shard.insert(format!("{p}.self_attn.k_proj.weight"), random(vec![kv, h]));
+            shard.insert(format!("{p}.self_attn.v_proj.weight"), random(vec![kv, h]));
+            shard.insert(format!("{p}.self_attn.o_proj.weight"), random(vec![h, q]));
+        }
+        Some((kv_lora, nope, rope, v)) => {
+            let a = format!("{p}.self_attn");
+            shard.insert(
+                format!("{a}.q_proj.weight"),
+                random(vec![s.heads * (nope + rope), h]),
+            );
+            shard.insert(
+                format!("{a}.kv_a_proj_with_mqa.weight"),
+                random(vec![kv_lora + rope, h]),
+            );
+            shard.insert(
+                format!("{a}.kv_a_layernorm.weight"),
+                (vec![kv_lora], ones_bf16(kv_lora)),
+            );
+            shard.insert(
+                format!("{a}.kv_b_proj.weight"),
+                random(vec![s.heads * (nope + v), kv_lora]),
+            );
+            shard.insert(format!("{a}.o_proj.weight"), random(vec![h, s.heads * v]));
+        }
+    }
+    if layer < s.dense_layers {
+        let m = s.dense_intermediate;
+        shard.insert(format!("{p}.mlp.gate_proj.weight"), random(vec![m, h]));
+        shard.insert(format!("{p}.mlp.up_proj.weight"), random(vec![m, h]));
+        shard.insert(format!("{p}.mlp.down_proj.weight"), random(vec![h, m]));
+        return shard;
+    }
+    if s.shared_intermediate > 0 {
+        let (m, prefix) = (s.shared_intermediate, format!("{p}.mlp.shared_experts"));
+        shard.insert(format!("{prefix}.gate_proj.weight"), random(vec![m, h]));
+        shard.insert(format!("{prefix}.up_proj.weight"), random(vec![m, h]));
+        shard.insert(format!("{prefix}.down_proj.weight"), random(vec![h, m]));
+    }
     if s.qk_norm {
         for norm in ["q_norm", "k_norm"] {
             let d = s.head_dim;
@@ -172,7 +255,10 @@ fn layer_shard(s: &Shape, layer: usize) -> Shard {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [name, layers, out] = args.as_slice() else {
-        anyhow::bail!("usage: synthetic_checkpoint SHAPE LAYERS OUT_DIR (shapes: qwen3-30b-a3b, mixtral-8x7b)");
+        anyhow::bail!(
+            "usage: synthetic_checkpoint SHAPE LAYERS OUT_DIR \
+             (shapes: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite)"
+        );
     };
     let layers: usize = layers.parse()?;
     let s = shape(name, layers).ok_or_else(|| anyhow::anyhow!("unknown shape `{name}`"))?;

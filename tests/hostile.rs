@@ -750,3 +750,33 @@ fn forward_reports_ids_outside_u32_as_they_are() {
         );
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn written_files_get_the_permissions_of_any_new_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let probe = tmp.path().join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let expected = mode(&probe);
+    let out = tmp.path().join("out");
+    let mut writer = CheckpointWriter::create(&out, false).unwrap();
+    let tensor = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    writer
+        .write_shard(std::collections::HashMap::from([(
+            "t".to_string(),
+            tensor.clone(),
+        )]))
+        .unwrap();
+    writer.finish().unwrap();
+    let single = tmp.path().join("logits.safetensors");
+    rfid_moe::checkpoint::writer::save_safetensors_atomic(
+        &single,
+        &std::collections::HashMap::from([("t".to_string(), tensor)]),
+    )
+    .unwrap();
+    for path in [out.join("model.safetensors"), single] {
+        assert_eq!(mode(&path), expected, "{}", path.display());
+    }
+}

@@ -38,17 +38,51 @@ fn write_via_temporary(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
     staging::remove_stale_staging(&parent, &name, "tmp");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     staging::register_staging(&tmp);
-    let written = write(&tmp).and_then(|()| {
-        let mut registry = lock_registry();
-        let renamed = std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e));
-        registry.retain(|p| p != &tmp);
-        renamed
-    });
+    let written = write(&tmp)
+        .and_then(|()| readable_like_new_files(&tmp))
+        .and_then(|()| {
+            let mut registry = lock_registry();
+            let renamed = std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e));
+            registry.retain(|p| p != &tmp);
+            renamed
+        });
     if written.is_err() {
         staging::remove_path(&tmp);
         staging::unregister_staging(&tmp);
     }
     written
+}
+
+/// Gives `path` the permissions a newly created file gets (`0666` less the umask): the
+/// safetensors writer goes through a private `0600` temporary, which would make checkpoints
+/// unreadable to anyone but their writer.
+fn readable_like_new_files(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = 0o666 & !process_umask();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// The process umask, read once (umask can only be read by setting it, so it is set back at
+/// once, before any file of ours is created).
+#[cfg(unix)]
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        // SAFETY: umask only swaps the process's file-creation mask; the old mask is restored
+        // immediately.
+        unsafe {
+            let old = libc::umask(0o022);
+            libc::umask(old);
+            old as u32
+        }
+    })
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -125,6 +159,7 @@ impl CheckpointWriter {
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum::<u64>();
         candle_core::safetensors::save(&tensors, &path)?;
+        readable_like_new_files(&path)?;
         let mut names: Vec<String> = tensors.into_keys().collect();
         names.sort();
         self.shard_files.push((file, names));
