@@ -24,6 +24,20 @@ fn layouts(checkpoint: &Checkpoint) -> Vec<(usize, ExpertLayout)> {
         .collect()
 }
 
+/// Writes `tensors` with `checkpoint`'s config as a one-shard checkpoint at `out`.
+fn write_checkpoint(
+    checkpoint: &Checkpoint,
+    tensors: HashMap<String, Tensor>,
+    out: &Path,
+) -> PathBuf {
+    let mut writer = CheckpointWriter::create(out, false).unwrap();
+    writer.write_shard(tensors).unwrap();
+    let config = serde_json::to_string(checkpoint.config()).unwrap();
+    writer.write_file("config.json", config.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    out.to_path_buf()
+}
+
 /// Writes a copy of `source` whose experts are fused 3-D tensors; `break_down` gives layer 0's
 /// `down_proj` one expert too few.
 fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
@@ -65,12 +79,7 @@ fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
             Tensor::stack(&down, 0).unwrap(),
         );
     }
-    let mut writer = CheckpointWriter::create(out, false).unwrap();
-    writer.write_shard(tensors).unwrap();
-    let config = serde_json::to_string(checkpoint.config()).unwrap();
-    writer.write_file("config.json", config.as_bytes()).unwrap();
-    writer.finish().unwrap();
-    out.to_path_buf()
+    write_checkpoint(&checkpoint, tensors, out)
 }
 
 #[test]
@@ -196,12 +205,7 @@ fn bf16_copy(source: &Path, out: &Path) -> PathBuf {
             (name.to_string(), t)
         })
         .collect();
-    let mut writer = CheckpointWriter::create(out, false).unwrap();
-    writer.write_shard(tensors).unwrap();
-    let config = serde_json::to_string(checkpoint.config()).unwrap();
-    writer.write_file("config.json", config.as_bytes()).unwrap();
-    writer.finish().unwrap();
-    out.to_path_buf()
+    write_checkpoint(&checkpoint, tensors, out)
 }
 
 #[test]

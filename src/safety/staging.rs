@@ -66,26 +66,33 @@ pub fn process_alive(pid: u32) -> Option<bool> {
 /// Removes the staging entries `.NAME.<kind>-PID` in `parent` left by processes that are no
 /// longer alive (Linux only; elsewhere nothing is removed). Returns the paths removed.
 pub fn remove_stale_staging(parent: &Path, name: &str, kind: &str) -> Vec<PathBuf> {
-    let prefix = format!(".{name}.{kind}-");
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Vec::new();
-    };
     let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(pid) = file_name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && process_alive(pid) == Some(false) {
-            remove_path(&entry.path());
-            removed.push(entry.path());
+    for (path, pid) in entries_of_other_processes(parent, &format!(".{name}.{kind}-")) {
+        if process_alive(pid) == Some(false) {
+            remove_path(&path);
+            removed.push(path);
         }
     }
     removed
+}
+
+/// The entries `PREFIX<pid>` of `parent` made by processes other than this one, with their pid.
+fn entries_of_other_processes(parent: &Path, prefix: &str) -> Vec<(PathBuf, u32)> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry
+                .file_name()
+                .to_str()?
+                .strip_prefix(prefix)?
+                .parse::<u32>()
+                .ok()?;
+            (pid != std::process::id()).then(|| (entry.path(), pid))
+        })
+        .collect()
 }
 
 /// Swaps two existing paths atomically (Linux `renameat2(RENAME_EXCHANGE)`). `Ok(false)` where
@@ -146,24 +153,11 @@ pub fn recover_interrupted_replacement(out: &Path) -> Result<Option<PathBuf>> {
     } else {
         parent
     };
-    let prefix = format!(".{name}.old-");
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Ok(None);
-    };
     let mut restored = None;
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(pid) = file_name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() || process_alive(pid) == Some(true) {
+    for (backup, pid) in entries_of_other_processes(parent, &format!(".{name}.old-")) {
+        if process_alive(pid) == Some(true) {
             continue;
         }
-        let backup = entry.path();
         if restored.is_none() && std::fs::symlink_metadata(out).is_err() {
             std::fs::rename(&backup, out).map_err(|e| Error::io(&backup, e))?;
             restored = Some(backup);
