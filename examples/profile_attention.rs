@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         let scores = (scores * 0.17)?;
         println!("scale {:.4}", t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let mask = rfid_moe::models::common::causal_mask(s, DType::F32, &Device::Cpu)?;
+        let mask = rfid_moe::models::common::causal_mask(s, s, DType::F32, &Device::Cpu)?;
         let scores = scores.broadcast_add(&mask)?;
         println!("mask {:.4}", t.elapsed().as_secs_f64());
         let t = Instant::now();

@@ -1,10 +1,12 @@
 //! rfid-moe: compress Mixture-of-Experts checkpoints with RFID-MoE (routing frequency +
 //! information density) and run the result with candle.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod eval;
 pub mod format;
+pub mod generate;
 pub mod inspect;
 pub mod linalg;
 pub mod models;

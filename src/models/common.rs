@@ -343,38 +343,110 @@ impl Rotary {
 
     /// Rotates `x` [batch, heads, seq, dim] for positions `0..seq`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_at(x, 0)
+    }
+
+    /// Rotates `x` [batch, heads, seq, dim] for positions `offset..offset + seq`.
+    pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        if seq > self.cos.dim(0)? {
+        let positions = self.cos.dim(0)?;
+        if offset + seq > positions {
             return Err(Error::InvalidArgument(format!(
-                "sequence of {seq} tokens is longer than the rotary table ({} positions)",
-                self.cos.dim(0)?
+                "position {} is beyond the rotary table ({positions} positions, the model's max_position_embeddings)",
+                offset + seq
             )));
         }
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
         let x = x.contiguous()?;
         Ok(match self.style {
             RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
         })
     }
+
+    /// Number of positions the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
 }
 
-/// Additive causal mask [seq, seq] (0 on and below the diagonal, -inf above).
-pub fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+/// Keys and values of the positions one attention layer has already seen, [batch, heads, seq, dim].
+pub type LayerKvCache = candle_nn::kv_cache::KvCache;
+
+/// A new, empty cache for one attention layer.
+pub fn new_layer_cache() -> LayerKvCache {
+    // Grown 256 positions at a time; keys and values are concatenated along the sequence axis.
+    LayerKvCache::new(2, 256)
+}
+
+/// Appends this step's keys and values to `cache` (if any) and returns all of them.
+fn with_cache(
+    cache: Option<&mut LayerKvCache>,
+    key: Tensor,
+    value: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    match cache {
+        Some(cache) => {
+            let (k, v) = cache.append(&key.contiguous()?, &value.contiguous()?)?;
+            Ok((k, v))
+        }
+        None => Ok((key, value)),
+    }
+}
+
+/// Position of the first new token: how many positions `cache` already holds.
+pub fn cache_offset(cache: &Option<&mut LayerKvCache>) -> usize {
+    cache.as_ref().map_or(0, |c| c.current_seq_len())
+}
+
+/// Appends to the cache and attends: the shared tail of every attention variant.
+pub fn cached_attention(
+    cache: Option<&mut LayerKvCache>,
+    query: &Tensor,
+    key: Tensor,
+    value: Tensor,
+    n_rep: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (key, value) = with_cache(cache, key, value)?;
+    causal_attention(
+        query,
+        &repeat_kv(key, n_rep)?,
+        &repeat_kv(value, n_rep)?,
+        scale,
+    )
+}
+
+/// Additive causal mask [queries, keys] for queries at the last `queries` of `keys` positions
+/// (0 where a query may attend, -inf on later keys).
+pub fn causal_mask(queries: usize, keys: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let offset = keys.saturating_sub(queries);
+    let mask: Vec<f32> = (0..queries)
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
-    Ok(Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(mask, (queries, keys), device)?.to_dtype(dtype)?)
 }
 
-/// Scaled dot-product attention with a causal mask; q [b, h, s, dq], k [b, h, s, dq], v [b, h, s, dv].
+/// Scaled dot-product attention with a causal mask; q [b, h, sq, dq], k [b, h, sk, dq],
+/// v [b, h, sk, dv], the queries being the last `sq` of the `sk` positions.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let seq = q.dim(2)?;
+    let (queries, keys) = (q.dim(2)?, k.dim(2)?);
     // Scaling q (seq × head_dim) is cheaper than scaling the scores (seq × seq).
-    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let mask = causal_mask(seq, scores.dtype(), q.device())?;
-    let scores = scores.broadcast_add(&mask)?;
+    let mut scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // A single query sees every key: its mask would be all zeros.
+    if queries > 1 {
+        let mask = causal_mask(queries, keys, scores.dtype(), q.device())?;
+        scores = scores.broadcast_add(&mask)?;
+    }
     let dtype = scores.dtype();
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
@@ -493,9 +565,16 @@ impl Attention {
         })
     }
 
-    /// Self-attention over `x` [batch, seq, hidden] with causal masking.
-    pub fn forward(&self, x: &Tensor, rotary: &Rotary) -> Result<Tensor> {
+    /// Self-attention over `x` [batch, seq, hidden] with causal masking, after the positions in
+    /// `cache` (which receives this step's keys and values).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
+        let offset = cache_offset(&cache);
         let mut q = self.q_proj.forward(x)?;
         let mut k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
@@ -516,12 +595,16 @@ impl Attention {
             q = qn.forward(&q.contiguous()?)?;
             k = kn.forward(&k.contiguous()?)?;
         }
-        let q = rotary.apply(&q)?;
-        let k = rotary.apply(&k)?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
-        let out = causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+        let q = rotary.apply_at(&q, offset)?;
+        let k = rotary.apply_at(&k, offset)?;
+        let out = cached_attention(
+            cache,
+            &q,
+            k,
+            v,
+            self.num_heads / self.num_kv_heads,
+            1.0 / (self.head_dim as f64).sqrt(),
+        )?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;

@@ -7,7 +7,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::common::{
-    causal_attention, rope_parameters, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights,
+    cache_offset, cached_attention, rope_parameters, GatedMlp, LayerKvCache, Linear, RmsNorm,
+    RopeStyle, Rotary, Weights,
 };
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{MoeBlock, RoutedExperts, Router, RoutingRule, SharedExpert};
@@ -309,9 +310,16 @@ impl LatentAttention {
         })
     }
 
-    /// Self-attention over `x` [batch, seq, hidden].
-    pub fn forward(&self, x: &Tensor, rotary: &Rotary) -> Result<Tensor> {
+    /// Self-attention over `x` [batch, seq, hidden] after the positions in `cache` (which
+    /// receives this step's per-head keys and values).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
+        let offset = cache_offset(&cache);
         let q = match &self.query {
             QueryProjection::Direct(p) => p.forward(x)?,
             QueryProjection::LowRank {
@@ -324,14 +332,14 @@ impl LatentAttention {
             .reshape((b, s, self.num_heads, self.nope + self.rope))?
             .transpose(1, 2)?;
         let q_nope = q.narrow(3, 0, self.nope)?;
-        let q_pe = rotary.apply(&q.narrow(3, self.nope, self.rope)?)?;
+        let q_pe = rotary.apply_at(&q.narrow(3, self.nope, self.rope)?, offset)?;
 
         let compressed = self.kv_a_proj_with_mqa.forward(x)?;
         let kv_latent = compressed.narrow(2, 0, self.kv_lora)?;
         let k_pe = compressed
             .narrow(2, self.kv_lora, self.rope)?
             .reshape((b, 1, s, self.rope))?;
-        let k_pe = rotary.apply(&k_pe)?;
+        let k_pe = rotary.apply_at(&k_pe, offset)?;
         let kv = self
             .kv_b_proj
             .forward(&self.kv_a_layernorm.forward(&kv_latent.contiguous()?)?)?
@@ -342,8 +350,14 @@ impl LatentAttention {
         let k_pe = k_pe.broadcast_as((b, self.num_heads, s, self.rope))?;
         let query = Tensor::cat(&[&q_nope.contiguous()?, &q_pe], 3)?;
         let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
-        let scale = self.softmax_scale;
-        let out = causal_attention(&query, &key, &value, scale)?;
+        let out = cached_attention(
+            cache,
+            &query,
+            key,
+            value.contiguous()?,
+            1,
+            self.softmax_scale,
+        )?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.v_dim))?;

@@ -22,7 +22,9 @@ use crate::checkpoint::experts::ExpertLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{CompressionRecord, COMPRESSION_KEY};
-use common::{Attention, GatedMlp, Linear, RmsNorm, RopeStyle, Rotary, Weights};
+use common::{
+    new_layer_cache, Attention, GatedMlp, LayerKvCache, Linear, RmsNorm, RopeStyle, Rotary, Weights,
+};
 use moe::{MoeBlock, MoeObserver, RoutedExperts};
 
 /// The supported model families, by `config.json`'s `model_type`.
@@ -187,10 +189,22 @@ impl DecoderLayer {
         rotary: &Rotary,
         observer: Option<&mut dyn MoeObserver>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_cached(x, rotary, observer, None)
+    }
+
+    /// Runs the layer on `x` [batch, seq, hidden] placed after the positions held in `cache`,
+    /// which receives this step's keys and values.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        observer: Option<&mut dyn MoeObserver>,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let normed = self.input_layernorm.forward(x)?;
         let attended = match &self.attention {
-            AttentionBlock::Standard(a) => a.forward(&normed, rotary)?,
-            AttentionBlock::Latent(a) => a.forward(&normed, rotary)?,
+            AttentionBlock::Standard(a) => a.forward(&normed, rotary, cache)?,
+            AttentionBlock::Latent(a) => a.forward(&normed, rotary, cache)?,
         };
         let x = (x + attended)?;
         let normed = self.post_attention_layernorm.forward(&x)?;
@@ -527,5 +541,61 @@ impl Model {
             logits: self.ends.logits(&hidden)?,
             router_logits,
         })
+    }
+
+    /// Runs `input_ids` [batch, seq] after the positions already in `cache` and returns the
+    /// logits of the last position, [batch, vocab]; `cache` receives the new keys and values.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "the cache has {} layers but the model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let seq = input_ids.dim(1)?;
+        if seq == 0 {
+            return Err(Error::InvalidArgument(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
+        let mut hidden = self.ends.embed(input_ids)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            hidden = layer
+                .forward_cached(&hidden, &self.rotary, None, Some(layer_cache))?
+                .0;
+        }
+        let last = hidden.narrow(1, seq - 1, 1)?;
+        Ok(self.ends.logits(&last)?.squeeze(1)?)
+    }
+
+    /// An empty key/value cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: self.layers.iter().map(|_| new_layer_cache()).collect(),
+        }
+    }
+}
+
+/// Keys and values of the positions a model has already processed, one cache per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKvCache>,
+}
+
+impl KvCache {
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every position.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.reset());
     }
 }
