@@ -68,6 +68,17 @@ impl CompressionRecord {
     pub fn layer(&self, layer: usize) -> Option<&LayerRecord> {
         self.layers.iter().find(|l| l.layer == layer)
     }
+
+    /// Number of expert matrices whose factored group carries a residual.
+    pub fn residual_matrices(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.matrices.values())
+            .flat_map(|m| &m.groups)
+            .filter(|g| !g.dense && g.residual_size > 0)
+            .map(|g| g.experts.len())
+            .sum()
+    }
 }
 
 /// Name of expert `expert`'s coefficient matrix `A_i` [p, rank] for `matrix` under `block` (e.g. `model.layers.3.mlp`).

@@ -184,6 +184,8 @@ pub enum StopReason {
     MaxTokens,
     /// The model's maximum number of positions was reached.
     ContextFull,
+    /// The caller's token callback asked to stop.
+    Cancelled,
 }
 
 /// The result of one generation.
@@ -225,12 +227,12 @@ impl Generation {
 }
 
 /// Continues `prompt` with `model`, calling `on_token` with each new token as soon as it is
-/// chosen (return an error from it to stop early).
+/// chosen; `on_token` returns whether to go on.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
     options: &GenerateOptions,
-    on_token: &mut dyn FnMut(u32) -> Result<()>,
+    on_token: &mut dyn FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::InvalidArgument(
@@ -264,7 +266,9 @@ pub fn generate(
             prefill = start.elapsed();
         }
         tokens.push(token);
-        on_token(token)?;
+        if !on_token(token)? {
+            break StopReason::Cancelled;
+        }
         if options.stop_tokens.contains(&token) {
             break StopReason::StopToken;
         }
@@ -277,6 +281,58 @@ pub fn generate(
         prefill,
         decode: start.elapsed().saturating_sub(prefill),
     })
+}
+
+/// Turns generated tokens into text as they arrive, holding back bytes that do not yet form
+/// whole characters.
+pub struct TextStream<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    tokens: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// An empty stream decoding with `tokenizer`.
+    pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    fn text(&self) -> Result<String> {
+        self.tokenizer
+            .decode(&self.tokens, true)
+            .map_err(|e| Error::InvalidArgument(format!("cannot decode generated tokens: {e}")))
+    }
+
+    /// Adds `token`; returns the text it completes, if any.
+    pub fn push(&mut self, token: u32) -> Result<Option<String>> {
+        self.tokens.push(token);
+        let text = self.text()?;
+        // A partial UTF-8 sequence decodes to U+FFFD: wait for the token that completes it.
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+            return Ok(None);
+        }
+        match text.get(self.emitted..) {
+            Some(new) => {
+                let new = new.to_owned();
+                self.emitted = text.len();
+                Ok(Some(new))
+            }
+            // Decoding earlier tokens changed (rare merges across tokens): emit nothing now.
+            None => Ok(None),
+        }
+    }
+
+    /// The text not yet returned by [`Self::push`].
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.text()?;
+        let rest = text.get(self.emitted..).unwrap_or_default().to_owned();
+        self.emitted = text.len();
+        Ok(rest)
+    }
 }
 
 /// The ids that end generation for the model in `dir`: `eos_token_id` of

@@ -9,7 +9,7 @@ mod plot;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use commands::{compress, eval, inspect, logits, plot as plot_command, sweep};
+use commands::{compress, eval, generate, inspect, logits, plot as plot_command, sweep};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,8 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Draw charts from sweep reports (perplexity vs ratio) and/or a compressed model (heatmaps).
     Plot(plot_command::PlotArgs),
+    /// Generate text from a prompt (original or compressed model), streamed as it is decoded.
+    Generate(generate::GenerateArgs),
     /// Run a batch of token ids through the model and save logits and router logits.
     Logits(logits::LogitsArgs),
 }
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval::run(&args),
         Command::Sweep(args) => sweep::run(&args),
         Command::Plot(args) => plot_command::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Logits(args) => logits::run(&args),
     }
 }

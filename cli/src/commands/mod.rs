@@ -2,6 +2,7 @@
 
 pub mod compress;
 pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod plot;
