@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let normed = layer.input_layernorm.forward(&x)?;
     let t = Instant::now();
     if let rfid_moe::models::AttentionBlock::Standard(a) = &layer.attention {
-        a.forward(&normed, &model.rotary)?;
+        a.forward(&normed, &model.rotary, None)?;
     }
     println!("attention layer 0: {:.3}s", t.elapsed().as_secs_f64());
     let t = Instant::now();

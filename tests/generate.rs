@@ -4,10 +4,13 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff};
+use common::{fixture, max_abs_diff, repo_root};
+
+use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use rfid_moe::checkpoint::{self, Checkpoint};
+use rfid_moe::generate::{generate, GenerateOptions, Sampling, StopReason};
 use rfid_moe::models::Model;
 
 /// Feeds the fixture's reference ids through the cache in uneven chunks (a prefill, then single
@@ -71,6 +74,128 @@ cache_test!(
     "tiny-deepseek_v3-yarn"
 );
 
+/// Greedy generation from each case of a reference file written by transformers'
+/// `generate(do_sample=False)` (f32, KV cache) equals it token for token, stop included.
+fn greedy_matches_transformers(reference: &str, model_dir: &Path) {
+    let path = repo_root().join("tests/fixtures/generate").join(reference);
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let checkpoint = Checkpoint::open(model_dir).unwrap();
+    let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = model_dir
+        .join("tokenizer.json")
+        .exists()
+        .then(|| rfid_moe::text::load_tokenizer(model_dir).unwrap());
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let prompt = ids(&case["prompt_ids"]);
+        if let (Some(text), Some(tokenizer)) = (case["prompt"].as_str(), &tokenizer) {
+            let encoded = tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+            assert_eq!(encoded, prompt, "tokenization of {text:?}");
+        }
+        let options = GenerateOptions {
+            max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
+            sampling: Sampling::greedy(),
+            stop_tokens: case["eos_token_id"]
+                .as_u64()
+                .map(|id| vec![id as u32])
+                .unwrap_or_default(),
+        };
+        let mut streamed = Vec::new();
+        let generation = generate(&model, &prompt, &options, &mut |t| {
+            streamed.push(t);
+            Ok(true)
+        })
+        .unwrap();
+        let expected = ids(&case["generated_ids"]);
+        assert_eq!(
+            generation.tokens,
+            expected,
+            "{}: prompt {prompt:?}",
+            path.display()
+        );
+        assert_eq!(streamed, expected, "every token reaches the callback");
+        let stopped = case["stopped_at_eos"].as_bool().unwrap_or(false);
+        assert_eq!(
+            generation.stop == StopReason::StopToken,
+            stopped,
+            "stop reason of {prompt:?}"
+        );
+    }
+}
+
+macro_rules! greedy_test {
+    ($test:ident, $reference:literal, $dir:expr) => {
+        #[test]
+        fn $test() {
+            greedy_matches_transformers($reference, &$dir);
+        }
+    };
+}
+
+greedy_test!(
+    mini_moe_docs_greedy_matches_transformers,
+    "mini-moe-docs.json",
+    common::mini_model()
+);
+greedy_test!(
+    mixtral_greedy_matches_transformers,
+    "tiny-mixtral.json",
+    fixture("tiny-mixtral")
+);
+greedy_test!(
+    qwen2_moe_greedy_matches_transformers,
+    "tiny-qwen2_moe.json",
+    fixture("tiny-qwen2_moe")
+);
+greedy_test!(
+    qwen3_moe_greedy_matches_transformers,
+    "tiny-qwen3_moe.json",
+    fixture("tiny-qwen3_moe")
+);
+greedy_test!(
+    olmoe_greedy_matches_transformers,
+    "tiny-olmoe.json",
+    fixture("tiny-olmoe")
+);
+greedy_test!(
+    deepseek_v2_greedy_matches_transformers,
+    "tiny-deepseek_v2.json",
+    fixture("tiny-deepseek_v2")
+);
+greedy_test!(
+    deepseek_v3_greedy_matches_transformers,
+    "tiny-deepseek_v3.json",
+    fixture("tiny-deepseek_v3")
+);
+greedy_test!(
+    deepseek_v2_yarn_greedy_matches_transformers,
+    "tiny-deepseek_v2-yarn.json",
+    fixture("tiny-deepseek_v2-yarn")
+);
+greedy_test!(
+    deepseek_v3_yarn_greedy_matches_transformers,
+    "tiny-deepseek_v3-yarn.json",
+    fixture("tiny-deepseek_v3-yarn")
+);
+
+/// The larger trained model is not in the repository: run with
+/// `RFID_MOE_TINY_MOE_DOCS=/path/to/tiny-moe-docs cargo test --test generate -- --ignored`.
+#[test]
+#[ignore = "needs RFID_MOE_TINY_MOE_DOCS pointing at the tiny-moe-docs model"]
+fn tiny_moe_docs_greedy_matches_transformers() {
+    let dir = std::env::var_os("RFID_MOE_TINY_MOE_DOCS").expect("set RFID_MOE_TINY_MOE_DOCS");
+    greedy_matches_transformers("tiny-moe-docs.json", Path::new(&dir));
+}
+
 #[test]
 fn positions_beyond_the_rotary_table_are_refused() {
     let dir = fixture("tiny-qwen3_moe");
@@ -83,4 +208,49 @@ fn positions_beyond_the_rotary_table_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("rotary table"), "{error}");
+}
+
+/// With `--features cuda` and a GPU: the fused MoE GEMM path (stacked experts, bf16) gives the
+/// per-expert path's result, and greedy generation on CUDA equals the CPU's; skips otherwise.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fused_experts_match_the_per_expert_path() {
+    use rfid_moe::models::moe::ExpertDispatch;
+    use rfid_moe::models::FeedForward;
+    let device = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let checkpoint = Checkpoint::open(&fixture("tiny-qwen3_moe")).unwrap();
+    let model = Model::load(&checkpoint, DType::BF16, &device).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (13, model.spec.hidden_size), &device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let mut checked = 0;
+    for layer in &model.layers {
+        let FeedForward::Moe(block) = &layer.feed_forward else {
+            continue;
+        };
+        let routing = block.router.route(&x).unwrap();
+        let fused = block
+            .experts
+            .forward_fused(&x, &routing)
+            .unwrap()
+            .expect("stacked bf16 experts on CUDA run fused");
+        let dispatch = ExpertDispatch::new(&routing, block.experts.len()).unwrap();
+        let reference = block.experts.forward(&x, &dispatch).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let diff = max_abs_diff(&f32(&fused), &f32(&reference));
+        println!(
+            "layer {}: fused vs per-expert max |Δ| = {diff:.3e}",
+            layer.index
+        );
+        assert!(diff < 2e-2, "layer {}: {diff}", layer.index);
+        checked += 1;
+    }
+    assert!(checked > 0);
 }

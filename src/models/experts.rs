@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
-use super::routing::ExpertDispatch;
+use super::routing::{ExpertDispatch, Routing};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix, StoredGroup};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -34,12 +34,14 @@ pub enum ExpertsForm {
 
 impl ExpertsForm {
     /// The natural form of `layer`: factored when the compression record factors any of its
-    /// groups, stacked when the checkpoint stores fused 3-D tensors, dense otherwise.
+    /// groups, stacked when the checkpoint stores fused 3-D tensors or the experts go to a CUDA
+    /// device (where stacks run through the fused MoE GEMM), dense otherwise.
     pub fn for_layer(
         layout: &ExpertLayout,
         checkpoint: &Checkpoint,
         layer: usize,
         compression: Option<&CompressionRecord>,
+        device: &Device,
     ) -> Self {
         let factored = compression.and_then(|c| c.layer(layer)).is_some_and(|l| {
             l.matrices
@@ -49,6 +51,8 @@ impl ExpertsForm {
         });
         if factored {
             Self::Factored
+        } else if device.is_cuda() {
+            Self::Stacked
         } else if ExpertMatrix::ALL
             .iter()
             .all(|&m| layout.is_fused(checkpoint, m))
@@ -80,6 +84,68 @@ pub struct StackedExperts {
     pub up: Tensor,
     /// Down projections, [n, d, p].
     pub down: Tensor,
+}
+
+impl StackedExperts {
+    /// `Σ_e w_e · expert_e(x)` through candle-nn's fused MoE GEMM, without copying the routing
+    /// to the host; `None` where that kernel does not apply (it needs CUDA and bf16/f16 weights
+    /// in the activations' dtype).
+    #[cfg(feature = "cuda")]
+    pub fn forward_fused(&self, x: &Tensor, routing: &Routing) -> Result<Option<Tensor>> {
+        use candle_nn::moe::moe_gemm;
+        let dtype = x.dtype();
+        if !x.device().is_cuda()
+            || !matches!(dtype, DType::BF16 | DType::F16)
+            || [&self.gate, &self.up, &self.down]
+                .iter()
+                .any(|w| w.dtype() != dtype || !starts_its_storage(w))
+        {
+            return Ok(None);
+        }
+        let (tokens, hidden) = x.dims2()?;
+        let top_k = routing.top_k;
+        let prefill = tokens > 1;
+        // The kernel reads raw storage: inputs must be contiguous and start at offset 0.
+        let x = fresh(x)?;
+        let (expert_ids, sorted_slots) = routing.experts.flatten_all()?.sort_last_dim(true)?;
+        let (expert_ids, sorted_slots) = (fresh(&expert_ids)?, fresh(&sorted_slots)?);
+        let project =
+            |w: &Tensor| moe_gemm(&x, w, &None, &sorted_slots, &expert_ids, top_k, prefill);
+        let hidden_rows = fresh(&gated_product(&project(&self.gate)?, &project(&self.up)?)?)?;
+        let weights = fresh(&routing.weights.to_dtype(DType::F32)?.flatten_all()?)?;
+        let y = moe_gemm(
+            &hidden_rows,
+            &self.down,
+            &Some(weights),
+            &sorted_slots,
+            &expert_ids,
+            top_k,
+            prefill,
+        )?;
+        Ok(Some(y.reshape((tokens, top_k, hidden))?.sum(1)?))
+    }
+
+    /// Without CUDA there is no fused kernel.
+    #[cfg(not(feature = "cuda"))]
+    pub fn forward_fused(&self, _x: &Tensor, _routing: &Routing) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Whether `t` is contiguous from the start of its storage (what raw-pointer kernels need).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn starts_its_storage(t: &Tensor) -> bool {
+    t.is_contiguous() && t.layout().start_offset() == 0
+}
+
+/// `t` itself when it starts its storage contiguously, else a fresh contiguous copy.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn fresh(t: &Tensor) -> candle_core::Result<Tensor> {
+    if starts_its_storage(t) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()?.copy()
+    }
 }
 
 /// One factored group of one matrix type, ready to run.
@@ -333,13 +399,17 @@ fn in_dtype_of(weight: &Tensor, activations: &Tensor) -> candle_core::Result<Ten
     weight.to_dtype(activations.dtype())
 }
 
+/// `silu(gate) * up`.
+fn gated_product(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::Activation::Silu.forward(gate)? * up
+}
+
 fn gated_down(
     gate: &Tensor,
     up: &Tensor,
     down: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let activated = candle_nn::Activation::Silu.forward(gate)?;
-    down(&(activated * up)?)
+    down(&gated_product(gate, up)?)
 }
 
 impl RoutedExperts {
@@ -352,7 +422,7 @@ impl RoutedExperts {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let form = ExpertsForm::for_layer(layout, checkpoint, layer, compression);
+        let form = ExpertsForm::for_layer(layout, checkpoint, layer, compression, device);
         Self::load_as(form, layout, checkpoint, layer, compression, dtype, device)
     }
 
@@ -380,11 +450,16 @@ impl RoutedExperts {
                         .collect(),
                 )
             }
-            ExpertsForm::Stacked => Self::Stacked(StackedExperts {
-                gate: layout.load_stacked(checkpoint, ExpertMatrix::Gate, dtype, device)?,
-                up: layout.load_stacked(checkpoint, ExpertMatrix::Up, dtype, device)?,
-                down: layout.load_stacked(checkpoint, ExpertMatrix::Down, dtype, device)?,
-            }),
+            ExpertsForm::Stacked => {
+                let load = |m| -> Result<Tensor> {
+                    Ok(fresh(&layout.load_stacked(checkpoint, m, dtype, device)?)?)
+                };
+                Self::Stacked(StackedExperts {
+                    gate: load(ExpertMatrix::Gate)?,
+                    up: load(ExpertMatrix::Up)?,
+                    down: load(ExpertMatrix::Down)?,
+                })
+            }
             ExpertsForm::Factored => {
                 let load = |m| {
                     FactoredProjection::load(
@@ -461,6 +536,15 @@ impl RoutedExperts {
                 ExpertMatrix::Up => f.up.dense_matrix(expert),
                 ExpertMatrix::Down => f.down.dense_matrix(expert),
             },
+        }
+    }
+
+    /// `Σ_e w_e · expert_e(x)` straight from the device routing when a fused kernel applies
+    /// (stacked experts on CUDA in bf16/f16); `None` otherwise.
+    pub fn forward_fused(&self, x: &Tensor, routing: &Routing) -> Result<Option<Tensor>> {
+        match self {
+            Self::Stacked(s) => s.forward_fused(x, routing),
+            _ => Ok(None),
         }
     }
 

@@ -65,16 +65,26 @@ impl MoeBlock {
         let (b, s, h) = x.dims3()?;
         let flat = x.reshape((b * s, h))?;
         let routing = self.router.route(&flat)?;
-        let dispatch = ExpertDispatch::new(&routing, self.experts.len())?;
-        if let Some(observer) = observer {
-            observer.observe(&MoeTrace {
-                layer,
-                input: &flat,
-                routing: &routing,
-                dispatch: &dispatch,
-            })?;
-        }
-        let mut out = self.experts.forward(&flat, &dispatch)?;
+        let fused = match observer {
+            // An observer needs the per-expert dispatch, which the fused kernel never builds.
+            Some(_) => None,
+            None => self.experts.forward_fused(&flat, &routing)?,
+        };
+        let mut out = match fused {
+            Some(out) => out,
+            None => {
+                let dispatch = ExpertDispatch::new(&routing, self.experts.len())?;
+                if let Some(observer) = observer {
+                    observer.observe(&MoeTrace {
+                        layer,
+                        input: &flat,
+                        routing: &routing,
+                        dispatch: &dispatch,
+                    })?;
+                }
+                self.experts.forward(&flat, &dispatch)?
+            }
+        };
         if let Some(shared) = &self.shared {
             let mut y = shared.mlp.forward(&flat)?;
             if let Some(gate) = &shared.gate {
