@@ -41,10 +41,14 @@ pub fn tensor_role(name: &str) -> TensorRole {
     }
 }
 
-/// Counts a checkpoint's parameters by role from the shard headers (no data is read).
+/// Counts a checkpoint's parameters by role from the shard headers (no data is read); the
+/// block scales of an FP8 weight are part of its storage, not parameters.
 pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
     let mut counts = ParameterCounts::default();
     for name in checkpoint.tensor_names() {
+        if checkpoint.is_fp8_scale(name) {
+            continue;
+        }
         let Some((info, _)) = checkpoint.info(name) else {
             continue;
         };

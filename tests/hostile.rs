@@ -424,21 +424,21 @@ fn a_tensor_in_two_shards_that_the_index_does_not_place_is_refused() {
 }
 
 #[test]
-fn fp8_weights_are_named_as_unsupported() {
+fn unsupported_float_formats_are_named() {
     let (_tmp, dir) = common::copy_fixture("tiny-olmoe");
     let path = dir.join("model.safetensors");
     let data_len = common::read_safetensors_raw(&path).1.len();
     append_header_entry(
         &path,
         &format!(
-            r#""model.layers.0.fp8":{{"dtype":"F8_E4M3","shape":[8],"data_offsets":[{data_len},{}]}}"#,
+            r#""model.layers.0.mx":{{"dtype":"F8_E8M0","shape":[8],"data_offsets":[{data_len},{}]}}"#,
             data_len + 8
         ),
         &[0; 8],
     );
     let message = load_error(&dir);
     assert!(
-        message.contains("unsupported dtype `F8_E4M3` for tensor `model.layers.0.fp8`")
+        message.contains("unsupported dtype `F8_E8M0` for tensor `model.layers.0.mx`")
             && message.contains("supported: F32, BF16")
             && message.contains("model.safetensors"),
         "{message}"

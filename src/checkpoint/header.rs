@@ -12,7 +12,7 @@ use super::{StoredDType, TensorInfo};
 use crate::error::{Error, Result};
 
 /// The dtypes rfid-moe reads, as listed in errors.
-const SUPPORTED: &str = "F32, BF16, F16, F64, I64, I32, U8";
+const SUPPORTED: &str = "F32, BF16, F16, F64, I64, I32, U8, F8_E4M3, F8_E5M2";
 
 /// A validated header: where the data section starts and every tensor's entry by name.
 #[derive(Debug)]
@@ -93,6 +93,8 @@ fn stored_dtype(dtype: Dtype) -> Option<StoredDType> {
         Dtype::I64 => StoredDType::I64,
         Dtype::I32 => StoredDType::I32,
         Dtype::U8 => StoredDType::U8,
+        Dtype::F8_E4M3 => StoredDType::F8E4M3,
+        Dtype::F8_E5M2 => StoredDType::F8E5M2,
         _ => return None,
     })
 }
@@ -297,12 +299,16 @@ mod tests {
     }
 
     #[test]
-    fn fp8_is_named_as_unsupported() {
-        let header = r#"{"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}"#;
+    fn fp8_parses_and_other_small_floats_are_named_as_unsupported() {
+        let header = r#"{"w":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[0,4]},"v":{"dtype":"F8_E5M2","shape":[2],"data_offsets":[4,6]}}"#;
+        let parsed = parse(Path::new("x"), &file(header, 6)).unwrap();
+        assert_eq!(parsed.tensors["w"].dtype, StoredDType::F8E4M3);
+        assert_eq!(parsed.tensors["v"].dtype, StoredDType::F8E5M2);
+        let header = r#"{"w":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}"#;
         let message = error(header, 4);
         assert!(
-            message.contains("unsupported dtype `F8_E4M3` for tensor `w`")
-                && message.contains("supported: F32"),
+            message.contains("unsupported dtype `F8_E8M0` for tensor `w`")
+                && message.contains("F8_E4M3"),
             "{message}"
         );
     }

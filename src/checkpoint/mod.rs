@@ -6,6 +6,7 @@
 //! a time.
 
 pub mod experts;
+pub mod fp8;
 pub mod header;
 pub mod writer;
 
@@ -42,6 +43,10 @@ pub enum StoredDType {
     I32,
     /// 8-bit unsigned integer.
     U8,
+    /// 8-bit float E4M3FN (block-scaled weights, see [`fp8`]).
+    F8E4M3,
+    /// 8-bit float E5M2 (block-scaled weights, see [`fp8`]).
+    F8E5M2,
 }
 
 impl StoredDType {
@@ -54,6 +59,8 @@ impl StoredDType {
             "I64" => Self::I64,
             "I32" => Self::I32,
             "U8" => Self::U8,
+            "F8_E4M3" => Self::F8E4M3,
+            "F8_E5M2" => Self::F8E5M2,
             _ => return None,
         })
     }
@@ -64,7 +71,7 @@ impl StoredDType {
             Self::F32 | Self::I32 => 4,
             Self::BF16 | Self::F16 => 2,
             Self::F64 | Self::I64 => 8,
-            Self::U8 => 1,
+            Self::U8 | Self::F8E4M3 | Self::F8E5M2 => 1,
         }
     }
 
@@ -78,6 +85,8 @@ impl StoredDType {
             Self::I64 => "I64",
             Self::I32 => "I32",
             Self::U8 => "U8",
+            Self::F8E4M3 => "F8_E4M3",
+            Self::F8E5M2 => "F8_E5M2",
         }
     }
 
@@ -89,8 +98,13 @@ impl StoredDType {
             Self::F64 => DType::F64,
             Self::I64 => DType::I64,
             Self::U8 => DType::U8,
-            Self::I32 => return None,
+            Self::I32 | Self::F8E4M3 | Self::F8E5M2 => return None,
         })
+    }
+
+    /// Whether this is an FP8 dtype, stored with block scales.
+    pub fn is_fp8(self) -> bool {
+        fp8::Fp8Format::of(self).is_some()
     }
 }
 
@@ -199,6 +213,16 @@ fn tensor_from_bytes(
     device: &Device,
 ) -> Result<Tensor> {
     check_finite(path, name, info.dtype, bytes)?;
+    if info.dtype.is_fp8() {
+        return Err(Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` is {} and is read only with its block scales `{}` through a checkpoint directory",
+                info.dtype.name(),
+                fp8::scale_name(name)
+            ),
+        });
+    }
     let tensor = match info.dtype.candle() {
         Some(dtype) => Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?,
         None => {
@@ -222,6 +246,9 @@ fn tensor_from_bytes(
 /// offending element (one pass over the stored bytes, in parallel for large tensors).
 pub fn check_finite(path: &Path, name: &str, dtype: StoredDType, bytes: &[u8]) -> Result<()> {
     use rayon::prelude::*;
+    if let Some(format) = fp8::Fp8Format::of(dtype) {
+        return check_finite_fp8(path, name, format, bytes);
+    }
     let width = dtype.size_in_bytes();
     let non_finite = |c: &[u8]| match dtype {
         StoredDType::F32 => !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite(),
@@ -230,7 +257,7 @@ pub fn check_finite(path: &Path, name: &str, dtype: StoredDType, bytes: &[u8]) -
         }
         StoredDType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80,
         StoredDType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00,
-        StoredDType::I64 | StoredDType::I32 | StoredDType::U8 => false,
+        _ => false,
     };
     if matches!(dtype, StoredDType::I64 | StoredDType::I32 | StoredDType::U8) {
         return Ok(());
@@ -256,6 +283,28 @@ pub fn check_finite(path: &Path, name: &str, dtype: StoredDType, bytes: &[u8]) -
             "tensor `{name}` holds {value} at element {index} (expected finite values)"
         ),
     })
+}
+
+/// [`check_finite`] for FP8 codes: NaN (and, in E5M2, ±Inf) codes are refused.
+fn check_finite_fp8(path: &Path, name: &str, format: fp8::Fp8Format, bytes: &[u8]) -> Result<()> {
+    use rayon::prelude::*;
+    let non_finite = |&code: &u8| format.is_non_finite(code);
+    let found = if bytes.len() >= 1 << 22 {
+        bytes.par_iter().position_first(non_finite)
+    } else {
+        bytes.iter().position(non_finite)
+    };
+    match found {
+        None => Ok(()),
+        Some(index) => Err(Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` holds {} (code {:#04x}) at element {index} (expected finite values)",
+                format.table()[bytes[index] as usize],
+                bytes[index]
+            ),
+        }),
+    }
 }
 
 /// A model directory as Hugging Face writes it: `config.json` plus one or more safetensors shards.
@@ -376,16 +425,164 @@ impl Checkpoint {
                 expected_by: expected_by.to_string(),
             })?;
         let info = &shard.tensors[name];
+        if info.dtype.is_fp8() {
+            return self.load_fp8(shard, name, None, dtype, device, expected_by);
+        }
         tensor_from_bytes(&shard.path, name, info, shard.bytes(info), dtype, device)
     }
 
-    /// Loads tensor `name` on the CPU in the dtype it is stored in.
+    /// Loads tensor `name` on the CPU in the dtype it is stored in (an FP8 tensor dequantised
+    /// with its block scales to bf16).
     pub fn load_stored(&self, name: &str, expected_by: &str) -> Result<Tensor> {
         let dtype = self
             .info(name)
-            .map(|(info, _)| info_float(info))
+            .map(|(info, _)| match info.dtype.is_fp8() {
+                true => fp8::DEQUANTIZED_STORED,
+                false => info_float(info),
+            })
             .unwrap_or(DType::F32);
         self.load(name, dtype, &Device::Cpu, expected_by)
+    }
+
+    /// Loads tensor `name` on the CPU exactly as stored, for copying it into another checkpoint:
+    /// an `F8_E4M3` tensor stays FP8 (its scales are a tensor of their own). NaN/Inf are refused.
+    pub fn load_verbatim(&self, name: &str, expected_by: &str) -> Result<Tensor> {
+        let Some((info, path)) = self.info(name) else {
+            return self.load_stored(name, expected_by);
+        };
+        match info.dtype {
+            StoredDType::F8E4M3 => {
+                let bytes = self.raw_bytes(name).unwrap_or_default();
+                check_finite(path, name, info.dtype, bytes)?;
+                Ok(Tensor::from_raw_buffer(
+                    bytes,
+                    DType::F8E4M3,
+                    &info.shape,
+                    &Device::Cpu,
+                )?)
+            }
+            StoredDType::F8E5M2 => Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` is F8_E5M2, which rfid-moe reads but cannot copy through unchanged (candle has no E5M2 dtype)"
+                ),
+            }),
+            _ => self.load_stored(name, expected_by),
+        }
+    }
+
+    /// The bytes of tensor `name` as stored in its shard (None if the checkpoint lacks it).
+    pub fn raw_bytes(&self, name: &str) -> Option<&[u8]> {
+        let shard = &self.shards[*self.location.get(name)?];
+        Some(shard.bytes(&shard.tensors[name]))
+    }
+
+    /// Whether `name` is the block-scale companion (`*_scale_inv`) of an FP8 tensor of this
+    /// checkpoint: part of that tensor's storage, not parameters of their own.
+    pub fn is_fp8_scale(&self, name: &str) -> bool {
+        name.strip_suffix(fp8::SCALE_SUFFIX)
+            .and_then(|weight| self.info(weight))
+            .is_some_and(|(info, _)| info.dtype.is_fp8())
+    }
+
+    /// Dequantises FP8 tensor `name` (or its entry `entry` along the first dimension) with its
+    /// block scales `{name}_scale_inv`, to `dtype` on `device`; the scales' shape is checked
+    /// against `quantization_config.weight_block_size`.
+    fn load_fp8(
+        &self,
+        shard: &SafetensorsFile,
+        name: &str,
+        entry: Option<usize>,
+        dtype: DType,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<Tensor> {
+        let info = &shard.tensors[name];
+        let format = fp8::Fp8Format::of(info.dtype).ok_or_else(|| {
+            Error::InvalidArgument(format!("tensor `{name}` is not an FP8 tensor"))
+        })?;
+        let scales = self.fp8_scales(shard, name, expected_by)?;
+        let (shape, begin, end) = match entry {
+            None => (info.shape.clone(), info.data_range.0, info.data_range.1),
+            Some(index) => {
+                let width = (info.data_range.1 - info.data_range.0) / info.shape[0].max(1);
+                let begin = info.data_range.0 + index * width;
+                (info.shape[1..].to_vec(), begin, begin + width)
+            }
+        };
+        let codes = &shard.mmap[shard.data_start + begin..shard.data_start + end];
+        check_finite(&shard.path, name, info.dtype, codes)?;
+        let block = scales.block;
+        let scales = match entry {
+            None => &scales.values[..],
+            Some(index) => {
+                let per_entry = scales.values.len() / info.shape[0].max(1);
+                &scales.values[index * per_entry..(index + 1) * per_entry]
+            }
+        };
+        let [rows, cols] = [shape[shape.len() - 2], shape[shape.len() - 1]];
+        let values = fp8::dequantize(format, codes, [rows, cols], scales, block);
+        Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+
+    /// The block scales of FP8 tensor `name` as f32, after checking that they exist, are floats
+    /// and have the shape the tensor and the block size imply.
+    fn fp8_scales(
+        &self,
+        shard: &SafetensorsFile,
+        name: &str,
+        expected_by: &str,
+    ) -> Result<BlockScales> {
+        let info = &shard.tensors[name];
+        let block = fp8::block_size(&self.config).map_err(|message| Error::Config {
+            path: self.config_path(),
+            message: format!("{message}; needed to read FP8 tensor `{name}`"),
+        })?;
+        let scale_name = fp8::scale_name(name);
+        let Some((scale_info, scale_path)) = self.info(&scale_name) else {
+            return Err(Error::MissingTensor {
+                name: scale_name,
+                dir: self.dir.clone(),
+                expected_by: format!(
+                    "{} tensor `{name}` as its block scales (needed by {expected_by})",
+                    info.dtype.name()
+                ),
+            });
+        };
+        let expected = fp8::scale_shape(&info.shape, block).ok_or_else(|| Error::Safetensors {
+            path: shard.path.clone(),
+            message: format!(
+                "FP8 tensor `{name}` has shape {:?} (expected a matrix or a stack of matrices, to which block scales apply)",
+                info.shape
+            ),
+        })?;
+        let is_float = matches!(
+            scale_info.dtype,
+            StoredDType::F32 | StoredDType::BF16 | StoredDType::F16 | StoredDType::F64
+        );
+        if scale_info.shape != expected || !is_float {
+            return Err(Error::Safetensors {
+                path: scale_path.to_path_buf(),
+                message: format!(
+                    "block scales `{scale_name}` are {} {:?}, but FP8 tensor `{name}` of shape {:?} in blocks of {block:?} (quantization_config.weight_block_size) needs F32 or BF16 {expected:?}",
+                    scale_info.dtype.name(),
+                    scale_info.shape,
+                    info.shape
+                ),
+            });
+        }
+        let scales = self.load(
+            &scale_name,
+            DType::F32,
+            &Device::Cpu,
+            &format!("FP8 tensor `{name}`"),
+        )?;
+        Ok(BlockScales {
+            values: scales.flatten_all()?.to_vec1::<f32>()?,
+            block,
+        })
     }
 
     /// Like [`Checkpoint::load`], but first checks the shape against `expected` (from the config).
@@ -441,6 +638,10 @@ impl Checkpoint {
                 expected[0]
             )));
         }
+        let shard = &self.shards[self.location[name]];
+        if info.dtype.is_fp8() {
+            return self.load_fp8(shard, name, Some(index), dtype, device, expected_by);
+        }
         let entry_bytes = (info.data_range.1 - info.data_range.0) / expected[0];
         let begin = info.data_range.0 + index * entry_bytes;
         let entry = TensorInfo {
@@ -448,7 +649,6 @@ impl Checkpoint {
             shape: expected[1..].to_vec(),
             data_range: (begin, begin + entry_bytes),
         };
-        let shard = &self.shards[self.location[name]];
         tensor_from_bytes(path, name, &entry, shard.bytes(&entry), dtype, device)
     }
 
@@ -467,6 +667,12 @@ impl Checkpoint {
             .map(|(_, d)| d)
             .unwrap_or(StoredDType::F32)
     }
+}
+
+/// The block scales of one FP8 tensor, as f32 in stored order, with the block size they cover.
+struct BlockScales {
+    values: Vec<f32>,
+    block: [usize; 2],
 }
 
 /// Shards and tensor locations of a sharded checkpoint: every `weight_map` entry must name a file

@@ -12,7 +12,8 @@ use super::experts::LayerExperts;
 use super::factor::FactoredLayer;
 use super::options::OutputOptions;
 use super::report::GroupReport;
-use crate::checkpoint::experts::ExpertMatrix;
+use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
+use crate::checkpoint::fp8;
 use crate::checkpoint::writer::CheckpointWriter;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
@@ -48,7 +49,8 @@ pub struct Emitter<'a> {
 
 impl<'a> Emitter<'a> {
     /// Opens the writers `options` asks for (none for a dry run) and writes the embedding,
-    /// final norm and head unchanged.
+    /// final norm, head and any layer past `num_hidden_layers` (DeepSeek-V3's multi-token
+    /// prediction layer `model.layers.61.*`) unchanged.
     pub fn create(checkpoint: &'a Checkpoint, options: &OutputOptions) -> Result<Self> {
         let open = |path: &Option<PathBuf>| match (path, options.dry_run) {
             (Some(out), false) => CheckpointWriter::create(out, options.force).map(Some),
@@ -61,7 +63,12 @@ impl<'a> Emitter<'a> {
         };
         emitter.dense = open(&options.export_dense)?;
         if emitter.is_writing() {
-            let ends = emitter.copy_tensors("", |n| n.starts_with("model.layers."))?;
+            let num_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
+                .spec()
+                .num_layers;
+            let ends = emitter.copy_tensors("", |n| {
+                decoder_layer_index(n).is_some_and(|layer| layer < num_layers)
+            })?;
             emitter.write_both(ends.clone(), ends)?;
             checkpoint.release_pages();
         }
@@ -86,8 +93,8 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
-    /// Every stored tensor whose name starts with `prefix`, except those `skip` rejects, in its
-    /// stored dtype.
+    /// Every stored tensor whose name starts with `prefix`, except those `skip` rejects, exactly
+    /// as stored (FP8 weights stay FP8, next to their `_scale_inv` scales).
     fn copy_tensors(
         &self,
         prefix: &str,
@@ -99,7 +106,8 @@ impl<'a> Emitter<'a> {
         }
         for name in self.checkpoint.tensor_names() {
             if name.starts_with(prefix) && !skip(name) {
-                tensors.insert(name.to_string(), self.checkpoint.load_stored(name, "copy")?);
+                let tensor = self.checkpoint.load_verbatim(name, "copy")?;
+                tensors.insert(name.to_string(), tensor);
             }
         }
         Ok(tensors)
@@ -129,11 +137,19 @@ impl<'a> Emitter<'a> {
             let mut group_reports = Vec::new();
             for (g, group) in matrix.groups.into_iter().enumerate() {
                 for (slot, &expert) in group.report.experts.iter().enumerate() {
-                    let key = match group.basis {
-                        Some(_) => format::coefficients_name(&layout.block, expert, name),
-                        None => layout.dense_name(expert, matrix.matrix),
-                    };
-                    compressed.insert(key, group.expert_tensors[slot].clone());
+                    let tensor = group.expert_tensors[slot].clone();
+                    match group.basis {
+                        Some(_) => {
+                            let key = format::coefficients_name(&layout.block, expert, name);
+                            compressed.insert(key, tensor);
+                        }
+                        None => compressed.extend(self.kept_expert(
+                            layout,
+                            expert,
+                            matrix.matrix,
+                            || Ok(tensor),
+                        )?),
+                    }
                     if let Some(rebuilt) = &group.reconstruction {
                         dense.insert(
                             layout.dense_name(expert, matrix.matrix),
@@ -161,12 +177,13 @@ impl<'a> Emitter<'a> {
         if self.is_writing() {
             // down_proj stays dense, written per expert from the canonical view.
             for expert in 0..layout.num_experts {
-                let down = experts
-                    .matrix(expert, ExpertMatrix::Down)?
-                    .to_dtype(stored_dtype)?;
-                let key = layout.dense_name(expert, ExpertMatrix::Down);
-                compressed.insert(key.clone(), down.clone());
-                dense.insert(key, down);
+                let down = self.kept_expert(layout, expert, ExpertMatrix::Down, || {
+                    Ok(experts
+                        .matrix(expert, ExpertMatrix::Down)?
+                        .to_dtype(stored_dtype)?)
+                })?;
+                compressed.extend(down.clone());
+                dense.extend(down);
             }
             let experts_prefix = format!("{}.experts.", layout.block);
             let rest = self.copy_tensors(&format!("model.layers.{}.", factored.layer), |n| {
@@ -181,6 +198,34 @@ impl<'a> Emitter<'a> {
             matrices: records,
         };
         Ok((record, reports))
+    }
+
+    /// The tensors of an expert matrix that stays dense: a per-expert FP8 weight is copied as
+    /// stored with its block scales (so `quantization_config` stays true for it); anything else
+    /// is `rebuilt()` (the canonical view in the output dtype) under the per-expert name.
+    fn kept_expert(
+        &self,
+        layout: &ExpertLayout,
+        expert: usize,
+        matrix: ExpertMatrix,
+        rebuilt: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let key = layout.dense_name(expert, matrix);
+        let stored_fp8 = self
+            .checkpoint
+            .info(&key)
+            .is_some_and(|(info, _)| info.dtype.is_fp8());
+        if !stored_fp8 {
+            return Ok(vec![(key, rebuilt()?)]);
+        }
+        let scale = fp8::scale_name(&key);
+        Ok(vec![
+            (key.clone(), self.checkpoint.load_verbatim(&key, "copy")?),
+            (
+                scale.clone(),
+                self.checkpoint.load_verbatim(&scale, "copy")?,
+            ),
+        ])
     }
 
     /// Writes `config.json` (with the compression record), the report, the options and the
@@ -206,6 +251,12 @@ impl<'a> Emitter<'a> {
         }
         Ok(output)
     }
+}
+
+/// The decoder layer a tensor name belongs to (`model.layers.{i}.…`).
+fn decoder_layer_index(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
 }
 
 fn write_common_files(

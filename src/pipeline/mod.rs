@@ -295,6 +295,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .checkpoint
             .tensor_names()
             .into_iter()
+            .filter(|name| !self.checkpoint.is_fp8_scale(name))
             .filter_map(|name| self.checkpoint.info(name))
             .map(|(info, _)| info.numel() as u64)
             .sum();
@@ -334,6 +335,8 @@ fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
         "auto" => match checkpoint.dominant_dtype() {
             StoredDType::BF16 => DType::BF16,
             StoredDType::F16 => DType::F16,
+            // FP8 weights are never written: factors of an FP8 checkpoint are bf16.
+            StoredDType::F8E4M3 | StoredDType::F8E5M2 => DType::BF16,
             _ => DType::F32,
         },
         "f32" => DType::F32,
