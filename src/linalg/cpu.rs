@@ -134,6 +134,13 @@ pub fn squared_singular_values(a: &Mat<f64>) -> Result<Vec<f64>> {
     } else {
         a * a.transpose()
     };
+    #[cfg(feature = "lapack")]
+    {
+        let mut values = super::lapack::symmetric_eigenvalues(&gram)?;
+        values.iter_mut().for_each(|v| *v = v.max(0.0));
+        return Ok(values);
+    }
+    #[allow(unreachable_code)]
     let mut values = gram
         .self_adjoint_eigenvalues(faer::Side::Lower)
         .map_err(|e| {
@@ -162,6 +169,11 @@ pub fn leading_right_singular_vectors(a: &Mat<f64>, rank: usize) -> Result<Mat<f
         return Ok(svd.vt.as_ref().subrows(0, rank).transpose().to_owned());
     }
     let gram = a.transpose() * a;
+    #[cfg(feature = "lapack")]
+    {
+        return super::lapack::leading_eigenvectors(&gram, rank);
+    }
+    #[allow(unreachable_code)]
     let evd = gram.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
         Error::Numerical(format!(
             "eigendecomposition of the {n}×{n} Gram matrix failed: {e:?}"

@@ -7,6 +7,8 @@
 //! more implementation whose matrices stay on the device for a whole layer.
 
 mod cpu;
+#[cfg(feature = "lapack")]
+pub mod lapack;
 
 pub use cpu::{
     frobenius_norm, leading_right_singular_vectors, mat_to_tensor, singular_values,
