@@ -25,13 +25,12 @@ fn cached_logits_match_full_forward(name: &str) {
     let full = model.forward(&ids, None).unwrap().logits;
     let mut cache = model.new_cache();
     let mut start = 0;
-    let mut chunks = 0;
     // A three-token prefill, then one token at a time, then whatever is left as one chunk.
-    for len in std::iter::once(3).chain(std::iter::repeat(1)) {
+    for (chunk, len) in std::iter::once(3).chain(std::iter::repeat(1)).enumerate() {
         if start >= seq {
             break;
         }
-        let len = if chunks == 5 {
+        let len = if chunk == 5 {
             seq - start
         } else {
             len.min(seq - start)
@@ -47,7 +46,6 @@ fn cached_logits_match_full_forward(name: &str) {
             start + len
         );
         start += len;
-        chunks += 1;
         assert_eq!(cache.len(), start);
     }
     cache.clear();

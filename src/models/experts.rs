@@ -51,11 +51,10 @@ impl ExpertsForm {
         });
         if factored {
             Self::Factored
-        } else if device.is_cuda() {
-            Self::Stacked
-        } else if ExpertMatrix::ALL
-            .iter()
-            .all(|&m| layout.is_fused(checkpoint, m))
+        } else if device.is_cuda()
+            || ExpertMatrix::ALL
+                .iter()
+                .all(|&m| layout.is_fused(checkpoint, m))
         {
             Self::Stacked
         } else {
