@@ -284,6 +284,10 @@ fn routing_counts_sum_to_tokens_times_top_k() {
         assert_eq!(total, 16 * 32 * 2, "layer {}", layer.layer);
         let frequency_sum: f64 = layer.frequencies.iter().sum();
         assert!((frequency_sum - 1.0).abs() < 1e-9);
+        // Every stage is timed, and the stages account for no more than the whole run.
+        let stages = layer.stage_seconds;
+        assert!(stages.calibrate > 0.0 && stages.analyse > 0.0, "{stages:?}");
+        assert!(stages.total() <= report.seconds, "{stages:?}");
     }
 }
 

@@ -68,14 +68,19 @@ pub fn compress_with_progress(
         BudgetScope::Layer => None,
     };
     let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
-    while let Some(layer) = stream.next_layer()? {
+    loop {
+        let calibration_started = Instant::now();
+        let Some(layer) = stream.next_layer()? else {
+            break;
+        };
+        let calibrate_seconds = calibration_started.elapsed().as_secs_f64();
         task.message(&format!("layer {}", layer.index));
         match layer.statistics {
             Some(statistics) => {
                 let plan = model_plans
                     .as_ref()
                     .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
-                run.compress_layer(&mut emitter, statistics, plan)?;
+                run.compress_layer(&mut emitter, statistics, plan, calibrate_seconds)?;
             }
             None => emitter.copy_layer(layer.index)?,
         }
@@ -223,20 +228,34 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .ok_or_else(|| Error::InvalidArgument(format!("layer {index} is not a MoE layer")))
     }
 
-    /// analyse → allocate → factor → emit for one MoE layer.
+    /// analyse → allocate → factor → emit for one MoE layer (whose calibration took
+    /// `calibrate_seconds`).
     fn compress_layer(
         &mut self,
         emitter: &mut Emitter,
         statistics: LayerStatistics<B::Matrix>,
         model_plan: Option<&RankPlan>,
+        calibrate_seconds: f64,
     ) -> Result<()> {
+        let mut seconds = report::StageSeconds {
+            calibrate: calibrate_seconds,
+            ..Default::default()
+        };
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let elapsed = clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            elapsed
+        };
         let layout = self.layout(statistics.layer)?;
         let experts = LayerExperts::new(self.checkpoint, &layout);
         let analysis = analyse::analyse_layer(self.backend, &experts, &statistics)?;
+        seconds.analyse = lap();
         let plan = match model_plan {
             Some(plan) => plan.clone(),
             None => allocate::allocate_layer(&analysis, &self.options.allocation)?,
         };
+        seconds.allocate = lap();
         self.sample_memory();
         let settings = FactorSettings {
             factorizer: self.factorizer.as_ref(),
@@ -256,12 +275,14 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             &plan,
             &settings,
         )?;
+        seconds.factor = lap();
         self.sample_memory();
         let (record, matrices) = emitter.write_layer(&experts, factored, self.stored_dtype)?;
+        seconds.emit = lap();
         self.totals.add_layer(&layout, &matrices);
         self.records.push(record);
         self.layer_reports
-            .push(report::layer_report(&statistics, matrices));
+            .push(report::layer_report(&statistics, matrices, seconds));
         if self.options.calibration.statistics_cache.is_some() && !self.replaying {
             self.statistics_to_save.push(statistics);
         }

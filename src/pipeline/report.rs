@@ -63,6 +63,31 @@ pub struct LayerReport {
     pub unused_experts: Vec<usize>,
     /// Per matrix type (checkpoint name), per group.
     pub matrices: BTreeMap<String, Vec<GroupReport>>,
+    /// Wall-clock seconds this layer spent in each stage.
+    #[serde(default)]
+    pub stage_seconds: StageSeconds,
+}
+
+/// Wall-clock seconds one layer spent in each stage of the pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageSeconds {
+    /// Running the layer on the calibration windows and collecting its statistics.
+    pub calibrate: f64,
+    /// Effective ranks of the groups.
+    pub analyse: f64,
+    /// Rank allocation.
+    pub allocate: f64,
+    /// Factorisation.
+    pub factor: f64,
+    /// Writing the layer's shard.
+    pub emit: f64,
+}
+
+impl StageSeconds {
+    /// The sum over stages.
+    pub fn total(&self) -> f64 {
+        self.calibrate + self.analyse + self.allocate + self.factor + self.emit
+    }
 }
 
 /// The outcome of a compression run (also written as `compression_report.json`).
@@ -242,6 +267,7 @@ impl Totals {
 pub fn layer_report<M>(
     statistics: &LayerStatistics<M>,
     matrices: BTreeMap<String, Vec<GroupReport>>,
+    stage_seconds: StageSeconds,
 ) -> LayerReport {
     LayerReport {
         layer: statistics.layer,
@@ -249,6 +275,7 @@ pub fn layer_report<M>(
         frequencies: routing_frequency(&statistics.routing_counts),
         unused_experts: statistics.unused_experts(),
         matrices,
+        stage_seconds,
     }
 }
 
