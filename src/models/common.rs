@@ -391,7 +391,8 @@ fn with_cache(
             let (k, v) = cache.append(&key.contiguous()?, &value.contiguous()?)?;
             Ok((k, v))
         }
-        None => Ok((key, value)),
+        // Attention multiplies by `value` as a batch of matrices: give it one layout.
+        None => Ok((key, value.contiguous()?)),
     }
 }
 
@@ -406,16 +407,10 @@ pub fn cached_attention(
     query: &Tensor,
     key: Tensor,
     value: Tensor,
-    n_rep: usize,
     scale: f64,
 ) -> Result<Tensor> {
     let (key, value) = with_cache(cache, key, value)?;
-    causal_attention(
-        query,
-        &repeat_kv(key, n_rep)?,
-        &repeat_kv(value, n_rep)?,
-        scale,
-    )
+    causal_attention(query, &key, &value, scale)
 }
 
 /// Additive causal mask [queries, keys] for queries at the last `queries` of `keys` positions
@@ -436,31 +431,37 @@ pub fn causal_mask(queries: usize, keys: usize, dtype: DType, device: &Device) -
     Ok(Tensor::from_vec(mask, (queries, keys), device)?.to_dtype(dtype)?)
 }
 
-/// Scaled dot-product attention with a causal mask; q [b, h, sq, dq], k [b, h, sk, dq],
-/// v [b, h, sk, dv], the queries being the last `sq` of the `sk` positions.
+/// Scaled dot-product attention with a causal mask; q [b, h, sq, dq], k [b, kv, sk, dq],
+/// v [b, kv, sk, dv] with `h` a multiple of `kv` (query head `i` reads key/value head
+/// `i / (h / kv)`), the queries being the last `sq` of the `sk` positions.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (queries, keys) = (q.dim(2)?, k.dim(2)?);
-    // Scaling q (seq × head_dim) is cheaper than scaling the scores (seq × seq).
-    let mut scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let (b, heads, queries, dq) = q.dims4()?;
+    let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{heads} query heads cannot share {kv_heads} key/value heads"
+        )));
+    }
+    let n_rep = heads / kv_heads;
+    // The query heads that share a key/value head attend as one block of n_rep·sq rows, so keys
+    // and values are never copied per query head. Scaling q (seq × head_dim) is cheaper than
+    // scaling the scores (seq × seq).
+    let q = (q * scale)?
+        .contiguous()?
+        .reshape((b, kv_heads, n_rep * queries, dq))?;
+    let mut scores = q.matmul(&k.t()?)?;
     // A single query sees every key: its mask would be all zeros.
     if queries > 1 {
         let mask = causal_mask(queries, keys, scores.dtype(), q.device())?;
-        scores = scores.broadcast_add(&mask)?;
+        scores = scores
+            .reshape((b, kv_heads, n_rep, queries, keys))?
+            .broadcast_add(&mask)?
+            .reshape((b, kv_heads, n_rep * queries, keys))?;
     }
     let dtype = scores.dtype();
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
-}
-
-/// Repeats key/value heads `n_rep` times: [b, kv, s, d] -> [b, kv*n_rep, s, d].
-pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, kv, n_rep, s, d))?
-        .reshape((b, kv * n_rep, s, d))?)
+    let out = probs.matmul(v)?;
+    Ok(out.reshape((b, heads, queries, v.dim(3)?))?)
 }
 
 /// Where query/key normalisation sits, if anywhere.
@@ -597,14 +598,7 @@ impl Attention {
         }
         let q = rotary.apply_at(&q, offset)?;
         let k = rotary.apply_at(&k, offset)?;
-        let out = cached_attention(
-            cache,
-            &q,
-            k,
-            v,
-            self.num_heads / self.num_kv_heads,
-            1.0 / (self.head_dim as f64).sqrt(),
-        )?;
+        let out = cached_attention(cache, &q, k, v, 1.0 / (self.head_dim as f64).sqrt())?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;

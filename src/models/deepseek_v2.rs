@@ -350,14 +350,7 @@ impl LatentAttention {
         let k_pe = k_pe.broadcast_as((b, self.num_heads, s, self.rope))?;
         let query = Tensor::cat(&[&q_nope.contiguous()?, &q_pe], 3)?;
         let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
-        let out = cached_attention(
-            cache,
-            &query,
-            key,
-            value.contiguous()?,
-            1,
-            self.softmax_scale,
-        )?;
+        let out = cached_attention(cache, &query, key, value.contiguous()?, self.softmax_scale)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.v_dim))?;
