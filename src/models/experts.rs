@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
-use super::routing::{ExpertDispatch, Routing};
+use super::routing::{ExpertDispatch, GroupRoute, Routing};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix, StoredGroup};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -328,21 +328,29 @@ impl FactoredProjection {
 
     /// Applies every routed expert's matrix to its tokens of the shared input `x` [tokens, in]:
     /// per expert, its rows of the output (in its route's token order), `None` without tokens.
-    /// Each group's basis is applied once to the union of its members' tokens.
+    /// Each group's basis is applied once to the union of its members' tokens; `routes` keeps
+    /// the group routes for the next matrix with the same groups.
     pub fn forward_routed(
         &self,
         x: &Tensor,
         dispatch: &ExpertDispatch,
-        rows: &[Option<Tensor>],
+        routes: &mut GroupRoutes,
     ) -> Result<Vec<Option<Tensor>>> {
+        let rows = |expert: usize| -> Result<Option<Tensor>> {
+            dispatch
+                .route(expert)
+                .map(|r| x.index_select(&r.tokens, 0))
+                .transpose()
+                .map_err(Into::into)
+        };
         let mut out: Vec<Option<Tensor>> = vec![None; self.members.len()];
         for (expert, member) in self.members.iter().enumerate() {
-            if let (Member::Dense(i), Some(x_e)) = (member, &rows[expert]) {
-                out[expert] = Some(matmul_transposed(x_e, &self.dense[*i])?);
+            if let (Member::Dense(i), Some(x_e)) = (member, rows(expert)?) {
+                out[expert] = Some(matmul_transposed(&x_e, &self.dense[*i])?);
             }
         }
         for group in &self.groups {
-            let Some(route) = dispatch.group_route(&group.experts)? else {
+            let Some(route) = routes.get(dispatch, &group.experts)? else {
                 continue;
             };
             let projected = matmul_transposed(&x.index_select(&route.tokens, 0)?, &group.basis)?;
@@ -352,14 +360,33 @@ impl FactoredProjection {
                 };
                 let z = projected.index_select(positions, 0)?;
                 let y = matmul_transposed(&z, &group.coefficients[slot])?;
-                let y = match &rows[expert] {
-                    Some(x_e) => group.add_residual(slot, x_e, y)?,
+                let y = match &group.residuals {
+                    Some(_) => match rows(expert)? {
+                        Some(x_e) => group.add_residual(slot, &x_e, y)?,
+                        None => y,
+                    },
                     None => y,
                 };
                 out[expert] = Some(y);
             }
         }
         Ok(out)
+    }
+}
+
+/// The group routes of one layer's dispatch, computed once per distinct group and shared by
+/// the matrix types whose groups coincide (gate and up usually do).
+#[derive(Debug, Default)]
+pub struct GroupRoutes(std::collections::HashMap<Vec<usize>, Option<GroupRoute>>);
+
+impl GroupRoutes {
+    /// The route of the group `members` under `dispatch`.
+    fn get(&mut self, dispatch: &ExpertDispatch, members: &[usize]) -> Result<Option<&GroupRoute>> {
+        if !self.0.contains_key(members) {
+            let route = dispatch.group_route(members)?;
+            self.0.insert(members.to_vec(), route);
+        }
+        Ok(self.0.get(members).and_then(Option::as_ref))
     }
 }
 
@@ -556,18 +583,21 @@ impl RoutedExperts {
                 self.len()
             )));
         }
-        let rows: Vec<Option<Tensor>> = (0..self.len())
-            .map(|e| {
-                dispatch
-                    .route(e)
-                    .map(|r| x.index_select(&r.tokens, 0))
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
+        let rows = || -> Result<Vec<Option<Tensor>>> {
+            (0..self.len())
+                .map(|e| {
+                    dispatch
+                        .route(e)
+                        .map(|r| x.index_select(&r.tokens, 0))
+                        .transpose()
+                        .map_err(Into::into)
+                })
+                .collect()
+        };
         let outputs: Vec<Option<Tensor>> = match self {
             Self::Dense(experts) => experts
                 .iter()
-                .zip(&rows)
+                .zip(&rows()?)
                 .map(|(e, x_e)| {
                     x_e.as_ref()
                         .map(|x_e| {
@@ -580,7 +610,7 @@ impl RoutedExperts {
                         .transpose()
                 })
                 .collect::<Result<_>>()?,
-            Self::Stacked(s) => rows
+            Self::Stacked(s) => rows()?
                 .iter()
                 .enumerate()
                 .map(|(e, x_e)| {
@@ -596,8 +626,9 @@ impl RoutedExperts {
                 })
                 .collect::<Result<_>>()?,
             Self::Factored(f) => {
-                let gate = f.gate.forward_routed(x, dispatch, &rows)?;
-                let up = f.up.forward_routed(x, dispatch, &rows)?;
+                let mut routes = GroupRoutes::default();
+                let gate = f.gate.forward_routed(x, dispatch, &mut routes)?;
+                let up = f.up.forward_routed(x, dispatch, &mut routes)?;
                 gate.iter()
                     .zip(&up)
                     .enumerate()
