@@ -178,14 +178,7 @@ fn dense_export_matches_factored_model_and_keeps_names() {
     let reference =
         rfid_moe::checkpoint::load_all(&source.join("reference.safetensors"), &Device::Cpu)
             .unwrap();
-    let logits = |dir: &Path| {
-        let c = Checkpoint::open(dir).unwrap();
-        Model::load(&c, DType::F32, &Device::Cpu)
-            .unwrap()
-            .forward(&reference["input_ids"], None)
-            .unwrap()
-            .logits
-    };
+    let logits = |dir: &Path| common::logits_of(dir, &reference["input_ids"]);
     let diff = common::max_abs_diff(
         &logits(&tmp.path().join("factored")),
         &logits(&tmp.path().join("dense")),

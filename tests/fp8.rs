@@ -226,12 +226,7 @@ fn logits(dir: &Path) -> Tensor {
         &Device::Cpu,
     )
     .unwrap();
-    let checkpoint = Checkpoint::open(dir).unwrap();
-    Model::load(&checkpoint, DType::F32, &Device::Cpu)
-        .unwrap()
-        .forward(&reference["input_ids"], None)
-        .unwrap()
-        .logits
+    common::logits_of(dir, &reference["input_ids"])
 }
 
 fn load_error(dir: &Path) -> String {

@@ -57,6 +57,21 @@ pub fn write_safetensors_raw(path: &Path, header: &serde_json::Value, data: &[u8
     std::fs::write(path, out).unwrap();
 }
 
+/// The f32 CPU logits of the checkpoint in `dir` on `input_ids`.
+#[allow(dead_code)]
+pub fn logits_of(dir: &Path, input_ids: &candle_core::Tensor) -> candle_core::Tensor {
+    let checkpoint = rfid_moe::checkpoint::Checkpoint::open(dir).unwrap();
+    rfid_moe::models::Model::load(
+        &checkpoint,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .forward(input_ids, None)
+    .unwrap()
+    .logits
+}
+
 /// Largest absolute elementwise difference of two same-shaped f32 tensors.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
