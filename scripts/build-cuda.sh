@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds `rfid-moe` with the `cuda` feature on a machine without a GPU or CUDA toolkit
 # (docs/CUDA.md explains every step). Output: target/release/rfid-moe, and with --pack a
-# compressed copy in .device/rfid-moe.xz for carrying to a GPU machine.
+# compressed copy in .device/rfid-moe.xz for carrying to a GPU machine. With --pack-all, also
+# the CUDA test binaries (parity, generate) and the decode/compress benchmarks, each
+# stripped and xz-compressed into .device/ (run tests there with RFID_MOE_REPO_ROOT=$PWD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.cuda-venv
@@ -39,9 +41,28 @@ if ! cargo build --release --features cuda --bin rfid-moe; then
   make_stub
   cargo build --release --features cuda --bin rfid-moe
 fi
-if [ "${1:-}" = "--pack" ]; then
+TARGET=${CARGO_TARGET_DIR:-target}
+pack() { # pack NAME PATH
   mkdir -p .device
-  strip -o .device/rfid-moe target/release/rfid-moe
-  xz -T2 -6 -f .device/rfid-moe
-  ls -la .device/rfid-moe.xz
-fi
+  strip -o ".device/$1" "$2"
+  xz -T2 -6 -f ".device/$1"
+  ls -la ".device/$1.xz"
+}
+case "${1:-}" in
+  --pack) pack rfid-moe "$TARGET/release/rfid-moe" ;;
+  --pack-all)
+    pack rfid-moe "$TARGET/release/rfid-moe"
+    # Test binaries: cargo prints each executable it builds as JSON.
+    cargo test --release --features cuda -p rfid-moe --test parity --test generate --no-run \
+      --message-format=json \
+      | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable") and m.get("profile", {}).get("test"):
+        print(m["target"]["name"], m["executable"])' \
+      | while read -r name path; do pack "test-$name" "$path"; done
+    cargo build --release -p rfid-moe-bench --features cuda --bins
+    pack decode "$TARGET/release/decode"
+    [ -x "$TARGET/release/compress" ] && pack compress "$TARGET/release/compress"
+    ;;
+esac

@@ -3,9 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-/// The repository root: the library package's directory, which the CLI package's tests (in
-/// `cli/`) reach as their package's parent.
+/// The repository root: `RFID_MOE_REPO_ROOT` when set (test binaries carried to another
+/// machine, e.g. a GPU machine), else the library package's directory, which the CLI package's
+/// tests (in `cli/`) reach as their package's parent.
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("RFID_MOE_REPO_ROOT") {
+        return PathBuf::from(root);
+    }
     let package = Path::new(env!("CARGO_MANIFEST_DIR"));
     match package.parent() {
         Some(parent) if !package.join("tests/fixtures").is_dir() => parent.to_path_buf(),
