@@ -107,10 +107,11 @@ impl Sampler {
             target -= p;
         }
         // Rounding can leave `target` just above the last weight.
-        candidates
-            .last()
-            .map(|&(token, _)| token)
-            .ok_or_else(|| Error::InvalidArgument("empty vocabulary".into()))
+        candidates.last().map(|&(token, _)| token).ok_or_else(|| {
+            Error::InvalidArgument(
+                "no token has a finite probability (every logit is -inf, or one is +inf)".into(),
+            )
+        })
     }
 
     /// The tokens left after temperature, top-k and top-p, most likely first, with their
@@ -121,7 +122,11 @@ impl Sampler {
         // Stable: equal logits keep the lower id first.
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         if let Some(k) = self.sampling.top_k {
-            order.truncate(k.max(1));
+            // As transformers: every token whose logit ties the k-th one stays.
+            if let Some(&kth) = order.get(k.max(1) - 1) {
+                let threshold = logits[kth as usize];
+                order.retain(|&t| logits[t as usize] >= threshold);
+            }
         }
         let max = order
             .first()
@@ -288,7 +293,7 @@ pub fn generate(
 pub struct TextStream<'a> {
     tokenizer: &'a tokenizers::Tokenizer,
     tokens: Vec<u32>,
-    emitted: usize,
+    emitted: String,
 }
 
 impl<'a> TextStream<'a> {
@@ -297,7 +302,7 @@ impl<'a> TextStream<'a> {
         Self {
             tokenizer,
             tokens: Vec::new(),
-            emitted: 0,
+            emitted: String::new(),
         }
     }
 
@@ -312,25 +317,26 @@ impl<'a> TextStream<'a> {
         self.tokens.push(token);
         let text = self.text()?;
         // A partial UTF-8 sequence decodes to U+FFFD: wait for the token that completes it.
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        // If decoding the new token changed earlier text (rare merges), emit nothing now.
+        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
             return Ok(None);
         }
-        match text.get(self.emitted..) {
-            Some(new) => {
-                let new = new.to_owned();
-                self.emitted = text.len();
-                Ok(Some(new))
-            }
-            // Decoding earlier tokens changed (rare merges across tokens): emit nothing now.
-            None => Ok(None),
+        let new = text[self.emitted.len()..].to_owned();
+        if new.is_empty() {
+            return Ok(None);
         }
+        self.emitted = text;
+        Ok(Some(new))
     }
 
-    /// The text not yet returned by [`Self::push`].
+    /// The text not yet returned by [`Self::push`] (empty when earlier text was rewritten).
     pub fn finish(&mut self) -> Result<String> {
         let text = self.text()?;
-        let rest = text.get(self.emitted..).unwrap_or_default().to_owned();
-        self.emitted = text.len();
+        let rest = text
+            .strip_prefix(self.emitted.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        self.emitted = text;
         Ok(rest)
     }
 }
@@ -404,6 +410,17 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(sampler.next_token(&logits(&[0.1, 0.3, 0.2])).unwrap(), 1);
         }
+    }
+
+    #[test]
+    fn top_k_keeps_ties_with_the_kth_logit() {
+        let sampler = sampled(1.0, Some(2), None);
+        let kept: Vec<u32> = sampler
+            .candidates(&[3.0, 1.0, 2.0, 2.0, 0.0])
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, vec![0, 2, 3]);
     }
 
     #[test]

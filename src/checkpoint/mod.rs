@@ -501,6 +501,21 @@ impl Checkpoint {
         let format = fp8::Fp8Format::of(info.dtype).ok_or_else(|| {
             Error::InvalidArgument(format!("tensor `{name}` is not an FP8 tensor"))
         })?;
+        let needed_rank = if entry.is_some() { 3 } else { 2 };
+        if info.shape.len() < needed_rank {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!(
+                    "FP8 tensor `{name}` has shape {:?}: block-scaled FP8 needs a matrix{}",
+                    info.shape,
+                    if entry.is_some() {
+                        " per expert, i.e. a [experts, out, in] stack"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
         let scales = self.fp8_scales(shard, name, expected_by)?;
         let (shape, begin, end) = match entry {
             None => (info.shape.clone(), info.data_range.0, info.data_range.1),

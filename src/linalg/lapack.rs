@@ -127,7 +127,8 @@ macro_rules! gesdd_scalar {
                 )
             }
             fn to_len(self) -> usize {
-                self as usize
+                // An f32 workspace size above 2^24 may have been rounded down: round up.
+                (self as f64 * (1.0 + <$t>::EPSILON as f64)).ceil() as usize
             }
         }
     };

@@ -103,6 +103,12 @@ impl StackedExperts {
         }
         let (tokens, hidden) = x.dims2()?;
         let top_k = routing.top_k;
+        let intermediate = self.gate.dim(1)?;
+        // candle's CUDA sort holds every slot in shared memory (up to 8192 u32 slots), and the
+        // kernel loads eight values at a time along the inner dimension.
+        if tokens * top_k > 8192 || hidden % 8 != 0 || intermediate % 8 != 0 {
+            return Ok(None);
+        }
         let prefill = tokens > 1;
         // The kernel reads raw storage: inputs must be contiguous and start at offset 0.
         let x = fresh(x)?;

@@ -577,8 +577,9 @@ impl Model {
     }
 }
 
-/// Keys and values of the positions a model has already processed, one cache per layer.
-#[derive(Debug, Clone)]
+/// Keys and values of the positions a model has already processed, one cache per layer (not
+/// `Clone`: candle's cache writes in place into a buffer a clone would share).
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerKvCache>,
 }
