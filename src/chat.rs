@@ -34,8 +34,9 @@ impl ChatMessage {
 pub struct ChatTemplate {
     source: String,
     path: PathBuf,
-    bos_token: Option<String>,
-    eos_token: Option<String>,
+    /// Every special token of the tokenizer config by key (`bos_token`, `eos_token`,
+    /// `pad_token`, ...), as transformers passes them to the template.
+    special_tokens: std::collections::BTreeMap<String, String>,
 }
 
 /// A special token in `tokenizer_config.json`: a string or an `AddedToken` object.
@@ -70,21 +71,30 @@ impl ChatTemplate {
                 None => return Ok(None),
             }
         };
+        let special_tokens = config
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| key.ends_with("_token"))
+            .filter_map(|(key, _)| Some((key.clone(), special_token(&config, key)?)))
+            .collect();
         Ok(Some(Self {
             source,
             path,
-            bos_token: special_token(&config, "bos_token"),
-            eos_token: special_token(&config, "eos_token"),
+            special_tokens,
         }))
     }
 
     /// A template given as text, with the special tokens it refers to.
     pub fn from_source(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Self {
+        let special_tokens = [("bos_token", bos_token), ("eos_token", eos_token)]
+            .into_iter()
+            .filter_map(|(key, token)| Some((key.to_owned(), token?.to_owned())))
+            .collect();
         Self {
             source: source.into(),
             path: PathBuf::from("<chat template>"),
-            bos_token: bos_token.map(str::to_owned),
-            eos_token: eos_token.map(str::to_owned),
+            special_tokens,
         }
     }
 
@@ -132,14 +142,20 @@ impl ChatTemplate {
         };
         env.add_template("chat", &self.source).map_err(failed)?;
         let template = env.get_template("chat").map_err(failed)?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.clone().unwrap_or_default(),
-                eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
-            .map_err(failed)
+        let mut context: std::collections::BTreeMap<String, Value> = self
+            .special_tokens
+            .iter()
+            .map(|(key, token)| (key.clone(), Value::from(token.as_str())))
+            .collect();
+        for key in ["bos_token", "eos_token"] {
+            context.entry(key.into()).or_insert_with(|| Value::from(""));
+        }
+        context.insert("messages".into(), Value::from_serialize(messages));
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        template.render(context).map_err(failed)
     }
 }
 
@@ -280,14 +296,19 @@ mod tests {
         assert!(ChatTemplate::load(dir.path()).unwrap().is_none());
         let config = serde_json::json!({
             "eos_token": {"content": "</s>"},
+            "pad_token": "<pad>",
             "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ eos_token }}D"}],
         });
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
         let template = ChatTemplate::load(dir.path()).unwrap().unwrap();
         assert_eq!(template.render(&[], false).unwrap(), "</s>D");
-        std::fs::write(dir.path().join("chat_template.jinja"), "J{{ eos_token }}").unwrap();
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "J{{ eos_token }}{{ pad_token }}{{ bos_token }}",
+        )
+        .unwrap();
         let template = ChatTemplate::load(dir.path()).unwrap().unwrap();
-        assert_eq!(template.render(&[], false).unwrap(), "J</s>");
+        assert_eq!(template.render(&[], false).unwrap(), "J</s><pad>");
         std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
         let error = ChatTemplate::load(dir.path())
             .unwrap()
