@@ -1,8 +1,12 @@
-//! Decode-speed benchmark of rfid-moe's runtime (issue 13): random checkpoints with
-//! Qwen3-30B-A3B's layer shapes, original and compressed, timed against candle-transformers'
-//! own `qwen3_moe` on the same weights. The `decode` binary drives it.
+//! Benchmarks of rfid-moe on random checkpoints with the exact shapes of real MoE models: the
+//! `decode` binary times the runtime (issue 13) against candle-transformers' own `qwen3_moe` on
+//! the same weights; the `compress` binary times compression per stage and layer, with its peak
+//! memory and a LAPACK reference of the same matrices (issue 12).
 
 pub mod compressed;
+pub mod device_memory;
+pub mod host_memory;
 pub mod measure;
+pub mod reference;
 pub mod report;
 pub mod synthetic;
