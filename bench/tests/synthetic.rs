@@ -79,14 +79,14 @@ fn expect_fp8(
 fn deepseek_v3_layers_have_the_release_names_dtypes_and_shapes() {
     let mut s = Shape::named("deepseek-v3", 2).unwrap();
     let notes = Overrides {
-        experts: Some(8),
+        experts: Some(16),
         dense_layers: Some(1),
         mtp: true,
     }
     .apply(&mut s)
     .unwrap();
     assert_eq!(notes.len(), 2, "{notes:?}");
-    assert_eq!(s.config["n_routed_experts"], 8);
+    assert_eq!(s.config["n_routed_experts"], 16);
     assert_eq!(s.config["first_k_dense_replace"], 1);
     assert_eq!(s.config["num_nextn_predict_layers"], 1);
     assert_eq!(s.config["quantization_config"]["weight_block_size"][0], 128);
@@ -113,14 +113,19 @@ fn deepseek_v3_layers_have_the_release_names_dtypes_and_shapes() {
     expect_fp8(&shard, &format!("{a}.kv_b_proj.weight"), 128 * 256, 512);
     expect_fp8(&shard, &format!("{a}.o_proj.weight"), 7168, 128 * 128);
     let m = "model.layers.2.mlp";
-    expect(&shard, &format!("{m}.gate.weight"), Dtype::BF16, &[8, 7168]);
+    expect(
+        &shard,
+        &format!("{m}.gate.weight"),
+        Dtype::BF16,
+        &[16, 7168],
+    );
     expect(
         &shard,
         &format!("{m}.gate.e_score_correction_bias"),
         Dtype::F32,
-        &[8],
+        &[16],
     );
-    for e in ["experts.7", "shared_experts"] {
+    for e in ["experts.15", "shared_experts"] {
         expect_fp8(&shard, &format!("{m}.{e}.gate_proj.weight"), 2048, 7168);
         expect_fp8(&shard, &format!("{m}.{e}.up_proj.weight"), 2048, 7168);
         expect_fp8(&shard, &format!("{m}.{e}.down_proj.weight"), 7168, 2048);
@@ -154,11 +159,11 @@ fn deepseek_v3_layers_have_the_release_names_dtypes_and_shapes() {
         &[64, 7168],
     );
     // 2 layer norms; attention 5 weights with scales + 2 norms; shared experts 3 weights with
-    // scales; router weight and bias; 8 experts × 3 weights with scales; MTP 6.
+    // scales; router weight and bias; 16 experts × 3 weights with scales; MTP 6.
     let names: Vec<_> = shard.keys().collect();
     assert_eq!(
         shard.len(),
-        2 + (5 * 2 + 2) + 3 * 2 + 2 + 8 * 3 * 2 + 6,
+        2 + (5 * 2 + 2) + 3 * 2 + 2 + 16 * 3 * 2 + 6,
         "{names:?}"
     );
 }
@@ -183,7 +188,8 @@ fn deepseek_v3_dense_layer_has_the_dense_mlp() {
 
 #[test]
 fn overrides_refuse_expert_counts_the_router_cannot_use() {
-    for experts in [4, 12] {
+    // 8 experts in 8 groups leave 4 candidates for top-8; 12 is no multiple of 8.
+    for experts in [4, 8, 12] {
         let mut s = Shape::named("deepseek-v3", 1).unwrap();
         let overrides = Overrides {
             experts: Some(experts),
