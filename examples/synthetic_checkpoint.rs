@@ -97,6 +97,11 @@ fn main() -> anyhow::Result<()> {
         None,
         &out.join("calibration.safetensors"),
     )?;
-    println!("wrote {} ({name}, {layers} layers)", out.display());
+    println!(
+        "wrote {} ({name}, {layers} of the real model's {} layers, {} of them MoE)",
+        out.display(),
+        s.real_layers,
+        s.real_moe_layers()
+    );
     Ok(())
 }
