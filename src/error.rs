@@ -85,6 +85,22 @@ pub enum Error {
     /// A numerical routine failed (e.g. an SVD or Cholesky that did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),
+    /// A request to the Hugging Face Hub (or the endpoint in `HF_ENDPOINT`) failed.
+    #[error("{url}: {message}")]
+    Hub {
+        /// The URL that was tried.
+        url: String,
+        /// What went wrong and what to do about it.
+        message: String,
+    },
+    /// The local Hugging Face cache lacks what a run needs (offline mode) or could not be used.
+    #[error("{path}: {message}")]
+    HubCache {
+        /// The cache directory or file involved.
+        path: PathBuf,
+        /// What was missing or wrong.
+        message: String,
+    },
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -4,12 +4,13 @@
 mod args;
 mod bars;
 mod commands;
+mod hub;
 mod plot;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use commands::{compress, eval, generate, inspect, logits, plot as plot_command, sweep};
+use commands::{compress, eval, generate, inspect, logits, plot as plot_command, sweep, upload};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a batch of token ids through the model and save logits and router logits.
     Logits(logits::LogitsArgs),
+    /// Upload a compressed output to a Hugging Face Hub repository, with a generated model card.
+    Upload(upload::UploadArgs),
 }
 
 /// Makes glibc serve large buffers with mmap and return them on free. By default glibc raises its
@@ -68,5 +71,6 @@ fn main() -> Result<()> {
         Command::Plot(args) => plot_command::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Logits(args) => logits::run(&args),
+        Command::Upload(args) => upload::run(&args),
     }
 }

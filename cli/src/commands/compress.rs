@@ -18,7 +18,7 @@ pub struct CompressArgs {
     /// TOML file with any of the options below (flags given on the command line win).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Input model directory.
+    /// Input model directory, or a Hub id `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Calibration data: plain text (blank-line separated documents), JSON lines with `text`, or safetensors with `input_ids`.
@@ -166,7 +166,8 @@ impl CompressArgs {
 
 /// Compresses the model, prints the report table and says what was written.
 pub fn run(args: &CompressArgs) -> Result<()> {
-    let options = args.resolve()?;
+    let mut options = args.resolve()?;
+    options.model = crate::hub::resolve_model(&options.model, args.quiet)?;
     path_checks::check_compress_paths(
         &options.model,
         &options.calibration.data,
@@ -181,7 +182,10 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         super::write_json(path, &report)?;
     }
     match &report.output {
-        Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
+        Some(out) => {
+            println!("wrote {} in {:.1}s", out.display(), report.seconds);
+            super::upload::write_card_after_compress(out);
+        }
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
     Ok(())

@@ -13,10 +13,12 @@ use crate::bars;
 /// `eval` flags.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model directory to evaluate (with tokenizer.json).
+    /// Model directory to evaluate (with tokenizer.json), or a Hub id `org/name[@revision]`
+    /// (an existing local path wins).
     #[arg(long)]
     model: PathBuf,
-    /// Original model to measure divergence against (KL, top-1 agreement).
+    /// Original model to measure divergence against (KL, top-1 agreement); a directory or a Hub
+    /// id.
     #[arg(long)]
     reference: Option<PathBuf>,
     /// Text files (documents separated by blank lines, or JSON lines with `text`).
@@ -56,18 +58,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if args.text.is_empty() && args.multiple_choice.is_empty() {
         bail!("nothing to evaluate: give --text and/or --multiple-choice");
     }
+    let model = crate::hub::resolve_model(&args.model, args.quiet)?;
+    let reference = crate::hub::resolve_optional(args.reference.as_deref(), args.quiet)?;
     rfid_moe::safety::commands::check_eval_paths(
-        &args.model,
-        args.reference.as_deref(),
+        &model,
+        reference.as_deref(),
         &as_paths(&args.text),
         &as_paths(&args.multiple_choice),
         args.json.as_deref(),
         args.plot.as_deref(),
     )?;
     let device = args.device.device()?;
-    let candidate = EvalModel::load(&args.model, DType::F32, &device)?;
-    let reference = args
-        .reference
+    let candidate = EvalModel::load(&model, DType::F32, &device)?;
+    let reference = reference
         .as_ref()
         .map(|r| EvalModel::load(r, DType::F32, &device))
         .transpose()?;
@@ -89,7 +92,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         super::write_json(path, &report)?;
     }
     if let Some(dir) = &args.plot {
-        super::plot::plot_compression(&args.model, dir)?;
+        super::plot::plot_compression(&model, dir)?;
     }
     Ok(())
 }

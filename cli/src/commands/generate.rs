@@ -16,7 +16,8 @@ use crate::args::DeviceArgs;
 /// `generate` arguments.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model directory (original or compressed), with its `tokenizer.json`.
+    /// Model directory (original or compressed), with its `tokenizer.json`, or a Hub id
+    /// `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: PathBuf,
     /// The prompt (for `--chat`, the user's message).
@@ -96,9 +97,10 @@ fn check_residual(checkpoint: &Checkpoint, expand: bool) -> Result<()> {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let device = args.device.device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
-    let tokenizer = rfid_moe::text::load_tokenizer(&args.model)?;
+    let model_dir = crate::hub::resolve_model(&args.model, false)?;
+    let tokenizer = rfid_moe::text::load_tokenizer(&model_dir)?;
     let text = if args.chat {
-        let template = ChatTemplate::load(&args.model)?.with_context(|| {
+        let template = ChatTemplate::load(&model_dir)?.with_context(|| {
             format!(
                 "{} has no chat template (chat_template.jinja or `chat_template` in tokenizer_config.json): drop --chat",
                 args.model.display()
@@ -123,7 +125,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut stop_tokens = if args.ignore_eos {
         Vec::new()
     } else {
-        generate::stop_token_ids(&args.model)?
+        generate::stop_token_ids(&model_dir)?
     };
     stop_tokens.extend(&args.stop_tokens);
     let options = GenerateOptions {
@@ -137,7 +139,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         stop_tokens,
     };
     options.sampling.validate()?;
-    let checkpoint = Checkpoint::open(&args.model)?;
+    let checkpoint = Checkpoint::open(&model_dir)?;
     check_residual(&checkpoint, args.expand_residual)?;
     let model = Model::load(&checkpoint, dtype, &device)?;
     let mut stream = TextStream::new(&tokenizer);

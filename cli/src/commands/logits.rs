@@ -14,7 +14,7 @@ use crate::args::DeviceArgs;
 /// `logits` arguments.
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// Model directory.
+    /// Model directory, or a Hub id `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: PathBuf,
     /// safetensors file with `input_ids` (i64 [batch, seq]).
@@ -29,9 +29,10 @@ pub struct LogitsArgs {
 
 /// Runs `input_ids` through the model and saves the logits and every MoE layer's router logits.
 pub fn run(args: &LogitsArgs) -> Result<()> {
-    rfid_moe::safety::commands::check_logits_paths(&args.model, &args.tokens, &args.out)?;
+    let model_dir = crate::hub::resolve_model(&args.model, false)?;
+    rfid_moe::safety::commands::check_logits_paths(&model_dir, &args.tokens, &args.out)?;
     let device = args.device.device()?;
-    let checkpoint = Checkpoint::open(&args.model)?;
+    let checkpoint = Checkpoint::open(&model_dir)?;
     let model = Model::load(&checkpoint, DType::F32, &device)?;
     let input_ids = rfid_moe::text::load_token_ids(&args.tokens, model.spec.vocab_size, &device)?;
     let output = model.forward(&input_ids, None)?;

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod logits;
 pub mod plot;
 pub mod sweep;
+pub mod upload;
 
 use std::path::Path;
 

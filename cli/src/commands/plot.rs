@@ -14,7 +14,7 @@ pub struct PlotArgs {
     /// Sweep JSON reports (from `sweep --json`); rows of several files are merged.
     #[arg(long)]
     sweep: Vec<PathBuf>,
-    /// A compressed model directory (routing-frequency and allocated-rank heatmaps).
+    /// A compressed model directory or Hub id (routing-frequency and allocated-rank heatmaps).
     #[arg(long)]
     compressed: Option<PathBuf>,
     /// Output directory for the PNG files.
@@ -24,15 +24,16 @@ pub struct PlotArgs {
 
 /// Draws the charts of the compressed model and/or of the merged sweep reports into `--out`.
 pub fn run(args: &PlotArgs) -> Result<()> {
+    let compressed = crate::hub::resolve_optional(args.compressed.as_deref(), false)?;
     rfid_moe::safety::commands::check_plot_paths(
         &args.sweep.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
-        args.compressed.as_deref(),
+        compressed.as_deref(),
         &args.out,
     )?;
     if args.sweep.is_empty() && args.compressed.is_none() {
         bail!("nothing to plot: give --sweep REPORT.json and/or --compressed MODEL_DIR");
     }
-    if let Some(model) = &args.compressed {
+    if let Some(model) = &compressed {
         plot_compression(model, &args.out)?;
     }
     if let Some(report) = merge_sweep_reports(&args.sweep)? {

@@ -15,7 +15,7 @@ use crate::bars;
 /// `sweep` flags.
 #[derive(Args)]
 pub struct SweepArgs {
-    /// Model directory.
+    /// Model directory, or a Hub id `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: PathBuf,
     /// Calibration data (as for compress).
@@ -106,8 +106,9 @@ fn columns(grid: &str, group_size: usize) -> Result<Vec<Column>> {
 
 /// Runs the sweep, prints the markdown table and writes the reports and chart asked for.
 pub fn run(args: &SweepArgs) -> Result<()> {
+    let model = crate::hub::resolve_model(&args.model, args.quiet)?;
     rfid_moe::safety::commands::check_sweep_paths(
-        &args.model,
+        &model,
         &args.calibration,
         &args.text,
         &args.work_dir,
@@ -119,7 +120,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     )?;
     let columns = columns(&args.grid, args.group_size)?;
     let mut base = CompressOptions {
-        model: args.model.clone(),
+        model,
         device: args.device.device.clone(),
         ..CompressOptions::default()
     };
