@@ -132,6 +132,7 @@ pub fn repo_id_of_snapshot(dir: &Path) -> Option<String> {
 }
 
 /// Whether `name` is safe as a file name in the blob store (an ETag).
+#[cfg(any(feature = "hub", test))]
 pub(super) fn is_safe_etag(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256

@@ -261,7 +261,7 @@ impl Client<'_> {
             path: file,
         };
         let fail = |e| http::request_error(self.config, &url, target, e);
-        let (headers, body) = self.resolve(&url).map_err(fail)?;
+        let (headers, body) = self.resolve(&url).map_err(|e| fail(*e))?;
         let etag = headers
             .linked_etag
             .or(headers.etag)
@@ -289,11 +289,16 @@ impl Client<'_> {
     /// The Hub's own headers for `url` (before any redirect to a CDN) and the response that
     /// carries the content. Relative redirects (renamed repositories) are followed with the
     /// token; an absolute one (the CDN) without it.
-    fn resolve(&self, url: &str) -> std::result::Result<(HubHeaders, ureq::Response), ureq::Error> {
+    fn resolve(
+        &self,
+        url: &str,
+    ) -> std::result::Result<(HubHeaders, ureq::Response), Box<ureq::Error>> {
         let token = self.config.token.as_ref();
         let mut current = url.to_string();
         for _ in 0..MAX_REDIRECTS {
-            let response = http::authorized(self.no_redirect.get(&current), token).call()?;
+            let response = http::authorized(self.no_redirect.get(&current), token)
+                .call()
+                .map_err(Box::new)?;
             let headers = HubHeaders::of(&response);
             let location = response.header("location").map(str::to_string);
             match (response.status(), location) {
@@ -308,13 +313,13 @@ impl Client<'_> {
                     } else {
                         request
                     };
-                    return Ok((headers, request.call()?));
+                    return Ok((headers, request.call().map_err(Box::new)?));
                 }
                 _ => return Ok((headers, response)),
             }
         }
         // Give the caller a transport-style failure naming the loop.
-        let response = self.agent.get(&current).call()?;
+        let response = self.agent.get(&current).call().map_err(Box::new)?;
         Ok((HubHeaders::of(&response), response))
     }
 }

@@ -26,6 +26,7 @@ pub use download::{download_model, model_files};
 pub use upload::{check_upload_dir, upload_folder, UploadOptions, UploadSummary, Visibility};
 
 use crate::error::{Error, Result};
+#[cfg(feature = "hub")]
 use crate::progress::Progress;
 
 /// The public Hub, used when `HF_ENDPOINT` is not set.
@@ -276,12 +277,11 @@ mod tests {
             ("org/m.v1", "refs/pr/3")
         );
         assert!(!pinned.is_pinned());
-        assert!(RepoRef::parse(&format!(
-            "a/b@{}",
-            "0123456789abcdef".repeat(3)[..40].to_string()
-        ))
-        .unwrap()
-        .is_pinned());
+        assert!(
+            RepoRef::parse(&format!("a/b@{}", &"0123456789abcdef".repeat(3)[..40]))
+                .unwrap()
+                .is_pinned()
+        );
         for bad in [
             "name",
             "a/b/c",
