@@ -118,15 +118,15 @@ pub fn render_model_card(dir: &Path, inputs: &CardInputs) -> Result<String> {
         .clone()
         .unwrap_or_else(|| display_name(&base_path));
     let _ = writeln!(card, "# {base_name}, compressed with RFID-MoE\n");
+    let base_link = match &base.hub_id {
+        Some(id) => format!("[{id}](https://huggingface.co/{id})"),
+        None => format!("{base_name} (a local model, `{}`)", base_path.display()),
+    };
     let _ = writeln!(
         card,
-        "This is [{base_name}]({}) with the routed experts' gate/up projections compressed by \
+        "This is {base_link} with the routed experts' gate/up projections compressed by \
          RFID-MoE (routing frequency + information density rank allocation, shared low-rank \
          bases per expert group), written by rfid-moe {}.\n",
-        base.hub_id.as_ref().map_or_else(
-            || "#".to_string(),
-            |id| format!("https://huggingface.co/{id}")
-        ),
         record
             .get("tool_version")
             .and_then(Value::as_str)
