@@ -303,10 +303,10 @@ impl Client<'_> {
             let location = response.header("location").map(str::to_string);
             match (response.status(), location) {
                 (300..=399, Some(location)) if location.starts_with('/') => {
-                    current = format!("{}{location}", origin(&current));
+                    current = format!("{}{location}", http::origin(&current));
                 }
                 (300..=399, Some(location)) => {
-                    let same_origin = origin(&location) == origin(&current);
+                    let same_origin = http::origin(&location) == http::origin(&current);
                     let request = self.agent.get(&location);
                     let request = if same_origin {
                         http::authorized(request, token)
@@ -321,15 +321,6 @@ impl Client<'_> {
         // Give the caller a transport-style failure naming the loop.
         let response = self.agent.get(&current).call().map_err(Box::new)?;
         Ok((HubHeaders::of(&response), response))
-    }
-}
-
-/// `scheme://host[:port]` of a URL.
-fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    match url[after_scheme..].find('/') {
-        Some(i) => &url[..after_scheme + i],
-        None => url,
     }
 }
 
@@ -483,11 +474,5 @@ mod tests {
             shards_of_index(&path),
             Err(Error::UnsafePath { .. })
         ));
-    }
-
-    #[test]
-    fn origin_is_scheme_host_and_port() {
-        assert_eq!(origin("http://127.0.0.1:8/a/b"), "http://127.0.0.1:8");
-        assert_eq!(origin("https://cdn.example"), "https://cdn.example");
     }
 }

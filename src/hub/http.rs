@@ -48,6 +48,15 @@ pub(super) fn encode_path(path: &str) -> String {
         .join("/")
 }
 
+/// `scheme://host[:port]` of a URL.
+pub(super) fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
 /// What a request was for, so that a 404 can say what was not found.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Target<'a> {
@@ -149,6 +158,12 @@ fn body_message(response: ureq::Response) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_is_scheme_host_and_port() {
+        assert_eq!(origin("http://127.0.0.1:8/a/b"), "http://127.0.0.1:8");
+        assert_eq!(origin("https://cdn.example"), "https://cdn.example");
+    }
 
     #[test]
     fn paths_and_revisions_are_encoded_per_segment() {

@@ -526,7 +526,9 @@ impl Session<'_> {
 
     fn verify(&self, entry: &Entry, action: &Value) -> Result<()> {
         let href = action_href(action, &entry.path)?;
-        let mut request = http::authorized(self.agent.post(href), Some(self.token));
+        // The token goes to the verify URL only when it is on the Hub itself.
+        let on_hub = http::origin(href) == http::origin(&self.config.endpoint);
+        let mut request = http::authorized(self.agent.post(href), on_hub.then_some(self.token));
         for (name, value) in action_headers(action) {
             request = request.set(&name, &value);
         }
