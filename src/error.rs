@@ -101,6 +101,25 @@ pub enum Error {
         /// What was missing or wrong.
         message: String,
     },
+    /// A resumable run stopped at a safe point after SIGINT/SIGTERM (what it kept, how to go on).
+    #[error("interrupted by signal {signal}: {resume_hint}")]
+    Interrupted {
+        /// The signal number (2 = SIGINT, 15 = SIGTERM).
+        signal: i32,
+        /// What was kept and how to continue.
+        resume_hint: String,
+    },
+    /// The staging directory of an interrupted run belongs to another model, options or data.
+    #[error(
+        "{staging} holds an interrupted run with a different {differences}; repeat that run's \
+         command to resume it, or pass --restart to discard its finished layers and start over"
+    )]
+    ResumeMismatch {
+        /// The staging directory of the interrupted run.
+        staging: PathBuf,
+        /// What differs, each with the old and the new value.
+        differences: String,
+    },
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -206,6 +206,7 @@ pub fn sweep(
             export_dense: None,
             force: true,
             dry_run: false,
+            restart: false,
         };
         let report = compress_with_progress(&options, progress)?;
         let candidate = EvalModel::load(&out, DType::F32, &device)?;

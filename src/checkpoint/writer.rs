@@ -1,6 +1,7 @@
-//! Atomic checkpoint output: everything goes to a temporary sibling directory that is renamed
-//! into place only when complete, so a crash never leaves a half-written checkpoint that looks
-//! whole. A `--force` replacement swaps the new directory with the old one in one step
+//! Atomic checkpoint output: everything goes to a staging sibling directory (`.NAME.partial`,
+//! locked by `.NAME.lock`) that is renamed into place only when complete, so a crash never leaves
+//! a half-written checkpoint that looks whole; a resumable writer keeps its staging directory
+//! across kills so that a later run can adopt the shards already written. A `--force` replacement swaps the new directory with the old one in one step
 //! (`renameat2(RENAME_EXCHANGE)` on Linux), so a kill at any instant leaves one of them in place;
 //! staging paths are registered for the interrupt handler and those of dead runs are removed.
 
@@ -93,8 +94,37 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Streams a checkpoint directory shard by shard into a temporary directory and moves it into
-/// place on [`CheckpointWriter::finish`]; dropped unfinished, it deletes what it wrote.
+/// The subdirectory of a staging directory that belongs to the caller (a resume journal): kept
+/// across resumes, ignored by [`CheckpointWriter::retain_adopted`], removed just before the
+/// directory is moved into place.
+pub const JOURNAL_DIR: &str = ".resume";
+
+/// A shard written into a staging directory: its file name there, its tensor names (sorted) and
+/// the bytes of its tensor data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardEntry {
+    /// File name inside the staging directory.
+    pub file: String,
+    /// Tensor names, sorted.
+    pub names: Vec<String>,
+    /// Bytes of tensor data (for the index's `total_size`).
+    pub bytes: u64,
+}
+
+/// What to do with the staging directory an earlier, dead run left for the same output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingMode {
+    /// Remove it and start empty; the staging directory is removed again on interruption.
+    Fresh,
+    /// Keep it for the caller to resume from; it also survives interruption and kills.
+    Resume,
+    /// Remove it and start empty, but survive interruption and kills as [`Self::Resume`] does.
+    Restart,
+}
+
+/// Streams a checkpoint directory shard by shard into a staging directory `.NAME.partial` (locked
+/// by `.NAME.lock`) and moves it into place on [`CheckpointWriter::finish`]; dropped unfinished,
+/// a fresh writer deletes what it wrote and a resumable one keeps it.
 #[derive(Debug)]
 pub struct CheckpointWriter {
     final_dir: PathBuf,
@@ -102,6 +132,9 @@ pub struct CheckpointWriter {
     shard_files: Vec<(String, Vec<String>)>,
     total_bytes: u64,
     finished: bool,
+    mode: StagingMode,
+    reused: bool,
+    lock: Option<staging::StagingLock>,
 }
 
 impl CheckpointWriter {
@@ -109,6 +142,13 @@ impl CheckpointWriter {
     /// end). First repairs an interrupted replacement of `out` and removes staging directories of
     /// `out` left by dead processes.
     pub fn create(out: &Path, force: bool) -> Result<Self> {
+        Self::open(out, force, StagingMode::Fresh)
+    }
+
+    /// Starts writing to `out` as [`CheckpointWriter::create`] does; with [`StagingMode::Resume`]
+    /// the staging directory of a dead run of the same output is kept ([`Self::reused`]) for the
+    /// caller to adopt its shards, and it is not removed on interruption.
+    pub fn open(out: &Path, force: bool, mode: StagingMode) -> Result<Self> {
         let name = out
             .file_name()
             .ok_or_else(|| {
@@ -127,11 +167,15 @@ impl CheckpointWriter {
         }
         check_replaceable(out)?;
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let tmp_dir = parent.join(staging::staging_name(&name, std::process::id()));
-        if tmp_dir.exists() {
-            std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        let lock = staging::StagingLock::acquire(&parent.join(staging::lock_name(&name)), out)?;
+        let tmp_dir = parent.join(staging::resumable_staging_name(&name));
+        let reused = mode == StagingMode::Resume && tmp_dir.is_dir();
+        if !reused && std::fs::symlink_metadata(&tmp_dir).is_ok() {
+            staging::remove_path(&tmp_dir);
         }
-        staging::register_staging(&tmp_dir);
+        if mode == StagingMode::Fresh {
+            staging::register_staging(&tmp_dir);
+        }
         std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
         Ok(Self {
             final_dir: out.to_path_buf(),
@@ -139,6 +183,9 @@ impl CheckpointWriter {
             shard_files: Vec::new(),
             total_bytes: 0,
             finished: false,
+            mode,
+            reused,
+            lock: Some(lock),
         })
     }
 
@@ -147,29 +194,88 @@ impl CheckpointWriter {
         &self.tmp_dir
     }
 
+    /// The caller's journal directory inside the staging directory ([`JOURNAL_DIR`]).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.tmp_dir.join(JOURNAL_DIR)
+    }
+
+    /// Whether the staging directory was left by an earlier run (resumable mode only).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// Writes one shard holding `tensors` (names kept as given).
     pub fn write_shard(&mut self, tensors: HashMap<String, Tensor>) -> Result<()> {
-        if tensors.is_empty() {
-            return Ok(());
-        }
         let file = format!("shard-{:05}.safetensors", self.shard_files.len() + 1);
-        let path = self.tmp_dir.join(&file);
-        self.total_bytes += tensors
+        self.write_shard_as(&file, tensors).map(|_| ())
+    }
+
+    /// Writes one shard holding `tensors` under `file` in the staging directory, durably (a
+    /// temporary file, fsync, rename), and returns its entry; `None` when `tensors` is empty.
+    pub fn write_shard_as(
+        &mut self,
+        file: &str,
+        tensors: HashMap<String, Tensor>,
+    ) -> Result<Option<ShardEntry>> {
+        if tensors.is_empty() {
+            return Ok(None);
+        }
+        let path = self.tmp_dir.join(file);
+        let tmp = staging::temporary_sibling(&path);
+        let bytes = tensors
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum::<u64>();
-        candle_core::safetensors::save(&tensors, &path)?;
-        readable_like_new_files(&path)?;
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        readable_like_new_files(&tmp)?;
+        staging::sync_file(&tmp)?;
+        staging::fault_point(&format!(
+            "shard-write:{}",
+            file.trim_end_matches(".safetensors")
+        ));
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         let mut names: Vec<String> = tensors.into_keys().collect();
         names.sort();
-        self.shard_files.push((file, names));
+        let entry = ShardEntry {
+            file: file.to_string(),
+            names,
+            bytes,
+        };
+        self.adopt_shard(&entry);
+        Ok(Some(entry))
+    }
+
+    /// Counts a shard an earlier run wrote into this staging directory as written by this one.
+    pub fn adopt_shard(&mut self, entry: &ShardEntry) {
+        self.total_bytes += entry.bytes;
+        self.shard_files
+            .push((entry.file.clone(), entry.names.clone()));
+    }
+
+    /// Removes everything in the staging directory except the shards written or adopted so far
+    /// and the journal: files of steps that an earlier run did not finish.
+    pub fn retain_adopted(&self) -> Result<()> {
+        let entries = std::fs::read_dir(&self.tmp_dir).map_err(|e| Error::io(&self.tmp_dir, e))?;
+        // An interrupted finish may have given the shards their final names already.
+        let count = self.shard_files.len();
+        let final_names: Vec<String> = (0..count).map(|k| final_shard_name(k, count)).collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let kept = name == JOURNAL_DIR
+                || final_names.contains(&name)
+                || self.shard_files.iter().any(|(f, _)| *f == name);
+            if !kept {
+                staging::remove_path(&entry.path());
+            }
+        }
         Ok(())
     }
 
-    /// Writes an auxiliary file (config, report, ...) into the checkpoint.
+    /// Writes an auxiliary file (config, report, ...) into the checkpoint, flushed to disk.
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.tmp_dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        staging::sync_file(&path)
     }
 
     /// Copies `src` into the checkpoint under its own file name; `src` must resolve inside its own
@@ -182,26 +288,27 @@ impl CheckpointWriter {
         crate::safety::confined_file(&dir, &name.to_string_lossy(), &dir, "auxiliary file")?;
         let dst = self.tmp_dir.join(name);
         std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
-        Ok(())
+        staging::sync_file(&dst)
     }
 
-    /// Names shards `model-XXXXX-of-NNNNN.safetensors`, writes the index and moves the directory into place.
+    /// Names shards `model-XXXXX-of-NNNNN.safetensors` (a rename already done by an interrupted
+    /// finish is accepted), writes the index, removes the journal and moves the directory into
+    /// place.
     pub fn finish(mut self) -> Result<PathBuf> {
         let count = self.shard_files.len();
         let mut weight_map = BTreeMap::new();
         for (k, (file, names)) in self.shard_files.iter().enumerate() {
-            let final_name = if count == 1 {
-                super::SINGLE_FILE.to_string()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", k + 1, count)
-            };
+            let final_name = final_shard_name(k, count);
             let from = self.tmp_dir.join(file);
             let to = self.tmp_dir.join(&final_name);
-            std::fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+            if from.exists() || !to.exists() {
+                std::fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
             for name in names {
                 weight_map.insert(name.clone(), final_name.clone());
             }
         }
+        staging::fault_point("finish:renamed");
         if count > 1 {
             let index = serde_json::json!({
                 "metadata": { "total_size": self.total_bytes },
@@ -213,9 +320,20 @@ impl CheckpointWriter {
             })?;
             self.write_file(INDEX_FILE, text.as_bytes())?;
         }
+        staging::fault_point("finish:written");
+        staging::remove_path(&self.journal_dir());
+        staging::sync_parent(&self.tmp_dir.join(INDEX_FILE))?;
         self.move_into_place()?;
         self.finished = true;
+        if let Some(lock) = self.lock.take() {
+            lock.release();
+        }
         Ok(self.final_dir.clone())
+    }
+
+    /// Removes the staging directory and what it holds, resumable or not (nothing worth resuming).
+    pub fn discard(mut self) {
+        self.mode = StagingMode::Fresh;
     }
 }
 
@@ -255,6 +373,15 @@ impl CheckpointWriter {
     }
 }
 
+/// The name of shard `k` of `count` in a finished checkpoint.
+fn final_shard_name(k: usize, count: usize) -> String {
+    if count == 1 {
+        super::SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, count)
+    }
+}
+
 /// `--force` replaces only what a run could have written: nothing, an empty directory or a model
 /// directory (one with `config.json`). Anything else is someone's files, refused by name.
 fn check_replaceable(out: &Path) -> Result<()> {
@@ -282,9 +409,12 @@ fn check_replaceable(out: &Path) -> Result<()> {
 
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished && self.mode == StagingMode::Fresh {
             staging::remove_path(&self.tmp_dir);
             staging::unregister_staging(&self.tmp_dir);
         }
+        // The lock goes last, so no other run can take the staging directory before this one
+        // is done with it.
+        self.lock.take();
     }
 }

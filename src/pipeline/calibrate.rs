@@ -341,6 +341,17 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         &self.spec
     }
 
+    /// Runs every batch through the next layer without collecting statistics (a layer an
+    /// interrupted run already compressed), so that the following layer sees the same hidden
+    /// states; returns its index, `None` after the last layer.
+    pub fn skip_layer(&mut self) -> Result<Option<usize>> {
+        let index = self.next_layer;
+        let collect_gram = std::mem::replace(&mut self.collect_gram, false);
+        let skipped = self.next_layer();
+        self.collect_gram = collect_gram;
+        Ok(skipped?.map(|layer| layer.index).filter(|&i| i == index))
+    }
+
     /// Runs every batch through the next layer (collecting statistics on MoE layers) and returns
     /// them; `None` after the last layer. Only this layer's weights are resident meanwhile.
     pub fn next_layer(&mut self) -> Result<Option<CalibratedLayer<B::Matrix>>> {

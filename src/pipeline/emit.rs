@@ -1,7 +1,9 @@
 //! The emit stage: a [`FactoredLayer`] becomes one shard of the compressed checkpoint (and, with
 //! `--export-dense`, one shard of the reconstructed dense checkpoint); layers that are not
 //! compressed are copied through; the run ends with `config.json` (with its compression record),
-//! the report and the resolved options, written atomically.
+//! the report and the resolved options, written atomically. Every finished step (the ends, each
+//! layer) is recorded in the resume journal ([`super::resume`]) after its shards are durable, and
+//! a later run adopts the steps an interrupted one finished.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -11,16 +13,17 @@ use candle_core::{DType, Tensor};
 use super::experts::LayerExperts;
 use super::factor::FactoredLayer;
 use super::options::OutputOptions;
-use super::report::GroupReport;
+use super::report::{GroupReport, LayerReport};
+use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
 use crate::checkpoint::fp8;
-use crate::checkpoint::writer::CheckpointWriter;
+use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::format::{self, GroupRecord, LayerRecord, MatrixRecord};
 
 /// Tokenizer and generation files copied next to the compressed weights.
-const AUXILIARY_FILES: &[&str] = &[
+pub(crate) const AUXILIARY_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -40,55 +43,176 @@ pub struct RunFiles<'a> {
     pub options_toml: &'a str,
 }
 
-/// The writers of one run: the compressed checkpoint and, optionally, the dense export.
+/// The writers of one run: the compressed checkpoint and, optionally, the dense export, with the
+/// resume journal of the compressed checkpoint's staging directory.
 pub struct Emitter<'a> {
     checkpoint: &'a Checkpoint,
     compressed: Option<CheckpointWriter>,
     dense: Option<CheckpointWriter>,
+    journal: Option<Journal>,
+    pending: CommittedShards,
 }
 
 impl<'a> Emitter<'a> {
-    /// Opens the writers `options` asks for (none for a dry run) and writes the embedding,
-    /// final norm, head and any layer past `num_hidden_layers` (DeepSeek-V3's multi-token
-    /// prediction layer `model.layers.61.*`) unchanged.
-    pub fn create(checkpoint: &'a Checkpoint, options: &OutputOptions) -> Result<Self> {
+    /// Opens the writers `options` asks for (none for a dry run), resumes the journal of an
+    /// interrupted run with the same `manifest` (refusing one with another, unless
+    /// `options.restart`) and writes the embedding, final norm, head and any layer past
+    /// `num_hidden_layers` (DeepSeek-V3's multi-token prediction layer `model.layers.61.*`)
+    /// unchanged, unless the interrupted run did.
+    pub fn create(
+        checkpoint: &'a Checkpoint,
+        options: &OutputOptions,
+        manifest: &Manifest,
+    ) -> Result<Self> {
+        let mode = match options.restart {
+            true => StagingMode::Restart,
+            false => StagingMode::Resume,
+        };
         let open = |path: &Option<PathBuf>| match (path, options.dry_run) {
-            (Some(out), false) => CheckpointWriter::create(out, options.force).map(Some),
+            (Some(out), false) => CheckpointWriter::open(out, options.force, mode).map(Some),
             _ => Ok(None),
         };
         let mut emitter = Self {
             checkpoint,
             compressed: open(&options.out)?,
             dense: None,
+            journal: None,
+            pending: CommittedShards::default(),
         };
         emitter.dense = open(&options.export_dense)?;
-        if emitter.is_writing() {
-            let num_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
-                .spec()
-                .num_layers;
-            let ends = emitter.copy_tensors("", |n| {
-                decoder_layer_index(n).is_some_and(|layer| layer < num_layers)
-            })?;
-            emitter.write_both(ends.clone(), ends)?;
-            checkpoint.release_pages();
+        match emitter.prepare(manifest) {
+            Ok(()) => Ok(emitter),
+            // An interrupted run of another setup is left as it is, for its own command.
+            Err(error @ Error::ResumeMismatch { .. }) => Err(error),
+            Err(error) => {
+                if emitter.finished_layers().is_empty() {
+                    emitter.discard();
+                }
+                Err(error)
+            }
         }
-        Ok(emitter)
+    }
+
+    /// Opens the journal, adopts what an interrupted run finished and writes the ends.
+    fn prepare(&mut self, manifest: &Manifest) -> Result<()> {
+        if let Some(w) = &self.compressed {
+            self.journal = Some(Journal::open(&w.journal_dir(), w.staging_dir(), manifest)?);
+        }
+        self.adopt_finished_steps()?;
+        let ends_done = self.journal.as_ref().is_some_and(|j| j.ends().is_some());
+        if !self.is_writing() || ends_done {
+            return Ok(());
+        }
+        let num_layers = crate::models::ArchConfig::from_checkpoint(self.checkpoint)?
+            .spec()
+            .num_layers;
+        let ends = self.copy_tensors("", |n| {
+            decoder_layer_index(n).is_some_and(|layer| layer < num_layers)
+        })?;
+        self.write_both("ends", ends.clone(), ends)?;
+        let shards = std::mem::take(&mut self.pending);
+        if let Some(journal) = self.journal.as_mut() {
+            journal.commit_ends(shards)?;
+        }
+        self.checkpoint.release_pages();
+        Ok(())
+    }
+
+    /// Counts the shards of the steps the journal holds as written, then removes whatever else
+    /// the staging directories hold (steps an interrupted run did not finish).
+    fn adopt_finished_steps(&mut self) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let steps = journal
+            .ends()
+            .into_iter()
+            .chain(journal.layers().map(|l| &l.shards));
+        for shards in steps {
+            adopt(&mut self.compressed, &shards.compressed);
+            adopt(&mut self.dense, &shards.dense);
+        }
+        for writer in self.compressed.iter().chain(self.dense.iter()) {
+            writer.retain_adopted()?;
+        }
+        Ok(())
+    }
+
+    /// The layers an interrupted run finished (an unbroken run from layer 0), in order.
+    pub fn finished_layers(&self) -> Vec<CommittedLayer> {
+        self.journal
+            .as_ref()
+            .map(|j| j.layers().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The staging directory of the compressed checkpoint (None for a dry run).
+    pub fn staging_dir(&self) -> Option<&std::path::Path> {
+        self.compressed.as_ref().map(|w| w.staging_dir())
+    }
+
+    /// The model-wide rank plans an interrupted run saved (`--budget-scope model`).
+    pub fn saved_plans(&self) -> Result<Option<Vec<super::allocate::RankPlan>>> {
+        match &self.journal {
+            Some(journal) => journal.plans(),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves the model-wide rank plans in the journal (no-op for a dry run).
+    pub fn save_plans(&self, plans: &[super::allocate::RankPlan]) -> Result<()> {
+        match &self.journal {
+            Some(journal) => journal.save_plans(plans),
+            None => Ok(()),
+        }
+    }
+
+    /// Records layer `layer` (whose shards the last `write_layer`/`copy_layer` wrote) as finished,
+    /// with its record and report; after this a kill no longer loses it.
+    pub fn commit_layer(
+        &mut self,
+        layer: usize,
+        record: Option<LayerRecord>,
+        report: Option<LayerReport>,
+    ) -> Result<()> {
+        let shards = std::mem::take(&mut self.pending);
+        if let Some(journal) = self.journal.as_mut() {
+            journal.commit_layer(CommittedLayer {
+                layer,
+                shards,
+                record,
+                report,
+            })?;
+        }
+        crate::safety::staging::fault_point(&format!("layer-committed:{layer}"));
+        Ok(())
+    }
+
+    /// Gives up the run: removes the staging directories (nothing in them is worth resuming).
+    pub fn discard(self) {
+        for writer in self.compressed.into_iter().chain(self.dense) {
+            writer.discard();
+        }
     }
 
     fn is_writing(&self) -> bool {
         self.compressed.is_some() || self.dense.is_some()
     }
 
+    /// Writes the step's shard `STEP.safetensors` to each writer, durably, and keeps their
+    /// entries for the next commit.
     fn write_both(
         &mut self,
+        step: &str,
         compressed: HashMap<String, Tensor>,
         dense: HashMap<String, Tensor>,
     ) -> Result<()> {
+        let file = format!("{step}.safetensors");
         if let Some(w) = self.compressed.as_mut() {
-            w.write_shard(compressed)?;
+            self.pending.compressed = w.write_shard_as(&file, compressed)?;
         }
         if let Some(w) = self.dense.as_mut() {
-            w.write_shard(dense)?;
+            self.pending.dense = w.write_shard_as(&file, dense)?;
         }
         Ok(())
     }
@@ -113,14 +237,16 @@ impl<'a> Emitter<'a> {
         Ok(tensors)
     }
 
-    /// Copies decoder layer `index` unchanged (dense layers).
+    /// Copies decoder layer `index` unchanged (dense layers) and commits it.
     pub fn copy_layer(&mut self, index: usize) -> Result<()> {
         let tensors = self.copy_tensors(&format!("model.layers.{index}."), |_| false)?;
-        self.write_both(tensors.clone(), tensors)
+        self.write_both(&layer_step(index), tensors.clone(), tensors)?;
+        self.commit_layer(index, None, None)
     }
 
     /// Writes a factored MoE layer (factors, dense groups, `down_proj` and the layer's other
-    /// tensors) and returns its record and its per-matrix group reports.
+    /// tensors) and returns its record and its per-matrix group reports; [`Self::commit_layer`]
+    /// then records it as finished.
     pub fn write_layer(
         &mut self,
         experts: &LayerExperts,
@@ -191,7 +317,7 @@ impl<'a> Emitter<'a> {
             })?;
             compressed.extend(rest.clone());
             dense.extend(rest);
-            self.write_both(compressed, dense)?;
+            self.write_both(&layer_step(factored.layer), compressed, dense)?;
         }
         let record = LayerRecord {
             layer: factored.layer,
@@ -250,6 +376,18 @@ impl<'a> Emitter<'a> {
             w.finish()?;
         }
         Ok(output)
+    }
+}
+
+/// The shard name stem of decoder layer `index` in the staging directory.
+fn layer_step(index: usize) -> String {
+    format!("layer-{index:05}")
+}
+
+/// Counts `entry` (if any) as written by `writer` (if any).
+fn adopt(writer: &mut Option<CheckpointWriter>, entry: &Option<ShardEntry>) {
+    if let (Some(w), Some(entry)) = (writer.as_mut(), entry) {
+        w.adopt_shard(entry);
     }
 }
 

@@ -20,6 +20,7 @@ pub mod experts;
 pub mod factor;
 pub mod options;
 pub mod report;
+pub mod resume;
 
 use std::time::Instant;
 
@@ -31,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::format::CompressionRecord;
 use crate::linalg::{CpuBackend, LinalgBackend};
 use crate::progress::{Progress, Silent, Task};
+use crate::safety::staging;
 use allocate::RankPlan;
 use calibrate::{CalibrationStream, LayerStatistics};
 use emit::{Emitter, RunFiles};
@@ -48,6 +50,12 @@ pub fn compress(options: &CompressOptions) -> Result<Report> {
 }
 
 /// Runs the whole pipeline described by `options`, telling `progress` how far it is.
+///
+/// The run resumes the layers an interrupted run of the same output, model, options and
+/// calibration data finished (see `docs/safe-io.md`, "Resume"); a different interrupted run is
+/// refused with [`Error::ResumeMismatch`]. A SIGINT/SIGTERM (with the handler of
+/// [`crate::safety::install_signal_cleanup`]) stops the run at the next safe point with
+/// [`Error::Interrupted`], keeping the finished layers.
 pub fn compress_with_progress(
     options: &CompressOptions,
     progress: &dyn Progress,
@@ -60,37 +68,62 @@ pub fn compress_with_progress(
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);
     let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)?;
+    let manifest = resume::Manifest::new(options, &checkpoint, &fingerprint)?;
+    // A signal now only asks the run to stop at its next safe point.
+    let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
-    let mut emitter = Emitter::create(&checkpoint, &options.output)?;
-    let mut stream = run.statistics_stream(&windows, &device, progress)?;
-    let model_plans = match options.allocation.budget_scope {
-        BudgetScope::Model => Some(run.plan_whole_model(&mut stream, &device, progress)?),
-        BudgetScope::Layer => None,
-    };
-    let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
-    loop {
-        let calibration_started = Instant::now();
-        let Some(layer) = stream.next_layer()? else {
-            break;
-        };
-        let calibrate_seconds = calibration_started.elapsed().as_secs_f64();
-        task.message(&format!("layer {}", layer.index));
-        match layer.statistics {
-            Some(statistics) => {
-                let plan = model_plans
-                    .as_ref()
-                    .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
-                run.compress_layer(&mut emitter, statistics, plan, calibrate_seconds)?;
-            }
-            None => emitter.copy_layer(layer.index)?,
-        }
-        run.sample_memory();
-        checkpoint.release_pages();
-        task.advance(1);
+    let mut emitter = Emitter::create(&checkpoint, &options.output, &manifest)?;
+    let finished = emitter.finished_layers();
+    if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress, &finished) {
+        return Err(stopped(emitter, error));
     }
-    drop(task);
     run.save_statistics()?;
     run.finish(emitter, windows.iter().map(Vec::len).sum(), started)
+}
+
+/// Ends a run that stopped early: keeps the staging directory when it holds finished work (and
+/// says so in an interruption's hint), removes it otherwise.
+fn stopped(emitter: Emitter, error: Error) -> Error {
+    let finished = emitter.finished_layers().len();
+    let plans_saved = emitter.saved_plans().ok().flatten().is_some();
+    let staging = emitter.staging_dir().map(std::path::Path::to_path_buf);
+    let kept = match staging {
+        Some(dir) if finished > 0 || plans_saved => Some(dir),
+        _ => {
+            emitter.discard();
+            None
+        }
+    };
+    let Error::Interrupted { signal, .. } = error else {
+        return error;
+    };
+    let resume_hint =
+        match kept {
+            Some(dir) => format!(
+            "{finished} finished layer(s){} kept in {}; run the same command again to continue \
+             from layer {finished}, or add --restart to start over",
+            if plans_saved { " and the model-wide rank plan" } else { "" },
+            dir.display()
+        ),
+            None => "no layer was finished, so nothing was kept; run the command again to start \
+                 over"
+                .to_string(),
+        };
+    Error::Interrupted {
+        signal,
+        resume_hint,
+    }
+}
+
+/// Stops with [`Error::Interrupted`] when a SIGINT/SIGTERM asked the run to stop.
+fn check_interrupt() -> Result<()> {
+    match staging::interrupted() {
+        Some(signal) => Err(Error::Interrupted {
+            signal,
+            resume_hint: String::new(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The state of one compression run between stages.
@@ -109,6 +142,7 @@ struct Run<'a, B: LinalgBackend> {
     totals: report::Totals,
     records: Vec<crate::format::LayerRecord>,
     layer_reports: Vec<LayerReport>,
+    resumed_layers: Vec<usize>,
 }
 
 impl<'a, B: LinalgBackend> Run<'a, B> {
@@ -155,7 +189,100 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             totals: report::Totals::default(),
             records: Vec::new(),
             layer_reports: Vec::new(),
+            resumed_layers: Vec::new(),
         })
+    }
+
+    /// Streams every layer through the stages, after adopting the `finished` ones (whose hidden
+    /// states are recomputed by a forward pass, without statistics).
+    fn compress_layers(
+        &mut self,
+        emitter: &mut Emitter,
+        windows: &[Vec<u32>],
+        device: &'a Device,
+        progress: &dyn Progress,
+        finished: &[resume::CommittedLayer],
+    ) -> Result<()> {
+        let mut stream = self.statistics_stream(windows, device, progress)?;
+        let model_plans = match self.options.allocation.budget_scope {
+            BudgetScope::Model => Some(self.model_plans(&mut stream, emitter, device, progress)?),
+            BudgetScope::Layer => None,
+        };
+        let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
+        if !finished.is_empty() {
+            task.message(&format!(
+                "resuming at layer {}: {} finished layer(s) kept",
+                finished.len(),
+                finished.len()
+            ));
+        }
+        for entry in finished {
+            check_interrupt()?;
+            if stream.skip_layer()? != Some(entry.layer) {
+                return Err(Error::InvalidArgument(format!(
+                    "the resume journal's layer {} is not the model's next layer",
+                    entry.layer
+                )));
+            }
+            self.adopt_layer(entry)?;
+            task.advance(1);
+        }
+        loop {
+            check_interrupt()?;
+            let calibration_started = Instant::now();
+            let Some(layer) = stream.next_layer()? else {
+                break;
+            };
+            let calibrate_seconds = calibration_started.elapsed().as_secs_f64();
+            staging::fault_point(&format!("calibrated:{}", layer.index));
+            task.message(&format!("layer {}", layer.index));
+            match layer.statistics {
+                Some(statistics) => {
+                    let plan = model_plans
+                        .as_ref()
+                        .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
+                    self.compress_layer(emitter, statistics, plan, calibrate_seconds)?;
+                }
+                None => emitter.copy_layer(layer.index)?,
+            }
+            self.sample_memory();
+            self.checkpoint.release_pages();
+            task.advance(1);
+        }
+        Ok(())
+    }
+
+    /// Takes a layer an interrupted run finished into the record, the report and the totals.
+    fn adopt_layer(&mut self, entry: &resume::CommittedLayer) -> Result<()> {
+        if let (Some(record), Some(report)) = (&entry.record, &entry.report) {
+            let layout = self.layout(entry.layer)?;
+            self.totals.add_layer(&layout, &report.matrices);
+            self.records.push(record.clone());
+            self.layer_reports.push(report.clone());
+        }
+        self.resumed_layers.push(entry.layer);
+        Ok(())
+    }
+
+    /// `--budget-scope model`: the plans an interrupted run saved, or those of a new analysis
+    /// pass (saved in the journal before any layer is compressed).
+    fn model_plans(
+        &mut self,
+        stream: &mut CalibrationStream<'a, B>,
+        emitter: &Emitter,
+        device: &'a Device,
+        progress: &dyn Progress,
+    ) -> Result<Vec<RankPlan>> {
+        if let Some(plans) = emitter.saved_plans()? {
+            progress.message(
+                "analysing",
+                "reusing the interrupted run's model-wide rank plan",
+            );
+            return Ok(plans);
+        }
+        let plans = self.plan_whole_model(stream, device, progress)?;
+        emitter.save_plans(&plans)?;
+        Ok(plans)
     }
 
     /// The calibrate stage's stream: replayed from the statistics cache when it matches,
@@ -206,6 +333,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         let task = Task::start(progress, "analysing", stream.spec().num_layers as u64);
         let (mut analyses, mut kept) = (Vec::new(), Vec::new());
         while let Some(layer) = stream.next_layer()? {
+            check_interrupt()?;
             task.advance(1);
             let Some(statistics) = layer.statistics else {
                 continue;
@@ -247,6 +375,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             clock = Instant::now();
             elapsed
         };
+        check_interrupt()?;
         let layout = self.layout(statistics.layer)?;
         let experts = LayerExperts::new(self.checkpoint, &layout);
         let analysis = analyse::analyse_layer(self.backend, &experts, &statistics)?;
@@ -277,12 +406,19 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         )?;
         seconds.factor = lap();
         self.sample_memory();
+        staging::fault_point(&format!("factored:{}", statistics.layer));
+        check_interrupt()?;
         let (record, matrices) = emitter.write_layer(&experts, factored, self.stored_dtype)?;
         seconds.emit = lap();
         self.totals.add_layer(&layout, &matrices);
+        let layer_report = report::layer_report(&statistics, matrices, seconds);
+        emitter.commit_layer(
+            statistics.layer,
+            Some(record.clone()),
+            Some(layer_report.clone()),
+        )?;
         self.records.push(record);
-        self.layer_reports
-            .push(report::layer_report(&statistics, matrices, seconds));
+        self.layer_reports.push(layer_report);
         if self.options.calibration.statistics_cache.is_some() && !self.replaying {
             self.statistics_to_save.push(statistics);
         }
@@ -293,9 +429,12 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         self.totals.sample_memory();
     }
 
+    /// Saves the statistics cache, unless it was replayed or this run resumed finished layers
+    /// (whose statistics it never collected).
     fn save_statistics(&self) -> Result<()> {
+        let complete = self.resumed_layers.is_empty();
         match (&self.options.calibration.statistics_cache, self.replaying) {
-            (Some(path), false) => calibrate::save_statistics(
+            (Some(path), false) if complete => calibrate::save_statistics(
                 path,
                 &self.statistics_to_save,
                 &self.statistics_key,
@@ -328,6 +467,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             self.layer_reports,
         );
         report.seconds = started.elapsed().as_secs_f64();
+        report.resumed_layers = self.resumed_layers;
         let record = CompressionRecord {
             method: "rfid-moe".into(),
             tool_version: report.tool_version.clone(),

@@ -220,6 +220,10 @@ pub struct OutputOptions {
     pub force: bool,
     /// Only compute the allocation (no factorisation, nothing written).
     pub dry_run: bool,
+    /// Discard the finished layers an interrupted run of the same output left and start over
+    /// (not saved: it does not change the output).
+    #[serde(skip)]
+    pub restart: bool,
 }
 
 /// Every setting of a compression run, one group per stage.

@@ -124,6 +124,10 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     /// Where the checkpoint was written (None for dry runs).
     pub output: Option<PathBuf>,
+    /// Layers taken from an interrupted run instead of being computed (not written to the
+    /// report file, which is the same as an uninterrupted run's).
+    #[serde(skip)]
+    pub resumed_layers: Vec<usize>,
 }
 
 /// Reads the per-layer part of a `compression_report.json` written by [`compress`].
@@ -259,6 +263,7 @@ impl Totals {
             peak_resident_bytes: self.peak_resident,
             layers,
             output: None,
+            resumed_layers: Vec::new(),
         }
     }
 }

@@ -1,6 +1,9 @@
-//! Staging paths (a `.NAME.partial-PID` directory or `.NAME.tmp-PID` file next to each output):
-//! a registry of the live ones that a SIGINT/SIGTERM handler removes before exiting, removal of
-//! the ones dead processes left behind, and the atomic swap that puts a finished output in place.
+//! Staging paths (a `.NAME.partial` directory guarded by a `.NAME.lock` file, or a `.NAME.tmp-PID`
+//! file, next to each output): a registry of the live ones that a SIGINT/SIGTERM handler removes
+//! before exiting, removal of the ones dead processes left behind, the lock that keeps two runs
+//! out of one staging directory, cooperative interruption of resumable runs (a signal sets a flag
+//! that the run checks at safe points), fault injection for tests, and the atomic swap that puts
+//! a finished output in place.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -49,9 +52,170 @@ pub(crate) fn remove_path(path: &Path) {
     }
 }
 
-/// The staging directory name of output `name` for process `pid`: `.NAME.partial-PID`.
+/// The staging directory name of output `name` for process `pid`: `.NAME.partial-PID` (the name
+/// older versions used; their leftovers are still removed).
 pub fn staging_name(name: &str, pid: u32) -> String {
     format!(".{name}.partial-{pid}")
+}
+
+/// The staging directory name of output `name`: `.NAME.partial`, one per output (not per process)
+/// so that a later run can resume it; guarded by [`lock_name`].
+pub fn resumable_staging_name(name: &str) -> String {
+    format!(".{name}.partial")
+}
+
+/// The lock file of output `name`'s staging directory: `.NAME.lock`.
+pub fn lock_name(name: &str) -> String {
+    format!(".{name}.lock")
+}
+
+/// An exclusive `flock` on a staging directory's lock file, held while a run writes it. The
+/// kernel drops it when the process dies however it dies, so a staging directory whose lock is
+/// free belongs to no live run.
+#[derive(Debug)]
+pub struct StagingLock {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl StagingLock {
+    /// Takes the lock at `path` (created if missing) without waiting; `what` names the output in
+    /// the error when another process holds it.
+    pub fn acquire(path: &Path, what: &Path) -> Result<Self> {
+        // The holder unlinks the file when done: a lock taken on an unlinked file is retried.
+        for _ in 0..8 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+            if !try_lock_exclusive(&file).map_err(|e| Error::io(path, e))? {
+                return Err(Error::InvalidArgument(format!(
+                    "another rfid-moe run is writing {} (it holds {}); wait for it to end or stop \
+                     it first",
+                    what.display(),
+                    path.display()
+                )));
+            }
+            if same_file(&file, path) {
+                return Ok(Self {
+                    path: path.to_path_buf(),
+                    file: Some(file),
+                });
+            }
+        }
+        Err(Error::InvalidArgument(format!(
+            "cannot lock {}: the lock file keeps being replaced",
+            path.display()
+        )))
+    }
+
+    /// Removes the lock file and releases the lock.
+    pub fn release(mut self) {
+        self.unlink_and_close();
+    }
+
+    fn unlink_and_close(&mut self) {
+        if let Some(file) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(file);
+        }
+    }
+}
+
+impl Drop for StagingLock {
+    fn drop(&mut self) {
+        self.unlink_and_close();
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another process holds the lock.
+#[cfg(unix)]
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(error),
+    }
+}
+
+/// No advisory locks here: every lock is granted.
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+/// Whether the open `file` is still the file at `path` (same device and inode).
+#[cfg(unix)]
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether the open `file` is still the file at `path` (assumed where inodes are unknown).
+#[cfg(not(unix))]
+fn same_file(_file: &std::fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Writes `bytes` to `path` durably: a temporary sibling, fsync, rename, fsync of the directory.
+/// A kill at any instant leaves either the old file (or none) or the new one, never a torn one.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = temporary_sibling(path);
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_parent(path)
+}
+
+/// The temporary name [`write_durable`] and shard writers use next to `path`: `NAME.tmp`.
+pub fn temporary_sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Flushes a written file's data to the disk.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Flushes the directory holding `path`, so that a rename into it survives a power loss.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(parent, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Whether process `pid` is alive: `Some` on Linux (from `/proc`), `None` where unknown.
@@ -168,8 +332,70 @@ pub fn recover_interrupted_replacement(out: &Path) -> Result<Option<PathBuf>> {
     Ok(restored)
 }
 
+/// Runs that stop by themselves at a safe point when interrupted (see [`InterruptScope`]).
+static COOPERATIVE_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The signal that asked the cooperative runs to stop (0: none).
+static INTERRUPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// While alive, a SIGINT/SIGTERM does not end the process: it is recorded for [`interrupted`],
+/// which the run checks at its safe points (a second signal ends the process at once).
+#[derive(Debug)]
+pub struct InterruptScope(());
+
+impl InterruptScope {
+    /// Enters cooperative mode (nested scopes count).
+    pub fn enter() -> Self {
+        COOPERATIVE_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(())
+    }
+}
+
+impl Drop for InterruptScope {
+    fn drop(&mut self) {
+        COOPERATIVE_RUNS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The signal number of a pending interruption of a cooperative run, if any.
+pub fn interrupted() -> Option<i32> {
+    match INTERRUPT_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
+
+/// Asks cooperative runs to stop at their next safe point, as a SIGINT/SIGTERM does (`signal` is
+/// the number reported back, e.g. `libc::SIGTERM`); for programs that embed the library.
+pub fn request_interrupt(signal: i32) {
+    INTERRUPT_SIGNAL.store(signal.max(1), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The environment variable of [`fault_point`]: a comma-separated list of point names at which
+/// the process aborts (as a kill would end it), and `pause-ms:N` to sleep N ms at every point.
+pub const FAULT_INJECT_VAR: &str = "RFID_MOE_FAULT_INJECT";
+
+/// A named point of a run where tests simulate a kill: aborts the process if `RFID_MOE_FAULT_INJECT`
+/// lists `point` (e.g. `layer-committed:1`, `shard-write:layer-00002`, `finish:renamed`). Does
+/// nothing when the variable is unset, which is every real run.
+pub fn fault_point(point: &str) {
+    let Some(spec) = std::env::var_os(FAULT_INJECT_VAR) else {
+        return;
+    };
+    let spec = spec.to_string_lossy();
+    for entry in spec.split(',').map(str::trim) {
+        if let Some(ms) = entry.strip_prefix("pause-ms:") {
+            let ms = ms.parse().unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        } else if entry == point {
+            std::process::abort();
+        }
+    }
+}
+
 /// Installs a SIGINT/SIGTERM handler that removes the staging paths of live writers and exits
-/// with 130 (SIGINT) or 143 (SIGTERM). Call once at the start of a command-line program; later
+/// with 130 (SIGINT) or 143 (SIGTERM); while an [`InterruptScope`] is alive the first signal is
+/// only recorded for [`interrupted`]. Call once at the start of a command-line program; later
 /// calls do nothing. A no-op outside Unix.
 pub fn install_signal_cleanup() -> Result<()> {
     #[cfg(unix)]
@@ -253,12 +479,20 @@ mod signals {
         loop {
             // SAFETY: reads at most one byte into `byte`, which lives across the call.
             let n = unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) };
-            if n == 1 {
-                break;
-            }
             if n == 0 {
                 return;
             }
+            if n != 1 {
+                continue;
+            }
+            // A resumable run stops by itself at its next safe point; a second signal, or one
+            // with no such run, ends the process now.
+            let cooperative = super::COOPERATIVE_RUNS.load(Ordering::SeqCst) > 0;
+            if cooperative && super::interrupted().is_none() {
+                super::request_interrupt(byte as i32);
+                continue;
+            }
+            break;
         }
         // Held until exit, so no writer can move its staging path into place meanwhile.
         let mut registry = super::lock_registry();

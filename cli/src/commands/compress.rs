@@ -81,6 +81,10 @@ pub struct CompressArgs {
     /// Replace existing output directories.
     #[arg(long)]
     force: bool,
+    /// Discard the finished layers of an interrupted run of this output and start over (by
+    /// default the same command resumes it).
+    #[arg(long)]
+    restart: bool,
     /// Preview ranks and sizes without factorising or writing anything.
     #[arg(long)]
     dry_run: bool,
@@ -151,6 +155,7 @@ impl CompressArgs {
             output.export_dense = self.export_dense.clone();
         }
         output.force |= self.force;
+        output.restart |= self.restart;
         output.dry_run |= self.dry_run;
         if options.model.as_os_str().is_empty() {
             bail!("--model is required (flag or `model` in --config)");
@@ -176,7 +181,23 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         options.output.export_dense.as_deref(),
         args.json.as_deref(),
     )?;
-    let report = rfid_moe::compress_with_progress(&options, bars::observer(args.quiet).as_ref())?;
+    let observer = bars::observer(args.quiet);
+    let outcome = rfid_moe::compress_with_progress(&options, observer.as_ref());
+    drop(observer);
+    let report = match outcome {
+        Err(rfid_moe::Error::Interrupted {
+            signal,
+            resume_hint,
+        }) => exit_interrupted(signal, &resume_hint),
+        other => other?,
+    };
+    if let (Some(first), Some(last)) = (report.resumed_layers.first(), report.resumed_layers.last())
+    {
+        println!(
+            "resumed at layer {}: layers {first}–{last} were kept from the interrupted run",
+            last + 1
+        );
+    }
     println!("{}", report.table());
     if let Some(path) = &args.json {
         super::write_json(path, &report)?;
@@ -189,4 +210,29 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
     Ok(())
+}
+
+/// Says how a cooperative stop went and how to resume, and exits with 128 + the signal number
+/// (130 for SIGINT, 143 for SIGTERM), as a shell expects of a program ended by a signal.
+fn exit_interrupted(signal: i32, resume_hint: &str) -> ! {
+    let command: Vec<String> = std::env::args().map(|arg| shell_quote(&arg)).collect();
+    eprintln!("interrupted: {resume_hint}");
+    eprintln!(
+        "to resume, run the same command again:\n  {}",
+        command.join(" ")
+    );
+    std::process::exit(128 + signal)
+}
+
+/// `arg` as a POSIX shell reads it back (single-quoted unless it is plainly safe).
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
