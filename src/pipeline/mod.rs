@@ -81,14 +81,16 @@ pub fn compress_with_progress(
     run.finish(emitter, windows.iter().map(Vec::len).sum(), started)
 }
 
-/// Ends a run that stopped early: keeps the staging directory when it holds finished work (and
-/// says so in an interruption's hint), removes it otherwise.
+/// Ends a run that stopped early: keeps the staging directory when it holds finished work and
+/// the same command can get further (an interruption, an I/O error such as a full disk), and says
+/// so in an interruption's hint; removes it otherwise (an input error would only recur).
 fn stopped(emitter: Emitter, error: Error) -> Error {
     let finished = emitter.finished_layers().len();
     let plans_saved = emitter.saved_plans().ok().flatten().is_some();
     let staging = emitter.staging_dir().map(std::path::Path::to_path_buf);
+    let resumable = matches!(error, Error::Interrupted { .. } | Error::Io { .. });
     let kept = match staging {
-        Some(dir) if finished > 0 || plans_saved => Some(dir),
+        Some(dir) if resumable && (finished > 0 || plans_saved) => Some(dir),
         _ => {
             emitter.discard();
             None

@@ -372,24 +372,38 @@ pub fn request_interrupt(signal: i32) {
 }
 
 /// The environment variable of [`fault_point`]: a comma-separated list of point names at which
-/// the process aborts (as a kill would end it), and `pause-ms:N` to sleep N ms at every point.
+/// the process aborts (as a kill would end it), `pause-ms:N` to sleep N ms at every point and
+/// `pause-ms:N@POINT` to sleep at one point (a pause ends early when the run is interrupted).
 pub const FAULT_INJECT_VAR: &str = "RFID_MOE_FAULT_INJECT";
 
 /// A named point of a run where tests simulate a kill: aborts the process if `RFID_MOE_FAULT_INJECT`
-/// lists `point` (e.g. `layer-committed:1`, `shard-write:layer-00002`, `finish:renamed`). Does
-/// nothing when the variable is unset, which is every real run.
+/// lists `point` (e.g. `layer-committed:1`, `shard-write:layer-00002`, `finish:renamed`), or
+/// pauses there. Does nothing when the variable is unset, which is every real run.
 pub fn fault_point(point: &str) {
     let Some(spec) = std::env::var_os(FAULT_INJECT_VAR) else {
         return;
     };
     let spec = spec.to_string_lossy();
     for entry in spec.split(',').map(str::trim) {
-        if let Some(ms) = entry.strip_prefix("pause-ms:") {
-            let ms = ms.parse().unwrap_or(0);
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+        if let Some(pause) = entry.strip_prefix("pause-ms:") {
+            let (ms, at) = match pause.split_once('@') {
+                Some((ms, at)) => (ms, Some(at)),
+                None => (pause, None),
+            };
+            if at.is_none_or(|at| at == point) {
+                pause_unless_interrupted(ms.parse().unwrap_or(0));
+            }
         } else if entry == point {
             std::process::abort();
         }
+    }
+}
+
+/// Sleeps `ms` milliseconds in short slices, returning early once the run is interrupted.
+fn pause_unless_interrupted(ms: u64) {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < until && interrupted().is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
