@@ -479,8 +479,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             calibration_fingerprint: self.fingerprint.to_string(),
             layers: self.records,
         };
-        let report_json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidArgument(format!("report: {e}")))?;
+        let report_json = report.checkpoint_json()?;
         let options_toml = toml::to_string(self.options)
             .map_err(|e| Error::InvalidArgument(format!("compress.toml: {e}")))?;
         report.output = emitter.finish(&RunFiles {

@@ -144,7 +144,36 @@ pub fn read_layer_reports(model_dir: &Path) -> Result<Vec<LayerReport>> {
     })
 }
 
+/// Fields of [`Report`] that measure one run (wall clock, memory) rather than describe the
+/// checkpoint: left out of the output's `compression_report.json`, so that two runs with the same
+/// inputs (or an interrupted run and its resumption) write identical files.
+const RUN_MEASUREMENTS: [&str; 2] = ["seconds", "peak_resident_bytes"];
+
+/// Per-layer measurements of one run, left out of the output's report like [`RUN_MEASUREMENTS`].
+const LAYER_MEASUREMENTS: [&str; 1] = ["stage_seconds"];
+
 impl Report {
+    /// The text of the output's `compression_report.json`: the whole report without the run's
+    /// measurements (time per stage, peak memory), which `compress --json` keeps.
+    pub fn checkpoint_json(&self) -> Result<String> {
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| Error::InvalidArgument(format!("report: {e}")))?;
+        if let Some(fields) = value.as_object_mut() {
+            for key in RUN_MEASUREMENTS {
+                fields.remove(key);
+            }
+            if let Some(layers) = fields.get_mut("layers").and_then(|l| l.as_array_mut()) {
+                for layer in layers.iter_mut().filter_map(|l| l.as_object_mut()) {
+                    for key in LAYER_MEASUREMENTS {
+                        layer.remove(key);
+                    }
+                }
+            }
+        }
+        serde_json::to_string_pretty(&value)
+            .map_err(|e| Error::InvalidArgument(format!("report: {e}")))
+    }
+
     /// A per-layer table of ranks and sizes (the dry-run preview and the end-of-run summary).
     pub fn table(&self) -> String {
         let mut out = String::new();
