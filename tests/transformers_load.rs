@@ -227,6 +227,7 @@ fn run_python(
         .arg(&driver)
         .arg(&job_path)
         .env("HF_HUB_OFFLINE", "1")
+        .env("HF_MODULES_CACHE", work.join("hf-modules"))
         .env("TRANSFORMERS_VERBOSITY", "error")
         .output()
         .unwrap();
