@@ -5,8 +5,9 @@
 # in tests/fixtures/fixtures.json), safetensors and numpy. The venv lives OUTSIDE the clone, at
 # ${RFID_MOE_PY_ENV:-$HOME/.cache/rfid-moe/py-tf5.17}; the last line printed is its python.
 # Usage: PY=$(scripts/python-env.sh | tail -n 1); "$PY" scripts/generate_reference.py --help
-# Idempotent: a marker file written last records a complete install. Never run by `cargo test`;
-# tests only read the files this environment wrote.
+# Idempotent: a marker file written last records a complete install. `cargo test` runs it once
+# for tests/transformers_load.rs (which loads our outputs in transformers); the other tests only
+# read the files this environment wrote.
 #
 # How the install is kept small (checked on Linux x86_64, Python 3.11, PyPI only:
 # download.pytorch.org and its +cpu wheels are not reachable from the build machines):

@@ -27,6 +27,10 @@ use common::{
 };
 use moe::{MoeBlock, MoeObserver, RoutedExperts};
 
+/// Prefix of the `model_type` of a compressed checkpoint (`rfid_moe_qwen3_moe`), which names
+/// our own transformers classes (`pipeline::hf_compat`); the family is what follows it.
+pub const COMPRESSED_MODEL_TYPE_PREFIX: &str = "rfid_moe_";
+
 /// The supported model families, by `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,8 +50,12 @@ pub enum Family {
 }
 
 impl Family {
-    /// The family named by `model_type`, if supported.
+    /// The family named by `model_type` (or by a compressed checkpoint's
+    /// `rfid_moe_<model_type>`), if supported.
     pub fn from_model_type(model_type: &str) -> Option<Self> {
+        let model_type = model_type
+            .strip_prefix(COMPRESSED_MODEL_TYPE_PREFIX)
+            .unwrap_or(model_type);
         Some(match model_type {
             "mixtral" => Self::Mixtral,
             "qwen2_moe" => Self::Qwen2Moe,

@@ -317,6 +317,10 @@ impl<'a> Emitter<'a> {
             })?;
             compressed.extend(rest.clone());
             dense.extend(rest);
+            // The dense export keeps the input's expert layout (fused 3-D tensors if fused).
+            if self.dense.is_some() {
+                super::hf_compat::fuse_like_input(self.checkpoint, layout, &mut dense)?;
+            }
             self.write_both(&layer_step(factored.layer), compressed, dense)?;
         }
         let record = LayerRecord {
@@ -366,6 +370,8 @@ impl<'a> Emitter<'a> {
                     path: w.staging_dir().join(CONFIG_FILE),
                     message: e.to_string(),
                 })?;
+            // transformers loads it through our modelling file (trust_remote_code).
+            super::hf_compat::add_transformers_loader(&w, self.checkpoint, &mut config)?;
             write_common_files(&w, self.checkpoint, &config)?;
             w.write_file("compression_report.json", files.report_json.as_bytes())?;
             w.write_file("compress.toml", files.options_toml.as_bytes())?;

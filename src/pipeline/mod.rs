@@ -18,6 +18,7 @@ pub mod calibrate;
 pub mod emit;
 pub mod experts;
 pub mod factor;
+pub mod hf_compat;
 pub mod options;
 pub mod report;
 pub mod resume;

@@ -1,0 +1,307 @@
+"""transformers modelling code for checkpoints written by `rfid-moe compress` (docs/FORMAT.md).
+
+Each family's own transformers classes are reused unchanged except for the routed experts of
+every MoE layer, which become factored experts whose parameters carry the checkpoint's tensor
+names: per-expert coefficients `experts.{j}.{m}.lowrank_a`, shared group bases
+`expert_groups.{g}.{m}.basis`, optional residual coefficients `expert_groups.{g}.{m}.residual_eta`,
+members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weight`. No dense copy
+of a factored expert is ever held: `W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j`
+rebuilt for the routed experts only, on the fly, from the seeded hash of `src/residual.rs`.
+
+Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
+"""
+
+import torch
+from torch import nn
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_ENTRY_MULTIPLIER = 0xD6E8FEB86659FD93
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64_int(x):
+    """SplitMix64 of one Python integer (src/rng.rs)."""
+    z = (x + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _signed(constant):
+    """The int64 with the same 64 bits as an unsigned constant."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+def _shift_right(x, bits):
+    """Logical right shift of int64 tensors holding unsigned 64-bit values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x):
+    """SplitMix64 of an int64 tensor (two's-complement wrapping arithmetic = u64 arithmetic)."""
+    z = x + _signed(_GOLDEN_GAMMA)
+    z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    return z ^ _shift_right(z, 31)
+
+
+def residual_buckets(seed, first_entry, entries, size, device):
+    """Buckets `π(t)` of entries `first_entry..first_entry+entries` (docs/FORMAT.md, residual)."""
+    if not 0 < size < 1 << 31:
+        raise ValueError(f"residual size {size} outside 1..2^31")
+    salt = _signed(_splitmix64_int(seed))
+    t = torch.arange(first_entry, first_entry + entries, dtype=torch.int64, device=device)
+    h = _splitmix64(t * _signed(_ENTRY_MULTIPLIER) ^ salt)
+    high, low = _shift_right(h, 32), h & 0xFFFFFFFF
+    # ⌊h·size / 2⁶⁴⌋ from 32-bit halves, which cannot overflow for size < 2³¹.
+    return (high * size + ((low * size) >> 32)) >> 32
+
+
+class _Coefficients(nn.Module):
+    """A factored member's coefficients `A_j` [out, rank] (`lowrank_a`)."""
+
+    def __init__(self, rows, rank):
+        super().__init__()
+        self.lowrank_a = nn.Parameter(torch.empty(rows, rank))
+
+
+class _Dense(nn.Module):
+    """A matrix kept dense (`weight` [out, in]): dense groups' members and every `down_proj`."""
+
+    def __init__(self, rows, cols):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols))
+
+
+class _GroupFactors(nn.Module):
+    """A group's shared basis `B_g` [rank, in] and optional residual coefficients η."""
+
+    def __init__(self, rank, cols, residual_size):
+        super().__init__()
+        self.basis = nn.Parameter(torch.empty(rank, cols))
+        if residual_size > 0:
+            self.residual_eta = nn.Parameter(torch.empty(residual_size))
+        self.bucket_scale = None  # 1/√n_q per bucket, computed at first use (seed only)
+
+
+class FactoredExperts(nn.ModuleList):
+    """The routed experts of one MoE layer in rfid-moe's factored form (children named by index)."""
+
+    def __init__(self, original, names, layer_record, compression):
+        n, p, d = original.num_experts, original.intermediate_dim, original.hidden_dim
+        super().__init__([nn.Module() for _ in range(n)])
+        self.act_fn = original.act_fn
+        self.names, self.num_experts, self.shape = names, n, (p, d)
+        self.silu_basis = compression.get("basis_activation", "identity") == "silu"
+        self.residual_seed = int(compression.get("residual_seed", 0))
+        matrices = (layer_record or {}).get("matrices", {})
+        # Registered on the MoE block as `expert_groups` (the checkpoint's names), not here.
+        object.__setattr__(self, "groups", nn.ModuleList())
+        self.member_of = {}  # (matrix, factored expert) → (group index, slot, group size)
+        for name in names[:2]:
+            for g, group in enumerate(matrices.get(name, {}).get("groups", [])):
+                if not group["dense"]:
+                    self._add_factored_group(name, g, group)
+            for j in range(n):  # members of dense groups (or of a layer without a record)
+                if (name, j) not in self.member_of:
+                    setattr(self[j], name, _Dense(p, d))
+        for j in range(n):
+            setattr(self[j], names[2], _Dense(d, p))
+
+    def _add_factored_group(self, name, g, group):
+        p, d = self.shape
+        for slot, j in enumerate(group["experts"]):
+            setattr(self[j], name, _Coefficients(p, group["rank"]))
+            self.member_of[(name, j)] = (g, slot, len(group["experts"]))
+        while len(self.groups) <= g:
+            self.groups.append(nn.Module())
+        factors = _GroupFactors(group["rank"], d, group.get("residual_size", 0))
+        setattr(self.groups[g], name, factors)
+
+    def _residual(self, factors, slot, members):
+        """Member `slot`'s residual [out, in], expanded from η for this call only."""
+        eta = factors.residual_eta
+        p, d = self.shape
+        size, seed = eta.shape[0], self.residual_seed
+        if factors.bucket_scale is None or factors.bucket_scale.device != eta.device:
+            counts = torch.zeros(size, dtype=torch.int64, device=eta.device)
+            for s in range(members):
+                buckets = residual_buckets(seed, s * p * d, p * d, size, eta.device)
+                counts += torch.bincount(buckets, minlength=size)
+            counts = counts.double()
+            factors.bucket_scale = torch.where(counts > 0, counts.rsqrt(), 0.0).float()
+        buckets = residual_buckets(seed, slot * p * d, p * d, size, eta.device)
+        values = eta.float()[buckets] * factors.bucket_scale[buckets]
+        return values.view(p, d).to(eta.dtype)
+
+    def _project(self, name, expert, x):
+        """`W x` for expert `expert`'s gate or up matrix."""
+        module = getattr(self[expert], name)
+        if isinstance(module, _Dense):
+            return nn.functional.linear(x, module.weight)
+        g, slot, members = self.member_of[(name, expert)]
+        factors = getattr(self.groups[g], name)
+        basis = nn.functional.silu(factors.basis) if self.silu_basis else factors.basis
+        out = nn.functional.linear(nn.functional.linear(x, basis), module.lowrank_a)
+        if hasattr(factors, "residual_eta"):
+            out = out + nn.functional.linear(x, self._residual(factors, slot, members))
+        return out
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """Same contract as the family's experts module: [tokens, d] → [tokens, d]."""
+        final = torch.zeros_like(hidden_states)
+        gate, up, down = self.names
+        hit = torch.unique(top_k_index).tolist()
+        for expert in hit:
+            token, position = torch.where(top_k_index == expert)
+            x = hidden_states[token]
+            h = self.act_fn(self._project(gate, expert, x)) * self._project(up, expert, x)
+            out = nn.functional.linear(h, getattr(self[expert], down).weight)
+            out = out * top_k_weights[token, position, None]
+            final.index_add_(0, token, out.to(final.dtype))
+        return final
+
+
+class _MixtralBlockSparseMoeLayer(MixtralDecoderLayer):
+    """Mixtral's decoder layer with its MoE block under the checkpoint's `block_sparse_moe`."""
+
+    @property
+    def mlp(self):
+        return self.block_sparse_moe
+
+
+class _FactoredExpertsModel:
+    """Mixin for a family's `ForCausalLM`: routed experts replaced by [`FactoredExperts`]."""
+
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config):
+        super().__init__(config)
+        compression = getattr(config, "compression", None)
+        if not compression or compression.get("method") != "rfid-moe":
+            raise ValueError("config.json has no rfid-moe `compression` section")
+        if getattr(config, "quantization_config", None):
+            raise NotImplementedError(
+                "rfid-moe outputs of FP8 checkpoints do not load in transformers yet; "
+                "use `rfid-moe compress --export-dense` or rfid-moe itself"
+            )
+        records = {r["layer"]: r for r in compression.get("layers", [])}
+        for index, layer in enumerate(self.model.layers):
+            block = self._moe_block(layer)
+            if block is not None:
+                record = records.get(index)
+                experts = FactoredExperts(block.experts, self.expert_names, record, compression)
+                block.experts = experts
+                block.expert_groups = experts.groups
+        self.post_init()
+
+    def _moe_block(self, layer):
+        block = getattr(layer, "mlp", None)
+        return block if hasattr(block, "experts") else None
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
+        """The family's `from_pretrained`, refusing a checkpoint that leaves any weight missing
+        (transformers would initialise it at random)."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{len(missing)} weights of this rfid-moe checkpoint are missing from its "
+                f"safetensors files (first: {missing[:5]}); refusing to initialise them at random"
+            )
+        return (model, info) if output_loading_info else model
+
+
+class RfidMoeMixtralConfig(MixtralConfig):
+    """Mixtral config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_mixtral"
+
+
+class RfidMoeMixtralForCausalLM(_FactoredExpertsModel, MixtralForCausalLM):
+    """Mixtral with factored routed experts (`block_sparse_moe.experts.{j}.w1/w3/w2`)."""
+
+    config_class = RfidMoeMixtralConfig
+    expert_names = ("w1", "w3", "w2")
+
+    def _moe_block(self, layer):
+        layer.block_sparse_moe = layer._modules.pop("mlp")
+        layer.__class__ = _MixtralBlockSparseMoeLayer
+        return layer.block_sparse_moe
+
+
+class RfidMoeQwen2MoeConfig(Qwen2MoeConfig):
+    """Qwen2-MoE config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_qwen2_moe"
+
+
+class RfidMoeQwen2MoeForCausalLM(_FactoredExpertsModel, Qwen2MoeForCausalLM):
+    """Qwen2-MoE with factored routed experts."""
+
+    config_class = RfidMoeQwen2MoeConfig
+
+
+class RfidMoeQwen3MoeConfig(Qwen3MoeConfig):
+    """Qwen3-MoE config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_qwen3_moe"
+
+
+class RfidMoeQwen3MoeForCausalLM(_FactoredExpertsModel, Qwen3MoeForCausalLM):
+    """Qwen3-MoE with factored routed experts."""
+
+    config_class = RfidMoeQwen3MoeConfig
+
+
+class RfidMoeOlmoeConfig(OlmoeConfig):
+    """OLMoE config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_olmoe"
+
+
+class RfidMoeOlmoeForCausalLM(_FactoredExpertsModel, OlmoeForCausalLM):
+    """OLMoE with factored routed experts."""
+
+    config_class = RfidMoeOlmoeConfig
+
+
+class RfidMoeDeepseekV2Config(DeepseekV2Config):
+    """DeepSeek-V2 config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_deepseek_v2"
+
+
+class RfidMoeDeepseekV2ForCausalLM(_FactoredExpertsModel, DeepseekV2ForCausalLM):
+    """DeepSeek-V2 with factored routed experts."""
+
+    config_class = RfidMoeDeepseekV2Config
+
+
+class RfidMoeDeepseekV3Config(DeepseekV3Config):
+    """DeepSeek-V3 config of an rfid-moe compressed checkpoint."""
+
+    model_type = "rfid_moe_deepseek_v3"
+
+
+class RfidMoeDeepseekV3ForCausalLM(_FactoredExpertsModel, DeepseekV3ForCausalLM):
+    """DeepSeek-V3 with factored routed experts."""
+
+    config_class = RfidMoeDeepseekV3Config
