@@ -359,7 +359,7 @@ fn usage(card: &mut String, repo: &str) {
          With transformers (the repository carries its modelling code):\n\n\
          ```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
          model = AutoModelForCausalLM.from_pretrained(\"{repo}\", trust_remote_code=True)\n\
-         tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")\n```"
+         tokenizer = AutoTokenizer.from_pretrained(\"{repo}\", trust_remote_code=True)\n```"
     );
 }
 
