@@ -6,7 +6,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::{BudgetScope, FactorizerKind};
+use rfid_moe::pipeline::{BudgetScope, CompressMethod, FactorizerKind, Saliency};
 
 /// `--device`, flattened into the commands that run a model.
 #[derive(Args, Clone)]
@@ -61,6 +61,8 @@ macro_rules! choice {
 choice!(Allocation);
 choice!(BudgetScope);
 choice!(FactorizerKind);
+choice!(CompressMethod);
+choice!(Saliency);
 
 /// A value parser for `T` that lists every name and its description in `--help` and parses with
 /// the library's `FromStr`.

@@ -580,6 +580,17 @@ impl RoutedExperts {
 
     /// `Σ_e w_e · expert_e(x)` over each token's routed experts, for `x` [tokens, hidden].
     pub fn forward(&self, x: &Tensor, dispatch: &ExpertDispatch) -> Result<Tensor> {
+        let outputs = self.expert_outputs(x, dispatch)?;
+        combine_outputs(x, outputs, dispatch)
+    }
+
+    /// Each expert's unweighted output on the tokens routed to it ([count, hidden], rows in the
+    /// order of [`ExpertDispatch::route`]'s tokens), `None` for experts without tokens.
+    pub fn expert_outputs(
+        &self,
+        x: &Tensor,
+        dispatch: &ExpertDispatch,
+    ) -> Result<Vec<Option<Tensor>>> {
         if dispatch.num_experts() != self.len() {
             return Err(Error::InvalidArgument(format!(
                 "routing covers {} experts but the layer has {}",
@@ -645,16 +656,25 @@ impl RoutedExperts {
                     .collect::<Result<_>>()?
             }
         };
-        let mut out = x.zeros_like()?;
-        for (expert, y) in outputs.into_iter().enumerate() {
-            let (Some(y), Some(route)) = (y, dispatch.route(expert)) else {
-                continue;
-            };
-            let weights = route.weights.to_dtype(y.dtype())?;
-            out = out.index_add(&route.tokens, &y.broadcast_mul(&weights)?, 0)?;
-        }
-        Ok(out)
+        Ok(outputs)
     }
+}
+
+/// `Σ_e w_e · y_e` scattered back to the tokens: the block output from [`RoutedExperts::expert_outputs`].
+pub fn combine_outputs(
+    x: &Tensor,
+    outputs: Vec<Option<Tensor>>,
+    dispatch: &ExpertDispatch,
+) -> Result<Tensor> {
+    let mut out = x.zeros_like()?;
+    for (expert, y) in outputs.into_iter().enumerate() {
+        let (Some(y), Some(route)) = (y, dispatch.route(expert)) else {
+            continue;
+        };
+        let weights = route.weights.to_dtype(y.dtype())?;
+        out = out.index_add(&route.tokens, &y.broadcast_mul(&weights)?, 0)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

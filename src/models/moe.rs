@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::common::{GatedMlp, Linear};
-pub use super::experts::{ExpertsForm, RoutedExperts};
+pub use super::experts::{combine_outputs, ExpertsForm, RoutedExperts};
 pub use super::routing::{ExpertDispatch, Router, Routing, RoutingRule};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::error::Result;
@@ -29,12 +29,30 @@ pub struct MoeTrace<'a> {
     pub routing: &'a Routing,
     /// The same decision split per expert (token indices and weights on the device).
     pub dispatch: &'a ExpertDispatch,
+    /// The rule that turned the router logits into the decision.
+    pub rule: &'a RoutingRule,
 }
 
 /// Receives each MoE layer's input and routing during a forward pass.
 pub trait MoeObserver {
     /// Called once per MoE layer per forward pass.
     fn observe(&mut self, trace: &MoeTrace) -> Result<()>;
+
+    /// Whether [`Self::observe_expert_outputs`] is wanted (the block then computes each
+    /// expert's output separately before combining them, at no extra cost).
+    fn wants_expert_outputs(&self) -> bool {
+        false
+    }
+
+    /// Called after [`Self::observe`] with each expert's unweighted output on its routed tokens
+    /// (`None` for experts without tokens), when [`Self::wants_expert_outputs`] says so.
+    fn observe_expert_outputs(
+        &mut self,
+        _trace: &MoeTrace,
+        _outputs: &[Option<Tensor>],
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A sparse MoE feed-forward block.
@@ -74,15 +92,26 @@ impl MoeBlock {
             Some(out) => out,
             None => {
                 let dispatch = ExpertDispatch::new(&routing, self.experts.len())?;
-                if let Some(observer) = observer {
-                    observer.observe(&MoeTrace {
-                        layer,
-                        input: &flat,
-                        routing: &routing,
-                        dispatch: &dispatch,
-                    })?;
+                match observer {
+                    Some(observer) => {
+                        let trace = MoeTrace {
+                            layer,
+                            input: &flat,
+                            routing: &routing,
+                            dispatch: &dispatch,
+                            rule: &self.router.rule,
+                        };
+                        observer.observe(&trace)?;
+                        if observer.wants_expert_outputs() {
+                            let outputs = self.experts.expert_outputs(&flat, &dispatch)?;
+                            observer.observe_expert_outputs(&trace, &outputs)?;
+                            combine_outputs(&flat, outputs, &dispatch)?
+                        } else {
+                            self.experts.forward(&flat, &dispatch)?
+                        }
+                    }
+                    None => self.experts.forward(&flat, &dispatch)?,
                 }
-                self.experts.forward(&flat, &dispatch)?
             }
         };
         if let Some(shared) = &self.shared {

@@ -60,6 +60,17 @@ impl RoutingRule {
         }
     }
 
+    /// Every expert's gate value before top-k and renormalisation, f32 [tokens, experts]: the
+    /// softmax over all experts (sigmoid scores for DeepSeek-V3), as REAP weighs expert outputs.
+    pub fn gate_scores(&self, logits: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::SoftmaxTopK { .. } | Self::SoftmaxGroupLimited { .. } => softmax_last_dim(logits),
+            Self::SigmoidGroupLimited { .. } => {
+                Ok(logits.neg()?.exp()?.affine(1.0, 1.0)?.recip()?)
+            }
+        }
+    }
+
     /// Selected experts (u32 [tokens, top_k], best first, ties to the lower index) and their
     /// weights (f32 [tokens, top_k]) for f32 router `logits` [tokens, experts].
     pub fn select(&self, logits: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::analyse;
 use super::options::CalibrationOptions;
+use super::prune::{LayerPruning, PruneRule, SaliencyAccumulator};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
 use crate::checkpoint::{Checkpoint, StoredDType};
 use crate::error::{Error, Result};
@@ -65,6 +66,9 @@ pub struct LayerStatistics<M> {
     pub groups: Vec<Vec<usize>>,
     /// Per group, Σ xxᵀ over the inputs routed to each of its experts (d×d), when requested.
     pub group_gram: Option<Vec<M>>,
+    /// With pruning: which experts were kept. Everything above then covers the kept experts
+    /// only, numbered `0..n'` in the order of `kept`.
+    pub pruning: Option<LayerPruning>,
 }
 
 impl<M> LayerStatistics<M> {
@@ -98,6 +102,8 @@ struct RoutingRecorder {
     num_experts: usize,
     keep_inputs: bool,
     batches: Vec<RoutedBatch>,
+    /// REAP sums, when pruning by REAP.
+    saliency: Option<SaliencyAccumulator>,
 }
 
 impl MoeObserver for RoutingRecorder {
@@ -115,17 +121,26 @@ impl MoeObserver for RoutingRecorder {
         });
         Ok(())
     }
+
+    fn wants_expert_outputs(&self) -> bool {
+        self.saliency.is_some()
+    }
+
+    fn observe_expert_outputs(
+        &mut self,
+        trace: &MoeTrace,
+        outputs: &[Option<Tensor>],
+    ) -> Result<()> {
+        match self.saliency.as_mut() {
+            Some(saliency) => saliency.add(trace, outputs),
+            None => Ok(()),
+        }
+    }
 }
 
 impl RoutingRecorder {
-    /// Turns the recorded batches into statistics: counts, groups, and (optionally) per-group
-    /// Gram matrices summed expert by expert in group order.
-    fn statistics<B: LinalgBackend>(
-        self,
-        layer: usize,
-        group_size: usize,
-        backend: &B,
-    ) -> Result<LayerStatistics<B::Matrix>> {
+    /// Top-k hits per expert and the tokens seen.
+    fn routing_counts(&self) -> (Vec<u64>, u64) {
         let mut routing_counts = vec![0u64; self.num_experts];
         let mut tokens = 0u64;
         for batch in &self.batches {
@@ -134,6 +149,38 @@ impl RoutingRecorder {
                 routing_counts[expert] += routed.len() as u64;
             }
         }
+        (routing_counts, tokens)
+    }
+
+    /// Chooses the experts `rule` keeps and renumbers the recorded routing to them.
+    fn prune(&mut self, rule: &PruneRule) -> Result<LayerPruning> {
+        let (counts, _) = self.routing_counts();
+        let reap = self.saliency.as_ref().map(SaliencyAccumulator::saliency);
+        let pruning = rule.select(&counts, reap)?;
+        for batch in &mut self.batches {
+            let mut all = std::mem::take(&mut batch.tokens_per_expert);
+            batch.tokens_per_expert = pruning
+                .kept
+                .iter()
+                .map(|&e| std::mem::take(&mut all[e]))
+                .collect();
+        }
+        self.num_experts = pruning.kept.len();
+        Ok(pruning)
+    }
+
+    /// Turns the recorded batches into statistics: counts, groups, and (optionally) per-group
+    /// Gram matrices summed expert by expert in group order; with a pruning `rule`, over the
+    /// experts it keeps.
+    fn statistics<B: LinalgBackend>(
+        mut self,
+        layer: usize,
+        group_size: usize,
+        backend: &B,
+        rule: Option<&PruneRule>,
+    ) -> Result<LayerStatistics<B::Matrix>> {
+        let pruning = rule.map(|rule| self.prune(rule)).transpose()?;
+        let (routing_counts, tokens) = self.routing_counts();
         let groups = analyse::frequency_groups(&routing_counts, group_size)?;
         let group_gram = if self.keep_inputs {
             Some(
@@ -151,6 +198,7 @@ impl RoutingRecorder {
             tokens,
             groups,
             group_gram,
+            pruning,
         })
     }
 
@@ -219,6 +267,7 @@ pub struct CalibrationStream<'a, B: LinalgBackend> {
     collect_gram: bool,
     backend: &'a B,
     replay: Option<Vec<LayerStatistics<B::Matrix>>>,
+    prune: Option<PruneRule>,
 }
 
 impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
@@ -333,7 +382,13 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             collect_gram: false,
             backend,
             replay: None,
+            prune: None,
         })
+    }
+
+    /// Prunes every MoE layer's statistics by `rule` (collecting REAP saliency when it asks).
+    pub fn set_pruning(&mut self, rule: Option<PruneRule>) {
+        self.prune = rule;
     }
 
     /// Family-independent facts of the model.
@@ -347,8 +402,10 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
     pub fn skip_layer(&mut self) -> Result<Option<usize>> {
         let index = self.next_layer;
         let collect_gram = std::mem::replace(&mut self.collect_gram, false);
+        let prune = self.prune.take();
         let skipped = self.next_layer();
         self.collect_gram = collect_gram;
+        self.prune = prune;
         Ok(skipped?.map(|layer| layer.index).filter(|&i| i == index))
     }
 
@@ -385,6 +442,10 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 num_experts: layout.num_experts,
                 keep_inputs: self.collect_gram,
                 batches: Vec::new(),
+                saliency: self
+                    .prune
+                    .filter(|rule| rule.saliency == super::prune::Saliency::Reap)
+                    .map(|_| SaliencyAccumulator::new(layout.num_experts)),
             });
         for hidden in self.hidden.iter_mut() {
             let observer: Option<&mut dyn MoeObserver> = match recorder.as_mut() {
@@ -396,7 +457,9 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         }
         drop(layer);
         let statistics = match recorder {
-            Some(r) => Some(r.statistics(index, self.group_size, self.backend)?),
+            Some(r) => {
+                Some(r.statistics(index, self.group_size, self.backend, self.prune.as_ref())?)
+            }
             None => None,
         };
         Ok(Some(CalibratedLayer { index, statistics }))
@@ -541,6 +604,7 @@ pub fn load_statistics<B: LinalgBackend>(
             tokens,
             groups,
             group_gram,
+            pruning: None,
         });
     }
     layers.sort_by_key(|l| l.layer);

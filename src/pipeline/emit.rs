@@ -15,7 +15,7 @@ use super::factor::FactoredLayer;
 use super::options::OutputOptions;
 use super::report::{GroupReport, LayerReport};
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
-use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
+use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::fp8;
 use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
@@ -41,6 +41,8 @@ pub struct RunFiles<'a> {
     pub report_json: &'a str,
     /// `compress.toml`: the resolved options.
     pub options_toml: &'a str,
+    /// With expert pruning: the expert count and `pruning` section of `config.json`.
+    pub pruning: Option<&'a super::prune::PrunedConfig>,
 }
 
 /// The writers of one run: the compressed checkpoint and, optionally, the dense export, with the
@@ -270,7 +272,7 @@ impl<'a> Emitter<'a> {
                             compressed.insert(key, tensor);
                         }
                         None => compressed.extend(self.kept_expert(
-                            layout,
+                            experts,
                             expert,
                             matrix.matrix,
                             || Ok(tensor),
@@ -303,7 +305,7 @@ impl<'a> Emitter<'a> {
         if self.is_writing() {
             // down_proj stays dense, written per expert from the canonical view.
             for expert in 0..layout.num_experts {
-                let down = self.kept_expert(layout, expert, ExpertMatrix::Down, || {
+                let down = self.kept_expert(experts, expert, ExpertMatrix::Down, || {
                     Ok(experts
                         .matrix(expert, ExpertMatrix::Down)?
                         .to_dtype(stored_dtype)?)
@@ -312,9 +314,14 @@ impl<'a> Emitter<'a> {
                 dense.extend(down);
             }
             let experts_prefix = format!("{}.experts.", layout.block);
-            let rest = self.copy_tensors(&format!("model.layers.{}.", factored.layer), |n| {
-                n.starts_with(&experts_prefix)
-            })?;
+            let mut rest = self
+                .copy_tensors(&format!("model.layers.{}.", factored.layer), |n| {
+                    n.starts_with(&experts_prefix)
+                })?;
+            if let Some(kept) = experts.kept() {
+                let original = experts.source_layout().num_experts;
+                super::prune::slice_router(&mut rest, &layout.block, kept, original)?;
+            }
             compressed.extend(rest.clone());
             dense.extend(rest);
             // The dense export keeps the input's expert layout (fused 3-D tensors if fused).
@@ -335,27 +342,51 @@ impl<'a> Emitter<'a> {
     /// is `rebuilt()` (the canonical view in the output dtype) under the per-expert name.
     fn kept_expert(
         &self,
-        layout: &ExpertLayout,
+        experts: &LayerExperts,
         expert: usize,
         matrix: ExpertMatrix,
         rebuilt: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Vec<(String, Tensor)>> {
-        let key = layout.dense_name(expert, matrix);
+        let key = experts.layout.dense_name(expert, matrix);
+        let source = experts
+            .source_layout()
+            .dense_name(experts.source_index(expert), matrix);
         let stored_fp8 = self
             .checkpoint
-            .info(&key)
+            .info(&source)
             .is_some_and(|(info, _)| info.dtype.is_fp8());
         if !stored_fp8 {
             return Ok(vec![(key, rebuilt()?)]);
         }
-        let scale = fp8::scale_name(&key);
         Ok(vec![
-            (key.clone(), self.checkpoint.load_verbatim(&key, "copy")?),
             (
-                scale.clone(),
-                self.checkpoint.load_verbatim(&scale, "copy")?,
+                fp8::scale_name(&key),
+                self.checkpoint
+                    .load_verbatim(&fp8::scale_name(&source), "copy")?,
             ),
+            (key, self.checkpoint.load_verbatim(&source, "copy")?),
         ])
+    }
+
+    /// Writes a pruned layer without factoring (`--method prune`): the kept experts as stored,
+    /// renumbered, the router cut to their rows, the layer's other tensors unchanged.
+    pub fn write_pruned_layer(&mut self, experts: &LayerExperts, layer: usize) -> Result<()> {
+        if !self.is_writing() {
+            return Ok(());
+        }
+        let layout = experts.layout;
+        let mut tensors = super::prune::kept_expert_tensors(self.checkpoint, experts)?;
+        let experts_prefix = format!("{}.experts.", layout.block);
+        let mut rest = self.copy_tensors(&format!("model.layers.{layer}."), |n| {
+            n.starts_with(&experts_prefix)
+        })?;
+        let kept: Vec<usize> = (0..layout.num_experts)
+            .map(|e| experts.source_index(e))
+            .collect();
+        let original = experts.source_layout().num_experts;
+        super::prune::slice_router(&mut rest, &layout.block, &kept, original)?;
+        tensors.extend(rest);
+        self.write_both(&layer_step(layer), tensors.clone(), tensors)
     }
 
     /// Writes `config.json` (with the compression record), the report, the options and the
@@ -370,15 +401,25 @@ impl<'a> Emitter<'a> {
                     path: w.staging_dir().join(CONFIG_FILE),
                     message: e.to_string(),
                 })?;
-            // transformers loads it through our modelling file (trust_remote_code).
-            super::hf_compat::add_transformers_loader(&w, self.checkpoint, &mut config)?;
+            if let Some(pruning) = files.pruning {
+                pruning.edit(&mut config, true);
+            }
+            // transformers loads a factored output through our modelling file
+            // (trust_remote_code); a pruned-only output is a normal checkpoint.
+            if config.get(format::COMPRESSION_KEY).is_some() {
+                super::hf_compat::add_transformers_loader(&w, self.checkpoint, &mut config)?;
+            }
             write_common_files(&w, self.checkpoint, &config)?;
             w.write_file("compression_report.json", files.report_json.as_bytes())?;
             w.write_file("compress.toml", files.options_toml.as_bytes())?;
             output = Some(w.finish()?);
         }
         if let Some(w) = self.dense {
-            write_common_files(&w, self.checkpoint, self.checkpoint.config())?;
+            let mut config = self.checkpoint.config().clone();
+            if let Some(pruning) = files.pruning {
+                pruning.edit(&mut config, false);
+            }
+            write_common_files(&w, self.checkpoint, &config)?;
             w.finish()?;
         }
         Ok(output)

@@ -8,23 +8,77 @@ use crate::checkpoint::Checkpoint;
 use crate::linalg::LinalgBackend;
 use crate::Result;
 
-/// A layer's routed experts as the checkpoint stores them.
+/// A layer's routed experts as the checkpoint stores them (after pruning: the kept ones,
+/// numbered `0..n'`).
 pub struct LayerExperts<'a> {
-    /// Where the experts live and what their matrices are called.
+    /// Where the experts live and what their matrices are called (the output's numbering).
     pub layout: &'a ExpertLayout,
+    /// The checkpoint's layout, which `kept` indexes.
+    source: &'a ExpertLayout,
+    /// Original index of each expert, when the layer was pruned.
+    kept: Option<&'a [usize]>,
     checkpoint: &'a Checkpoint,
 }
 
 impl<'a> LayerExperts<'a> {
     /// The experts of `layout` in `checkpoint`, read on the CPU.
     pub fn new(checkpoint: &'a Checkpoint, layout: &'a ExpertLayout) -> Self {
-        Self { layout, checkpoint }
+        Self {
+            layout,
+            source: layout,
+            kept: None,
+            checkpoint,
+        }
+    }
+
+    /// The `kept` experts of `source` (original indices), seen as `pruned` (the same names,
+    /// `kept.len()` experts numbered `0..n'`).
+    pub fn pruned(
+        checkpoint: &'a Checkpoint,
+        source: &'a ExpertLayout,
+        pruned: &'a ExpertLayout,
+        kept: &'a [usize],
+    ) -> Self {
+        Self {
+            layout: pruned,
+            source,
+            kept: Some(kept),
+            checkpoint,
+        }
+    }
+
+    /// The checkpoint's layout of the layer (all original experts).
+    pub fn source_layout(&self) -> &ExpertLayout {
+        self.source
+    }
+
+    /// The original index of `expert`.
+    pub fn source_index(&self, expert: usize) -> usize {
+        self.kept
+            .and_then(|kept| kept.get(expert).copied())
+            .unwrap_or(expert)
+    }
+
+    /// Original indices of the kept experts, when the layer was pruned.
+    pub fn kept(&self) -> Option<&[usize]> {
+        self.kept
     }
 
     /// One expert's `matrix` ([p, d] for gate/up, [d, p] for down) as f32 on the CPU.
     pub fn matrix(&self, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
-        self.layout
-            .load_dense(self.checkpoint, expert, matrix, DType::F32, &Device::Cpu)
+        if expert >= self.layout.num_experts {
+            return Err(crate::Error::InvalidArgument(format!(
+                "expert {expert} requested from `{}`, which has {} routed experts",
+                self.layout.block, self.layout.num_experts
+            )));
+        }
+        self.source.load_dense(
+            self.checkpoint,
+            self.source_index(expert),
+            matrix,
+            DType::F32,
+            &Device::Cpu,
+        )
     }
 
     /// The group's matrices stacked row-wise (`k·p × d`) in the backend's matrix type.

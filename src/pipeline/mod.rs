@@ -20,6 +20,7 @@ pub mod experts;
 pub mod factor;
 pub mod hf_compat;
 pub mod options;
+pub mod prune;
 pub mod report;
 pub mod resume;
 
@@ -40,8 +41,8 @@ use emit::{Emitter, RunFiles};
 use experts::LayerExperts;
 use factor::{BasisFactorizer, FactorSettings, Factorizer, SvdFactorizer};
 pub use options::{
-    parse_device, AllocationOptions, BudgetScope, CalibrationOptions, CompressOptions,
-    FactorizationOptions, FactorizerKind, OutputOptions,
+    parse_device, AllocationOptions, BudgetScope, CalibrationOptions, CompressMethod,
+    CompressOptions, FactorizationOptions, FactorizerKind, OutputOptions, PruningOptions, Saliency,
 };
 pub use report::{read_layer_reports, GroupReport, LayerReport, Report};
 
@@ -129,6 +130,12 @@ fn check_interrupt() -> Result<()> {
     }
 }
 
+/// A written layer's record (None when nothing was factored) and per-matrix group reports.
+type WrittenLayer = (
+    Option<crate::format::LayerRecord>,
+    std::collections::BTreeMap<String, Vec<GroupReport>>,
+);
+
 /// The state of one compression run between stages.
 struct Run<'a, B: LinalgBackend> {
     options: &'a CompressOptions,
@@ -140,6 +147,10 @@ struct Run<'a, B: LinalgBackend> {
     stored_dtype: DType,
     statistics_key: String,
     moe_layers: Vec<Option<ExpertLayout>>,
+    /// Expert pruning, when the method asks for it.
+    prune_plan: Option<prune::PrunePlan>,
+    /// The allocation options, at the kept experts' ratio after pruning.
+    allocation: AllocationOptions,
     replaying: bool,
     statistics_to_save: Vec<LayerStatistics<B::Matrix>>,
     totals: report::Totals,
@@ -167,6 +178,11 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         let moe_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
             .spec()
             .moe_layers;
+        let prune_plan = prune::PrunePlan::new(options, checkpoint)?;
+        let mut allocation = options.allocation.clone();
+        if let Some(ratio) = prune_plan.as_ref().and_then(|p| p.lowrank_ratio) {
+            allocation.ratio = ratio;
+        }
         // Statistics belong to one model, one set of windows and one grouping.
         let model_dir = checkpoint
             .dir()
@@ -187,6 +203,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             stored_dtype: factor_dtype("auto", checkpoint)?,
             statistics_key,
             moe_layers,
+            prune_plan,
+            allocation,
             replaying: false,
             statistics_to_save: Vec::new(),
             totals: report::Totals::default(),
@@ -207,9 +225,12 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         finished: &[resume::CommittedLayer],
     ) -> Result<()> {
         let mut stream = self.statistics_stream(windows, device, progress)?;
+        let factors = self.options.pruning.method.factors();
         let model_plans = match self.options.allocation.budget_scope {
-            BudgetScope::Model => Some(self.model_plans(&mut stream, emitter, device, progress)?),
-            BudgetScope::Layer => None,
+            BudgetScope::Model if factors => {
+                Some(self.model_plans(&mut stream, emitter, device, progress)?)
+            }
+            _ => None,
         };
         let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
         if !finished.is_empty() {
@@ -257,13 +278,33 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
 
     /// Takes a layer an interrupted run finished into the record, the report and the totals.
     fn adopt_layer(&mut self, entry: &resume::CommittedLayer) -> Result<()> {
-        if let (Some(record), Some(report)) = (&entry.record, &entry.report) {
-            let layout = self.layout(entry.layer)?;
-            self.totals.add_layer(&layout, &report.matrices);
-            self.records.push(record.clone());
+        if let Some(report) = &entry.report {
+            self.account_layer(report)?;
             self.layer_reports.push(report.clone());
         }
+        if let (Some(record), Some(_)) = (&entry.record, &entry.report) {
+            self.records.push(record.clone());
+        }
         self.resumed_layers.push(entry.layer);
+        Ok(())
+    }
+
+    /// Adds a finished layer's parameters to the totals (a pruned layer's removed experts too).
+    fn account_layer(&mut self, report: &LayerReport) -> Result<()> {
+        let layout = self.layout(report.layer)?;
+        match &report.pruning {
+            Some(p) => {
+                let factored = self.options.pruning.method.factors();
+                let kept = p.kept.len();
+                self.totals
+                    .add_pruned(&layout, kept, p.removed.len(), factored);
+                if factored {
+                    let pruned = prune::pruned_layout(&layout, kept);
+                    self.totals.add_layer(&pruned, &report.matrices);
+                }
+            }
+            None => self.totals.add_layer(&layout, &report.matrices),
+        }
         Ok(())
     }
 
@@ -313,14 +354,18 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             Some(statistics) => {
                 CalibrationStream::replay(self.checkpoint, device, self.backend, statistics)
             }
-            None => CalibrationStream::new(
-                self.checkpoint,
-                windows,
-                calibration,
-                want_gram,
-                device,
-                self.backend,
-            ),
+            None => {
+                let mut stream = CalibrationStream::new(
+                    self.checkpoint,
+                    windows,
+                    calibration,
+                    want_gram && self.options.pruning.method.factors(),
+                    device,
+                    self.backend,
+                )?;
+                stream.set_pruning(self.prune_plan.as_ref().map(|plan| plan.rule));
+                Ok(stream)
+            }
         }
     }
 
@@ -341,14 +386,37 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             let Some(statistics) = layer.statistics else {
                 continue;
             };
-            let layout = self.layout(layer.index)?;
-            let experts = LayerExperts::new(self.checkpoint, &layout);
-            analyses.push(analyse::analyse_layer(self.backend, &experts, &statistics)?);
+            let analysis = self.with_experts(&statistics, |experts| {
+                analyse::analyse_layer(self.backend, experts, &statistics)
+            })?;
+            analyses.push(analysis);
             kept.push(statistics);
         }
         drop(task);
         *stream = CalibrationStream::replay(self.checkpoint, device, self.backend, kept)?;
-        allocate::allocate_model(&analyses, &self.options.allocation)
+        allocate::allocate_model(&analyses, &self.allocation)
+    }
+
+    /// Calls `f` with the layer's experts as the stages see them: after pruning, the kept ones
+    /// numbered `0..n'`.
+    fn with_experts<R>(
+        &self,
+        statistics: &LayerStatistics<B::Matrix>,
+        f: impl FnOnce(&LayerExperts) -> Result<R>,
+    ) -> Result<R> {
+        let layout = self.layout(statistics.layer)?;
+        match &statistics.pruning {
+            Some(pruning) => {
+                let pruned = prune::pruned_layout(&layout, pruning.kept.len());
+                f(&LayerExperts::pruned(
+                    self.checkpoint,
+                    &layout,
+                    &pruned,
+                    &pruning.kept,
+                ))
+            }
+            None => f(&LayerExperts::new(self.checkpoint, &layout)),
+        }
     }
 
     fn layout(&self, index: usize) -> Result<ExpertLayout> {
@@ -360,7 +428,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     }
 
     /// analyse → allocate → factor → emit for one MoE layer (whose calibration took
-    /// `calibrate_seconds`).
+    /// `calibrate_seconds`); with `--method prune`, only emit of the kept experts.
     fn compress_layer(
         &mut self,
         emitter: &mut Emitter,
@@ -372,23 +440,55 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             calibrate: calibrate_seconds,
             ..Default::default()
         };
+        check_interrupt()?;
+        let (record, matrices) = match self.options.pruning.method.factors() {
+            true => self.with_experts(&statistics, |experts| {
+                self.factor_and_write(emitter, experts, &statistics, model_plan, &mut seconds)
+            })?,
+            false => {
+                let clock = Instant::now();
+                self.with_experts(&statistics, |experts| {
+                    emitter.write_pruned_layer(experts, statistics.layer)
+                })?;
+                seconds.emit = clock.elapsed().as_secs_f64();
+                (None, Default::default())
+            }
+        };
+        self.sample_memory();
+        let layer_report = report::layer_report(&statistics, matrices, seconds);
+        self.account_layer(&layer_report)?;
+        emitter.commit_layer(statistics.layer, record.clone(), Some(layer_report.clone()))?;
+        self.records.extend(record);
+        self.layer_reports.push(layer_report);
+        if self.options.calibration.statistics_cache.is_some() && !self.replaying {
+            self.statistics_to_save.push(statistics);
+        }
+        Ok(())
+    }
+
+    /// analyse → allocate → factor → emit of `experts`; returns the layer's record and its
+    /// per-matrix group reports, and the time of each stage in `seconds`.
+    fn factor_and_write(
+        &self,
+        emitter: &mut Emitter,
+        experts: &LayerExperts,
+        statistics: &LayerStatistics<B::Matrix>,
+        model_plan: Option<&RankPlan>,
+        seconds: &mut report::StageSeconds,
+    ) -> Result<WrittenLayer> {
         let mut clock = Instant::now();
         let mut lap = || {
             let elapsed = clock.elapsed().as_secs_f64();
             clock = Instant::now();
             elapsed
         };
-        check_interrupt()?;
-        let layout = self.layout(statistics.layer)?;
-        let experts = LayerExperts::new(self.checkpoint, &layout);
-        let analysis = analyse::analyse_layer(self.backend, &experts, &statistics)?;
+        let analysis = analyse::analyse_layer(self.backend, experts, statistics)?;
         seconds.analyse = lap();
         let plan = match model_plan {
             Some(plan) => plan.clone(),
-            None => allocate::allocate_layer(&analysis, &self.options.allocation)?,
+            None => allocate::allocate_layer(&analysis, &self.allocation)?,
         };
         seconds.allocate = lap();
-        self.sample_memory();
         let settings = FactorSettings {
             factorizer: self.factorizer.as_ref(),
             whiten: self.options.factorization.whiten,
@@ -401,31 +501,18 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         };
         let factored = factor::factor_layer(
             self.backend,
-            &experts,
-            &statistics,
+            experts,
+            statistics,
             &analysis,
             &plan,
             &settings,
         )?;
         seconds.factor = lap();
-        self.sample_memory();
         staging::fault_point(&format!("factored:{}", statistics.layer));
         check_interrupt()?;
-        let (record, matrices) = emitter.write_layer(&experts, factored, self.stored_dtype)?;
+        let (record, matrices) = emitter.write_layer(experts, factored, self.stored_dtype)?;
         seconds.emit = lap();
-        self.totals.add_layer(&layout, &matrices);
-        let layer_report = report::layer_report(&statistics, matrices, seconds);
-        emitter.commit_layer(
-            statistics.layer,
-            Some(record.clone()),
-            Some(layer_report.clone()),
-        )?;
-        self.records.push(record);
-        self.layer_reports.push(layer_report);
-        if self.options.calibration.statistics_cache.is_some() && !self.replaying {
-            self.statistics_to_save.push(statistics);
-        }
-        Ok(())
+        Ok((Some(record), matrices))
     }
 
     fn sample_memory(&mut self) {
@@ -481,12 +568,22 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             layers: self.records,
         };
         let report_json = report.checkpoint_json()?;
+        let pruned_layers: Vec<(usize, &prune::LayerPruning)> = report
+            .layers
+            .iter()
+            .filter_map(|l| l.pruning.as_ref().map(|p| (l.layer, p)))
+            .collect();
+        let pruned_config = self
+            .prune_plan
+            .as_ref()
+            .map(|plan| prune::PrunedConfig::new(plan, &pruned_layers));
         let options_toml = toml::to_string(self.options)
             .map_err(|e| Error::InvalidArgument(format!("compress.toml: {e}")))?;
         report.output = emitter.finish(&RunFiles {
             record: &record,
             report_json: &report_json,
             options_toml: &options_toml,
+            pruning: pruned_config.as_ref(),
         })?;
         Ok(report)
     }

@@ -7,6 +7,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::allocate::Allocation;
+pub use super::prune::{CompressMethod, PruningOptions, Saliency};
 use crate::error::{Error, Result};
 
 /// Which factoriser turns a group into coefficients and a basis.
@@ -242,6 +243,9 @@ pub struct CompressOptions {
     pub factorization: FactorizationOptions,
     /// Emit stage.
     pub output: OutputOptions,
+    /// Expert pruning (`--method`); left out of saved settings when it is the default.
+    #[serde(skip_serializing_if = "PruningOptions::is_default")]
+    pub pruning: PruningOptions,
 }
 
 impl Default for CompressOptions {
@@ -253,6 +257,7 @@ impl Default for CompressOptions {
             allocation: AllocationOptions::default(),
             factorization: FactorizationOptions::default(),
             output: OutputOptions::default(),
+            pruning: PruningOptions::default(),
         }
     }
 }
@@ -266,6 +271,14 @@ impl CompressOptions {
     pub fn validate(&self) -> Result<()> {
         self.calibration.validate()?;
         self.allocation.validate()?;
+        self.pruning.validate()?;
+        if self.pruning.method.prunes() && self.calibration.statistics_cache.is_some() {
+            return invalid(format!(
+                "--method {} does not use the calibration statistics cache (its statistics \
+                 depend on the experts removed): leave `statistics_cache` out",
+                self.pruning.method
+            ));
+        }
         let output = &self.output;
         if !output.dry_run && output.out.is_none() {
             return invalid("--out is required (or use --dry-run)".into());

@@ -66,6 +66,10 @@ pub struct LayerReport {
     /// Wall-clock seconds this layer spent in each stage.
     #[serde(default)]
     pub stage_seconds: StageSeconds,
+    /// Expert pruning: the kept and removed experts (original indices) and their saliency;
+    /// `routing_counts` and `matrices` above then number the kept experts `0..n'`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<super::prune::LayerPruning>,
 }
 
 /// Wall-clock seconds one layer spent in each stage of the pipeline.
@@ -204,6 +208,17 @@ impl Report {
                     err
                 ));
             }
+            if let Some(p) = &layer.pruning {
+                out.push_str(&format!(
+                    "{:>5}  pruned by {}: {} of {} experts removed {:?}, kept {:?}\n",
+                    layer.layer,
+                    p.saliency,
+                    p.removed.len(),
+                    p.original_experts,
+                    p.removed,
+                    p.kept
+                ));
+            }
             if !layer.unused_experts.is_empty() {
                 out.push_str(&format!(
                     "       experts with no calibration tokens: {:?}\n",
@@ -230,6 +245,7 @@ pub struct Totals {
     targeted_before: u64,
     targeted_after: u64,
     down_parameters: u64,
+    down_removed: u64,
     rank_granularity: f64,
     peak_resident: Option<u64>,
 }
@@ -258,6 +274,27 @@ impl Totals {
         }
     }
 
+    /// Adds a pruned layer's experts: `removed` experts count as removed entirely (gate, up,
+    /// down); the kept ones' gate/up and down as unchanged unless `factored` (then
+    /// [`Self::add_layer`] counts them from their groups).
+    pub fn add_pruned(
+        &mut self,
+        layout: &ExpertLayout,
+        kept: usize,
+        removed: usize,
+        factored: bool,
+    ) {
+        let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
+        self.targeted_before += 2 * matrix * removed as u64;
+        self.down_parameters += matrix * removed as u64;
+        self.down_removed += matrix * removed as u64;
+        if !factored {
+            self.targeted_before += 2 * matrix * kept as u64;
+            self.targeted_after += 2 * matrix * kept as u64;
+            self.down_parameters += matrix * kept as u64;
+        }
+    }
+
     /// Raises the peak to the current anonymous resident memory.
     pub fn sample_memory(&mut self) {
         if let Some(now) = resident_anonymous_bytes() {
@@ -274,7 +311,8 @@ impl Totals {
         model_parameters: u64,
         layers: Vec<LayerReport>,
     ) -> Report {
-        let saved = self.targeted_before.saturating_sub(self.targeted_after);
+        let saved_targeted = self.targeted_before.saturating_sub(self.targeted_after);
+        let saved = saved_targeted + self.down_removed;
         let routed_before = self.targeted_before + self.down_parameters;
         Report {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -283,7 +321,7 @@ impl Totals {
             calibration_fingerprint,
             targeted_parameters_before: self.targeted_before,
             targeted_parameters_after: self.targeted_after,
-            targeted_reduction: fraction(saved, self.targeted_before),
+            targeted_reduction: fraction(saved_targeted, self.targeted_before),
             routed_expert_reduction: fraction(saved, routed_before),
             model_reduction: fraction(saved, model_parameters),
             model_parameters_before: model_parameters,
@@ -310,6 +348,7 @@ pub fn layer_report<M>(
         unused_experts: statistics.unused_experts(),
         matrices,
         stage_seconds,
+        pruning: statistics.pruning.clone(),
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::{BudgetScope, CompressOptions, FactorizerKind};
+use rfid_moe::pipeline::{BudgetScope, CompressMethod, CompressOptions, FactorizerKind, Saliency};
 
 use rfid_moe::safety::commands as path_checks;
 
@@ -27,9 +27,20 @@ pub struct CompressArgs {
     /// Output directory (written atomically; refused if it exists unless --force).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Fraction of the routed experts' gate/up parameters to remove.
+    /// Fraction of the routed experts' gate/up parameters to remove (every --method removes this
+    /// many parameters, so equal ratios give equal sizes).
     #[arg(long)]
     ratio: Option<f64>,
+    /// What is done to the routed experts.
+    #[arg(long, value_parser = choice::<CompressMethod>())]
+    method: Option<CompressMethod>,
+    /// How experts are ranked for pruning.
+    #[arg(long, value_parser = choice::<Saliency>())]
+    prune_saliency: Option<Saliency>,
+    /// --method prune+lowrank: fraction of each layer's experts removed; the rest of the --ratio
+    /// budget factors the kept experts (default: half of the budget goes to pruning).
+    #[arg(long)]
+    prune_fraction: Option<f64>,
     /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
     #[arg(long)]
     group_size: Option<usize>,
@@ -142,6 +153,12 @@ impl CompressArgs {
         set(&mut allocation.dense_fallback, &self.dense_fallback);
         set(&mut allocation.residual, &self.residual);
         set(&mut allocation.residual_fraction, &self.residual_fraction);
+        let pruning = &mut options.pruning;
+        set(&mut pruning.method, &self.method);
+        set(&mut pruning.saliency, &self.prune_saliency);
+        if self.prune_fraction.is_some() {
+            pruning.fraction = self.prune_fraction;
+        }
         let factorization = &mut options.factorization;
         set(&mut factorization.factorizer, &self.factorizer);
         set(&mut factorization.fit_steps, &self.fit_steps);
@@ -205,7 +222,11 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     match &report.output {
         Some(out) => {
             println!("wrote {} in {:.1}s", out.display(), report.seconds);
-            super::upload::write_card_after_compress(out);
+            // A pruned-only output is a normal checkpoint without a compression record, which
+            // the card describes.
+            if options.pruning.method.factors() {
+                super::upload::write_card_after_compress(out);
+            }
         }
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
