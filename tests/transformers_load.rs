@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::ArchConfig;
-use rfid_moe::pipeline::{CompressOptions, FactorizerKind};
+use rfid_moe::pipeline::{CompressMethod, CompressOptions, FactorizerKind};
 use serde_json::{json, Value};
 
 /// Set to `1` to skip this test (loudly) where the Python environment cannot be installed.
@@ -358,6 +358,7 @@ fn transformers_loads_every_compressed_family_with_our_logits() {
     }
     add_refusal_cases(&mut cases, work);
     add_fused_cases(&mut cases, work, &calibration);
+    add_pruned_cases(&mut cases, work, &calibration);
     let snippet = readme_example(&work.join("mini-moe-docs"));
     let (results, logits) = run_python(&python, work, &ids_path, &cases, snippet);
     let ids = candle_core::safetensors::load(&ids_path, &Device::Cpu).unwrap()["input_ids"].clone();
@@ -435,5 +436,64 @@ fn add_fused_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             stored_values: dense_values,
         },
         ours: factored,
+    });
+}
+
+/// Expert pruning (issue 16): a pruned checkpoint is a normal one that the family's own class
+/// loads without remote code (a fused input stays fused, cut to the kept experts); pruning plus
+/// low-rank loads through our modelling file. Parameter counts are those stored in the output.
+fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
+    let fused = work.join("fused-olmoe");
+    let pruned = [
+        (
+            "pruned qwen3_moe",
+            common::fixture("tiny-qwen3_moe"),
+            "Qwen3MoeForCausalLM",
+        ),
+        (
+            "pruned deepseek_v3",
+            common::fixture("tiny-deepseek_v3"),
+            "DeepseekV3ForCausalLM",
+        ),
+        ("pruned fused olmoe", fused, "OlmoeForCausalLM"),
+    ];
+    for (name, source, class) in pruned {
+        let out = work.join(name.replace(' ', "-"));
+        compress(&source, calibration, &out, |o| {
+            o.pruning.method = CompressMethod::Prune;
+        });
+        let stored = Checkpoint::open(&out).unwrap();
+        if name.contains("fused") {
+            assert!(stored
+                .tensor_names()
+                .iter()
+                .any(|n| n.ends_with("experts.gate_up_proj")));
+        }
+        let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: false,
+            expect: Expect::Loads {
+                class: class.into(),
+                stored_values,
+            },
+            ours: out,
+        });
+    }
+    let out = work.join("pruned-lowrank-mixtral");
+    compress(&common::fixture("tiny-mixtral"), calibration, &out, |o| {
+        o.pruning.method = CompressMethod::PruneLowRank;
+    });
+    let stored_values = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap()).total;
+    cases.push(Case {
+        name: "pruned+lowrank mixtral",
+        dir: out.clone(),
+        trust_remote_code: true,
+        expect: Expect::Loads {
+            class: factored_class("Mixtral"),
+            stored_values,
+        },
+        ours: out,
     });
 }
