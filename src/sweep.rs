@@ -58,6 +58,12 @@ pub struct SweepRow {
     pub label: String,
     /// Achieved reduction of the targeted parameters.
     pub targeted_reduction: f64,
+    /// Bytes of every tensor of the written checkpoint (headers and JSON files not counted).
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// Bytes of its routed experts' tensors (factors, dense members, `down_proj`).
+    #[serde(default)]
+    pub routed_expert_bytes: u64,
     /// Perplexity on the evaluation text.
     pub perplexity: f64,
     /// Mean KL(original ‖ compressed) per token.
@@ -74,7 +80,12 @@ pub struct SweepRow {
 
 impl SweepRow {
     /// The row of `point` from its compression `report` and its divergence from the original.
-    fn measured(point: &SweepPoint, report: &Report, measured: &DivergenceResult) -> Self {
+    fn measured(
+        point: &SweepPoint,
+        report: &Report,
+        measured: &DivergenceResult,
+        bytes: TensorBytes,
+    ) -> Self {
         let groups: Vec<_> = report
             .layers
             .iter()
@@ -92,6 +103,8 @@ impl SweepRow {
             point: *point,
             label: point.label(),
             targeted_reduction: report.targeted_reduction,
+            output_bytes: bytes.total,
+            routed_expert_bytes: bytes.routed_experts,
             perplexity: measured.candidate.perplexity,
             mean_kl: measured.mean_kl,
             top1_agreement: measured.top1_agreement,
@@ -106,6 +119,33 @@ impl SweepRow {
             compress_seconds: report.seconds,
         }
     }
+}
+
+/// Sizes of a checkpoint's tensors in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TensorBytes {
+    /// Every tensor.
+    pub total: u64,
+    /// The routed experts' tensors (names with `.experts.` or `.expert_groups.`; shared experts
+    /// are not routed).
+    pub routed_experts: u64,
+}
+
+/// The bytes of the tensors stored in the checkpoint at `dir`, in all and for routed experts.
+pub fn tensor_bytes(dir: &std::path::Path) -> Result<TensorBytes> {
+    let checkpoint = crate::checkpoint::Checkpoint::open(dir)?;
+    let mut bytes = TensorBytes::default();
+    for name in checkpoint.tensor_names() {
+        let Some((info, _)) = checkpoint.info(name) else {
+            continue;
+        };
+        let size = (info.data_range.1 - info.data_range.0) as u64;
+        bytes.total += size;
+        if name.contains(".experts.") || name.contains(".expert_groups.") {
+            bytes.routed_experts += size;
+        }
+    }
+    Ok(bytes)
 }
 
 /// The sweep's full result.
@@ -217,7 +257,8 @@ pub fn sweep(
             eval_options,
             progress,
         )?;
-        let row = SweepRow::measured(point, &report, &measured);
+        let bytes = tensor_bytes(&out)?;
+        let row = SweepRow::measured(point, &report, &measured, bytes);
         progress.message(
             "sweep",
             &format!(
@@ -271,6 +312,16 @@ impl SweepReport {
             ("Top-1 agreement with the original", |r: &SweepRow| {
                 format!("{:.1}%", 100.0 * r.top1_agreement)
             }),
+            (
+                "Size in MB (10⁶ bytes) of the output's tensors (of its routed experts)",
+                |r: &SweepRow| {
+                    format!(
+                        "{:.3} ({:.3})",
+                        r.output_bytes as f64 / 1e6,
+                        r.routed_expert_bytes as f64 / 1e6
+                    )
+                },
+            ),
         ] {
             out.push_str(&format!(
                 "**{title}**\n\n| ρ | {} |\n|{}\n",

@@ -6,6 +6,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::tune::TuneMetric;
 use rfid_moe::pipeline::{BudgetScope, CompressMethod, FactorizerKind, Saliency};
 
 /// `--device`, flattened into the commands that run a model.
@@ -30,6 +31,11 @@ pub fn parse_on_off(value: &str) -> std::result::Result<bool, String> {
         "off" | "false" | "no" | "0" => Ok(false),
         other => Err(format!("expected on or off, got `{other}`")),
     }
+}
+
+/// Parses `--xi`: a number in [0, 1], or `auto` (chosen per layer on held-out windows).
+pub fn parse_xi(value: &str) -> std::result::Result<rfid_moe::pipeline::tune::XiSetting, String> {
+    value.parse().map_err(|e: rfid_moe::Error| e.to_string())
 }
 
 /// A library option enum offered on the command line by name.
@@ -63,6 +69,7 @@ choice!(BudgetScope);
 choice!(FactorizerKind);
 choice!(CompressMethod);
 choice!(Saliency);
+choice!(TuneMetric);
 
 /// A value parser for `T` that lists every name and its description in `--help` and parses with
 /// the library's `FromStr`.

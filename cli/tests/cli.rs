@@ -310,6 +310,31 @@ fn compress_reads_a_config_file_and_flags_win() {
 }
 
 #[test]
+fn compress_xi_auto_dry_run_prints_each_layers_choice() {
+    let model = common::mini_model();
+    let calibration = model.join("calibration.txt");
+    let out = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+        .args(["compress", "--quiet", "--dry-run", "--xi", "auto"])
+        .args(["--samples", "8", "--seq-len", "64", "--model"])
+        .arg(&model)
+        .arg("--calibration")
+        .arg(&calibration)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let choices = stdout
+        .lines()
+        .filter(|l| l.contains("chosen by held-out output error (0: "))
+        .count();
+    assert_eq!(choices, 4, "one line per MoE layer:\n{stdout}");
+}
+
+#[test]
 fn compress_rejects_bad_options_with_clear_messages() {
     let model = common::mini_model();
     let run = |args: &[&str]| {
@@ -332,6 +357,14 @@ fn compress_rejects_bad_options_with_clear_messages() {
     assert!(stderr.contains("--ratio 1.5"), "{stderr}");
     let stderr = run(&[&base[..], &["--ratio", "0.4"]].concat());
     assert!(stderr.contains("--out is required"), "{stderr}");
+    let stderr = run(&[&base[..], &["--xi", "often", "--dry-run"]].concat());
+    assert!(stderr.contains("--xi `often`"), "{stderr}");
+    let model_scope = ["--xi", "auto", "--budget-scope", "model", "--dry-run"];
+    let stderr = run(&[&base[..], &model_scope].concat());
+    assert!(stderr.contains("--budget-scope layer"), "{stderr}");
+    let holdout = ["--xi", "auto", "--holdout-fraction", "1", "--dry-run"];
+    let stderr = run(&[&base[..], &holdout].concat());
+    assert!(stderr.contains("--holdout-fraction 1"), "{stderr}");
     let stderr = run(&[
         "compress",
         "--model",

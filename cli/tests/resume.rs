@@ -257,6 +257,36 @@ fn a_model_wide_budget_resumes_from_its_saved_plan_with_identical_output() {
 }
 
 #[test]
+fn xi_auto_resumes_with_identical_output_and_reports_each_layers_choice() {
+    let setup = Setup::new();
+    let auto = ["--xi", "auto"];
+    let reference = setup.reference(&auto);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("compression_report.json")).unwrap())
+            .unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for layer in layers {
+        let search = &layer["xi_search"];
+        let candidates = search["candidates"].as_array().unwrap();
+        assert_eq!(candidates.len(), 6, "{search}");
+        // 8 windows of 64 tokens: one window held out.
+        assert_eq!(search["held_out_tokens"], 64);
+        let best = candidates
+            .iter()
+            .min_by(|a, b| {
+                let error = |c: &serde_json::Value| c["output_error"].as_f64().unwrap();
+                error(a).total_cmp(&error(b))
+            })
+            .unwrap();
+        assert_eq!(search["chosen"], best["xi"], "{search}");
+    }
+    // Killed after layer 1 was factored: layer 1's held-out activations are recomputed.
+    setup.killed_at(&auto, "factored:1");
+    resume_and_check(&setup, &auto, &reference, 1);
+}
+
+#[test]
 fn a_different_option_calibration_or_model_is_refused_by_name_and_restart_starts_over() {
     let setup = Setup::new();
     setup.killed_at(&[], "layer-committed:0");

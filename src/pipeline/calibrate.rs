@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::analyse;
 use super::options::CalibrationOptions;
 use super::prune::{LayerPruning, PruneRule, SaliencyAccumulator};
+use super::tune::{HeldOutActivations, HeldOutRecorder};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
 use crate::checkpoint::{Checkpoint, StoredDType};
 use crate::error::{Error, Result};
@@ -253,6 +254,9 @@ pub struct CalibratedLayer<M> {
     pub index: usize,
     /// Statistics of a MoE layer (`None` for dense layers).
     pub statistics: Option<LayerStatistics<M>>,
+    /// The held-out windows' MoE input and routing (MoE layers of a stream with held-out
+    /// windows, `--xi auto`).
+    pub held_out: Option<HeldOutActivations>,
 }
 
 /// Streams a checkpoint's decoder layers over calibration windows, one layer at a time.
@@ -262,6 +266,11 @@ pub struct CalibrationStream<'a, B: LinalgBackend> {
     weights: Weights<'a>,
     rotary: Option<Rotary>,
     hidden: Vec<Tensor>,
+    /// Hidden states of the held-out windows (`--xi auto`), carried like `hidden` but
+    /// contributing to no statistic.
+    held_out: Vec<Tensor>,
+    /// Whether `next_layer` records the held-out windows (not while skipping a layer).
+    record_held_out: bool,
     next_layer: usize,
     group_size: usize,
     collect_gram: bool,
@@ -280,8 +289,30 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         device: &'a Device,
         backend: &'a B,
     ) -> Result<Self> {
+        let no_held_out: &[Vec<u32>] = &[];
+        Self::with_held_out(
+            checkpoint,
+            [windows, no_held_out],
+            options,
+            collect_gram,
+            device,
+            backend,
+        )
+    }
+
+    /// As [`Self::new`] for `[calibrating, held_out]` windows: the held-out windows run through
+    /// every layer too, but only their MoE inputs and routing are kept
+    /// ([`CalibratedLayer::held_out`]), for measuring candidate allocations (`--xi auto`).
+    pub fn with_held_out(
+        checkpoint: &'a Checkpoint,
+        [windows, held_out]: [&[Vec<u32>]; 2],
+        options: &CalibrationOptions,
+        collect_gram: bool,
+        device: &'a Device,
+        backend: &'a B,
+    ) -> Result<Self> {
         let seq = windows.first().map_or(0, |w| w.len());
-        if seq == 0 || windows.iter().any(|w| w.len() != seq) {
+        if seq == 0 || windows.iter().chain(held_out).any(|w| w.len() != seq) {
             return Err(Error::InvalidArgument(
                 "calibration windows must all have the same, non-zero length".into(),
             ));
@@ -295,7 +326,12 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         let mut stream = Self::open(checkpoint, device, backend, options.group_size)?;
         stream.collect_gram = collect_gram;
         let vocab = stream.spec.vocab_size;
-        if let Some(id) = windows.iter().flatten().find(|&&id| id as usize >= vocab) {
+        if let Some(id) = windows
+            .iter()
+            .chain(held_out)
+            .flatten()
+            .find(|&&id| id as usize >= vocab)
+        {
             return Err(Error::InvalidArgument(format!(
                 "calibration token id {id} is out of range for the vocabulary of {vocab} in {}",
                 checkpoint.config_path().display()
@@ -319,12 +355,18 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 found: embed.dims().to_vec(),
             });
         }
-        for batch in windows.chunks(options.batch_size.max(1)) {
-            let flat: Vec<u32> = batch.iter().flatten().copied().collect();
-            let ids = Tensor::from_vec(flat, batch.len() * seq, device)?;
-            let rows = embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-            stream.hidden.push(rows.reshape((batch.len(), seq, ()))?);
-        }
+        let embed_batches = |windows: &[Vec<u32>]| -> Result<Vec<Tensor>> {
+            let mut batches = Vec::new();
+            for batch in windows.chunks(options.batch_size.max(1)) {
+                let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+                let ids = Tensor::from_vec(flat, batch.len() * seq, device)?;
+                let rows = embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+                batches.push(rows.reshape((batch.len(), seq, ()))?);
+            }
+            Ok(batches)
+        };
+        stream.hidden = embed_batches(windows)?;
+        stream.held_out = embed_batches(held_out)?;
         stream.rotary = Some(stream.config.rotary(checkpoint, DType::F32, device)?);
         Ok(stream)
     }
@@ -377,6 +419,8 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             weights,
             rotary: None,
             hidden: Vec::new(),
+            held_out: Vec::new(),
+            record_held_out: true,
             next_layer: 0,
             group_size,
             collect_gram: false,
@@ -403,9 +447,11 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         let index = self.next_layer;
         let collect_gram = std::mem::replace(&mut self.collect_gram, false);
         let prune = self.prune.take();
+        self.record_held_out = false;
         let skipped = self.next_layer();
         self.collect_gram = collect_gram;
         self.prune = prune;
+        self.record_held_out = true;
         Ok(skipped?.map(|layer| layer.index).filter(|&i| i == index))
     }
 
@@ -422,7 +468,11 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 .iter()
                 .position(|s| s.layer == index)
                 .map(|i| saved.swap_remove(i));
-            return Ok(Some(CalibratedLayer { index, statistics }));
+            return Ok(Some(CalibratedLayer {
+                index,
+                statistics,
+                held_out: None,
+            }));
         }
         // Experts stay in the checkpoint's dtype (half of f32 for bf16) and are widened per
         // use: the same f32 products, at half the resident layer.
@@ -455,6 +505,22 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             let (next, _) = layer.forward(hidden, rotary, observer)?;
             *hidden = next;
         }
+        // Held-out windows are recorded only when statistics are (not while skipping a layer).
+        let mut held_out_recorder = self.spec.moe_layers[index]
+            .as_ref()
+            .filter(|_| self.record_held_out)
+            .map(|layout| HeldOutRecorder::new(layout.num_experts));
+        for hidden in self.held_out.iter_mut() {
+            let observer: Option<&mut dyn MoeObserver> = match held_out_recorder.as_mut() {
+                Some(r) => Some(r),
+                None => None,
+            };
+            let (next, _) = layer.forward(hidden, rotary, observer)?;
+            if let Some(recorder) = held_out_recorder.as_mut() {
+                recorder.record_layer_output(&next)?;
+            }
+            *hidden = next;
+        }
         drop(layer);
         let statistics = match recorder {
             Some(r) => {
@@ -462,7 +528,15 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             }
             None => None,
         };
-        Ok(Some(CalibratedLayer { index, statistics }))
+        let held_out = match held_out_recorder {
+            Some(r) => r.finish()?,
+            None => None,
+        };
+        Ok(Some(CalibratedLayer {
+            index,
+            statistics,
+            held_out,
+        }))
     }
 }
 

@@ -23,6 +23,7 @@ pub mod options;
 pub mod prune;
 pub mod report;
 pub mod resume;
+pub mod tune;
 
 use std::time::Instant;
 
@@ -69,6 +70,12 @@ pub fn compress_with_progress(
     let backend = CpuBackend;
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);
+    let calibration_tokens = windows.iter().map(Vec::len).sum();
+    // `--xi auto` measures candidates on held-out windows, which calibrate nothing.
+    let windows = match options.allocation.xi_auto {
+        true => tune::split_holdout(&windows, options.calibration.holdout_fraction)?,
+        false => (windows, Vec::new()),
+    };
     let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)?;
     let manifest = resume::Manifest::new(options, &checkpoint, &fingerprint)?;
     // A signal now only asks the run to stop at its next safe point.
@@ -80,7 +87,7 @@ pub fn compress_with_progress(
         return Err(stopped(emitter, error));
     }
     run.save_statistics()?;
-    run.finish(emitter, windows.iter().map(Vec::len).sum(), started)
+    run.finish(emitter, calibration_tokens, started)
 }
 
 /// Ends a run that stopped early: keeps the staging directory when it holds finished work and
@@ -219,7 +226,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     fn compress_layers(
         &mut self,
         emitter: &mut Emitter,
-        windows: &[Vec<u32>],
+        windows: &tune::SplitWindows,
         device: &'a Device,
         progress: &dyn Progress,
         finished: &[resume::CommittedLayer],
@@ -265,7 +272,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                     let plan = model_plans
                         .as_ref()
                         .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
-                    self.compress_layer(emitter, statistics, plan, calibrate_seconds)?;
+                    let calibrated = (statistics, layer.held_out);
+                    self.compress_layer(emitter, calibrated, plan, calibrate_seconds)?;
                 }
                 None => emitter.copy_layer(layer.index)?,
             }
@@ -333,13 +341,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     /// otherwise run over the windows.
     fn statistics_stream(
         &mut self,
-        windows: &[Vec<u32>],
+        (windows, held_out): &tune::SplitWindows,
         device: &'a Device,
         progress: &dyn Progress,
     ) -> Result<CalibrationStream<'a, B>> {
         let calibration = &self.options.calibration;
         let want_gram = self.options.wants_gram();
-        let cached = match &calibration.statistics_cache {
+        let cached = match self.statistics_cache() {
             Some(path) if path.exists() => {
                 calibrate::load_statistics(path, &self.statistics_key, self.backend)?
                     .filter(|layers| !want_gram || layers.iter().all(|l| l.group_gram.is_some()))
@@ -355,9 +363,9 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 CalibrationStream::replay(self.checkpoint, device, self.backend, statistics)
             }
             None => {
-                let mut stream = CalibrationStream::new(
+                let mut stream = CalibrationStream::with_held_out(
                     self.checkpoint,
-                    windows,
+                    [windows, held_out],
                     calibration,
                     want_gram && self.options.pruning.method.factors(),
                     device,
@@ -427,12 +435,21 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .ok_or_else(|| Error::InvalidArgument(format!("layer {index} is not a MoE layer")))
     }
 
-    /// analyse → allocate → factor → emit for one MoE layer (whose calibration took
+    /// The statistics cache, unless `--xi auto` needs the held-out activations it lacks.
+    fn statistics_cache(&self) -> Option<&'a std::path::Path> {
+        let options = self.options;
+        match options.allocation.xi_auto {
+            true => None,
+            false => options.calibration.statistics_cache.as_deref(),
+        }
+    }
+
+    /// analyse → allocate (→ tune) → factor → emit for one MoE layer (whose calibration took
     /// `calibrate_seconds`); with `--method prune`, only emit of the kept experts.
     fn compress_layer(
         &mut self,
         emitter: &mut Emitter,
-        statistics: LayerStatistics<B::Matrix>,
+        (statistics, held_out): (LayerStatistics<B::Matrix>, Option<tune::HeldOutActivations>),
         model_plan: Option<&RankPlan>,
         calibrate_seconds: f64,
     ) -> Result<()> {
@@ -441,10 +458,16 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             ..Default::default()
         };
         check_interrupt()?;
+        let mut xi_search = None;
         let (record, matrices) = match self.options.pruning.method.factors() {
-            true => self.with_experts(&statistics, |experts| {
-                self.factor_and_write(emitter, experts, &statistics, model_plan, &mut seconds)
-            })?,
+            true => {
+                let (written, search) = self.with_experts(&statistics, |experts| {
+                    let layer = (experts, &statistics, held_out.as_ref());
+                    self.factor_and_write(emitter, layer, model_plan, &mut seconds)
+                })?;
+                xi_search = search;
+                written
+            }
             false => {
                 let clock = Instant::now();
                 self.with_experts(&statistics, |experts| {
@@ -455,27 +478,32 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             }
         };
         self.sample_memory();
-        let layer_report = report::layer_report(&statistics, matrices, seconds);
+        let mut layer_report = report::layer_report(&statistics, matrices, seconds);
+        layer_report.xi_search = xi_search;
         self.account_layer(&layer_report)?;
         emitter.commit_layer(statistics.layer, record.clone(), Some(layer_report.clone()))?;
         self.records.extend(record);
         self.layer_reports.push(layer_report);
-        if self.options.calibration.statistics_cache.is_some() && !self.replaying {
+        if self.statistics_cache().is_some() && !self.replaying {
             self.statistics_to_save.push(statistics);
         }
         Ok(())
     }
 
-    /// analyse → allocate → factor → emit of `experts`; returns the layer's record and its
-    /// per-matrix group reports, and the time of each stage in `seconds`.
+    /// analyse → allocate (→ tune, with held-out activations) → factor → emit of `experts`;
+    /// returns the layer's record and its per-matrix group reports with the `--xi auto` search,
+    /// and the time of each stage in `seconds`.
     fn factor_and_write(
         &self,
         emitter: &mut Emitter,
-        experts: &LayerExperts,
-        statistics: &LayerStatistics<B::Matrix>,
+        (experts, statistics, held_out): (
+            &LayerExperts,
+            &LayerStatistics<B::Matrix>,
+            Option<&tune::HeldOutActivations>,
+        ),
         model_plan: Option<&RankPlan>,
         seconds: &mut report::StageSeconds,
-    ) -> Result<WrittenLayer> {
+    ) -> Result<(WrittenLayer, Option<tune::XiSearch>)> {
         let mut clock = Instant::now();
         let mut lap = || {
             let elapsed = clock.elapsed().as_secs_f64();
@@ -484,9 +512,26 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         };
         let analysis = analyse::analyse_layer(self.backend, experts, statistics)?;
         seconds.analyse = lap();
-        let plan = match model_plan {
-            Some(plan) => plan.clone(),
-            None => allocate::allocate_layer(&analysis, &self.allocation)?,
+        let (plan, xi_search) = match (model_plan, held_out) {
+            (Some(plan), _) => (plan.clone(), None),
+            (None, Some(held_out)) if self.allocation.xi_auto => {
+                let search = tune::SearchSettings {
+                    allocation: &self.allocation,
+                    whiten: self.options.factorization.whiten,
+                    whiten_ridge: self.options.factorization.whiten_ridge,
+                };
+                let (plan, found) = tune::search_xi(
+                    self.backend,
+                    experts,
+                    statistics,
+                    &analysis,
+                    held_out,
+                    &search,
+                )?;
+                seconds.tune = lap();
+                (plan, Some(found))
+            }
+            (None, _) => (allocate::allocate_layer(&analysis, &self.allocation)?, None),
         };
         seconds.allocate = lap();
         let settings = FactorSettings {
@@ -512,7 +557,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         check_interrupt()?;
         let (record, matrices) = emitter.write_layer(experts, factored, self.stored_dtype)?;
         seconds.emit = lap();
-        Ok((Some(record), matrices))
+        Ok(((Some(record), matrices), xi_search))
     }
 
     fn sample_memory(&mut self) {
@@ -523,7 +568,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     /// (whose statistics it never collected).
     fn save_statistics(&self) -> Result<()> {
         let complete = self.resumed_layers.is_empty();
-        match (&self.options.calibration.statistics_cache, self.replaying) {
+        match (self.statistics_cache(), self.replaying) {
             (Some(path), false) if complete => calibrate::save_statistics(
                 path,
                 &self.statistics_to_save,

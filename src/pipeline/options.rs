@@ -123,7 +123,11 @@ pub struct CalibrationOptions {
     pub activation_statistics: bool,
     /// Save calibration statistics here, or reuse them if the file holds statistics of the same
     /// model, windows and grouping (skips the forward passes; holds all layers in memory).
+    /// Not used with `--xi auto`, which needs the held-out windows' activations.
     pub statistics_cache: Option<PathBuf>,
+    /// `--xi auto`: fraction of the windows held out (at least one) to measure the candidates
+    /// on; they contribute neither to the Gram matrices nor to the routing counts.
+    pub holdout_fraction: f64,
 }
 
 impl Default for CalibrationOptions {
@@ -137,6 +141,7 @@ impl Default for CalibrationOptions {
             group_size: 4,
             activation_statistics: true,
             statistics_cache: None,
+            holdout_fraction: super::tune::DEFAULT_HOLDOUT_FRACTION,
         }
     }
 }
@@ -149,6 +154,13 @@ pub struct AllocationOptions {
     pub ratio: f64,
     /// Weight ξ of information density in the fused score.
     pub xi: f64,
+    /// `--xi auto`: choose ξ per layer among `xi_candidates` by the layer's output error on
+    /// held-out calibration windows (`xi` is then unused; see `pipeline::tune`).
+    pub xi_auto: bool,
+    /// The ξ values `--xi auto` tries.
+    pub xi_candidates: Vec<f64>,
+    /// How `--xi auto` weighs the held-out tokens' errors.
+    pub xi_metric: super::tune::TuneMetric,
     /// Rank allocation policy.
     pub policy: Allocation,
     /// Budget scope.
@@ -166,6 +178,9 @@ impl Default for AllocationOptions {
         Self {
             ratio: 0.4,
             xi: 0.2,
+            xi_auto: false,
+            xi_candidates: super::tune::DEFAULT_XI_CANDIDATES.to_vec(),
+            xi_metric: super::tune::TuneMetric::Output,
             policy: Allocation::Rfid,
             budget_scope: BudgetScope::Layer,
             dense_fallback: true,
@@ -279,6 +294,7 @@ impl CompressOptions {
                 self.pruning.method
             ));
         }
+        super::tune::validate(self)?;
         let output = &self.output;
         if !output.dry_run && output.out.is_none() {
             return invalid("--out is required (or use --dry-run)".into());

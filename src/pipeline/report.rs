@@ -70,6 +70,9 @@ pub struct LayerReport {
     /// `routing_counts` and `matrices` above then number the kept experts `0..n'`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruning: Option<super::prune::LayerPruning>,
+    /// `--xi auto`: the candidates' held-out output errors and the ξ chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xi_search: Option<super::tune::XiSearch>,
 }
 
 /// Wall-clock seconds one layer spent in each stage of the pipeline.
@@ -81,6 +84,9 @@ pub struct StageSeconds {
     pub analyse: f64,
     /// Rank allocation.
     pub allocate: f64,
+    /// `--xi auto`: factoring and measuring the candidates on the held-out tokens.
+    #[serde(default)]
+    pub tune: f64,
     /// Factorisation.
     pub factor: f64,
     /// Writing the layer's shard.
@@ -90,7 +96,7 @@ pub struct StageSeconds {
 impl StageSeconds {
     /// The sum over stages.
     pub fn total(&self) -> f64 {
-        self.calibrate + self.analyse + self.allocate + self.factor + self.emit
+        self.calibrate + self.analyse + self.allocate + self.tune + self.factor + self.emit
     }
 }
 
@@ -217,6 +223,18 @@ impl Report {
                     p.original_experts,
                     p.removed,
                     p.kept
+                ));
+            }
+            if let Some(search) = &layer.xi_search {
+                let errors: Vec<String> = search
+                    .candidates
+                    .iter()
+                    .map(|c| format!("{}: {:.4}", c.xi, c.output_error))
+                    .collect();
+                out.push_str(&format!(
+                    "       ξ = {} chosen by held-out output error ({})\n",
+                    search.chosen,
+                    errors.join(", ")
                 ));
             }
             if !layer.unused_experts.is_empty() {
@@ -349,6 +367,7 @@ pub fn layer_report<M>(
         matrices,
         stage_seconds,
         pruning: statistics.pruning.clone(),
+        xi_search: None,
     }
 }
 

@@ -9,8 +9,9 @@ use rfid_moe::pipeline::{BudgetScope, CompressMethod, CompressOptions, Factorize
 
 use rfid_moe::safety::commands as path_checks;
 
-use crate::args::{choice, parse_on_off};
+use crate::args::{choice, parse_on_off, parse_xi};
 use crate::bars;
+use rfid_moe::pipeline::tune::{TuneMetric, XiSetting};
 
 /// `compress` flags; each overrides the same key of `--config`.
 #[derive(Args)]
@@ -44,9 +45,20 @@ pub struct CompressArgs {
     /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
     #[arg(long)]
     group_size: Option<usize>,
-    /// Weight of information density in the fused score (1 − ξ goes to routing frequency).
+    /// Weight of information density in the fused score (1 − ξ goes to routing frequency), or
+    /// `auto`: chosen per layer by the layer's output error on held-out calibration windows.
+    #[arg(long, value_parser = parse_xi)]
+    xi: Option<XiSetting>,
+    /// With `--xi auto`: the candidates to try, comma separated (default 0,0.2,0.4,0.6,0.8,1).
+    #[arg(long, value_delimiter = ',')]
+    xi_candidates: Option<Vec<f64>>,
+    /// With `--xi auto`: how the held-out tokens' errors are weighed.
+    #[arg(long, value_parser = choice::<TuneMetric>())]
+    xi_metric: Option<TuneMetric>,
+    /// With `--xi auto`: fraction of the calibration windows held out (default 0.125, at least
+    /// one window); they calibrate nothing.
     #[arg(long)]
-    xi: Option<f64>,
+    holdout_fraction: Option<f64>,
     /// Rank allocation policy.
     #[arg(long, value_parser = choice::<Allocation>())]
     allocation: Option<Allocation>,
@@ -145,9 +157,14 @@ impl CompressArgs {
         set(&mut calibration.seed, &self.seed);
         set(&mut calibration.batch_size, &self.batch_size);
         set(&mut calibration.group_size, &self.group_size);
+        set(&mut calibration.holdout_fraction, &self.holdout_fraction);
         let allocation = &mut options.allocation;
         set(&mut allocation.ratio, &self.ratio);
-        set(&mut allocation.xi, &self.xi);
+        if let Some(xi) = &self.xi {
+            xi.apply(allocation);
+        }
+        set(&mut allocation.xi_candidates, &self.xi_candidates);
+        set(&mut allocation.xi_metric, &self.xi_metric);
         set(&mut allocation.policy, &self.allocation);
         set(&mut allocation.budget_scope, &self.budget_scope);
         set(&mut allocation.dense_fallback, &self.dense_fallback);

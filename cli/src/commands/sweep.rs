@@ -9,8 +9,9 @@ use rfid_moe::eval::EvalOptions;
 use rfid_moe::pipeline::allocate::Allocation;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions};
 
-use crate::args::{choice, parse_on_off, DeviceArgs};
+use crate::args::{choice, parse_on_off, parse_xi, DeviceArgs};
 use crate::bars;
+use rfid_moe::pipeline::tune::XiSetting;
 
 /// `sweep` flags.
 #[derive(Args)]
@@ -46,9 +47,10 @@ pub struct SweepArgs {
     /// Calibration window length.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Fused-score weight ξ (0.2: our measured default; method.md §8's reference used 0.8).
-    #[arg(long, default_value_t = 0.2)]
-    xi: f64,
+    /// Fused-score weight ξ (0.2: our measured default; method.md §8's reference used 0.8), or
+    /// `auto` (chosen per layer on held-out calibration windows; statistics are not cached then).
+    #[arg(long, value_parser = parse_xi, default_value = "0.2")]
+    xi: XiSetting,
     /// Experts per group for the grouped columns (the k=1 column stays per expert).
     #[arg(long, default_value_t = 4)]
     group_size: usize,
@@ -128,7 +130,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     base.calibration.samples = args.samples;
     base.calibration.seq_len = args.seq_len;
     base.calibration.batch_size = args.batch_size;
-    base.allocation.xi = args.xi;
+    args.xi.apply(&mut base.allocation);
     base.allocation.dense_fallback = args.dense_fallback;
     base.allocation.budget_scope = args.budget_scope;
     base.factorization.factor_dtype = args.factor_dtype.clone();
