@@ -180,7 +180,7 @@ impl Default for AllocationOptions {
             xi: 0.2,
             xi_auto: false,
             xi_candidates: super::tune::DEFAULT_XI_CANDIDATES.to_vec(),
-            xi_metric: super::tune::TuneMetric::Output,
+            xi_metric: super::tune::TuneMetric::Residual,
             policy: Allocation::Rfid,
             budget_scope: BudgetScope::Layer,
             dense_fallback: true,
