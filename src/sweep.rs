@@ -345,3 +345,45 @@ impl SweepReport {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_bytes_are_the_shards_data_and_the_routed_experts_share() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3_moe");
+        let bytes = tensor_bytes(&dir).unwrap();
+        // Each shard is an 8-byte header length, the header, then the tensors' data.
+        let mut data = 0u64;
+        for shard in [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ] {
+            let file = std::fs::read(dir.join(shard)).unwrap();
+            let header = u64::from_le_bytes(file[..8].try_into().unwrap());
+            data += file.len() as u64 - 8 - header;
+        }
+        assert_eq!(bytes.total, data);
+        // Routed experts: 3 matrices of p×d per expert per MoE layer, in the stored dtype.
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let number = |key: &str| config[key].as_u64().unwrap();
+        let experts = config["num_experts"]
+            .as_u64()
+            .or_else(|| config["num_local_experts"].as_u64())
+            .unwrap();
+        let checkpoint = crate::checkpoint::Checkpoint::open(&dir).unwrap();
+        let name = "model.layers.0.mlp.experts.0.gate_proj.weight";
+        let element = checkpoint.info(name).unwrap().0.dtype.size_in_bytes() as u64;
+        let expected = number("num_hidden_layers")
+            * experts
+            * 3
+            * number("moe_intermediate_size")
+            * number("hidden_size")
+            * element;
+        assert_eq!(bytes.routed_experts, expected);
+        assert!(bytes.routed_experts < bytes.total);
+    }
+}
