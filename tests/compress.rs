@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, D};
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::Model;
 use rfid_moe::pipeline::allocate::Allocation;
@@ -23,20 +22,8 @@ const FAMILIES: [&str; 6] = [
 
 /// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
 fn calibration_file(dir: &Path, vocab: u32, windows: usize, seq: usize) -> PathBuf {
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let ids: Vec<i64> = (0..windows * seq)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab as u64) as i64
-        })
-        .collect();
     let path = dir.join("calibration.safetensors");
-    let tensor = Tensor::from_vec(ids, (windows, seq), &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), tensor)]), &path)
-        .unwrap();
-    path
+    common::random_token_windows(&path, vocab, windows, seq, 0x1234_5678_9abc_def0)
 }
 
 fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {

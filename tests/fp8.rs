@@ -394,21 +394,8 @@ fn raw_tensors(dir: &Path) -> BTreeMap<String, (StoredDType, Vec<usize>, Vec<u8>
 
 /// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
 fn calibration_file(dir: &Path, windows: usize, seq: usize) -> PathBuf {
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let ids: Vec<i64> = (0..windows * seq)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % 256) as i64
-        })
-        .collect();
     let path = dir.join("calibration.safetensors");
-    common::write_input_ids(
-        &path,
-        Tensor::from_vec(ids, (windows, seq), &Device::Cpu).unwrap(),
-    );
-    path
+    common::random_token_windows(&path, 256, windows, seq, 0x1234_5678_9abc_def0)
 }
 
 #[test]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -19,21 +18,8 @@ use rfid_moe::pipeline::{
 
 /// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
 fn calibration_file(dir: &Path, vocab: u32) -> PathBuf {
-    let mut state = 0x0bad_5eed_1234_5678u64;
-    let (windows, seq) = (16, 32);
-    let ids: Vec<i64> = (0..windows * seq)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab as u64) as i64
-        })
-        .collect();
     let path = dir.join("calibration.safetensors");
-    let tensor = Tensor::from_vec(ids, (windows, seq), &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), tensor)]), &path)
-        .unwrap();
-    path
+    common::random_token_windows(&path, vocab, 16, 32, 0x0bad_5eed_1234_5678)
 }
 
 fn options(model: &Path, out: &Path, method: CompressMethod, ratio: f64) -> CompressOptions {

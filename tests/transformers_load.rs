@@ -64,20 +64,7 @@ fn pinned_python() -> Option<PathBuf> {
 
 /// Deterministic token windows `input_ids` (i64 [windows, seq]) below `vocab`, written to `path`.
 fn token_file(path: &Path, windows: usize, seq: usize, seed: u64) -> PathBuf {
-    let mut state = seed;
-    let ids: Vec<i64> = (0..windows * seq)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % 256) as i64
-        })
-        .collect();
-    common::write_input_ids(
-        path,
-        Tensor::from_vec(ids, (windows, seq), &Device::Cpu).unwrap(),
-    );
-    path.to_path_buf()
+    common::random_token_windows(path, 256, windows, seq, seed)
 }
 
 /// Compresses `source` into `out` at ρ = 0.4 with `tweak` applied to the options; returns the

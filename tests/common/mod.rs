@@ -192,3 +192,29 @@ impl ProgressRecorder {
         tasks.into_iter().map(|t| (t.0, t.1)).collect()
     }
 }
+
+/// Deterministic pseudo-random token windows (an LCG from `seed`, ids below `vocab`) written to
+/// `path` as `input_ids` (i64 [windows, seq]); returns `path`.
+pub fn random_token_windows(
+    path: &Path,
+    vocab: u32,
+    windows: usize,
+    seq: usize,
+    seed: u64,
+) -> PathBuf {
+    let mut state = seed;
+    let ids: Vec<i64> = (0..windows * seq)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    write_input_ids(
+        path,
+        candle_core::Tensor::from_vec(ids, (windows, seq), &candle_core::Device::Cpu)
+            .expect("token ids tensor"),
+    );
+    path.to_path_buf()
+}
