@@ -696,18 +696,11 @@ fn open_indexed_shards(
     dir: &Path,
     index_path: &Path,
 ) -> Result<(Vec<SafetensorsFile>, HashMap<String, usize>)> {
-    let index = read_json(index_path)?;
-    let weight_map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Json {
-            path: index_path.to_path_buf(),
-            message: "missing object `weight_map`".into(),
-        })?;
+    let weight_map = index_weight_map(index_path)?;
     let mut shards: Vec<SafetensorsFile> = Vec::new();
     let mut shard_of_file: HashMap<&str, usize> = HashMap::new();
     let mut location = HashMap::new();
-    for (name, file) in weight_map {
+    for (name, file) in &weight_map {
         let file = file.as_str().ok_or_else(|| Error::Json {
             path: index_path.to_path_buf(),
             message: format!("weight_map entry `{name}` is not a file name"),
@@ -771,6 +764,22 @@ fn refuse_ambiguous_tensors(
 }
 
 /// Reads and parses a JSON file, naming it in errors.
+/// The `weight_map` object (tensor name → shard file) of a `model.safetensors.index.json`.
+pub(crate) fn index_weight_map(
+    index_path: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match read_json(index_path)?
+        .get_mut("weight_map")
+        .map(serde_json::Value::take)
+    {
+        Some(serde_json::Value::Object(map)) => Ok(map),
+        _ => Err(Error::Json {
+            path: index_path.to_path_buf(),
+            message: "missing object `weight_map`".into(),
+        }),
+    }
+}
+
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text =
         crate::safety::read_text_bounded(path, crate::safety::MAX_JSON_BYTES, "a UTF-8 JSON file")?;

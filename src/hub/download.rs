@@ -111,21 +111,9 @@ pub fn model_files(weights: &[String], listed: &[String]) -> Vec<String> {
 /// The shard files an index names (each once, in order), refusing names that are not plain
 /// relative paths.
 fn shards_of_index(path: &Path) -> Result<Vec<String>> {
-    let text =
-        crate::safety::read_text_bounded(path, crate::safety::MAX_JSON_BYTES, "a JSON index")?;
-    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Json {
-            path: path.to_path_buf(),
-            message: "missing object `weight_map`".into(),
-        })?;
+    let map = crate::checkpoint::index_weight_map(path)?;
     let mut shards: Vec<String> = Vec::new();
-    for (tensor, file) in map {
+    for (tensor, file) in &map {
         let file = file
             .as_str()
             .filter(|f| is_plain_relative(f))
