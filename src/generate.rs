@@ -206,6 +206,8 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time for every later token.
     pub decode: Duration,
+    /// Bytes of the key/value cache at the end.
+    pub kv_cache_bytes: usize,
 }
 
 impl Generation {
@@ -285,6 +287,7 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         prefill,
         decode: start.elapsed().saturating_sub(prefill),
+        kv_cache_bytes: cache.stored_bytes()?,
     })
 }
 

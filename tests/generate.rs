@@ -72,6 +72,43 @@ cache_test!(
     "tiny-deepseek_v3-yarn"
 );
 
+/// Bytes the key/value cache holds after `positions` tokens of the fixture `name` (f32).
+fn cache_bytes_after(name: &str, positions: usize) -> (usize, serde_json::Value) {
+    let dir = fixture(name);
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::zeros((1, positions), DType::U32, &Device::Cpu).unwrap();
+    let mut cache = model.new_cache();
+    model.forward_cached(&ids, &mut cache).unwrap();
+    (cache.stored_bytes().unwrap(), checkpoint.config().clone())
+}
+
+#[test]
+fn latent_attention_caches_the_latent_and_rotary_key_only() {
+    let positions = 7;
+    let count = |config: &serde_json::Value, key: &str| config[key].as_u64().unwrap() as usize;
+    for name in ["tiny-deepseek_v2", "tiny-deepseek_v3"] {
+        let (bytes, config) = cache_bytes_after(name, positions);
+        let per_position = count(&config, "kv_lora_rank") + count(&config, "qk_rope_head_dim");
+        let expected = count(&config, "num_hidden_layers") * positions * per_position * 4;
+        assert_eq!(bytes, expected, "{name}");
+        // Every head's key and value would be several times larger.
+        let heads = count(&config, "num_attention_heads");
+        let per_head = count(&config, "qk_nope_head_dim")
+            + count(&config, "qk_rope_head_dim")
+            + count(&config, "v_head_dim");
+        assert!(heads * per_head > 2 * per_position, "{name}");
+    }
+    let (bytes, config) = cache_bytes_after("tiny-qwen3_moe", positions);
+    let expected = count(&config, "num_hidden_layers")
+        * positions
+        * 2
+        * count(&config, "num_key_value_heads")
+        * count(&config, "head_dim")
+        * 4;
+    assert_eq!(bytes, expected);
+}
+
 /// Greedy generation from each case of a reference file written by transformers'
 /// `generate(do_sample=False)` (f32, KV cache) equals it token for token, stop included.
 fn greedy_matches_transformers(reference: &str, model_dir: &Path) {

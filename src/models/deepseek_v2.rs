@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::common::{
-    cache_offset, cached_attention, rope_parameters, GatedMlp, LayerKvCache, Linear, RmsNorm,
-    RopeStyle, Rotary, Weights,
+    cache_offset, cached_attention, causal_attention, matmul_transposed, rope_parameters, GatedMlp,
+    LayerKvCache, Linear, RmsNorm, RopeStyle, Rotary, Weights,
 };
 use super::mixtral::{default_eps, default_positions};
 use super::moe::{MoeBlock, RoutedExperts, Router, RoutingRule, SharedExpert};
@@ -238,8 +238,10 @@ pub struct LatentAttention {
     pub kv_a_proj_with_mqa: Linear,
     /// Norm on the compressed key/value.
     pub kv_a_layernorm: RmsNorm,
-    /// Key (non-rotary) and value up projection.
-    pub kv_b_proj: Linear,
+    /// `kv_b_proj`'s key rows per head, [heads, qk_nope_head_dim, kv_lora_rank].
+    pub key_up: Tensor,
+    /// `kv_b_proj`'s value rows per head, [heads, v_head_dim, kv_lora_rank].
+    pub value_up: Tensor,
     /// Output projection.
     pub o_proj: Linear,
     num_heads: usize,
@@ -269,6 +271,16 @@ impl LatentAttention {
                 q_b_proj: w.linear(&format!("{prefix}.q_b_proj"), r, heads * qk, false)?,
             },
         };
+        // Split once at load: the latent path reads it per head, the expanded path per half.
+        let per_head = w
+            .linear(
+                &format!("{prefix}.kv_b_proj"),
+                c.kv_lora_rank,
+                heads * (c.qk_nope_head_dim + c.v_head_dim),
+                false,
+            )?
+            .weight
+            .reshape((heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank))?;
         Ok(Self {
             query,
             kv_a_proj_with_mqa: w.linear(
@@ -282,12 +294,10 @@ impl LatentAttention {
                 c.kv_lora_rank,
                 c.rms_norm_eps,
             )?,
-            kv_b_proj: w.linear(
-                &format!("{prefix}.kv_b_proj"),
-                c.kv_lora_rank,
-                heads * (c.qk_nope_head_dim + c.v_head_dim),
-                false,
-            )?,
+            key_up: per_head.narrow(1, 0, c.qk_nope_head_dim)?.contiguous()?,
+            value_up: per_head
+                .narrow(1, c.qk_nope_head_dim, c.v_head_dim)?
+                .contiguous()?,
             o_proj: w.linear(
                 &format!("{prefix}.o_proj"),
                 heads * c.v_head_dim,
@@ -310,8 +320,10 @@ impl LatentAttention {
         })
     }
 
-    /// Self-attention over `x` [batch, seq, hidden] after the positions in `cache` (which
-    /// receives this step's per-head keys and values).
+    /// Self-attention over `x` [batch, seq, hidden] after the positions in `cache`. With a
+    /// cache, only the normalised latent and the rotated shared key of each position are kept
+    /// (`kv_lora_rank + qk_rope_head_dim` values instead of every head's key and value) and
+    /// attention runs in the latent space.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -335,25 +347,81 @@ impl LatentAttention {
         let q_pe = rotary.apply_at(&q.narrow(3, self.nope, self.rope)?, offset)?;
 
         let compressed = self.kv_a_proj_with_mqa.forward(x)?;
-        let kv_latent = compressed.narrow(2, 0, self.kv_lora)?;
+        let latent = self
+            .kv_a_layernorm
+            .forward(&compressed.narrow(2, 0, self.kv_lora)?.contiguous()?)?;
         let k_pe = compressed
             .narrow(2, self.kv_lora, self.rope)?
             .reshape((b, 1, s, self.rope))?;
         let k_pe = rotary.apply_at(&k_pe, offset)?;
-        let kv = self
-            .kv_b_proj
-            .forward(&self.kv_a_layernorm.forward(&kv_latent.contiguous()?)?)?
-            .reshape((b, s, self.num_heads, self.nope + self.v_dim))?
-            .transpose(1, 2)?;
-        let k_nope = kv.narrow(3, 0, self.nope)?;
-        let value = kv.narrow(3, self.nope, self.v_dim)?;
-        let k_pe = k_pe.broadcast_as((b, self.num_heads, s, self.rope))?;
-        let query = Tensor::cat(&[&q_nope.contiguous()?, &q_pe], 3)?;
-        let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
-        let out = cached_attention(cache, &query, key, value.contiguous()?, self.softmax_scale)?;
+        let out = match cache {
+            Some(cache) => self.latent_attention(cache, &q_nope, &q_pe, &latent, &k_pe)?,
+            None => self.expanded_attention(&q_nope, &q_pe, &latent, &k_pe)?,
+        };
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.v_dim))?;
         self.o_proj.forward(&out)
+    }
+
+    /// Attention with every head's key and value expanded from the latent (transformers' form;
+    /// used without a cache). Returns [batch, heads, seq, v_head_dim].
+    fn expanded_attention(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        latent: &Tensor,
+        k_pe: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, heads, s, _) = q_nope.dims4()?;
+        let up = |weight: &Tensor, dim: usize| -> Result<Tensor> {
+            let flat = weight.reshape((heads * dim, self.kv_lora))?;
+            Ok(matmul_transposed(latent, &flat)?
+                .reshape((b, s, heads, dim))?
+                .transpose(1, 2)?)
+        };
+        let k_nope = up(&self.key_up, self.nope)?;
+        let value = up(&self.value_up, self.v_dim)?;
+        let k_pe = k_pe.broadcast_as((b, self.num_heads, s, self.rope))?;
+        let query = Tensor::cat(&[&q_nope.contiguous()?, q_pe], 3)?;
+        let key = Tensor::cat(&[&k_nope.contiguous()?, &k_pe.contiguous()?], 3)?;
+        cached_attention(None, &query, key, value.contiguous()?, self.softmax_scale)
+    }
+
+    /// Attention in the latent space (DeepSeek's weight absorption): the key up-projection is
+    /// folded into the query (`q_nope · W_UK` per head), every head attends over the cached
+    /// latents and shared rotary keys (one key/value head), and the value up-projection
+    /// `W_UV` is applied to the attended latent. `cache` receives this step's latent (as keys)
+    /// and rotary key (as values). Returns [batch, heads, seq, v_head_dim].
+    fn latent_attention(
+        &self,
+        cache: &mut LayerKvCache,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        latent: &Tensor,
+        k_pe: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, heads, s, _) = q_nope.dims4()?;
+        let latent = latent.reshape((b, 1, s, self.kv_lora))?;
+        let (latents, rotary_keys) = cache.append(&latent.contiguous()?, &k_pe.contiguous()?)?;
+        // [b, h, s, nope] → [h, b·s, nope] · [h, nope, kv_lora] → [b, h, s, kv_lora].
+        let q_latent = q_nope
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((heads, b * s, self.nope))?
+            .matmul(&self.key_up)?
+            .reshape((heads, b, s, self.kv_lora))?
+            .transpose(0, 1)?;
+        let query = Tensor::cat(&[&q_latent.contiguous()?, &q_pe.contiguous()?], 3)?;
+        let key = Tensor::cat(&[&latents, &rotary_keys], 3)?;
+        let attended = causal_attention(&query, &key, &latents, self.softmax_scale)?;
+        // [b, h, s, kv_lora] → [h, b·s, kv_lora] · [h, kv_lora, v] → [b, h, s, v].
+        Ok(attended
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((heads, b * s, self.kv_lora))?
+            .matmul(&self.value_up.transpose(1, 2)?)?
+            .reshape((heads, b, s, self.v_dim))?
+            .transpose(0, 1)?)
     }
 }

@@ -603,6 +603,18 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Bytes of the keys and values held (DeepSeek's latent attention keeps one latent and one
+    /// rotary key per position instead of every head's key and value).
+    pub fn stored_bytes(&self) -> Result<usize> {
+        let mut bytes = 0;
+        for layer in &self.layers {
+            for tensor in [layer.k()?, layer.v()?].into_iter().flatten() {
+                bytes += tensor.elem_count() * tensor.dtype().size_in_bytes();
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Forgets every position.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|c| c.reset());
