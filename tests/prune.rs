@@ -252,6 +252,37 @@ fn prune_plus_lowrank_spends_the_same_budget() {
 }
 
 #[test]
+fn prune_plus_lowrank_with_a_model_wide_budget_factors_the_kept_experts() {
+    let model = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model-scope");
+    let mut options = options(&model, &out, CompressMethod::PruneLowRank, 0.4);
+    options.allocation.budget_scope = rfid_moe::pipeline::BudgetScope::Model;
+    let report = rfid_moe::compress(&options).unwrap();
+    let layer_scope = rfid_moe::compress(&self::options(
+        &model,
+        &tmp.path().join("layer-scope"),
+        CompressMethod::PruneLowRank,
+        0.4,
+    ))
+    .unwrap();
+    let reports = read_layer_reports(&out).unwrap();
+    assert!(reports
+        .iter()
+        .all(|r| r.pruning.as_ref().unwrap().kept.len() == 14 && !r.matrices.is_empty()));
+    let gap = (report.routed_expert_reduction - layer_scope.routed_expert_reduction).abs();
+    assert!(gap < 0.02, "model scope {report:?} vs layer scope");
+    let logits = common::logits_of(&out, &reference_ids(&model));
+    assert!(logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
+}
+
+#[test]
 fn pruning_refuses_what_routing_cannot_run() {
     let tmp = tempfile::tempdir().unwrap();
     let error = |family: &str, fraction: f64| {

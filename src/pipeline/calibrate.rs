@@ -388,7 +388,12 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 .as_ref()
                 .map_or(0, |l| l.num_experts);
             let found = statistics.iter().find(|s| s.layer == layer);
-            if found.is_none_or(|s| s.routing_counts.len() != experts) {
+            // After pruning, the statistics describe the kept experts.
+            let matches = |s: &LayerStatistics<B::Matrix>| match &s.pruning {
+                Some(p) => p.original_experts == experts && s.routing_counts.len() == p.kept.len(),
+                None => s.routing_counts.len() == experts,
+            };
+            if !found.is_some_and(matches) {
                 return Err(Error::InvalidArgument(format!(
                     "saved calibration statistics do not match {} (layer {layer})",
                     checkpoint.dir().display()

@@ -375,21 +375,38 @@ impl RoutingLimits {
         })
     }
 
+    /// The removal nearest `wanted` (a multiple of the expert groups) that routing allows,
+    /// lowered group by group until it is allowed (0 at worst).
+    fn largest_valid_removal(&self, wanted: f64) -> usize {
+        let g = self.groups;
+        let mut remove = ((wanted / g as f64).round() as usize) * g;
+        while remove > 0 && self.refusal(remove).is_some() {
+            remove -= g;
+        }
+        remove
+    }
+
     /// Rounds `remove` to the nearest multiple of the expert groups and checks that routing
     /// still works with the experts left.
     fn checked_removal(&self, remove: f64, checkpoint: &Checkpoint) -> Result<usize> {
         let g = self.groups;
         let remove = ((remove / g as f64).round() as usize) * g;
-        let kept = self.experts.saturating_sub(remove);
-        let refuse = |why: String| {
-            Err(Error::InvalidArgument(format!(
+        match self.refusal(remove) {
+            None => Ok(remove),
+            Some(why) => Err(Error::InvalidArgument(format!(
                 "pruning {remove} of {} experts per layer of {}: {why}",
                 self.experts,
                 checkpoint.dir().display()
-            )))
-        };
+            ))),
+        }
+    }
+
+    /// Why routing would not work with `remove` experts removed per layer (None: it would).
+    fn refusal(&self, remove: usize) -> Option<String> {
+        let g = self.groups;
+        let kept = self.experts.saturating_sub(remove);
         if kept < self.top_k {
-            return refuse(format!(
+            return Some(format!(
                 "{kept} experts would be left, fewer than num_experts_per_tok = {}",
                 self.top_k
             ));
@@ -397,7 +414,7 @@ impl RoutingLimits {
         let per_group = kept / g;
         if let Some(topk_group) = self.group_limited {
             if topk_group * per_group < self.top_k {
-                return refuse(format!(
+                return Some(format!(
                     "group-limited routing picks {} experts from topk_group = {topk_group} of \
                      n_group = {g} groups, which would hold {per_group} experts each",
                     self.top_k
@@ -405,12 +422,12 @@ impl RoutingLimits {
             }
         }
         if self.group_score_needs_two && g > 1 && per_group < 2 {
-            return refuse(format!(
+            return Some(format!(
                 "DeepSeek-V3 scores a group by its two best experts, but groups would hold \
                  {per_group}"
             ));
         }
-        Ok(remove)
+        None
     }
 }
 
@@ -429,7 +446,14 @@ impl PrunePlan {
             (CompressMethod::PruneLowRank, None) => ratio * n / 3.0,
             _ => 2.0 * ratio * n / 3.0,
         };
-        let remove = limits.checked_removal(wanted, checkpoint)?;
+        let remove = match (pruning.method, pruning.fraction) {
+            // The default split prunes what routing allows and factors the rest.
+            (CompressMethod::PruneLowRank, None) => limits.largest_valid_removal(wanted),
+            _ => limits.checked_removal(wanted, checkpoint)?,
+        };
+        if remove == 0 && pruning.method == CompressMethod::PruneLowRank {
+            return Ok(None);
+        }
         let kept = limits.experts - remove;
         let lowrank_ratio = match pruning.method {
             CompressMethod::PruneLowRank => {
@@ -698,6 +722,30 @@ mod tests {
         assert!(rule(Saliency::Frequency, 3, 2)
             .select(&counts, None)
             .is_err());
+    }
+
+    #[test]
+    fn the_default_split_lowers_a_removal_routing_cannot_run() {
+        let limits = |experts, top_k, groups, group_limited, group_score_needs_two| RoutingLimits {
+            experts,
+            top_k,
+            groups,
+            group_limited,
+            group_score_needs_two,
+        };
+        // 16 experts, top-4: round(0.4·16/3) = 2 is allowed as it is.
+        assert_eq!(limits(16, 4, 1, None, false).largest_valid_removal(2.13), 2);
+        // Every expert active (top-4 of 4): nothing can go.
+        assert_eq!(limits(4, 4, 1, None, false).largest_valid_removal(1.2), 0);
+        // 6 experts, top-4: 2 would leave 4, 3 would leave 3: lowered to 2.
+        assert_eq!(limits(6, 4, 1, None, false).largest_valid_removal(3.0), 2);
+        // DeepSeek-V3-like, 2 groups of 2: one per group would leave one, below its two-best score.
+        assert_eq!(limits(4, 2, 2, Some(1), true).largest_valid_removal(1.2), 0);
+        // 2 groups of 6, topk_group 1, top-4: 4 per group (8) would leave 2 per group; 2 (4) leaves 4.
+        assert_eq!(
+            limits(12, 4, 2, Some(1), false).largest_valid_removal(8.0),
+            4
+        );
     }
 
     #[test]

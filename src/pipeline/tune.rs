@@ -96,7 +96,7 @@ pub fn validate(options: &CompressOptions) -> Result<()> {
     if options.pruning.method.prunes() {
         return invalid(format!(
             "--xi auto measures the low-rank allocation of every expert; it does not combine \
-             with --method {}",
+             with --method {} (use --method lowrank)",
             options.pruning.method
         ));
     }

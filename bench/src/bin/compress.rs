@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
+use rfid_moe::pipeline::prune::{CompressMethod, PruningOptions};
 use rfid_moe::pipeline::{
     AllocationOptions, CalibrationOptions, CompressOptions, OutputOptions, Report,
 };
@@ -215,8 +216,8 @@ fn check_forward(dir: &Path, vocab: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The compression options of the run: the defaults (SVD, whitening) with the benchmark's
-/// model, calibration, ratio and device.
+/// The compression options of the run: low-rank only (the stages this benchmark times), the
+/// defaults otherwise (SVD, whitening), with the benchmark's model, calibration, ratio and device.
 fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
     CompressOptions {
         model: model.to_path_buf(),
@@ -235,6 +236,10 @@ fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> Compres
             out: Some(out.to_path_buf()),
             force: true,
             ..OutputOptions::default()
+        },
+        pruning: PruningOptions {
+            method: CompressMethod::LowRank,
+            ..PruningOptions::default()
         },
         ..CompressOptions::default()
     }

@@ -7,6 +7,7 @@ use clap::Args;
 use rfid_moe::checkpoint::writer;
 use rfid_moe::eval::EvalOptions;
 use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::prune::CompressMethod;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions};
 
 use crate::args::{choice, parse_on_off, parse_xi, DeviceArgs};
@@ -134,6 +135,8 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     base.allocation.dense_fallback = args.dense_fallback;
     base.allocation.budget_scope = args.budget_scope;
     base.factorization.factor_dtype = args.factor_dtype.clone();
+    // The grids compare low-rank allocations (and share one statistics cache).
+    base.pruning.method = CompressMethod::LowRank;
     let eval_options = EvalOptions {
         seq_len: args.eval_seq_len,
         batch_size: args.batch_size,
