@@ -59,6 +59,11 @@ pub struct CompressionRecord {
     /// Fingerprint of the calibration data (hash of the token windows).
     #[serde(default)]
     pub calibration_fingerprint: String,
+    /// How the compressor's tensors are stored when not as floats: `int8-row128` (int8 codes
+    /// with per-row scales of 128-column blocks, docs/FORMAT.md "Int8 factors"); absent for
+    /// float factors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor_storage: Option<String>,
     /// Per compressed layer.
     pub layers: Vec<LayerRecord>,
 }

@@ -46,7 +46,7 @@ pub fn tensor_role(name: &str) -> TensorRole {
 pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
     let mut counts = ParameterCounts::default();
     for name in checkpoint.tensor_names() {
-        if checkpoint.is_fp8_scale(name) {
+        if checkpoint.is_quantisation_scale(name) {
             continue;
         }
         let Some((info, _)) = checkpoint.info(name) else {

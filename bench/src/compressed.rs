@@ -130,6 +130,7 @@ impl UniformPlan {
                 "calibration": { "group_size": self.group_size },
             }),
             calibration_fingerprint: String::new(),
+            factor_storage: None,
             layers: (0..layers)
                 .map(|layer| LayerRecord {
                     layer,

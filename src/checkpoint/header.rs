@@ -12,7 +12,7 @@ use super::{StoredDType, TensorInfo};
 use crate::error::{Error, Result};
 
 /// The dtypes rfid-moe reads, as listed in errors.
-const SUPPORTED: &str = "F32, BF16, F16, F64, I64, I32, U8, F8_E4M3, F8_E5M2";
+const SUPPORTED: &str = "F32, BF16, F16, F64, I64, I32, U8, I8, F8_E4M3, F8_E5M2";
 
 /// A validated header: where the data section starts and every tensor's entry by name.
 #[derive(Debug)]
@@ -93,6 +93,7 @@ fn stored_dtype(dtype: Dtype) -> Option<StoredDType> {
         Dtype::I64 => StoredDType::I64,
         Dtype::I32 => StoredDType::I32,
         Dtype::U8 => StoredDType::U8,
+        Dtype::I8 => StoredDType::I8,
         Dtype::F8_E4M3 => StoredDType::F8E4M3,
         Dtype::F8_E5M2 => StoredDType::F8E5M2,
         _ => return None,

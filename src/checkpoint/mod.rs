@@ -8,6 +8,7 @@
 pub mod experts;
 pub mod fp8;
 pub mod header;
+pub mod int8;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,8 @@ pub enum StoredDType {
     I32,
     /// 8-bit unsigned integer.
     U8,
+    /// 8-bit signed integer (int8 factors, with `_scale` siblings, see [`int8`]).
+    I8,
     /// 8-bit float E4M3FN (block-scaled weights, see [`fp8`]).
     F8E4M3,
     /// 8-bit float E5M2 (block-scaled weights, see [`fp8`]).
@@ -59,6 +62,7 @@ impl StoredDType {
             "I64" => Self::I64,
             "I32" => Self::I32,
             "U8" => Self::U8,
+            "I8" => Self::I8,
             "F8_E4M3" => Self::F8E4M3,
             "F8_E5M2" => Self::F8E5M2,
             _ => return None,
@@ -71,7 +75,7 @@ impl StoredDType {
             Self::F32 | Self::I32 => 4,
             Self::BF16 | Self::F16 => 2,
             Self::F64 | Self::I64 => 8,
-            Self::U8 | Self::F8E4M3 | Self::F8E5M2 => 1,
+            Self::U8 | Self::I8 | Self::F8E4M3 | Self::F8E5M2 => 1,
         }
     }
 
@@ -85,6 +89,7 @@ impl StoredDType {
             Self::I64 => "I64",
             Self::I32 => "I32",
             Self::U8 => "U8",
+            Self::I8 => "I8",
             Self::F8E4M3 => "F8_E4M3",
             Self::F8E5M2 => "F8_E5M2",
         }
@@ -98,7 +103,7 @@ impl StoredDType {
             Self::F64 => DType::F64,
             Self::I64 => DType::I64,
             Self::U8 => DType::U8,
-            Self::I32 | Self::F8E4M3 | Self::F8E5M2 => return None,
+            Self::I32 | Self::I8 | Self::F8E4M3 | Self::F8E5M2 => return None,
         })
     }
 
@@ -223,6 +228,15 @@ fn tensor_from_bytes(
             ),
         });
     }
+    if info.dtype == StoredDType::I8 {
+        return Err(Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` is I8 and is read only with its row-block scales `{}` through a checkpoint directory",
+                int8::scale_name(name)
+            ),
+        });
+    }
     let tensor = match info.dtype.candle() {
         Some(dtype) => Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?,
         None => {
@@ -259,7 +273,10 @@ pub fn check_finite(path: &Path, name: &str, dtype: StoredDType, bytes: &[u8]) -
         StoredDType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00,
         _ => false,
     };
-    if matches!(dtype, StoredDType::I64 | StoredDType::I32 | StoredDType::U8) {
+    if matches!(
+        dtype,
+        StoredDType::I64 | StoredDType::I32 | StoredDType::U8 | StoredDType::I8
+    ) {
         return Ok(());
     }
     let found = if bytes.len() >= 1 << 22 {
@@ -428,6 +445,9 @@ impl Checkpoint {
         if info.dtype.is_fp8() {
             return self.load_fp8(shard, name, None, dtype, device, expected_by);
         }
+        if info.dtype == StoredDType::I8 {
+            return self.load_int8(shard, name, dtype, device, expected_by);
+        }
         tensor_from_bytes(&shard.path, name, info, shard.bytes(info), dtype, device)
     }
 
@@ -483,6 +503,80 @@ impl Checkpoint {
         name.strip_suffix(fp8::SCALE_SUFFIX)
             .and_then(|weight| self.info(weight))
             .is_some_and(|(info, _)| info.dtype.is_fp8())
+    }
+
+    /// Whether `name` is the row-block scales (`*_scale`) of an int8 tensor of this checkpoint.
+    pub fn is_int8_scale(&self, name: &str) -> bool {
+        name.strip_suffix(int8::SCALE_SUFFIX)
+            .and_then(|tensor| self.info(tensor))
+            .is_some_and(|(info, _)| info.dtype == StoredDType::I8)
+    }
+
+    /// Whether `name` holds the scales of a quantised tensor (FP8 block scales or int8 row-block
+    /// scales): part of that tensor's storage, not parameters of their own.
+    pub fn is_quantisation_scale(&self, name: &str) -> bool {
+        self.is_fp8_scale(name) || self.is_int8_scale(name)
+    }
+
+    /// Dequantises int8 tensor `name` [rows, cols] with its scales `{name}_scale`
+    /// [rows, ⌈cols/128⌉] (F32) to `dtype` on `device`.
+    fn load_int8(
+        &self,
+        shard: &SafetensorsFile,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<Tensor> {
+        let info = &shard.tensors[name];
+        let &[rows, cols] = info.shape.as_slice() else {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!(
+                    "I8 tensor `{name}` has shape {:?} (expected a matrix [rows, cols], the only int8 storage rfid-moe writes)",
+                    info.shape
+                ),
+            });
+        };
+        let scale_name = int8::scale_name(name);
+        let Some((scale_info, scale_path)) = self.info(&scale_name) else {
+            return Err(Error::MissingTensor {
+                name: scale_name,
+                dir: self.dir.clone(),
+                expected_by: format!(
+                    "I8 tensor `{name}` in {} as its row-block scales (F32 {:?}; needed by {expected_by})",
+                    shard.path.display(),
+                    int8::scale_shape(rows, cols)
+                ),
+            });
+        };
+        let expected = int8::scale_shape(rows, cols);
+        if scale_info.shape != expected || scale_info.dtype != StoredDType::F32 {
+            return Err(Error::Safetensors {
+                path: scale_path.to_path_buf(),
+                message: format!(
+                    "row-block scales `{scale_name}` are {} {:?}, but I8 tensor `{name}` of shape {:?} in blocks of {} columns needs F32 {expected:?}",
+                    scale_info.dtype.name(),
+                    scale_info.shape,
+                    info.shape,
+                    int8::BLOCK
+                ),
+            });
+        }
+        let scales = self
+            .load(
+                &scale_name,
+                DType::F32,
+                &Device::Cpu,
+                &format!("I8 tensor `{name}`"),
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let codes = int8::codes_from_bytes(shard.bytes(info));
+        let values = int8::dequantise(&codes, &scales, rows, cols);
+        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     }
 
     /// Dequantises FP8 tensor `name` (or its entry `entry` along the first dimension) with its
@@ -657,6 +751,15 @@ impl Checkpoint {
         if info.dtype.is_fp8() {
             return self.load_fp8(shard, name, Some(index), dtype, device, expected_by);
         }
+        if info.dtype == StoredDType::I8 {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "I8 tensor `{name}` has shape {:?}: int8 storage is read per matrix, not as a stack of experts",
+                    info.shape
+                ),
+            });
+        }
         let entry_bytes = (info.data_range.1 - info.data_range.0) / expected[0];
         let begin = info.data_range.0 + index * entry_bytes;
         let entry = TensorInfo {
@@ -667,11 +770,12 @@ impl Checkpoint {
         tensor_from_bytes(path, name, &entry, shard.bytes(&entry), dtype, device)
     }
 
-    /// The dtype most floating-point tensors are stored in.
+    /// The dtype most floating-point tensors are stored in (int8 factors, which stand for
+    /// floats of the compute dtype, are not counted).
     pub fn dominant_dtype(&self) -> StoredDType {
         let mut counts: HashMap<&'static str, (usize, StoredDType)> = HashMap::new();
         for shard in &self.shards {
-            for info in shard.tensors.values() {
+            for info in shard.tensors.values().filter(|i| i.dtype != StoredDType::I8) {
                 let entry = counts.entry(info.dtype.name()).or_insert((0, info.dtype));
                 entry.0 += info.numel();
             }

@@ -5,7 +5,7 @@
 //! (`renameat2(RENAME_EXCHANGE)` on Linux), so a kill at any instant leaves one of them in place;
 //! staging paths are registered for the interrupt handler and those of dead runs are removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
@@ -18,6 +18,68 @@ use crate::safety::staging::{self, lock_registry};
 pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     write_via_temporary(path, |tmp| {
         candle_core::safetensors::save(tensors, tmp).map_err(Error::from)
+    })
+}
+
+/// A tensor as the safetensors writer sees it: its own dtype, or `I8` for int8 codes held in a
+/// `U8` tensor.
+struct ShardTensor<'a> {
+    tensor: &'a Tensor,
+    int8: bool,
+}
+
+impl safetensors::View for ShardTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self.int8 {
+            true => safetensors::Dtype::I8,
+            false => self.tensor.dtype().into(),
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        safetensors::View::data(&self.tensor)
+    }
+
+    fn data_len(&self) -> usize {
+        safetensors::View::data_len(&self.tensor)
+    }
+}
+
+/// Saves `tensors` as one safetensors file at `path`, the `U8` tensors named in `int8` as `I8`
+/// (the same bytes as candle's writer otherwise).
+fn save_with_int8(
+    tensors: &HashMap<String, Tensor>,
+    int8: &HashSet<String>,
+    path: &Path,
+) -> Result<()> {
+    if int8.is_empty() {
+        return Ok(candle_core::safetensors::save(tensors, path)?);
+    }
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let is_int8 = int8.contains(name);
+        if is_int8 && tensor.dtype() != candle_core::DType::U8 {
+            return Err(Error::InvalidArgument(format!(
+                "int8 tensor `{name}` for {} holds {:?} (expected its codes as U8 bytes)",
+                path.display(),
+                tensor.dtype()
+            )));
+        }
+        views.push((
+            name.as_str(),
+            ShardTensor {
+                tensor,
+                int8: is_int8,
+            },
+        ));
+    }
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: format!("writing the shard: {e}"),
     })
 }
 
@@ -217,6 +279,17 @@ impl CheckpointWriter {
         file: &str,
         tensors: HashMap<String, Tensor>,
     ) -> Result<Option<ShardEntry>> {
+        self.write_shard_with_int8(file, tensors, &HashSet::new())
+    }
+
+    /// [`Self::write_shard_as`], storing the `U8` tensors named in `int8` as `I8` (int8 codes,
+    /// see [`super::int8`]; candle has no int8 dtype).
+    pub fn write_shard_with_int8(
+        &mut self,
+        file: &str,
+        tensors: HashMap<String, Tensor>,
+        int8: &HashSet<String>,
+    ) -> Result<Option<ShardEntry>> {
         if tensors.is_empty() {
             return Ok(None);
         }
@@ -226,7 +299,7 @@ impl CheckpointWriter {
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum::<u64>();
-        candle_core::safetensors::save(&tensors, &tmp)?;
+        save_with_int8(&tensors, int8, &tmp)?;
         readable_like_new_files(&tmp)?;
         staging::sync_file(&tmp)?;
         staging::fault_point(&format!(

@@ -5,7 +5,7 @@
 //! layer) is recorded in the resume journal ([`super::resume`]) after its shards are durable, and
 //! a later run adopts the steps an interrupted one finished.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
@@ -16,7 +16,7 @@ use super::options::OutputOptions;
 use super::report::{GroupReport, LayerReport};
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
 use crate::checkpoint::experts::ExpertMatrix;
-use crate::checkpoint::fp8;
+use crate::checkpoint::{fp8, int8};
 use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
@@ -53,6 +53,10 @@ pub struct Emitter<'a> {
     dense: Option<CheckpointWriter>,
     journal: Option<Journal>,
     pending: CommittedShards,
+    /// Store the compressor's tensors as int8 with row-block scales (`--factor-dtype int8`).
+    int8_factors: bool,
+    /// The int8 tensors of the shard being assembled (written as `I8`).
+    int8_names: HashSet<String>,
 }
 
 impl<'a> Emitter<'a> {
@@ -80,6 +84,8 @@ impl<'a> Emitter<'a> {
             dense: None,
             journal: None,
             pending: CommittedShards::default(),
+            int8_factors: false,
+            int8_names: HashSet::new(),
         };
         emitter.dense = open(&options.export_dense)?;
         match emitter.prepare(manifest) {
@@ -148,6 +154,36 @@ impl<'a> Emitter<'a> {
             .unwrap_or_default()
     }
 
+    /// Stores the compressor's tensors of every following layer (`lowrank_a`, `basis`, the
+    /// gate/up members of dense groups) as int8 with row-block scales (`--factor-dtype int8`,
+    /// [`int8`]); residual coefficients and the dense export stay in the stored float dtype.
+    pub fn store_factors_as_int8(&mut self) {
+        self.int8_factors = true;
+    }
+
+    /// Inserts a tensor the compressor wrote under `key`: as it is, or with int8 factors as
+    /// `key` (I8 codes) and `key_scale` (F32). FP8 tensors copied as stored are never quantised.
+    fn insert_factor(
+        &mut self,
+        tensors: &mut HashMap<String, Tensor>,
+        key: String,
+        tensor: Tensor,
+    ) -> Result<()> {
+        let is_float = matches!(
+            tensor.dtype(),
+            DType::F32 | DType::BF16 | DType::F16 | DType::F64
+        );
+        if !self.int8_factors || !is_float {
+            tensors.insert(key, tensor);
+            return Ok(());
+        }
+        let (codes, scales) = int8::Int8Matrix::from_tensor(&tensor)?.to_tensors()?;
+        tensors.insert(int8::scale_name(&key), scales);
+        self.int8_names.insert(key.clone());
+        tensors.insert(key, codes);
+        Ok(())
+    }
+
     /// The staging directory of the compressed checkpoint (None for a dry run).
     pub fn staging_dir(&self) -> Option<&std::path::Path> {
         self.compressed.as_ref().map(|w| w.staging_dir())
@@ -210,8 +246,9 @@ impl<'a> Emitter<'a> {
         dense: HashMap<String, Tensor>,
     ) -> Result<()> {
         let file = format!("{step}.safetensors");
+        let int8_names = std::mem::take(&mut self.int8_names);
         if let Some(w) = self.compressed.as_mut() {
-            self.pending.compressed = w.write_shard_as(&file, compressed)?;
+            self.pending.compressed = w.write_shard_with_int8(&file, compressed, &int8_names)?;
         }
         if let Some(w) = self.dense.as_mut() {
             self.pending.dense = w.write_shard_as(&file, dense)?;
@@ -269,27 +306,37 @@ impl<'a> Emitter<'a> {
                     match group.basis {
                         Some(_) => {
                             let key = format::coefficients_name(&layout.block, expert, name);
-                            compressed.insert(key, tensor);
+                            self.insert_factor(&mut compressed, key, tensor)?;
                         }
-                        None => compressed.extend(self.kept_expert(
-                            experts,
-                            expert,
-                            matrix.matrix,
-                            || Ok(tensor),
-                        )?),
+                        None => {
+                            let kept =
+                                self.kept_expert(experts, expert, matrix.matrix, || Ok(tensor))?;
+                            // One tensor is the compressor's; an FP8 weight with its scales is
+                            // a copy as stored.
+                            match <[_; 1]>::try_from(kept) {
+                                Ok([(key, tensor)]) => {
+                                    self.insert_factor(&mut compressed, key, tensor)?
+                                }
+                                Err(stored) => compressed.extend(stored),
+                            }
+                        }
                     }
                     if let Some(rebuilt) = &group.reconstruction {
                         dense.insert(
                             layout.dense_name(expert, matrix.matrix),
-                            rebuilt[slot].clone(),
+                            self.float_dtype(&rebuilt[slot], stored_dtype)?,
                         );
                     }
                 }
                 if let Some(basis) = group.basis {
-                    compressed.insert(format::basis_name(&layout.block, g, name), basis);
+                    let key = format::basis_name(&layout.block, g, name);
+                    self.insert_factor(&mut compressed, key, basis)?;
                 }
                 if let Some(eta) = group.residual_eta {
-                    compressed.insert(format::residual_name(&layout.block, g, name), eta);
+                    compressed.insert(
+                        format::residual_name(&layout.block, g, name),
+                        self.float_dtype(&eta, stored_dtype)?,
+                    );
                 }
                 groups.push(GroupRecord {
                     experts: group.report.experts.clone(),
@@ -335,6 +382,15 @@ impl<'a> Emitter<'a> {
             matrices: records,
         };
         Ok((record, reports))
+    }
+
+    /// `tensor` as written: unchanged, or in the stored dtype with int8 factors (which the factor
+    /// stage hands over in f32, the precision they are quantised from).
+    fn float_dtype(&self, tensor: &Tensor, stored_dtype: DType) -> Result<Tensor> {
+        Ok(match self.int8_factors {
+            true => tensor.to_dtype(stored_dtype)?,
+            false => tensor.clone(),
+        })
     }
 
     /// The tensors of an expert matrix that stays dense: a per-expert FP8 weight is copied as

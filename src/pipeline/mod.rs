@@ -30,7 +30,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 
 use crate::checkpoint::experts::ExpertLayout;
-use crate::checkpoint::{Checkpoint, StoredDType};
+use crate::checkpoint::{int8, Checkpoint, StoredDType};
 use crate::error::{Error, Result};
 use crate::format::CompressionRecord;
 use crate::linalg::{CpuBackend, LinalgBackend};
@@ -82,6 +82,9 @@ pub fn compress_with_progress(
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
     let mut emitter = Emitter::create(&checkpoint, &options.output, &manifest)?;
+    if int8_factors(options) {
+        emitter.store_factors_as_int8();
+    }
     let finished = emitter.finished_layers();
     if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress, &finished) {
         return Err(stopped(emitter, error));
@@ -590,7 +593,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .checkpoint
             .tensor_names()
             .into_iter()
-            .filter(|name| !self.checkpoint.is_fp8_scale(name))
+            .filter(|name| !self.checkpoint.is_quantisation_scale(name))
             .filter_map(|name| self.checkpoint.info(name))
             .map(|(info, _)| info.numel() as u64)
             .sum();
@@ -610,6 +613,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             residual_seed: self.options.factorization.residual_seed,
             settings: serde_json::to_value(self.options).unwrap_or_default(),
             calibration_fingerprint: self.fingerprint.to_string(),
+            factor_storage: int8_factors(self.options).then(|| int8::STORAGE_NAME.to_string()),
             layers: self.records,
         };
         let report_json = report.checkpoint_json()?;
@@ -634,7 +638,16 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     }
 }
 
-/// The dtype of written factors: `auto` follows the checkpoint's dominant float dtype.
+/// `--factor-dtype int8`: the compressor's tensors are stored as int8 with row-block scales.
+const INT8_FACTORS: &str = "int8";
+
+/// Whether the run stores its factors as int8 ([`int8`]).
+fn int8_factors(options: &CompressOptions) -> bool {
+    options.factorization.factor_dtype == INT8_FACTORS
+}
+
+/// The dtype of factors as the factor stage hands them over: `auto` follows the checkpoint's
+/// dominant float dtype; int8 factors are quantised from f32.
 fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
     Ok(match name {
         "auto" => match checkpoint.dominant_dtype() {
@@ -647,9 +660,10 @@ fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
         "f16" => DType::F16,
+        INT8_FACTORS => DType::F32,
         other => {
             return Err(Error::InvalidArgument(format!(
-                "--factor-dtype `{other}` (expected auto, f32, bf16 or f16)"
+                "--factor-dtype `{other}` (expected auto, f32, bf16, f16 or int8)"
             )))
         }
     })

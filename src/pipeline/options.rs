@@ -206,7 +206,8 @@ pub struct FactorizationOptions {
     pub whiten_ridge: f64,
     /// Seed of the residual's random projection.
     pub residual_seed: u64,
-    /// Dtype of the written factors: `auto` (the checkpoint's), `f32`, `bf16` or `f16`.
+    /// Dtype of the written factors: `auto` (the checkpoint's), `f32`, `bf16`, `f16` or `int8`
+    /// (int8 codes with per-row scales of 128-column blocks).
     pub factor_dtype: String,
 }
 

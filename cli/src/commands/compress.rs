@@ -95,7 +95,7 @@ pub struct CompressArgs {
     /// Windows per forward batch.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Dtype of written factors: auto, f32, bf16, f16.
+    /// Dtype of written factors: auto, f32, bf16, f16, int8 (row-block scales).
     #[arg(long)]
     factor_dtype: Option<String>,
     /// Also write the reconstructed dense model here (original tensor names and shapes).

@@ -61,7 +61,7 @@ pub struct SweepArgs {
     /// Keep groups dense where factoring saves nothing: on or off.
     #[arg(long, value_parser = parse_on_off, default_value = "on", action = clap::ArgAction::Set)]
     dense_fallback: bool,
-    /// Dtype of the factors: auto, f32, bf16, f16.
+    /// Dtype of the factors: auto, f32, bf16, f16, int8 (row-block scales).
     #[arg(long, default_value = "f32")]
     factor_dtype: String,
     /// Evaluation window length.

@@ -1,0 +1,146 @@
+//! Int8 storage of the compressor's own tensors (`--factor-dtype int8`, docs/FORMAT.md "Int8
+//! factors"): a matrix `T` [rows, cols] is stored as `T` in `I8` plus `T_scale` in `F32`
+//! [rows, ⌈cols/128⌉]: symmetric blocks of 128 columns of one row, `scale = absmax / 127` (0 for
+//! an all-zero block), `code = round(x / scale)` clamped to [−127, 127]. The dequantised value is
+//! `code · scale` of its block, computed in f32.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Columns per scale block.
+pub const BLOCK: usize = 128;
+/// Suffix of a tensor's scales: `T` → `T_scale`.
+pub const SCALE_SUFFIX: &str = "_scale";
+/// The largest code magnitude (the code range is symmetric: −127 is never paired with 128).
+pub const MAX_CODE: f32 = 127.0;
+/// The name of this storage in `config.json` → `compression.factor_storage`.
+pub const STORAGE_NAME: &str = "int8-row128";
+
+/// The scales' name of int8 tensor `name`.
+pub fn scale_name(name: &str) -> String {
+    format!("{name}{SCALE_SUFFIX}")
+}
+
+/// The scales' shape of an int8 matrix of shape `[rows, cols]`: `[rows, ⌈cols/128⌉]`.
+pub fn scale_shape(rows: usize, cols: usize) -> [usize; 2] {
+    [rows, cols.div_ceil(BLOCK)]
+}
+
+/// A row-major matrix in int8 codes with one f32 scale per row block of [`BLOCK`] columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Matrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows × cols` codes in [−127, 127], row-major.
+    pub codes: Vec<i8>,
+    /// `rows × ⌈cols/128⌉` scales, row-major.
+    pub scales: Vec<f32>,
+}
+
+/// Quantises the row-major matrix `values` [rows, cols] (finite values).
+pub fn quantise(values: &[f32], rows: usize, cols: usize) -> Int8Matrix {
+    assert_eq!(values.len(), rows * cols, "quantise: values are not rows × cols");
+    let blocks = cols.div_ceil(BLOCK);
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(rows * blocks);
+    for row in values.chunks(cols.max(1)).take(rows) {
+        for block in row.chunks(BLOCK) {
+            let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = absmax / MAX_CODE;
+            scales.push(scale);
+            codes.extend(block.iter().map(|&v| code(v, scale)));
+        }
+    }
+    Int8Matrix {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+/// The code of `value` in a block of scale `scale` (0 when the scale is 0).
+fn code(value: f32, scale: f32) -> i8 {
+    if scale == 0.0 {
+        return 0;
+    }
+    (value / scale).round().clamp(-MAX_CODE, MAX_CODE) as i8
+}
+
+/// Dequantises `codes` [rows, cols] with their block `scales` [rows, ⌈cols/128⌉] to f32.
+pub fn dequantise(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let blocks = cols.div_ceil(BLOCK);
+    assert_eq!(codes.len(), rows * cols, "dequantise: codes are not rows × cols");
+    assert_eq!(scales.len(), rows * blocks, "dequantise: scales do not fit the codes");
+    codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let (row, col) = (i / cols, i % cols);
+            f32::from(c) * scales[row * blocks + col / BLOCK]
+        })
+        .collect()
+}
+
+impl Int8Matrix {
+    /// Quantises a 2-D float tensor (any float dtype, any device).
+    pub fn from_tensor(tensor: &Tensor) -> Result<Self> {
+        let (rows, cols) = tensor.dims2()?;
+        let values = tensor
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(quantise(&values, rows, cols))
+    }
+
+    /// The codes as a `U8` tensor [rows, cols] holding the `I8` bytes (candle has no int8
+    /// dtype; the checkpoint writer stores it as `I8` when told so), and the scales as an `F32`
+    /// tensor [rows, ⌈cols/128⌉], on the CPU.
+    pub fn to_tensors(&self) -> Result<(Tensor, Tensor)> {
+        let bytes: Vec<u8> = self.codes.iter().map(|&c| c as u8).collect();
+        let codes = Tensor::from_vec(bytes, (self.rows, self.cols), &Device::Cpu)?;
+        let scales = Tensor::from_vec(
+            self.scales.clone(),
+            scale_shape(self.rows, self.cols).to_vec(),
+            &Device::Cpu,
+        )?;
+        Ok((codes, scales))
+    }
+
+    /// The dequantised matrix, row-major f32.
+    pub fn dequantise(&self) -> Vec<f32> {
+        dequantise(&self.codes, &self.scales, self.rows, self.cols)
+    }
+}
+
+/// Reinterprets stored `I8` bytes as codes.
+pub fn codes_from_bytes(bytes: &[u8]) -> Vec<i8> {
+    bytes.iter().map(|&b| b as i8).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_are_per_row_block_and_codes_use_the_full_range() {
+        let values: Vec<f32> = (0..2 * 130).map(|i| (i as f32 - 100.0) * 0.5).collect();
+        let q = quantise(&values, 2, 130);
+        assert_eq!(q.scales.len(), 4);
+        assert_eq!(scale_shape(2, 130), [2, 2]);
+        // Row 0, block 0 holds −50 … 13.5: absmax 50.
+        assert_eq!(q.scales[0], 50.0 / 127.0);
+        assert_eq!(q.codes[0], -127);
+        // Row 0, block 1 holds columns 128, 129: 14 and 14.5.
+        assert_eq!(q.scales[1], 14.5 / 127.0);
+        assert_eq!(q.codes[129], 127);
+        let back = q.dequantise();
+        for (i, (&x, &y)) in values.iter().zip(&back).enumerate() {
+            let scale = q.scales[(i / 130) * 2 + (i % 130) / BLOCK];
+            assert!((x - y).abs() <= scale * 0.5 * (1.0 + 1e-6), "{i}: {x} vs {y}");
+        }
+    }
+}
