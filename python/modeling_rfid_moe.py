@@ -7,6 +7,9 @@ names: per-expert coefficients `experts.{j}.{m}.lowrank_a`, shared group bases
 members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weight`. No dense copy
 of a factored expert is ever held: `W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j`
 rebuilt for the routed experts only, on the fly, from the seeded hash of `src/residual.rs`.
+With `compression.factor_storage == "int8-row128"` the factors and dense members of gate/up are
+stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they are dequantised
+to the model dtype right after loading.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 """
@@ -33,6 +36,7 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _ENTRY_MULTIPLIER = 0xD6E8FEB86659FD93
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_INT8_STORAGE, _INT8_BLOCK, _INT8_SCALE = "int8-row128", 128, "_scale"
 
 
 def _splitmix64_int(x):
@@ -73,6 +77,29 @@ def residual_buckets(seed, first_entry, entries, size, device):
     return (high * size + ((low * size) >> 32)) >> 32
 
 
+def _add_int8_scale(module, name):
+    """Registers the row-block scales `{name}_scale` [rows, ⌈cols/128⌉] (f32) of an int8-stored
+    parameter, so that they load; `_dequantise_int8` consumes them."""
+    rows, cols = getattr(module, name).shape
+    blocks = -(-cols // _INT8_BLOCK)
+    module.register_buffer(name + _INT8_SCALE, torch.empty(rows, blocks, dtype=torch.float32))
+    module.int8_parameters = getattr(module, "int8_parameters", ()) + (name,)
+
+
+@torch.no_grad()
+def _dequantise_int8(model):
+    """Turns every loaded int8 parameter (codes, cast to the model dtype on loading) into its
+    value `code · scale` of its 128-column block, in f32 then the parameter's dtype, and drops
+    the scales."""
+    for module in model.modules():
+        for name in getattr(module, "int8_parameters", ()):
+            param = module._parameters[name]
+            scale = module._buffers.pop(name + _INT8_SCALE).float()
+            blocks = scale.repeat_interleave(_INT8_BLOCK, dim=1)[:, : param.shape[1]]
+            param.data = (param.data.float() * blocks).to(param.dtype)
+        module.int8_parameters = ()
+
+
 class _Coefficients(nn.Module):
     """A factored member's coefficients `A_j` [out, rank] (`lowrank_a`)."""
 
@@ -110,6 +137,10 @@ class FactoredExperts(nn.ModuleList):
         self.names, self.num_experts, self.shape = names, n, (p, d)
         self.silu_basis = compression.get("basis_activation", "identity") == "silu"
         self.residual_seed = int(compression.get("residual_seed", 0))
+        storage = compression.get("factor_storage")
+        if storage not in (None, _INT8_STORAGE):
+            raise NotImplementedError(f"factor_storage {storage!r} (this file reads int8-row128)")
+        self.int8 = storage == _INT8_STORAGE
         matrices = (layer_record or {}).get("matrices", {})
         # Registered on the MoE block as `expert_groups` (the checkpoint's names), not here.
         object.__setattr__(self, "groups", nn.ModuleList())
@@ -121,6 +152,8 @@ class FactoredExperts(nn.ModuleList):
             for j in range(n):  # members of dense groups (or of a layer without a record)
                 if (name, j) not in self.member_of:
                     setattr(self[j], name, _Dense(p, d))
+                    if self.int8 and layer_record:
+                        _add_int8_scale(getattr(self[j], name), "weight")
         for j in range(n):
             setattr(self[j], names[2], _Dense(d, p))
 
@@ -128,10 +161,14 @@ class FactoredExperts(nn.ModuleList):
         p, d = self.shape
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _Coefficients(p, group["rank"]))
+            if self.int8:
+                _add_int8_scale(getattr(self[j], name), "lowrank_a")
             self.member_of[(name, j)] = (g, slot, len(group["experts"]))
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
         factors = _GroupFactors(group["rank"], d, group.get("residual_size", 0))
+        if self.int8:
+            _add_int8_scale(factors, "basis")
         setattr(self.groups[g], name, factors)
 
     def _residual(self, factors, slot, members):
@@ -218,7 +255,7 @@ class _FactoredExpertsModel:
     @classmethod
     def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
         """The family's `from_pretrained`, refusing a checkpoint that leaves any weight missing
-        (transformers would initialise it at random)."""
+        (transformers would initialise it at random); int8 factors are dequantised."""
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
@@ -226,6 +263,9 @@ class _FactoredExpertsModel:
                 f"{len(missing)} weights of this rfid-moe checkpoint are missing from its "
                 f"safetensors files (first: {missing[:5]}); refusing to initialise them at random"
             )
+        _dequantise_int8(model)
+        # The parameters now hold floats: a saved copy is a float checkpoint.
+        model.config.compression.pop("factor_storage", None)
         return (model, info) if output_loading_info else model
 
 

@@ -122,7 +122,7 @@ impl SweepRow {
 }
 
 /// Sizes of a checkpoint's tensors in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct TensorBytes {
     /// Every tensor.
     pub total: u64,
@@ -144,6 +144,24 @@ pub fn tensor_bytes(dir: &std::path::Path) -> Result<TensorBytes> {
         if name.contains(".experts.") || name.contains(".expert_groups.") {
             bytes.routed_experts += size;
         }
+    }
+    Ok(bytes)
+}
+
+/// The bytes of the tensors stored in the safetensors files `shards` (their headers only), in
+/// all and for routed experts; for a checkpoint still being written (no index yet).
+pub fn shard_tensor_bytes(shards: &[std::path::PathBuf]) -> Result<TensorBytes> {
+    let mut bytes = TensorBytes::default();
+    for path in shards {
+        let file = crate::checkpoint::SafetensorsFile::open(path)?;
+        for (name, info) in file.tensors() {
+            let size = (info.data_range.1 - info.data_range.0) as u64;
+            bytes.total += size;
+            if name.contains(".experts.") || name.contains(".expert_groups.") {
+                bytes.routed_experts += size;
+            }
+        }
+        file.release_pages();
     }
     Ok(bytes)
 }

@@ -136,6 +136,12 @@ fn fused_copy(source: &Path, out: &Path) -> PathBuf {
 
 /// A copy of the compressed checkpoint `dir` without the first `lowrank_a` tensor it lists.
 fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
+    copy_without_first(dir, out, ".lowrank_a")
+}
+
+/// A copy of the compressed checkpoint `dir` without the first tensor whose name ends with
+/// `suffix`.
+fn copy_without_first(dir: &Path, out: &Path, suffix: &str) -> PathBuf {
     std::fs::create_dir_all(out).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
@@ -144,11 +150,7 @@ fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
     let index_path = out.join("model.safetensors.index.json");
     let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let map = index["weight_map"].as_object_mut().unwrap();
-    let name = map
-        .keys()
-        .find(|k| k.ends_with(".lowrank_a"))
-        .unwrap()
-        .clone();
+    let name = map.keys().find(|k| k.ends_with(suffix)).unwrap().clone();
     let shard = out.join(map.remove(&name).unwrap().as_str().unwrap());
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
     let mut tensors = candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
@@ -346,6 +348,7 @@ fn transformers_loads_every_compressed_family_with_our_logits() {
     add_refusal_cases(&mut cases, work);
     add_fused_cases(&mut cases, work, &calibration);
     add_pruned_cases(&mut cases, work, &calibration);
+    add_int8_cases(&mut cases, work, &calibration);
     let snippet = readme_example(&work.join("mini-moe-docs"));
     let (results, logits) = run_python(&python, work, &ids_path, &cases, snippet);
     let ids = candle_core::safetensors::load(&ids_path, &Device::Cpu).unwrap()["input_ids"].clone();
@@ -482,5 +485,60 @@ fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             stored_values,
         },
         ours: out,
+    });
+}
+
+/// `--factor-dtype int8` (issue 16): int8 factors with row-block scales load through our
+/// modelling file, dequantised to the model dtype, with our logits and the parameter count of
+/// the report (the scales are storage, not parameters); Mixtral with a residual (η stays a
+/// float); a missing scale is refused like a missing factor.
+fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
+    let int8 = [
+        (
+            "int8 mini-moe-docs",
+            common::mini_model(),
+            "Qwen3Moe",
+            false,
+        ),
+        (
+            "int8 mixtral residual",
+            common::fixture("tiny-mixtral"),
+            "Mixtral",
+            true,
+        ),
+    ];
+    for (name, source, stem, residual) in int8 {
+        let out = work.join(name.replace(' ', "-"));
+        let stored_values = compress(&source, calibration, &out, |o| {
+            o.factorization.factor_dtype = "int8".into();
+            o.allocation.residual = residual;
+        });
+        let stored = Checkpoint::open(&out).unwrap();
+        assert!(stored
+            .tensor_names()
+            .iter()
+            .any(|n| n.ends_with(".lowrank_a_scale")));
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: true,
+            expect: Expect::Loads {
+                class: factored_class(stem),
+                stored_values,
+            },
+            ours: out,
+        });
+    }
+    let incomplete = copy_without_first(
+        &work.join("int8-mini-moe-docs"),
+        &work.join("int8-missing-scale"),
+        ".basis_scale",
+    );
+    cases.push(Case {
+        name: "int8 missing scale",
+        dir: incomplete.clone(),
+        trust_remote_code: true,
+        expect: Expect::Fails("refusing to initialise them at random"),
+        ours: incomplete,
     });
 }

@@ -408,3 +408,12 @@ fn sigkill_mid_run_resumes_with_identical_output_and_the_lock_keeps_a_second_run
     assert!((2..=4).contains(&finished), "{finished} finished layers");
     resume_and_check(&setup, &[], &reference, finished);
 }
+
+#[test]
+fn int8_factors_resume_with_identical_output() {
+    let setup = Setup::new();
+    let int8 = ["--factor-dtype", "int8"];
+    let reference = setup.reference(&int8);
+    setup.killed_at(&int8, "layer-committed:1");
+    resume_and_check(&setup, &int8, &reference, 2);
+}

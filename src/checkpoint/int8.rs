@@ -42,7 +42,11 @@ pub struct Int8Matrix {
 
 /// Quantises the row-major matrix `values` [rows, cols] (finite values).
 pub fn quantise(values: &[f32], rows: usize, cols: usize) -> Int8Matrix {
-    assert_eq!(values.len(), rows * cols, "quantise: values are not rows × cols");
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "quantise: values are not rows × cols"
+    );
     let blocks = cols.div_ceil(BLOCK);
     let mut codes = Vec::with_capacity(values.len());
     let mut scales = Vec::with_capacity(rows * blocks);
@@ -73,8 +77,16 @@ fn code(value: f32, scale: f32) -> i8 {
 /// Dequantises `codes` [rows, cols] with their block `scales` [rows, ⌈cols/128⌉] to f32.
 pub fn dequantise(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let blocks = cols.div_ceil(BLOCK);
-    assert_eq!(codes.len(), rows * cols, "dequantise: codes are not rows × cols");
-    assert_eq!(scales.len(), rows * blocks, "dequantise: scales do not fit the codes");
+    assert_eq!(
+        codes.len(),
+        rows * cols,
+        "dequantise: codes are not rows × cols"
+    );
+    assert_eq!(
+        scales.len(),
+        rows * blocks,
+        "dequantise: scales do not fit the codes"
+    );
     codes
         .iter()
         .enumerate()
@@ -140,7 +152,10 @@ mod tests {
         let back = q.dequantise();
         for (i, (&x, &y)) in values.iter().zip(&back).enumerate() {
             let scale = q.scales[(i / 130) * 2 + (i % 130) / BLOCK];
-            assert!((x - y).abs() <= scale * 0.5 * (1.0 + 1e-6), "{i}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= scale * 0.5 * (1.0 + 1e-6),
+                "{i}: {x} vs {y}"
+            );
         }
     }
 }

@@ -775,7 +775,11 @@ impl Checkpoint {
     pub fn dominant_dtype(&self) -> StoredDType {
         let mut counts: HashMap<&'static str, (usize, StoredDType)> = HashMap::new();
         for shard in &self.shards {
-            for info in shard.tensors.values().filter(|i| i.dtype != StoredDType::I8) {
+            for info in shard
+                .tensors
+                .values()
+                .filter(|i| i.dtype != StoredDType::I8)
+            {
                 let entry = counts.entry(info.dtype.name()).or_insert((0, info.dtype));
                 entry.0 += info.numel();
             }

@@ -16,8 +16,8 @@ use super::options::OutputOptions;
 use super::report::{GroupReport, LayerReport};
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
 use crate::checkpoint::experts::ExpertMatrix;
-use crate::checkpoint::{fp8, int8};
 use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
+use crate::checkpoint::{fp8, int8};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::format::{self, GroupRecord, LayerRecord, MatrixRecord};
@@ -182,6 +182,22 @@ impl<'a> Emitter<'a> {
         self.int8_names.insert(key.clone());
         tensors.insert(key, codes);
         Ok(())
+    }
+
+    /// The bytes of the tensors written to the compressed checkpoint so far (every shard in its
+    /// staging directory), in all and for routed experts; None for a dry run.
+    pub fn stored_bytes(&self) -> Result<Option<crate::sweep::TensorBytes>> {
+        let Some(dir) = self.staging_dir() else {
+            return Ok(None);
+        };
+        let mut shards = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                shards.push(path);
+            }
+        }
+        crate::sweep::shard_tensor_bytes(&shards).map(Some)
     }
 
     /// The staging directory of the compressed checkpoint (None for a dry run).

@@ -606,6 +606,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         );
         report.seconds = started.elapsed().as_secs_f64();
         report.resumed_layers = self.resumed_layers;
+        report.stored_bytes = emitter.stored_bytes()?;
         let record = CompressionRecord {
             method: "rfid-moe".into(),
             tool_version: report.tool_version.clone(),

@@ -134,6 +134,10 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     /// Where the checkpoint was written (None for dry runs).
     pub output: Option<PathBuf>,
+    /// Bytes of the output's tensors as stored, in all and for the routed experts (int8 codes
+    /// with their scales, any dtype); None for dry runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<crate::sweep::TensorBytes>,
     /// Layers taken from an interrupted run instead of being computed (not written to the
     /// report file, which is the same as an uninterrupted run's).
     #[serde(skip)]
@@ -348,6 +352,7 @@ impl Totals {
             peak_resident_bytes: self.peak_resident,
             layers,
             output: None,
+            stored_bytes: None,
             resumed_layers: Vec::new(),
         }
     }

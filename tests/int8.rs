@@ -1,0 +1,372 @@
+//! `--factor-dtype int8` (issue 16, docs/FORMAT.md "Int8 factors"): the quantiser's error bound,
+//! an int8 checkpoint read back against the same run with f32 factors (tensors and logits), the
+//! bytes it saves, and the named errors of a missing or misshapen scale.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rfid_moe::checkpoint::int8::{self, BLOCK};
+use rfid_moe::checkpoint::{Checkpoint, StoredDType};
+use rfid_moe::pipeline::CompressOptions;
+
+/// Relative slack on the half-step bound for the f32 rounding of `x / scale` and `code · scale`:
+/// each is off by up to half an ulp of a value of up to 127 steps, 127 · 2⁻²⁴ ≈ 7.6e-6 of a step,
+/// so 1e-4 of half a step covers both (measured: 3.6e-6).
+const F32_SLACK: f32 = 1e-4;
+
+/// Deterministic values in (−1, 1) from an LCG.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Checks one quantised matrix against its input: codes in range, each block's scale its absmax
+/// / 127 with a ±127 code at the absmax, every element within half a step, zeros exact.
+fn check_quantised(x: &[f32], rows: usize, cols: usize) {
+    let q = int8::quantise(x, rows, cols);
+    let blocks = cols.div_ceil(BLOCK);
+    assert_eq!(q.scales.len(), rows * blocks);
+    assert_eq!(int8::scale_shape(rows, cols), [rows, blocks]);
+    let back = q.dequantise();
+    for row in 0..rows {
+        for block in 0..blocks {
+            let columns = block * BLOCK..((block + 1) * BLOCK).min(cols);
+            let at = |c: usize| row * cols + c;
+            let absmax = columns.clone().map(|c| x[at(c)].abs()).fold(0f32, f32::max);
+            let scale = q.scales[row * blocks + block];
+            assert_eq!(scale, absmax / 127.0, "row {row} block {block}");
+            if absmax > 0.0 {
+                let top = columns.clone().map(|c| q.codes[at(c)].unsigned_abs()).max();
+                assert_eq!(
+                    top,
+                    Some(127),
+                    "row {row} block {block}: absmax gets code ±127"
+                );
+            }
+            for c in columns {
+                let (v, w) = (x[at(c)], back[at(c)]);
+                assert!((-127..=127).contains(&q.codes[at(c)]));
+                assert!(
+                    (v - w).abs() <= scale * 0.5 * (1.0 + F32_SLACK),
+                    "[{row}, {c}] {v} → {w}, scale {scale}"
+                );
+                if v == 0.0 {
+                    assert_eq!(w, 0.0, "[{row}, {c}] a zero stays exactly zero");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantise_then_dequantise_is_within_half_a_step_of_each_block() {
+    for (rows, cols) in [(3, 1), (4, 127), (4, 128), (5, 129), (3, 300), (2, 512)] {
+        let mut x = values(rows * cols, (rows * 1000 + cols) as u64);
+        // Rows of very different magnitudes, exact zeros, and an all-zero last row.
+        for (i, v) in x.iter_mut().enumerate() {
+            let row = i / cols;
+            *v *= 10f32.powi(row as i32 - 2);
+            if i % 7 == 3 {
+                *v = 0.0;
+            }
+            if row == rows - 1 {
+                *v = 0.0;
+            }
+        }
+        check_quantised(&x, rows, cols);
+        let q = int8::quantise(&x, rows, cols);
+        let last = &q.scales[(rows - 1) * cols.div_ceil(BLOCK)..];
+        assert!(
+            last.iter().all(|&s| s == 0.0),
+            "an all-zero row has scale 0"
+        );
+        // A block that is one outlier among small values still keeps the outlier exactly.
+        let mut spike = vec![1e-3f32; cols.max(2)];
+        spike[1] = -50.0;
+        check_quantised(&spike, 1, spike.len());
+    }
+}
+
+#[test]
+fn tensors_round_trip_through_codes_and_scales() {
+    let x = values(6 * 200, 7);
+    let tensor = Tensor::from_vec(x.clone(), (6, 200), &Device::Cpu).unwrap();
+    let q = int8::Int8Matrix::from_tensor(&tensor).unwrap();
+    assert_eq!(q, int8::quantise(&x, 6, 200));
+    let (codes, scales) = q.to_tensors().unwrap();
+    assert_eq!(codes.dtype(), DType::U8);
+    assert_eq!(codes.dims(), &[6, 200]);
+    assert_eq!(scales.dims(), &[6, 2]);
+    let bytes: Vec<u8> = codes.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(int8::codes_from_bytes(&bytes), q.codes);
+}
+
+/// Compresses mini-moe-docs at ρ = 0.4 into `out` with `factor_dtype` (fixed calibration).
+fn compress_mini(work: &Path, name: &str, factor_dtype: &str) -> PathBuf {
+    let calibration = work.join("calibration.safetensors");
+    if !calibration.exists() {
+        common::random_token_windows(&calibration, 4096, 16, 64, 0x1617);
+    }
+    let out = work.join(name);
+    let mut options = CompressOptions {
+        model: common::mini_model(),
+        ..CompressOptions::default()
+    };
+    options.calibration.data = calibration;
+    options.calibration.samples = 16;
+    options.calibration.seq_len = 64;
+    options.allocation.ratio = 0.4;
+    options.factorization.factor_dtype = factor_dtype.into();
+    options.output.out = Some(out.clone());
+    rfid_moe::compress(&options).unwrap();
+    out
+}
+
+/// The names of the int8 tensors of `checkpoint`.
+fn int8_names(checkpoint: &Checkpoint) -> Vec<String> {
+    checkpoint
+        .tensor_names()
+        .into_iter()
+        .filter(|n| checkpoint.info(n).unwrap().0.dtype == StoredDType::I8)
+        .map(str::to_string)
+        .collect()
+}
+
+fn load(checkpoint: &Checkpoint, name: &str) -> Vec<f32> {
+    checkpoint
+        .load(name, DType::F32, &Device::Cpu, "test")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn an_int8_checkpoint_reads_back_within_half_a_step_of_the_f32_run_with_close_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_out = compress_mini(tmp.path(), "f32", "f32");
+    let int8_out = compress_mini(tmp.path(), "int8", "int8");
+    let (exact, quantised) = (
+        Checkpoint::open(&f32_out).unwrap(),
+        Checkpoint::open(&int8_out).unwrap(),
+    );
+    let config = quantised.config()["compression"].clone();
+    assert_eq!(config["factor_storage"], "int8-row128");
+    assert_eq!(config["settings"]["factorization"]["factor_dtype"], "int8");
+    assert!(exact.config()["compression"]
+        .get("factor_storage")
+        .is_none());
+    // Every compressor tensor is int8 (coefficients, bases, dense members of gate/up), nothing
+    // else is, and the rest of the output is byte for byte the f32 run's.
+    let names = int8_names(&quantised);
+    let is_compressor = |n: &str| {
+        n.ends_with(".lowrank_a")
+            || n.ends_with(".basis")
+            || (n.contains(".experts.") && !n.contains("down_proj") && n.ends_with("proj.weight"))
+    };
+    let expected: Vec<String> = exact
+        .tensor_names()
+        .into_iter()
+        .filter(|n| is_compressor(n))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names, expected);
+    assert!(names.iter().any(|n| n.ends_with(".lowrank_a")) && names.len() > 100);
+    for name in exact.tensor_names() {
+        if !is_compressor(name) {
+            assert_eq!(exact.raw_bytes(name), quantised.raw_bytes(name), "{name}");
+        }
+    }
+    // Read back: within half a step of its block of the f32 run's value; some differ.
+    let mut changed = 0usize;
+    for name in &names {
+        let (x, y) = (load(&exact, name), load(&quantised, name));
+        let scales = load(&quantised, &int8::scale_name(name));
+        let cols = quantised.info(name).unwrap().0.shape[1];
+        let blocks = cols.div_ceil(BLOCK);
+        for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+            let scale = scales[(i / cols) * blocks + (i % cols) / BLOCK];
+            assert!(
+                (a - b).abs() <= scale * 0.5 * (1.0 + F32_SLACK),
+                "{name}[{i}]: {a} vs {b}, scale {scale}"
+            );
+            changed += usize::from(a != b);
+        }
+    }
+    assert!(changed > 1000, "int8 storage changed only {changed} values");
+    // Parameters are counted once: the scales are storage.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(int8_out.join("compression_report.json")).unwrap())
+            .unwrap();
+    let count = |key: &str| report[key].as_u64().unwrap();
+    assert_eq!(
+        rfid_moe::inspect::parameter_counts(&quantised).total,
+        count("model_parameters_before") - count("targeted_parameters_before")
+            + count("targeted_parameters_after")
+    );
+    // Logits: int8 storage moves them far less than the compression itself does.
+    let ids = Tensor::from_vec(
+        values(4 * 48, 99)
+            .iter()
+            .map(|v| ((v + 1.0) * 2047.0) as i64)
+            .collect::<Vec<_>>(),
+        (4, 48),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let original = common::logits_of(&common::mini_model(), &ids);
+    let (f32_logits, int8_logits) = (
+        common::logits_of(&f32_out, &ids),
+        common::logits_of(&int8_out, &ids),
+    );
+    // The mean |Δlogit| over 4 × 48 positions × 4096 logits: int8 storage moves the logits by a
+    // small fraction of what the compression itself does (measured: 0.0121 against 0.193, 6%;
+    // maxima 1.39 against 4.56); not quantising would leave them equal.
+    let mean = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let storage = mean(&int8_logits, &f32_logits);
+    let compression = mean(&f32_logits, &original);
+    println!(
+        "mean |Δlogit|: int8 vs f32 factors {storage:.5}, f32 factors vs original {compression:.5}; \
+         max {:.3} vs {:.3}",
+        common::max_abs_diff(&int8_logits, &f32_logits),
+        common::max_abs_diff(&f32_logits, &original)
+    );
+    assert!(storage > 0.0, "int8 factors left the logits unchanged");
+    assert!(
+        storage < 0.1 * compression,
+        "int8 storage moved the logits by {storage} on average, the compression by {compression}"
+    );
+}
+
+/// Bytes of a tensor of `shape` stored as int8 with its scales, and as bf16.
+fn int8_and_bf16_bytes(shape: &[usize]) -> (u64, u64) {
+    let (rows, cols) = (shape[0] as u64, shape[1] as u64);
+    (
+        rows * cols + 4 * rows * cols.div_ceil(BLOCK as u64),
+        2 * rows * cols,
+    )
+}
+
+#[test]
+fn int8_routed_expert_bytes_follow_from_the_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16_out = compress_mini(tmp.path(), "bf16", "auto");
+    let int8_out = compress_mini(tmp.path(), "int8", "int8");
+    let bf16 = rfid_moe::sweep::tensor_bytes(&bf16_out).unwrap();
+    let int8 = rfid_moe::sweep::tensor_bytes(&int8_out).unwrap();
+    let quantised = Checkpoint::open(&int8_out).unwrap();
+    let (mut as_int8, mut as_bf16) = (0u64, 0u64);
+    for name in int8_names(&quantised) {
+        let shape = &quantised.info(&name).unwrap().0.shape;
+        let (i, b) = int8_and_bf16_bytes(shape);
+        as_int8 += i;
+        as_bf16 += b;
+    }
+    // Same allocation, so the outputs differ exactly by the compressor tensors' storage.
+    assert_eq!(int8.routed_experts, bf16.routed_experts - as_bf16 + as_int8);
+    assert_eq!(int8.total, bf16.total - as_bf16 + as_int8);
+    let down_proj = bf16.routed_experts - as_bf16;
+    println!(
+        "routed experts: bf16 {} B, int8 {} B (compressor tensors {as_bf16} → {as_int8} B, down_proj {down_proj} B)",
+        bf16.routed_experts, int8.routed_experts
+    );
+    // d = 128, p = 64: scales add at most 4 bytes per row of ≤ 128 values: ≤ 53% of bf16... for
+    // rows of ≥ 128 columns; `lowrank_a` rows [p, K] with small K carry relatively more.
+    assert!(as_int8 * 100 <= as_bf16 * 60, "{as_int8} vs {as_bf16}");
+    assert!(as_int8 * 2 > as_bf16);
+}
+
+/// A copy of `dir` (a sharded checkpoint) for editing.
+fn copy_dir(dir: &Path, out: &Path) -> PathBuf {
+    std::fs::create_dir_all(out).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    out.to_path_buf()
+}
+
+fn load_error(dir: &Path) -> String {
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    match rfid_moe::models::Model::load(&checkpoint, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[test]
+fn a_missing_or_misshapen_scale_is_an_error_naming_the_tensor_and_the_expected_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let int8_out = compress_mini(tmp.path(), "int8", "int8");
+    let quantised = Checkpoint::open(&int8_out).unwrap();
+    let name = int8_names(&quantised)
+        .into_iter()
+        .find(|n| n.ends_with(".basis"))
+        .unwrap();
+    let scale = int8::scale_name(&name);
+    let rows = quantised.info(&name).unwrap().0.shape[0];
+    assert!(rows > 1, "a basis of rank > 1 to transpose its scales");
+    let shard = quantised.info(&name).unwrap().1.to_path_buf();
+    drop(quantised);
+
+    // Missing: the index no longer lists the scales.
+    let missing = copy_dir(&int8_out, &tmp.path().join("missing"));
+    let index_path = missing.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["weight_map"].as_object_mut().unwrap().remove(&scale);
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let message = load_error(&missing);
+    for needle in [
+        format!("`{scale}`"),
+        format!("I8 tensor `{name}`"),
+        format!("[{rows}, 1]"),
+        shard.file_name().unwrap().to_string_lossy().into_owned(),
+    ] {
+        assert!(message.contains(&needle), "{needle:?} not in: {message}");
+    }
+
+    // Misshapen: the same bytes as [1, rows].
+    let misshapen = copy_dir(&int8_out, &tmp.path().join("misshapen"));
+    let file = misshapen.join(shard.file_name().unwrap());
+    let (mut header, data) = common::read_safetensors_raw(&file);
+    header[&scale]["shape"] = serde_json::json!([1, rows]);
+    common::write_safetensors_raw(&file, &header, &data);
+    let message = load_error(&misshapen);
+    for needle in [
+        format!("`{scale}`"),
+        format!("I8 tensor `{name}`"),
+        format!("F32 [{rows}, 1]"),
+        format!("[1, {rows}]"),
+    ] {
+        assert!(message.contains(&needle), "{needle:?} not in: {message}");
+    }
+
+    // A bare I8 tensor read from its file alone (no checkpoint to find the scales in).
+    let file = rfid_moe::checkpoint::SafetensorsFile::open(&shard).unwrap();
+    let error = file.load(&name, DType::F32, &Device::Cpu).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("`{name}` is I8")) && message.contains(&format!("`{scale}`")),
+        "{message}"
+    );
+}
