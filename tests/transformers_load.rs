@@ -136,12 +136,6 @@ fn fused_copy(source: &Path, out: &Path) -> PathBuf {
 
 /// A copy of the compressed checkpoint `dir` without the first `lowrank_a` tensor it lists.
 fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
-    copy_without_first(dir, out, ".lowrank_a")
-}
-
-/// A copy of the compressed checkpoint `dir` without the first tensor whose name ends with
-/// `suffix`.
-fn copy_without_first(dir: &Path, out: &Path, suffix: &str) -> PathBuf {
     std::fs::create_dir_all(out).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
@@ -150,12 +144,41 @@ fn copy_without_first(dir: &Path, out: &Path, suffix: &str) -> PathBuf {
     let index_path = out.join("model.safetensors.index.json");
     let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let map = index["weight_map"].as_object_mut().unwrap();
-    let name = map.keys().find(|k| k.ends_with(suffix)).unwrap().clone();
+    let name = map
+        .keys()
+        .find(|k| k.ends_with(".lowrank_a"))
+        .unwrap()
+        .clone();
     let shard = out.join(map.remove(&name).unwrap().as_str().unwrap());
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
     let mut tensors = candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
     tensors.remove(&name).unwrap();
     candle_core::safetensors::save(&tensors, &shard).unwrap();
+    out.to_path_buf()
+}
+
+/// A copy of the int8 checkpoint `dir` whose first `basis_scale` is gone: renamed in its shard's
+/// header (candle cannot rewrite a shard holding I8 tensors) and removed from the index.
+fn copy_without_a_scale(dir: &Path, out: &Path) -> PathBuf {
+    std::fs::create_dir_all(out).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    let index_path = out.join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let name = map
+        .keys()
+        .find(|k| k.ends_with(".basis_scale"))
+        .unwrap()
+        .clone();
+    let shard = out.join(map.remove(&name).unwrap().as_str().unwrap());
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let (mut header, data) = common::read_safetensors_raw(&shard);
+    let entry = header.as_object_mut().unwrap().remove(&name).unwrap();
+    header[format!("{name}_gone")] = entry;
+    common::write_safetensors_raw(&shard, &header, &data);
     out.to_path_buf()
 }
 
@@ -529,10 +552,9 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             ours: out,
         });
     }
-    let incomplete = copy_without_first(
+    let incomplete = copy_without_a_scale(
         &work.join("int8-mini-moe-docs"),
         &work.join("int8-missing-scale"),
-        ".basis_scale",
     );
     cases.push(Case {
         name: "int8 missing scale",
