@@ -281,6 +281,18 @@ fn int8_routed_expert_bytes_follow_from_the_shapes() {
         as_int8 += i;
         as_bf16 += b;
     }
+    // The report records the stored bytes as the finished checkpoint has them.
+    for (out, bytes) in [(&bf16_out, &bf16), (&int8_out, &int8)] {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+                .unwrap();
+        let stored = &report["stored_bytes"];
+        assert_eq!(stored["total"].as_u64(), Some(bytes.total));
+        assert_eq!(
+            stored["routed_experts"].as_u64(),
+            Some(bytes.routed_experts)
+        );
+    }
     // Same allocation, so the outputs differ exactly by the compressor tensors' storage.
     assert_eq!(int8.routed_experts, bf16.routed_experts - as_bf16 + as_int8);
     assert_eq!(int8.total, bf16.total - as_bf16 + as_int8);
