@@ -112,6 +112,16 @@ fn tensors_round_trip_through_codes_and_scales() {
 
 /// Compresses mini-moe-docs at ρ = 0.4 into `out` with `factor_dtype` (fixed calibration).
 fn compress_mini(work: &Path, name: &str, factor_dtype: &str) -> PathBuf {
+    compress_mini_with(work, name, factor_dtype, |_| {})
+}
+
+/// [`compress_mini`] with `tweak` applied to the options.
+fn compress_mini_with(
+    work: &Path,
+    name: &str,
+    factor_dtype: &str,
+    tweak: impl FnOnce(&mut CompressOptions),
+) -> PathBuf {
     let calibration = work.join("calibration.safetensors");
     if !calibration.exists() {
         common::random_token_windows(&calibration, 4096, 16, 64, 0x1617);
@@ -127,6 +137,7 @@ fn compress_mini(work: &Path, name: &str, factor_dtype: &str) -> PathBuf {
     options.allocation.ratio = 0.4;
     options.factorization.factor_dtype = factor_dtype.into();
     options.output.out = Some(out.clone());
+    tweak(&mut options);
     rfid_moe::compress(&options).unwrap();
     out
 }
@@ -381,4 +392,40 @@ fn a_missing_or_misshapen_scale_is_an_error_naming_the_tensor_and_the_expected_s
         message.contains(&format!("`{name}` is I8")) && message.contains(&format!("`{scale}`")),
         "{message}"
     );
+}
+
+#[test]
+fn the_dense_export_and_the_residual_of_an_int8_run_stay_in_the_checkpoint_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = tmp.path().join("dense");
+    let int8_out = compress_mini_with(tmp.path(), "int8", "int8", |o| {
+        o.output.export_dense = Some(dense.clone());
+        o.allocation.residual = true;
+    });
+    let (quantised, export) = (
+        Checkpoint::open(&int8_out).unwrap(),
+        Checkpoint::open(&dense).unwrap(),
+    );
+    let etas: Vec<&str> = quantised
+        .tensor_names()
+        .into_iter()
+        .filter(|n| n.ends_with(".residual_eta"))
+        .collect();
+    assert!(!etas.is_empty());
+    for name in etas {
+        assert_eq!(
+            quantised.info(name).unwrap().0.dtype,
+            StoredDType::BF16,
+            "{name}"
+        );
+    }
+    let names = export.tensor_names();
+    assert!(names.iter().all(|n| !n.ends_with(int8::SCALE_SUFFIX)));
+    for name in names.iter().filter(|n| n.contains(".experts.")) {
+        assert_eq!(
+            export.info(name).unwrap().0.dtype,
+            StoredDType::BF16,
+            "{name}"
+        );
+    }
 }
