@@ -91,7 +91,13 @@ pub fn coefficients_name(block: &str, expert: usize, matrix: &str) -> String {
     format!("{block}.experts.{expert}.{matrix}.lowrank_a")
 }
 
-/// Name of group `group`'s basis `B_g` [rank, d].
+/// Name of expert `expert`'s output-side coefficients `C_j` [rank, p] for `matrix` (`down_proj`,
+/// whose group basis `U_g` [d, rank] is shared on the output side: `Ŵ_j = U_g · C_j`).
+pub fn output_coefficients_name(block: &str, expert: usize, matrix: &str) -> String {
+    format!("{block}.experts.{expert}.{matrix}.lowrank_c")
+}
+
+/// Name of group `group`'s basis: `B_g` [rank, d] (gate/up), `U_g` [d, rank] (down).
 pub fn basis_name(block: &str, group: usize, matrix: &str) -> String {
     format!("{block}.expert_groups.{group}.{matrix}.basis")
 }

@@ -256,8 +256,10 @@ pub fn sweep(
         options.allocation.policy = point.allocation;
         options.allocation.residual = point.residual;
         options.calibration.group_size = point.group_size;
-        options.calibration.statistics_cache =
-            Some(work_dir.join("calibration-statistics.safetensors"));
+        // The cache holds no down_proj statistics: a run that factors down calibrates afresh.
+        let down = crate::checkpoint::experts::ExpertMatrix::Down;
+        options.calibration.statistics_cache = (!options.allocation.factors(down))
+            .then(|| work_dir.join("calibration-statistics.safetensors"));
         options.factorization.whiten = point.whiten;
         options.output = OutputOptions {
             out: Some(out.clone()),

@@ -70,6 +70,7 @@ choice!(FactorizerKind);
 choice!(CompressMethod);
 choice!(Saliency);
 choice!(TuneMetric);
+choice!(rfid_moe::checkpoint::experts::ExpertMatrix);
 
 /// A value parser for `T` that lists every name and its description in `--help` and parses with
 /// the library's `FromStr`.

@@ -15,8 +15,11 @@ use crate::error::{Error, Result};
 use crate::format::{self, BasisActivation, CompressionRecord, GroupRecord};
 use crate::residual::SparseProjection;
 
-/// The three matrices of a gated expert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The three matrices of a gated expert (`gate`, `up`, `down` in saved settings).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ExpertMatrix {
     /// `gate_proj` / `w1`, [p, d].
     Gate,
@@ -29,6 +32,46 @@ pub enum ExpertMatrix {
 impl ExpertMatrix {
     /// All three, in gate, up, down order.
     pub const ALL: [ExpertMatrix; 3] = [Self::Gate, Self::Up, Self::Down];
+
+    /// The lowercase name used on the command line and in saved settings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Gate => "gate",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+
+    /// One line saying what the matrix is (for help texts).
+    pub fn description(&self) -> &'static str {
+        match self {
+            Self::Gate => "gate_proj (Mixtral: w1), [p, d]: basis shared on the input side",
+            Self::Up => "up_proj (Mixtral: w3), [p, d]: basis shared on the input side",
+            Self::Down => "down_proj (Mixtral: w2), [d, p]: basis shared on the output side",
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ExpertMatrix {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .find(|m| m.name() == name)
+            .copied()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown expert matrix `{name}`: expected one of gate, up, down"
+                ))
+            })
+    }
 }
 
 /// Where a layer's routed experts live and what their matrices are called.
@@ -82,27 +125,53 @@ impl StoredResidual {
     }
 }
 
-/// One factored group of one matrix type as stored: `Ŵ_i = A_i · act(B) (+ R_i)`.
+/// Which side of a factored group's matrices its shared basis is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasisSide {
+    /// Gate/up: the input side, `Ŵ_i = A_i · act(B)` with `A_i` [out, rank] per member and
+    /// `B` [rank, in] shared (applied first, once for the group's tokens).
+    Input,
+    /// Down: the output side, `Ŵ_i = U · C_i` with `U` [out, rank] shared and `C_i`
+    /// [rank, in] per member (applied last, once to the members' weighted sum).
+    Output,
+}
+
+impl BasisSide {
+    /// The side `matrix`'s groups share: the output side for down, the input side otherwise.
+    pub fn of(matrix: ExpertMatrix) -> Self {
+        match matrix {
+            ExpertMatrix::Down => Self::Output,
+            ExpertMatrix::Gate | ExpertMatrix::Up => Self::Input,
+        }
+    }
+}
+
+/// One factored group of one matrix type as stored: `Ŵ_i = A_i · act(B) (+ R_i)` on the input
+/// side, `Ŵ_i = U · C_i` on the output side ([`BasisSide`]).
 #[derive(Debug, Clone)]
 pub struct StoredGroup {
     /// Expert indices of the group, in the record's order.
     pub experts: Vec<usize>,
-    /// `A_i` of each expert of `experts`, [out, rank] each.
+    /// Per member of `experts`: `A_i` [out, rank] (input side) or `C_i` [rank, in] (output
+    /// side).
     pub coefficients: Vec<Tensor>,
-    /// The raw basis `B` as stored, [rank, in] (apply `activation` before use).
+    /// The basis as stored: raw `B` [rank, in] (input side; apply `activation` before use) or
+    /// `U` [out, rank] (output side).
     pub basis: Tensor,
-    /// Activation applied to the basis at inference.
+    /// Activation applied to the basis at inference (always the identity on the output side).
     pub activation: BasisActivation,
-    /// Optional residual.
+    /// Optional residual (input side only).
     pub residual: Option<StoredResidual>,
+    /// Which side the basis is shared on.
+    pub side: BasisSide,
 }
 
 impl StoredGroup {
-    /// `act(B)`, [rank, in].
+    /// `act(B)`, [rank, in] (input side); `U` as stored (output side).
     pub fn activated_basis(&self) -> Result<Tensor> {
-        Ok(match self.activation {
-            BasisActivation::Identity => self.basis.clone(),
-            BasisActivation::Silu => candle_nn::ops::silu(&self.basis)?,
+        Ok(match (self.side, self.activation) {
+            (BasisSide::Output, _) | (_, BasisActivation::Identity) => self.basis.clone(),
+            (BasisSide::Input, BasisActivation::Silu) => candle_nn::ops::silu(&self.basis)?,
         })
     }
 
@@ -123,15 +192,19 @@ impl StoredGroup {
             .map(Some)
     }
 
-    /// The effective dense matrices `A_i·act(B) + R_i` of every member, [out, in] each.
+    /// The effective dense matrices `A_i·act(B) + R_i` (or `U·C_i`) of every member, [out, in]
+    /// each.
     pub fn reconstruct(&self) -> Result<Vec<Tensor>> {
         let basis = self.activated_basis()?;
         let residuals = self.member_residuals()?;
         self.coefficients
             .iter()
             .enumerate()
-            .map(|(slot, a)| {
-                let w = a.matmul(&basis)?;
+            .map(|(slot, c)| {
+                let w = match self.side {
+                    BasisSide::Input => c.matmul(&basis)?,
+                    BasisSide::Output => basis.matmul(c)?,
+                };
                 Ok(match &residuals {
                     Some(r) => (w + &r[slot])?,
                     None => w,
@@ -398,6 +471,9 @@ impl GroupLoader<'_> {
     }
 
     fn load(&self, index: usize, group: &GroupRecord) -> Result<StoredGroup> {
+        if BasisSide::of(self.matrix) == BasisSide::Output {
+            return self.load_output_side(index, group);
+        }
         let block = &self.layout.block;
         let name = self.layout.name(self.matrix);
         let [rows, cols] = self.layout.shape(self.matrix);
@@ -429,6 +505,44 @@ impl GroupLoader<'_> {
             basis,
             activation: self.compression.basis_activation,
             residual,
+            side: BasisSide::Input,
+        })
+    }
+
+    /// A down_proj group: `U` [d, rank] (`basis`) and `C_j` [rank, p] (`lowrank_c`).
+    fn load_output_side(&self, index: usize, group: &GroupRecord) -> Result<StoredGroup> {
+        let block = &self.layout.block;
+        let name = self.layout.name(self.matrix);
+        if group.residual_size > 0 || self.compression.basis_activation != BasisActivation::Identity
+        {
+            return Err(Error::Config {
+                path: self.checkpoint.config_path(),
+                message: format!(
+                    "compression record of `{block}` group {index} ({name}): a down_proj group \
+                     has a linear basis and no residual (found activation {:?}, residual size {})",
+                    self.compression.basis_activation, group.residual_size
+                ),
+            });
+        }
+        let [rows, cols] = self.layout.shape(self.matrix);
+        let basis = self.get(&format::basis_name(block, index, name), &[rows, group.rank])?;
+        let coefficients = group
+            .experts
+            .iter()
+            .map(|&expert| {
+                self.get(
+                    &format::output_coefficients_name(block, expert, name),
+                    &[group.rank, cols],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StoredGroup {
+            experts: group.experts.clone(),
+            coefficients,
+            basis,
+            activation: BasisActivation::Identity,
+            residual: None,
+            side: BasisSide::Output,
         })
     }
 }

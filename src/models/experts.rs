@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
 use super::routing::{ExpertDispatch, GroupRoute, Routing};
-use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix, StoredGroup};
+use crate::checkpoint::experts::{BasisSide, ExpertLayout, ExpertMatrix, StoredGroup};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::CompressionRecord;
@@ -156,12 +156,14 @@ fn fresh(t: &Tensor) -> candle_core::Result<Tensor> {
 pub struct FactorGroup {
     /// Member experts.
     pub experts: Vec<usize>,
-    /// `act(B)`, [rank, in].
+    /// `act(B)`, [rank, in] (input side), or `U`, [out, rank] (output side).
     pub basis: Tensor,
-    /// `A_i` per member, [out, rank].
+    /// Per member: `A_i` [out, rank] (input side) or `C_i` [rank, in] (output side).
     pub coefficients: Vec<Tensor>,
     /// Dense residual per member, [out, in] (expanded at load; issue 13 keeps it compact).
     pub residuals: Option<Vec<Tensor>>,
+    /// Which side the basis is shared on.
+    pub side: BasisSide,
 }
 
 impl FactorGroup {
@@ -172,16 +174,35 @@ impl FactorGroup {
             basis: stored.activated_basis()?,
             coefficients: stored.coefficients.clone(),
             residuals: stored.member_residuals()?,
+            side: stored.side,
         })
     }
 
-    /// `A_i·act(B) + R_i` for member `slot`, [out, in].
+    /// `A_i·act(B) + R_i` (or `U·C_i`) for member `slot`, [out, in].
     fn dense(&self, slot: usize) -> Result<Tensor> {
-        let w = self.coefficients[slot].matmul(&self.basis)?;
+        let w = match self.side {
+            BasisSide::Input => self.coefficients[slot].matmul(&self.basis)?,
+            BasisSide::Output => self.basis.matmul(&self.coefficients[slot])?,
+        };
         Ok(match &self.residuals {
             Some(r) => (w + &r[slot])?,
             None => w,
         })
+    }
+
+    /// Member `slot`'s matrix applied to its own rows `x` [count, in].
+    fn forward_member(&self, slot: usize, x: &Tensor) -> Result<Tensor> {
+        let y = match self.side {
+            BasisSide::Input => {
+                let projected = matmul_transposed(x, &self.basis)?;
+                matmul_transposed(&projected, &self.coefficients[slot])?
+            }
+            BasisSide::Output => {
+                let coefficients = matmul_transposed(x, &self.coefficients[slot])?;
+                matmul_transposed(&coefficients, &self.basis)?
+            }
+        };
+        self.add_residual(slot, x, y)
     }
 
     /// Adds member `slot`'s residual applied to `x` to `y`.
@@ -321,13 +342,63 @@ impl FactoredProjection {
     pub fn forward_expert(&self, expert: usize, x: &Tensor) -> Result<Tensor> {
         match self.member(expert)? {
             Member::Dense(i) => matmul_transposed(x, &self.dense[i]),
-            Member::Group { group, slot } => {
-                let group = &self.groups[group];
-                let projected = matmul_transposed(x, &group.basis)?;
-                let y = matmul_transposed(&projected, &group.coefficients[slot])?;
-                group.add_residual(slot, x, y)
-            }
+            Member::Group { group, slot } => self.groups[group].forward_member(slot, x),
         }
+    }
+
+    /// `out + Σ_e w_e · W_e h_e` over the routed experts, for `hidden[e]` = expert e's own input
+    /// rows (in its route's token order, `None` without tokens) and `out` [tokens, out]. An
+    /// output-side group adds `w_e · C_e h_e` of its members into one [union, rank] sum on the
+    /// union of their tokens and applies its basis `U` once; other experts are added one by one.
+    pub fn combine_routed(
+        &self,
+        mut out: Tensor,
+        hidden: &[Option<Tensor>],
+        dispatch: &ExpertDispatch,
+        routes: &mut GroupRoutes,
+    ) -> Result<Tensor> {
+        if hidden.len() != self.members.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} experts' inputs for a projection of {} experts",
+                hidden.len(),
+                self.members.len()
+            )));
+        }
+        let weighted = |y: Tensor, weights: &Tensor| -> Result<Tensor> {
+            Ok(y.broadcast_mul(&weights.to_dtype(y.dtype())?)?)
+        };
+        for (expert, member) in self.members.iter().enumerate() {
+            let (Some(h), Some(route)) = (&hidden[expert], dispatch.route(expert)) else {
+                continue;
+            };
+            let y = match *member {
+                Member::Dense(i) => matmul_transposed(h, &self.dense[i])?,
+                Member::Group { group, slot } => match &self.groups[group] {
+                    g if g.side == BasisSide::Output => continue,
+                    g => g.forward_member(slot, h)?,
+                },
+            };
+            out = out.index_add(&route.tokens, &weighted(y, &route.weights)?, 0)?;
+        }
+        for group in self.groups.iter().filter(|g| g.side == BasisSide::Output) {
+            let Some(route) = routes.get(dispatch, &group.experts)? else {
+                continue;
+            };
+            let (union, rank) = (route.tokens.dim(0)?, group.basis.dim(1)?);
+            let mut sum = Tensor::zeros((union, rank), out.dtype(), out.device())?;
+            for (slot, positions) in route.positions.iter().enumerate() {
+                let expert = group.experts[slot];
+                let (Some(positions), Some(h), Some(member_route)) =
+                    (positions, &hidden[expert], dispatch.route(expert))
+                else {
+                    continue;
+                };
+                let c = matmul_transposed(h, &group.coefficients[slot])?;
+                sum = sum.index_add(positions, &weighted(c, &member_route.weights)?, 0)?;
+            }
+            out = out.index_add(&route.tokens, &matmul_transposed(&sum, &group.basis)?, 0)?;
+        }
+        Ok(out)
     }
 
     /// Applies every routed expert's matrix to its tokens of the shared input `x` [tokens, in]:
@@ -354,6 +425,14 @@ impl FactoredProjection {
             }
         }
         for group in &self.groups {
+            if group.side == BasisSide::Output {
+                for (slot, &expert) in group.experts.iter().enumerate() {
+                    if let Some(x_e) = rows(expert)? {
+                        out[expert] = Some(group.forward_member(slot, &x_e)?);
+                    }
+                }
+                continue;
+            }
             let Some(route) = routes.get(dispatch, &group.experts)? else {
                 continue;
             };
@@ -422,7 +501,6 @@ impl Default for RoutedExperts {
     }
 }
 
-/// `down(silu(gate) * up)` on already projected gate and up rows.
 /// `weight` in the dtype of `activations` (a no-op when they already agree): experts may be held
 /// in the checkpoint's narrower dtype and still compute in the activations' precision.
 fn in_dtype_of(weight: &Tensor, activations: &Tensor) -> candle_core::Result<Tensor> {
@@ -432,14 +510,6 @@ fn in_dtype_of(weight: &Tensor, activations: &Tensor) -> candle_core::Result<Ten
 /// `silu(gate) * up`.
 fn gated_product(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::Activation::Silu.forward(gate)? * up
-}
-
-fn gated_down(
-    gate: &Tensor,
-    up: &Tensor,
-    down: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    down(&gated_product(gate, up)?)
 }
 
 impl RoutedExperts {
@@ -579,9 +649,30 @@ impl RoutedExperts {
     }
 
     /// `Σ_e w_e · expert_e(x)` over each token's routed experts, for `x` [tokens, hidden].
+    /// Factored experts apply an output-side (down) basis once per group
+    /// ([`FactoredProjection::combine_routed`]).
     pub fn forward(&self, x: &Tensor, dispatch: &ExpertDispatch) -> Result<Tensor> {
-        let outputs = self.expert_outputs(x, dispatch)?;
-        combine_outputs(x, outputs, dispatch)
+        match self {
+            Self::Factored(f) => {
+                self.check_dispatch(dispatch)?;
+                let mut routes = GroupRoutes::default();
+                let hidden = f.intermediates(x, dispatch, &mut routes)?;
+                f.down
+                    .combine_routed(x.zeros_like()?, &hidden, dispatch, &mut routes)
+            }
+            _ => combine_outputs(x, self.expert_outputs(x, dispatch)?, dispatch),
+        }
+    }
+
+    fn check_dispatch(&self, dispatch: &ExpertDispatch) -> Result<()> {
+        if dispatch.num_experts() != self.len() {
+            return Err(Error::InvalidArgument(format!(
+                "routing covers {} experts but the layer has {}",
+                dispatch.num_experts(),
+                self.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Each expert's unweighted output on the tokens routed to it ([count, hidden], rows in the
@@ -591,13 +682,19 @@ impl RoutedExperts {
         x: &Tensor,
         dispatch: &ExpertDispatch,
     ) -> Result<Vec<Option<Tensor>>> {
-        if dispatch.num_experts() != self.len() {
-            return Err(Error::InvalidArgument(format!(
-                "routing covers {} experts but the layer has {}",
-                dispatch.num_experts(),
-                self.len()
-            )));
-        }
+        let hidden = self.expert_intermediates(x, dispatch)?;
+        self.down_outputs(hidden)
+    }
+
+    /// Each expert's intermediate activation `silu(gate·x) ⊙ (up·x)` on the tokens routed to it
+    /// ([count, p], rows in the order of [`ExpertDispatch::route`]'s tokens), `None` for experts
+    /// without tokens: the input of `down_proj`.
+    pub fn expert_intermediates(
+        &self,
+        x: &Tensor,
+        dispatch: &ExpertDispatch,
+    ) -> Result<Vec<Option<Tensor>>> {
+        self.check_dispatch(dispatch)?;
         let rows = || -> Result<Vec<Option<Tensor>>> {
             (0..self.len())
                 .map(|e| {
@@ -609,54 +706,73 @@ impl RoutedExperts {
                 })
                 .collect()
         };
-        let outputs: Vec<Option<Tensor>> = match self {
+        let gated = |x_e: &Tensor, gate: &Tensor, up: &Tensor| -> Result<Tensor> {
+            Ok(gated_product(
+                &matmul_transposed(x_e, &in_dtype_of(gate, x_e)?)?,
+                &matmul_transposed(x_e, &in_dtype_of(up, x_e)?)?,
+            )?)
+        };
+        match self {
             Self::Dense(experts) => experts
                 .iter()
                 .zip(&rows()?)
                 .map(|(e, x_e)| {
                     x_e.as_ref()
-                        .map(|x_e| {
-                            gated_down(
-                                &matmul_transposed(x_e, &in_dtype_of(&e.gate, x_e)?)?,
-                                &matmul_transposed(x_e, &in_dtype_of(&e.up, x_e)?)?,
-                                |h| matmul_transposed(h, &in_dtype_of(&e.down, h)?),
-                            )
-                        })
+                        .map(|x_e| gated(x_e, &e.gate, &e.up))
                         .transpose()
                 })
-                .collect::<Result<_>>()?,
+                .collect(),
             Self::Stacked(s) => rows()?
                 .iter()
                 .enumerate()
                 .map(|(e, x_e)| {
                     x_e.as_ref()
-                        .map(|x_e| {
-                            gated_down(
-                                &matmul_transposed(x_e, &in_dtype_of(&s.gate.get(e)?, x_e)?)?,
-                                &matmul_transposed(x_e, &in_dtype_of(&s.up.get(e)?, x_e)?)?,
-                                |h| matmul_transposed(h, &in_dtype_of(&s.down.get(e)?, h)?),
-                            )
-                        })
+                        .map(|x_e| gated(x_e, &s.gate.get(e)?, &s.up.get(e)?))
                         .transpose()
                 })
-                .collect::<Result<_>>()?,
-            Self::Factored(f) => {
-                let mut routes = GroupRoutes::default();
-                let gate = f.gate.forward_routed(x, dispatch, &mut routes)?;
-                let up = f.up.forward_routed(x, dispatch, &mut routes)?;
-                gate.iter()
-                    .zip(&up)
-                    .enumerate()
-                    .map(|(e, pair)| match pair {
-                        (Some(g), Some(u)) => {
-                            gated_down(g, u, |h| f.down.forward_expert(e, h)).map(Some)
-                        }
-                        _ => Ok(None),
-                    })
-                    .collect::<Result<_>>()?
-            }
-        };
-        Ok(outputs)
+                .collect(),
+            Self::Factored(f) => f.intermediates(x, dispatch, &mut GroupRoutes::default()),
+        }
+    }
+
+    /// Each expert's `down_proj` applied to its intermediate activation from
+    /// [`Self::expert_intermediates`] (unweighted; `None` stays `None`).
+    pub fn down_outputs(&self, hidden: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+        hidden
+            .into_iter()
+            .enumerate()
+            .map(|(e, h)| {
+                h.map(|h| match self {
+                    Self::Dense(experts) => {
+                        matmul_transposed(&h, &in_dtype_of(&experts[e].down, &h)?)
+                    }
+                    Self::Stacked(s) => matmul_transposed(&h, &in_dtype_of(&s.down.get(e)?, &h)?),
+                    Self::Factored(f) => f.down.forward_expert(e, &h),
+                })
+                .transpose()
+            })
+            .collect()
+    }
+}
+
+impl FactoredExperts {
+    /// Each expert's `silu(gate·x) ⊙ (up·x)` on its routed tokens, through the factored gate and
+    /// up projections (sharing `routes`).
+    fn intermediates(
+        &self,
+        x: &Tensor,
+        dispatch: &ExpertDispatch,
+        routes: &mut GroupRoutes,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let gate = self.gate.forward_routed(x, dispatch, routes)?;
+        let up = self.up.forward_routed(x, dispatch, routes)?;
+        gate.iter()
+            .zip(&up)
+            .map(|pair| match pair {
+                (Some(g), Some(u)) => Ok(Some(gated_product(g, u)?)),
+                _ => Ok(None),
+            })
+            .collect()
     }
 }
 
@@ -802,17 +918,24 @@ mod tests {
         residual_size: usize,
     ) -> StoredGroup {
         let (out, cols) = shape(matrix);
+        let side = BasisSide::of(matrix);
+        // Input side: A_i [out, rank], B [rank, in]; output side: C_i [rank, in], U [out, rank].
+        let (coefficient_shape, basis_shape) = match side {
+            BasisSide::Input => ((out, rank), (rank, cols)),
+            BasisSide::Output => ((rank, cols), (out, rank)),
+        };
         StoredGroup {
             coefficients: (0..experts.len() as u64)
-                .map(|i| random(seed + i, (out, rank)))
+                .map(|i| random(seed + i, coefficient_shape))
                 .collect(),
             experts,
-            basis: random(seed + 50, (rank, cols)),
+            basis: random(seed + 50, basis_shape),
             activation,
             residual: (residual_size > 0).then(|| StoredResidual {
                 eta: random(seed + 60, (1, residual_size)).flatten_all().unwrap(),
                 seed: 77,
             }),
+            side,
         }
     }
 
@@ -832,7 +955,10 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(slot, a)| {
-                let w = a.matmul(&basis).unwrap();
+                let w = match group.side {
+                    BasisSide::Input => a.matmul(&basis).unwrap(),
+                    BasisSide::Output => basis.matmul(a).unwrap(),
+                };
                 match &residual {
                     Some(r) => {
                         let part = r[slot * out * cols..(slot + 1) * out * cols].to_vec();
@@ -906,14 +1032,26 @@ mod tests {
             BasisActivation::Silu,
             25,
         )];
-        let down_groups = [stored_group(
-            400,
-            vec![3, 5],
-            ExpertMatrix::Down,
-            2,
-            BasisActivation::Identity,
-            0,
-        )];
+        // Output-side down groups (U·C_i, the basis applied once to the members' weighted sum);
+        // expert 4 stays dense.
+        let down_groups = [
+            stored_group(
+                400,
+                vec![3, 5],
+                ExpertMatrix::Down,
+                2,
+                BasisActivation::Identity,
+                0,
+            ),
+            stored_group(
+                410,
+                vec![1, 0, 2],
+                ExpertMatrix::Down,
+                4,
+                BasisActivation::Identity,
+                0,
+            ),
+        ];
         let (gate, gate_w) = factored(&gate_groups, &dense, ExpertMatrix::Gate);
         let (up, up_w) = factored(&up_groups, &dense, ExpertMatrix::Up);
         let (down, down_w) = factored(&down_groups, &dense, ExpertMatrix::Down);
@@ -942,6 +1080,10 @@ mod tests {
                 "idle {idle:?}: {}",
                 max_diff(&got, &want)
             );
+            // Expert by expert (the observers' path) gives the same sum.
+            let outputs = experts.expert_outputs(&x, &dispatch).unwrap();
+            let per_expert = combine_outputs(&x, outputs, &dispatch).unwrap();
+            assert!(max_diff(&per_expert, &want) <= 1e-5, "idle {idle:?}");
             assert!(is_nonzero(&want));
         }
         for m in ExpertMatrix::ALL {

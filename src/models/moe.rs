@@ -53,6 +53,23 @@ pub trait MoeObserver {
     ) -> Result<()> {
         Ok(())
     }
+
+    /// Whether [`Self::observe_expert_intermediates`] is wanted (the block then computes each
+    /// expert's intermediate activation separately before its `down_proj`, at no extra cost).
+    fn wants_expert_intermediates(&self) -> bool {
+        false
+    }
+
+    /// Called after [`Self::observe`] with each expert's intermediate activation
+    /// `act(gate·x) ⊙ (up·x)` on its routed tokens ([count, p], `None` for experts without
+    /// tokens), when [`Self::wants_expert_intermediates`] says so.
+    fn observe_expert_intermediates(
+        &mut self,
+        _trace: &MoeTrace,
+        _intermediates: &[Option<Tensor>],
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A sparse MoE feed-forward block.
@@ -102,9 +119,14 @@ impl MoeBlock {
                             rule: &self.router.rule,
                         };
                         observer.observe(&trace)?;
-                        if observer.wants_expert_outputs() {
-                            let outputs = self.experts.expert_outputs(&flat, &dispatch)?;
-                            observer.observe_expert_outputs(&trace, &outputs)?;
+                        let wants_outputs = observer.wants_expert_outputs();
+                        if wants_outputs || observer.wants_expert_intermediates() {
+                            let hidden = self.experts.expert_intermediates(&flat, &dispatch)?;
+                            observer.observe_expert_intermediates(&trace, &hidden)?;
+                            let outputs = self.experts.down_outputs(hidden)?;
+                            if wants_outputs {
+                                observer.observe_expert_outputs(&trace, &outputs)?;
+                            }
                             combine_outputs(&flat, outputs, &dispatch)?
                         } else {
                             self.experts.forward(&flat, &dispatch)?

@@ -6,13 +6,14 @@ use rayon::prelude::*;
 
 use super::allocate::GroupShape;
 use super::calibrate::LayerStatistics;
-use super::experts::LayerExperts;
+use super::experts::{oriented_shape, LayerExperts};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::linalg::LinalgBackend;
 use crate::{Error, Result};
 
-/// The matrix types RFID-MoE factors (`down_proj` stays dense).
-pub const TARGETED: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
+/// The matrix types RFID-MoE factors by default (`down_proj` stays dense unless `--matrices`
+/// names it).
+pub const TARGETED: [ExpertMatrix; 2] = super::options::DEFAULT_MATRICES;
 
 /// One matrix type's groups in one layer: what decides their ranks.
 #[derive(Debug, Clone)]
@@ -38,18 +39,30 @@ pub struct LayerAnalysis {
     pub matrices: Vec<MatrixAnalysis>,
 }
 
-/// Analyses one layer: effective ranks of every group of every targeted matrix type, reading
-/// the weights a group at a time.
+/// Analyses one layer for the default matrix types ([`TARGETED`]); see [`analyse_matrices`].
 pub fn analyse_layer<B: LinalgBackend>(
     backend: &B,
     experts: &LayerExperts,
     statistics: &LayerStatistics<B::Matrix>,
 ) -> Result<LayerAnalysis> {
+    analyse_matrices(backend, experts, statistics, &TARGETED)
+}
+
+/// Analyses one layer: effective ranks of every group of each of `targeted`, reading the
+/// weights a group at a time. Shapes are in the factor stage's orientation
+/// ([`oriented_shape`]: `k` experts of `p × d`, `d` shared), so a down group (shared output
+/// side) is allocated exactly like a gate/up group (shared input side).
+pub fn analyse_matrices<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    statistics: &LayerStatistics<B::Matrix>,
+    targeted: &[ExpertMatrix],
+) -> Result<LayerAnalysis> {
     let layout = experts.layout;
-    let matrices = TARGETED
+    let matrices = targeted
         .iter()
         .map(|&matrix| {
-            let [rows_per_expert, cols] = layout.shape(matrix);
+            let [rows_per_expert, cols] = oriented_shape(layout, matrix);
             let effective_ranks = statistics
                 .groups
                 .par_iter()

@@ -67,6 +67,9 @@ pub struct LayerStatistics<M> {
     pub groups: Vec<Vec<usize>>,
     /// Per group, Σ xxᵀ over the inputs routed to each of its experts (d×d), when requested.
     pub group_gram: Option<Vec<M>>,
+    /// Per expert, Σ h hᵀ of its intermediate activation `h = act(gate·x) ⊙ (up·x)` over the
+    /// tokens routed to it (p×p, unweighted like `group_gram`), when `down_proj` is factored.
+    pub expert_down_gram: Option<Vec<M>>,
     /// With pruning: which experts were kept. Everything above then covers the kept experts
     /// only, numbered `0..n'` in the order of `kept`.
     pub pruning: Option<LayerPruning>,
@@ -99,15 +102,51 @@ struct RoutedBatch {
 }
 
 /// Records each batch's MoE input and routing during a layer's forward passes.
-struct RoutingRecorder {
+struct RoutingRecorder<'b, B: LinalgBackend> {
     num_experts: usize,
     keep_inputs: bool,
     batches: Vec<RoutedBatch>,
     /// REAP sums, when pruning by REAP.
     saliency: Option<SaliencyAccumulator>,
+    /// Per-expert intermediate Gram matrices, accumulated batch by batch, when `down_proj` is
+    /// factored.
+    down_gram: Option<DownGram<'b, B>>,
 }
 
-impl MoeObserver for RoutingRecorder {
+/// Per-expert Σ h hᵀ of the intermediate activations (the input of `down_proj`).
+struct DownGram<'b, B: LinalgBackend> {
+    backend: &'b B,
+    grams: Vec<B::Matrix>,
+}
+
+impl<'b, B: LinalgBackend> DownGram<'b, B> {
+    fn new(backend: &'b B, num_experts: usize, intermediate: usize) -> Result<Self> {
+        let grams = (0..num_experts)
+            .map(|_| backend.zeros(intermediate, intermediate))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { backend, grams })
+    }
+
+    /// Adds each expert's intermediate rows [count, p] (`None`: no token routed to it).
+    fn add(&mut self, intermediates: &[Option<Tensor>]) -> Result<()> {
+        if intermediates.len() != self.grams.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} experts' intermediate activations for {} down_proj Gram matrices",
+                intermediates.len(),
+                self.grams.len()
+            )));
+        }
+        for (gram, rows) in self.grams.iter_mut().zip(intermediates) {
+            if let Some(rows) = rows {
+                self.backend
+                    .accumulate_gram(gram, &rows.to_dtype(DType::F32)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: LinalgBackend> MoeObserver for RoutingRecorder<'_, B> {
     fn observe(&mut self, trace: &MoeTrace) -> Result<()> {
         let tokens_per_expert = trace
             .routing
@@ -127,6 +166,21 @@ impl MoeObserver for RoutingRecorder {
         self.saliency.is_some()
     }
 
+    fn wants_expert_intermediates(&self) -> bool {
+        self.down_gram.is_some()
+    }
+
+    fn observe_expert_intermediates(
+        &mut self,
+        _trace: &MoeTrace,
+        intermediates: &[Option<Tensor>],
+    ) -> Result<()> {
+        match self.down_gram.as_mut() {
+            Some(down) => down.add(intermediates),
+            None => Ok(()),
+        }
+    }
+
     fn observe_expert_outputs(
         &mut self,
         trace: &MoeTrace,
@@ -139,7 +193,7 @@ impl MoeObserver for RoutingRecorder {
     }
 }
 
-impl RoutingRecorder {
+impl<B: LinalgBackend> RoutingRecorder<'_, B> {
     /// Top-k hits per expert and the tokens seen.
     fn routing_counts(&self) -> (Vec<u64>, u64) {
         let mut routing_counts = vec![0u64; self.num_experts];
@@ -166,6 +220,13 @@ impl RoutingRecorder {
                 .map(|&e| std::mem::take(&mut all[e]))
                 .collect();
         }
+        if let Some(down) = self.down_gram.as_mut() {
+            let mut all: Vec<Option<B::Matrix>> = std::mem::take(&mut down.grams)
+                .into_iter()
+                .map(Some)
+                .collect();
+            down.grams = pruning.kept.iter().filter_map(|&e| all[e].take()).collect();
+        }
         self.num_experts = pruning.kept.len();
         Ok(pruning)
     }
@@ -173,7 +234,7 @@ impl RoutingRecorder {
     /// Turns the recorded batches into statistics: counts, groups, and (optionally) per-group
     /// Gram matrices summed expert by expert in group order; with a pruning `rule`, over the
     /// experts it keeps.
-    fn statistics<B: LinalgBackend>(
+    fn statistics(
         mut self,
         layer: usize,
         group_size: usize,
@@ -199,12 +260,13 @@ impl RoutingRecorder {
             tokens,
             groups,
             group_gram,
+            expert_down_gram: self.down_gram.map(|down| down.grams),
             pruning,
         })
     }
 
     /// Σ over the group's experts of Σ over batches of `XᵀX` of the expert's routed inputs.
-    fn group_gram<B: LinalgBackend>(&self, group: &[usize], backend: &B) -> Result<B::Matrix> {
+    fn group_gram(&self, group: &[usize], backend: &B) -> Result<B::Matrix> {
         let d = match self.batches.first().and_then(|b| b.input.as_ref()) {
             Some(input) => input.dim(1)?,
             None => 0,
@@ -274,6 +336,8 @@ pub struct CalibrationStream<'a, B: LinalgBackend> {
     next_layer: usize,
     group_size: usize,
     collect_gram: bool,
+    /// Also collect each expert's intermediate Gram matrix (`down_proj` factored).
+    collect_down_gram: bool,
     backend: &'a B,
     replay: Option<Vec<LayerStatistics<B::Matrix>>>,
     prune: Option<PruneRule>,
@@ -429,10 +493,17 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             next_layer: 0,
             group_size,
             collect_gram: false,
+            collect_down_gram: false,
             backend,
             replay: None,
             prune: None,
         })
+    }
+
+    /// Collects each expert's intermediate Gram matrix too (for factoring `down_proj`), on
+    /// every MoE layer whose statistics collect Gram matrices.
+    pub fn set_down_gram(&mut self, collect: bool) {
+        self.collect_down_gram = collect;
     }
 
     /// Prunes every MoE layer's statistics by `rule` (collecting REAP saliency when it asks).
@@ -491,17 +562,30 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         let rotary = self.rotary.as_ref().ok_or_else(|| {
             Error::InvalidArgument("calibration stream has no rotary tables".into())
         })?;
+        let collect_down = self.collect_gram && self.collect_down_gram;
         let mut recorder = self.spec.moe_layers[index]
             .as_ref()
-            .map(|layout| RoutingRecorder {
-                num_experts: layout.num_experts,
-                keep_inputs: self.collect_gram,
-                batches: Vec::new(),
-                saliency: self
-                    .prune
-                    .filter(|rule| rule.saliency == super::prune::Saliency::Reap)
-                    .map(|_| SaliencyAccumulator::new(layout.num_experts)),
-            });
+            .map(|layout| -> Result<RoutingRecorder<'_, B>> {
+                Ok(RoutingRecorder {
+                    num_experts: layout.num_experts,
+                    keep_inputs: self.collect_gram,
+                    batches: Vec::new(),
+                    saliency: self
+                        .prune
+                        .filter(|rule| rule.saliency == super::prune::Saliency::Reap)
+                        .map(|_| SaliencyAccumulator::new(layout.num_experts)),
+                    down_gram: collect_down
+                        .then(|| {
+                            DownGram::new(
+                                self.backend,
+                                layout.num_experts,
+                                layout.intermediate_size,
+                            )
+                        })
+                        .transpose()?,
+                })
+            })
+            .transpose()?;
         for hidden in self.hidden.iter_mut() {
             let observer: Option<&mut dyn MoeObserver> = match recorder.as_mut() {
                 Some(r) => Some(r),
@@ -683,6 +767,7 @@ pub fn load_statistics<B: LinalgBackend>(
             tokens,
             groups,
             group_gram,
+            expert_down_gram: None,
             pruning: None,
         });
     }

@@ -312,8 +312,17 @@ impl<'a> Emitter<'a> {
         let (mut compressed, mut dense) = (HashMap::new(), HashMap::new());
         let mut records = BTreeMap::new();
         let mut reports = BTreeMap::new();
+        let down_factored = factored
+            .matrices
+            .iter()
+            .any(|m| m.matrix == ExpertMatrix::Down);
         for matrix in factored.matrices {
             let name = layout.name(matrix.matrix);
+            // down_proj shares its basis on the output side: `C_j` is `lowrank_c` [K, p].
+            let coefficients_name = match matrix.matrix {
+                ExpertMatrix::Down => format::output_coefficients_name,
+                ExpertMatrix::Gate | ExpertMatrix::Up => format::coefficients_name,
+            };
             let mut groups = Vec::new();
             let mut group_reports = Vec::new();
             for (g, group) in matrix.groups.into_iter().enumerate() {
@@ -321,7 +330,7 @@ impl<'a> Emitter<'a> {
                     let tensor = group.expert_tensors[slot].clone();
                     match group.basis {
                         Some(_) => {
-                            let key = format::coefficients_name(&layout.block, expert, name);
+                            let key = coefficients_name(&layout.block, expert, name);
                             self.insert_factor(&mut compressed, key, tensor)?;
                         }
                         None => {
@@ -366,8 +375,8 @@ impl<'a> Emitter<'a> {
             reports.insert(name.to_string(), group_reports);
         }
         if self.is_writing() {
-            // down_proj stays dense, written per expert from the canonical view.
-            for expert in 0..layout.num_experts {
+            // Unless factored, down_proj stays dense, written per expert from the canonical view.
+            for expert in (0..layout.num_experts).filter(|_| !down_factored) {
                 let down = self.kept_expert(experts, expert, ExpertMatrix::Down, || {
                     Ok(experts
                         .matrix(expert, ExpertMatrix::Down)?

@@ -81,17 +81,52 @@ impl<'a> LayerExperts<'a> {
         )
     }
 
-    /// The group's matrices stacked row-wise (`k·p × d`) in the backend's matrix type.
+    /// One expert's `matrix` in the factor stage's orientation, `[p, d]` (the side its group
+    /// shares is the columns): gate/up as stored, down transposed (its basis is shared on the
+    /// output side, `d`), as f32 on the CPU.
+    pub fn oriented(&self, expert: usize, matrix: ExpertMatrix) -> Result<Tensor> {
+        let w = self.matrix(expert, matrix)?;
+        Ok(match matrix {
+            ExpertMatrix::Down => w.t()?.contiguous()?,
+            ExpertMatrix::Gate | ExpertMatrix::Up => w,
+        })
+    }
+
+    /// The group's [`Self::oriented`] matrices stacked row-wise (`k·p × d`) in the backend's
+    /// matrix type (for down: `[W_1ᵀ; …; W_kᵀ]`, whose singular values are those of the
+    /// side-by-side `[W_1, …, W_k]`).
     pub fn stacked<B: LinalgBackend>(
         &self,
         backend: &B,
         matrix: ExpertMatrix,
         experts: &[usize],
     ) -> Result<B::Matrix> {
-        let blocks = experts
-            .iter()
-            .map(|&e| backend.matrix_from_tensor(&self.matrix(e, matrix)?))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = self.oriented_blocks(backend, matrix, experts)?;
         backend.stack_rows(&blocks)
+    }
+
+    /// The group's [`Self::oriented`] matrices, one backend matrix per member.
+    pub fn oriented_blocks<B: LinalgBackend>(
+        &self,
+        backend: &B,
+        matrix: ExpertMatrix,
+        experts: &[usize],
+    ) -> Result<Vec<B::Matrix>> {
+        experts
+            .iter()
+            .map(|&e| backend.matrix_from_tensor(&self.oriented(e, matrix)?))
+            .collect()
+    }
+}
+
+/// The shape `[rows per expert, shared columns]` of `matrix` in the factor stage's orientation:
+/// `[p, d]` for all three (down is handled as its transpose).
+pub fn oriented_shape(layout: &ExpertLayout, matrix: ExpertMatrix) -> [usize; 2] {
+    match matrix {
+        ExpertMatrix::Down => {
+            let [d, p] = layout.shape(matrix);
+            [p, d]
+        }
+        ExpertMatrix::Gate | ExpertMatrix::Up => layout.shape(matrix),
     }
 }

@@ -154,6 +154,69 @@ fn truncated_svd<B: LinalgBackend>(
     Ok((coefficients, basis))
 }
 
+/// Output-side truncated SVD of a group of `down_proj` matrices (docs/FORMAT.md, "down_proj").
+///
+/// `members` are the experts' `W_jᵀ` (`p × d` each: the factor stage's orientation, in which the
+/// shared output side `d` is the columns) and `whitening` their lower factors `S_j` (`p × p`,
+/// `S_j S_jᵀ` = expert j's intermediate Gram + ridge). The shared basis `U_g` (`d × K`) is the
+/// `K` leading left singular vectors of `[W_1 S_1, …, W_k S_k]`, found as the leading right
+/// singular vectors of its transpose (the row stack of `S_jᵀ W_jᵀ`), and `C_j = U_gᵀ W_j`.
+/// The factors come back transposed like every group's: coefficients `[C_1ᵀ; …; C_kᵀ]`
+/// (`k·p × K`) and basis `U_gᵀ` (`K × d`), so `coefficients · basis` stacks `Ŵ_jᵀ = W_jᵀ U_g U_gᵀ`.
+/// Over all `U_g` with orthonormal columns and all `C_j`, this minimises
+/// `Σ_j ‖(W_j − U_g C_j) S_j‖²_F`, which then equals the sum of the squared singular values
+/// of `[W_1 S_1, …, W_k S_k]` past `K`.
+pub fn factor_output_shared<B: LinalgBackend>(
+    backend: &B,
+    members: &[B::Matrix],
+    rank: usize,
+    whitening: Option<&[B::Matrix]>,
+) -> Result<GroupFactors<B::Matrix>> {
+    let Some(first) = members.first() else {
+        return Err(Error::InvalidArgument(
+            "an output-side group needs at least one member".into(),
+        ));
+    };
+    let (p, d) = backend.shape(first);
+    if members.iter().any(|m| backend.shape(m) != (p, d)) {
+        return Err(Error::InvalidArgument(format!(
+            "output-side group members differ in shape (expected {p}×{d} each)"
+        )));
+    }
+    check_inputs((members.len() * p, d), rank, None)?;
+    let stacked = backend.stack_rows(members)?;
+    let target = match whitening {
+        None => stacked.clone(),
+        Some(factors) => {
+            if factors.len() != members.len() || factors.iter().any(|s| backend.shape(s) != (p, p))
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{} whitening factors for {} members of {p}×{d}: expected one {p}×{p} each",
+                    factors.len(),
+                    members.len()
+                )));
+            }
+            let blocks = members
+                .iter()
+                .zip(factors)
+                .map(|(w, s)| backend.matmul(&backend.transpose(s)?, w))
+                .collect::<Result<Vec<_>>>()?;
+            backend.stack_rows(&blocks)?
+        }
+    };
+    let v = backend.leading_right_singular_vectors(&target, rank)?;
+    let coefficients = backend.matmul(&stacked, &v)?;
+    let basis = backend.transpose(&v)?;
+    backend.check_finite(
+        &coefficients,
+        "output-side coefficients have non-finite entries",
+    )?;
+    Ok(GroupFactors {
+        coefficients,
+        basis,
+    })
+}
+
 /// Closed-form truncated SVD factoriser (`Ŵ_i = A_i B_g`), optionally activation-aware.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SvdFactorizer;
@@ -658,6 +721,137 @@ mod tests {
                     <= relative_error(&w, &white.reconstruct(BasisActivation::Identity)) + 1e-12
             );
         }
+    }
+
+    /// Down projections `W_j` [d, p] of a group sharing most of their output space, with
+    /// anisotropic intermediate activations `H_j` [p, tokens] per expert.
+    fn down_group(rng: &mut TestRng, k: usize, d: usize, p: usize) -> Vec<(Mat<f64>, Mat<f64>)> {
+        let shared = structured(rng, d, 6, 6);
+        (0..k)
+            .map(|_| {
+                let w = &shared * rng.matrix(6, p) + map_mat(&rng.matrix(d, p), |x| 0.05 * x);
+                let mut h = rng.matrix(p, 3 * p);
+                for i in 0..p {
+                    let scale = 10f64.powf(1.0 - 2.0 * i as f64 / p as f64);
+                    for t in 0..3 * p {
+                        h[(i, t)] *= scale;
+                    }
+                }
+                (w, h)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_shared_factors_are_the_whitened_left_singular_subspace() {
+        let mut rng = TestRng::new(21);
+        let (k, d, p) = (3, 10, 4);
+        let group = down_group(&mut rng, k, d, p);
+        let members: Vec<Mat<f64>> = group
+            .iter()
+            .map(|(w, _)| w.transpose().to_owned())
+            .collect();
+        let grams: Vec<Mat<f64>> = group.iter().map(|(_, h)| h * h.transpose()).collect();
+        let whitening: Vec<Mat<f64>> = grams
+            .iter()
+            .map(|g| whitening_factor(g, 1e-6).unwrap())
+            .collect();
+        // The matrix whose left singular vectors the basis is: [W_1 S_1, …, W_k S_k] (d × k·p).
+        let mut side_by_side = Mat::<f64>::zeros(d, k * p);
+        for (j, ((w, _), s)) in group.iter().zip(&whitening).enumerate() {
+            let ws = w * s;
+            for r in 0..d {
+                for c in 0..p {
+                    side_by_side[(r, j * p + c)] = ws[(r, c)];
+                }
+            }
+        }
+        let sigma = singular_values(&side_by_side).unwrap();
+        for rank in [1, 3, 6, 10] {
+            let f = factor_output_shared(&CpuBackend, &members, rank, Some(&whitening)).unwrap();
+            assert_eq!(
+                (f.coefficients.nrows(), f.coefficients.ncols()),
+                (k * p, rank)
+            );
+            assert_eq!((f.basis.nrows(), f.basis.ncols()), (rank, d));
+            // U_g = basisᵀ has orthonormal columns.
+            let gram = &f.basis * f.basis.transpose();
+            assert!(relative_error(&Mat::identity(rank, rank), &gram) < 1e-9);
+            let u = f.basis.transpose().to_owned();
+            let mut whitened_error = 0.0;
+            for (j, ((w, _), s)) in group.iter().zip(&whitening).enumerate() {
+                // C_j = U_gᵀ W_j, and the coefficients hold C_jᵀ in expert j's rows.
+                let c = u.transpose() * w;
+                let stored = f
+                    .coefficients
+                    .as_ref()
+                    .submatrix(j * p, 0, p, rank)
+                    .transpose()
+                    .to_owned();
+                assert!(
+                    relative_error(&c, &stored) < 1e-9,
+                    "rank {rank}, expert {j}"
+                );
+                let w_hat = &u * &c;
+                whitened_error += frobenius_norm(&((w - &w_hat) * s)).powi(2);
+            }
+            // Σ_j ‖(W_j − U C_j) S_j‖² is the energy of the singular values past the rank.
+            let tail: f64 = sigma[rank.min(sigma.len())..].iter().map(|s| s * s).sum();
+            let energy: f64 = sigma.iter().map(|s| s * s).sum();
+            assert!(
+                (whitened_error - tail).abs() <= 1e-9 * energy,
+                "rank {rank}: whitened error {whitened_error} vs tail {tail}"
+            );
+            // coefficients · basis stacks Ŵ_jᵀ.
+            let w_hat_t = f.reconstruct(BasisActivation::Identity);
+            for (j, (w, _)) in group.iter().enumerate() {
+                let block = w_hat_t
+                    .as_ref()
+                    .submatrix(j * p, 0, p, d)
+                    .transpose()
+                    .to_owned();
+                assert!(relative_error(&(&u * (u.transpose() * w)), &block) < 1e-9);
+            }
+        }
+        // Full rank (d ≤ k·p) reconstructs every member exactly.
+        let f = factor_output_shared(&CpuBackend, &members, d, Some(&whitening)).unwrap();
+        let stacked = CpuBackend.stack_rows(&members).unwrap();
+        assert!(relative_error(&stacked, &f.reconstruct(BasisActivation::Identity)) < 1e-9);
+    }
+
+    #[test]
+    fn output_shared_whitening_lowers_the_output_error() {
+        let mut rng = TestRng::new(22);
+        let (k, d, p) = (4, 16, 6);
+        let group = down_group(&mut rng, k, d, p);
+        let members: Vec<Mat<f64>> = group
+            .iter()
+            .map(|(w, _)| w.transpose().to_owned())
+            .collect();
+        let whitening: Vec<Mat<f64>> = group
+            .iter()
+            .map(|(_, h)| whitening_factor(&(h * h.transpose()), 1e-6).unwrap())
+            .collect();
+        // Σ_j ‖(W_j − Ŵ_j) H_j‖: what the routed tokens see.
+        let output_error = |f: &GroupFactors| -> f64 {
+            let u = f.basis.transpose().to_owned();
+            group
+                .iter()
+                .map(|(w, h)| frobenius_norm(&((w - &u * (u.transpose() * w)) * h)).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        for rank in [2, 4, 8] {
+            let plain = factor_output_shared(&CpuBackend, &members, rank, None).unwrap();
+            let white =
+                factor_output_shared(&CpuBackend, &members, rank, Some(&whitening)).unwrap();
+            let (ep, ew) = (output_error(&plain), output_error(&white));
+            assert!(ew < 0.95 * ep, "rank {rank}: whitened {ew} vs plain {ep}");
+        }
+        assert!(factor_output_shared(&CpuBackend, &members, 0, None).is_err());
+        assert!(factor_output_shared(&CpuBackend, &members, d + 1, None).is_err());
+        assert!(factor_output_shared(&CpuBackend, &members, 2, Some(&whitening[..2])).is_err());
+        assert!(factor_output_shared::<CpuBackend>(&CpuBackend, &[], 1, None).is_err());
     }
 
     #[test]

@@ -375,6 +375,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                     self.backend,
                 )?;
                 stream.set_pruning(self.prune_plan.as_ref().map(|plan| plan.rule));
+                stream.set_down_gram(self.options.wants_down_gram());
                 Ok(stream)
             }
         }
@@ -398,7 +399,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 continue;
             };
             let analysis = self.with_experts(&statistics, |experts| {
-                analyse::analyse_layer(self.backend, experts, &statistics)
+                let targeted = self.allocation.targeted();
+                analyse::analyse_matrices(self.backend, experts, &statistics, &targeted)
             })?;
             analyses.push(analysis);
             kept.push(statistics);
@@ -513,7 +515,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             clock = Instant::now();
             elapsed
         };
-        let analysis = analyse::analyse_layer(self.backend, experts, statistics)?;
+        let targeted = self.allocation.targeted();
+        let analysis = analyse::analyse_matrices(self.backend, experts, statistics, &targeted)?;
         seconds.analyse = lap();
         let (plan, xi_search) = match (model_plan, held_out) {
             (Some(plan), _) => (plan.clone(), None),

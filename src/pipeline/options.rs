@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::allocate::Allocation;
 pub use super::prune::{CompressMethod, PruningOptions, Saliency};
+use crate::checkpoint::experts::ExpertMatrix;
 use crate::error::{Error, Result};
 
 /// Which factoriser turns a group into coefficients and a basis.
@@ -146,10 +147,16 @@ impl Default for CalibrationOptions {
     }
 }
 
+/// The matrices factored by default: gate and up (`down_proj` stays dense).
+pub const DEFAULT_MATRICES: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
+
 /// What the allocate stage reads: the budget and how it is shared between groups.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AllocationOptions {
+    /// The routed-expert matrices that are factored (`--matrices`; default gate and up, the
+    /// others stay dense). `down` shares its basis on the output side (docs/FORMAT.md).
+    pub matrices: Vec<ExpertMatrix>,
     /// Fraction ρ of the targeted matrices' parameters to remove.
     pub ratio: f64,
     /// Weight ξ of information density in the fused score.
@@ -176,6 +183,7 @@ pub struct AllocationOptions {
 impl Default for AllocationOptions {
     fn default() -> Self {
         Self {
+            matrices: DEFAULT_MATRICES.to_vec(),
             ratio: 0.4,
             xi: 0.2,
             xi_auto: false,
@@ -288,6 +296,7 @@ impl CompressOptions {
         self.calibration.validate()?;
         self.allocation.validate()?;
         self.pruning.validate()?;
+        self.validate_down_proj()?;
         if self.pruning.method.prunes() && self.calibration.statistics_cache.is_some() {
             return invalid(format!(
                 "--method {} does not use the calibration statistics cache (its statistics \
@@ -324,6 +333,35 @@ impl CompressOptions {
     pub fn wants_gram(&self) -> bool {
         self.factorization.whiten || self.calibration.activation_statistics
     }
+
+    /// Whether calibration must also collect each expert's intermediate Gram matrix
+    /// (`down_proj` factored, with whitening or activation reports).
+    pub fn wants_down_gram(&self) -> bool {
+        self.allocation.factors(ExpertMatrix::Down) && self.wants_gram()
+    }
+
+    /// Refuses the options `down_proj` factoring does not support yet.
+    fn validate_down_proj(&self) -> Result<()> {
+        if !self.allocation.factors(ExpertMatrix::Down) {
+            return Ok(());
+        }
+        let unsupported = if self.factorization.factorizer != FactorizerKind::Svd {
+            "--factorizer basis (its SiLU basis is fitted on the input side)"
+        } else if self.allocation.residual {
+            "--residual on"
+        } else if self.allocation.xi_auto {
+            "--xi auto (its search runs the original down_proj)"
+        } else if self.pruning.method != CompressMethod::LowRank {
+            "--method prune / prune+lowrank (their budget counts gate/up only)"
+        } else if self.calibration.statistics_cache.is_some() {
+            "the calibration statistics cache (it holds no down_proj statistics)"
+        } else {
+            return Ok(());
+        };
+        invalid(format!(
+            "--matrices with down does not combine with {unsupported} yet"
+        ))
+    }
 }
 
 impl CalibrationOptions {
@@ -339,7 +377,29 @@ impl CalibrationOptions {
 }
 
 impl AllocationOptions {
+    /// Whether `matrix` is factored.
+    pub fn factors(&self, matrix: ExpertMatrix) -> bool {
+        self.matrices.contains(&matrix)
+    }
+
+    /// The factored matrices in gate, up, down order.
+    pub fn targeted(&self) -> Vec<ExpertMatrix> {
+        ExpertMatrix::ALL
+            .into_iter()
+            .filter(|&m| self.factors(m))
+            .collect()
+    }
+
     fn validate(&self) -> Result<()> {
+        if self.matrices.is_empty() {
+            return invalid("--matrices must name at least one of gate, up, down".into());
+        }
+        if self.targeted().len() != self.matrices.len() {
+            return invalid(format!(
+                "--matrices names a matrix twice: {:?}",
+                self.matrices
+            ));
+        }
         if !(0.0..1.0).contains(&self.ratio) {
             return invalid(format!("--ratio {} must be in [0, 1)", self.ratio));
         }

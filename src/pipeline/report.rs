@@ -111,7 +111,7 @@ pub struct Report {
     pub calibration_tokens: usize,
     /// Calibration fingerprint.
     pub calibration_fingerprint: String,
-    /// Targeted (gate/up) parameters before.
+    /// Targeted parameters (of the factored matrices, `--matrices`: gate/up by default) before.
     pub targeted_parameters_before: u64,
     /// Targeted parameters after.
     pub targeted_parameters_after: u64,
@@ -248,8 +248,16 @@ impl Report {
                 ));
             }
         }
+        let targeted: Vec<&str> = self
+            .options
+            .allocation
+            .targeted()
+            .iter()
+            .map(|m| m.name())
+            .collect();
         out.push_str(&format!(
-            "targeted (gate+up) parameters {} → {} ({:.2}% removed); routed experts {:.2}%; whole model {:.2}% of {}\n",
+            "targeted ({}) parameters {} → {} ({:.2}% removed); routed experts {:.2}%; whole model {:.2}% of {}\n",
+            targeted.join("+"),
             self.targeted_parameters_before,
             self.targeted_parameters_after,
             100.0 * self.targeted_reduction,
@@ -280,7 +288,10 @@ impl Totals {
         matrices: &BTreeMap<String, Vec<GroupReport>>,
     ) {
         let (p, d) = (layout.intermediate_size, layout.hidden_size);
-        self.down_parameters += (layout.num_experts * p * d) as u64;
+        // A factored down_proj counts among the targeted matrices (its groups below).
+        if !matrices.contains_key(layout.name(crate::checkpoint::experts::ExpertMatrix::Down)) {
+            self.down_parameters += (layout.num_experts * p * d) as u64;
+        }
         for groups in matrices.values() {
             let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
             self.targeted_before += before;

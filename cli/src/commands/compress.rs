@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::pipeline::allocate::Allocation;
 use rfid_moe::pipeline::{BudgetScope, CompressMethod, CompressOptions, FactorizerKind, Saliency};
 
@@ -28,10 +29,14 @@ pub struct CompressArgs {
     /// Output directory (written atomically; refused if it exists unless --force).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Fraction of the routed experts' gate/up parameters to remove (every --method removes this
-    /// many parameters, so equal ratios give equal sizes).
+    /// Fraction of the routed experts' gate/up parameters (those of --matrices) to remove (every
+    /// --method removes this many parameters, so equal ratios give equal sizes).
     #[arg(long)]
     ratio: Option<f64>,
+    /// The routed-expert matrices to factor, comma separated (default gate,up; down_proj
+    /// otherwise stays dense). --ratio is then the fraction of these matrices' parameters.
+    #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
+    matrices: Option<Vec<ExpertMatrix>>,
     /// What is done to the routed experts.
     #[arg(long, value_parser = choice::<CompressMethod>())]
     method: Option<CompressMethod>,
@@ -159,6 +164,7 @@ impl CompressArgs {
         set(&mut calibration.group_size, &self.group_size);
         set(&mut calibration.holdout_fraction, &self.holdout_fraction);
         let allocation = &mut options.allocation;
+        set(&mut allocation.matrices, &self.matrices);
         set(&mut allocation.ratio, &self.ratio);
         if let Some(xi) = &self.xi {
             xi.apply(allocation);

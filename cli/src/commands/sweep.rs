@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::writer;
 use rfid_moe::eval::EvalOptions;
 use rfid_moe::pipeline::allocate::Allocation;
@@ -58,6 +59,10 @@ pub struct SweepArgs {
     /// Budget per layer, or one budget shared by all layers.
     #[arg(long, value_parser = choice::<BudgetScope>(), default_value = "layer")]
     budget_scope: BudgetScope,
+    /// The routed-expert matrices to factor, comma separated; each ratio is the fraction of
+    /// their parameters removed (with down, statistics are not cached).
+    #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>(), default_value = "gate,up")]
+    matrices: Vec<ExpertMatrix>,
     /// Keep groups dense where factoring saves nothing: on or off.
     #[arg(long, value_parser = parse_on_off, default_value = "on", action = clap::ArgAction::Set)]
     dense_fallback: bool,
@@ -134,6 +139,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     args.xi.apply(&mut base.allocation);
     base.allocation.dense_fallback = args.dense_fallback;
     base.allocation.budget_scope = args.budget_scope;
+    base.allocation.matrices = args.matrices.clone();
     base.factorization.factor_dtype = args.factor_dtype.clone();
     // The grids compare low-rank allocations (and share one statistics cache).
     base.pruning.method = CompressMethod::LowRank;

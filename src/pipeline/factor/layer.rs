@@ -88,13 +88,25 @@ pub fn factor_layer<B: LinalgBackend>(
             let groups = (0..analysis.groups.len())
                 .into_par_iter()
                 .map(|g| {
+                    let members = &analysis.groups[g];
+                    let down = matrix_analysis.matrix == ExpertMatrix::Down;
                     let job = GroupJob {
                         index: g,
-                        experts: &analysis.groups[g],
+                        experts: members,
                         frequency: analysis.group_frequency[g],
                         analysis: matrix_analysis,
                         plan: matrix_plan,
-                        gram: statistics.group_gram.as_ref().map(|grams| &grams[g]),
+                        gram: match down {
+                            true => None,
+                            false => statistics.group_gram.as_ref().map(|grams| &grams[g]),
+                        },
+                        member_grams: match down {
+                            true => statistics
+                                .expert_down_gram
+                                .as_ref()
+                                .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
+                            false => None,
+                        },
                     };
                     factor_group(backend, experts, &job, settings)
                 })
@@ -118,7 +130,10 @@ struct GroupJob<'a, M> {
     frequency: f64,
     analysis: &'a MatrixAnalysis,
     plan: &'a MatrixPlan,
+    /// The group's input Gram matrix (gate/up).
     gram: Option<&'a M>,
+    /// Each member's intermediate Gram matrix, in group order (down).
+    member_grams: Option<Vec<&'a M>>,
 }
 
 impl<M> GroupJob<'_, M> {
@@ -196,6 +211,9 @@ fn factor_group<B: LinalgBackend>(
             reconstruction,
         });
     }
+    if matrix == ExpertMatrix::Down {
+        return factor_down_group(backend, experts, job, settings, report);
+    }
     let w = experts.stacked(backend, matrix, job.experts)?;
     let whitening = match (job.gram, settings.whiten) {
         (Some(gram), true) => Some(backend.whitening_factor(gram, settings.whiten_ridge)?),
@@ -250,6 +268,96 @@ fn factor_group<B: LinalgBackend>(
         },
         report,
     })
+}
+
+/// Factors a group of `down_proj` matrices with the output-side SVD
+/// ([`super::factor_output_shared`], whitened by each member's intermediate Gram matrix) and
+/// returns its tensors in the format's orientation: `C_j` [K, p] per member, `U_g` [d, K], and
+/// reconstructions [d, p].
+fn factor_down_group<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    job: &GroupJob<B::Matrix>,
+    settings: &FactorSettings<B>,
+    mut report: GroupReport,
+) -> Result<FactoredGroup> {
+    let blocks = experts.oriented_blocks(backend, ExpertMatrix::Down, job.experts)?;
+    let whitening = match (&job.member_grams, settings.whiten) {
+        (Some(grams), true) => Some(
+            grams
+                .iter()
+                .map(|g| backend.whitening_factor(g, settings.whiten_ridge))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ => None,
+    };
+    let factors = super::factor_output_shared(backend, &blocks, report.rank, whitening.as_deref())?;
+    let w = backend.stack_rows(&blocks)?;
+    let reconstruction = backend.matmul(&factors.coefficients, &factors.basis)?;
+    report.relative_error =
+        relative_error(&backend.to_host(&w)?, &backend.to_host(&reconstruction)?);
+    if let Some(grams) = &job.member_grams {
+        report.activation_error = Some(member_activation_error(
+            backend,
+            &blocks,
+            &factors.basis,
+            grams,
+        )?);
+    }
+    let rows = job.shape().rows_per_expert;
+    let transposed = |m: &B::Matrix, slot: usize| -> Result<Tensor> {
+        let block =
+            backend.rows_to_tensor(m, slot * rows, rows, settings.factor_dtype, &Device::Cpu)?;
+        Ok(block.t()?.contiguous()?)
+    };
+    let members = 0..job.experts.len();
+    let rank = backend.shape(&factors.basis).0;
+    Ok(FactoredGroup {
+        expert_tensors: members
+            .clone()
+            .map(|slot| transposed(&factors.coefficients, slot))
+            .collect::<Result<_>>()?,
+        basis: Some(
+            backend
+                .rows_to_tensor(&factors.basis, 0, rank, settings.factor_dtype, &Device::Cpu)?
+                .t()?
+                .contiguous()?,
+        ),
+        residual_eta: None,
+        reconstruction: match settings.keep_reconstruction {
+            true => Some(
+                members
+                    .map(|slot| transposed(&reconstruction, slot))
+                    .collect::<Result<_>>()?,
+            ),
+            false => None,
+        },
+        report,
+    })
+}
+
+/// `sqrt(Σ_j tr(E_j G_j E_jᵀ) / Σ_j tr(W_j G_j W_jᵀ))` for members `W_jᵀ` (`blocks`, [p, d]),
+/// their projections `Ŵ_jᵀ = W_jᵀ U_g U_gᵀ` onto the rows of `basis` (`U_gᵀ`, [K, d]) and their
+/// intermediate Gram matrices `G_j`: the relative output error of the group's down
+/// projections over the routed calibration activations.
+fn member_activation_error<B: LinalgBackend>(
+    backend: &B,
+    blocks: &[B::Matrix],
+    basis: &B::Matrix,
+    grams: &[&B::Matrix],
+) -> Result<f64> {
+    let basis_t = backend.transpose(basis)?;
+    let (mut error, mut energy) = (0.0, 0.0);
+    for (w, gram) in blocks.iter().zip(grams) {
+        let projected = backend.matmul(&backend.matmul(w, &basis_t)?, basis)?;
+        let residual = backend.sub(w, &projected)?;
+        error += backend.quadratic_trace(&backend.transpose(&residual)?, gram)?;
+        energy += backend.quadratic_trace(&backend.transpose(w)?, gram)?;
+    }
+    if energy <= 0.0 {
+        return Ok(0.0);
+    }
+    Ok((error / energy).max(0.0).sqrt())
 }
 
 /// Fits the sparse-projection residual of `w − reconstruction`, fills the residual fields of
