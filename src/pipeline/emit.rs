@@ -299,8 +299,8 @@ impl<'a> Emitter<'a> {
         self.commit_layer(index, None, None)
     }
 
-    /// Writes a factored MoE layer (factors, dense groups, `down_proj` and the layer's other
-    /// tensors) and returns its record and its per-matrix group reports; [`Self::commit_layer`]
+    /// Writes a factored MoE layer (factors, dense groups, the matrices not factored and the
+    /// layer's other tensors) and returns its record and its per-matrix group reports; [`Self::commit_layer`]
     /// then records it as finished.
     pub fn write_layer(
         &mut self,
@@ -312,10 +312,10 @@ impl<'a> Emitter<'a> {
         let (mut compressed, mut dense) = (HashMap::new(), HashMap::new());
         let mut records = BTreeMap::new();
         let mut reports = BTreeMap::new();
-        let down_factored = factored
-            .matrices
-            .iter()
-            .any(|m| m.matrix == ExpertMatrix::Down);
+        let unfactored: Vec<ExpertMatrix> = ExpertMatrix::ALL
+            .into_iter()
+            .filter(|&m| factored.matrices.iter().all(|f| f.matrix != m))
+            .collect();
         for matrix in factored.matrices {
             let name = layout.name(matrix.matrix);
             // down_proj shares its basis on the output side: `C_j` is `lowrank_c` [K, p].
@@ -375,15 +375,16 @@ impl<'a> Emitter<'a> {
             reports.insert(name.to_string(), group_reports);
         }
         if self.is_writing() {
-            // Unless factored, down_proj stays dense, written per expert from the canonical view.
-            for expert in (0..layout.num_experts).filter(|_| !down_factored) {
-                let down = self.kept_expert(experts, expert, ExpertMatrix::Down, || {
-                    Ok(experts
-                        .matrix(expert, ExpertMatrix::Down)?
-                        .to_dtype(stored_dtype)?)
-                })?;
-                compressed.extend(down.clone());
-                dense.extend(down);
+            // Matrices not factored (down_proj by default) stay dense, written per expert from
+            // the canonical view.
+            for &matrix in &unfactored {
+                for expert in 0..layout.num_experts {
+                    let kept = self.kept_expert(experts, expert, matrix, || {
+                        Ok(experts.matrix(expert, matrix)?.to_dtype(stored_dtype)?)
+                    })?;
+                    compressed.extend(kept.clone());
+                    dense.extend(kept);
+                }
             }
             let experts_prefix = format!("{}.experts.", layout.block);
             let mut rest = self

@@ -1,0 +1,237 @@
+//! `--matrices gate,up,down`: down_proj factored with an output-side shared basis on every
+//! fixture family: the budget covers the three matrices, the checkpoint holds what the format
+//! says, it runs, and it computes exactly what its dense export computes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rfid_moe::checkpoint::experts::ExpertMatrix;
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::models::ArchConfig;
+use rfid_moe::pipeline::{CompressOptions, FactorizerKind};
+
+const FAMILIES: [&str; 6] = [
+    "tiny-mixtral",
+    "tiny-qwen2_moe",
+    "tiny-qwen3_moe",
+    "tiny-olmoe",
+    "tiny-deepseek_v2",
+    "tiny-deepseek_v3",
+];
+
+fn calibration_file(dir: &Path) -> PathBuf {
+    let path = dir.join("calibration.safetensors");
+    common::random_token_windows(&path, 256, 16, 32, 0x1234_5678_9abc_def0)
+}
+
+fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
+    let mut options = CompressOptions {
+        model: model.to_path_buf(),
+        ..CompressOptions::default()
+    };
+    options.calibration.data = calibration.to_path_buf();
+    options.calibration.samples = 16;
+    options.calibration.seq_len = 32;
+    options.calibration.batch_size = 4;
+    options.allocation.ratio = ratio;
+    options.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    options.output.out = Some(out.to_path_buf());
+    options
+}
+
+fn logits(dir: &Path, source: &Path) -> candle_core::Tensor {
+    let reference =
+        rfid_moe::checkpoint::load_all(&source.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    common::logits_of(dir, &reference["input_ids"])
+}
+
+/// Σ over MoE layers of the routed experts' parameters of one matrix type (n·p·d).
+fn one_matrix_parameters(source: &Path) -> u64 {
+    let spec = ArchConfig::from_checkpoint(&Checkpoint::open(source).unwrap())
+        .unwrap()
+        .spec();
+    spec.moe_layers
+        .iter()
+        .flatten()
+        .map(|l| (l.num_experts * l.intermediate_size * l.hidden_size) as u64)
+        .sum()
+}
+
+/// The checkpoint's down_proj tensors of `layer` agree with its record: factored members have
+/// `lowrank_c` [K, p] and no weight, each factored group a basis [d, K], dense ones a weight.
+fn check_down_tensors(out: &Path, layer: usize) -> usize {
+    let checkpoint = Checkpoint::open(out).unwrap();
+    let spec = ArchConfig::from_checkpoint(&checkpoint).unwrap().spec();
+    let layout = spec.moe_layers[layer].as_ref().unwrap();
+    let (d, p) = (layout.hidden_size, layout.intermediate_size);
+    let record = rfid_moe::models::compression_record(&checkpoint)
+        .unwrap()
+        .unwrap();
+    let name = layout.name(ExpertMatrix::Down);
+    let groups = &record.layer(layer).unwrap().matrices[name].groups;
+    let shape = |tensor: String| checkpoint.info(&tensor).map(|(info, _)| info.shape.clone());
+    let mut factored = 0;
+    for (g, group) in groups.iter().enumerate() {
+        let basis = format!("{}.expert_groups.{g}.{name}.basis", layout.block);
+        match group.dense {
+            true => assert_eq!(shape(basis), None),
+            false => assert_eq!(shape(basis), Some(vec![d, group.rank])),
+        }
+        for &expert in &group.experts {
+            let c = format!("{}.experts.{expert}.{name}.lowrank_c", layout.block);
+            let weight = layout.dense_name(expert, ExpertMatrix::Down);
+            if group.dense {
+                assert_eq!(shape(c), None);
+                assert_eq!(shape(weight), Some(vec![d, p]));
+            } else {
+                assert_eq!(shape(c), Some(vec![group.rank, p]));
+                assert_eq!(shape(weight.clone()), None, "{weight} of a factored group");
+                factored += 1;
+            }
+        }
+    }
+    factored
+}
+
+#[test]
+fn every_family_compresses_down_proj_within_budget_and_matches_its_dense_export() {
+    for family in FAMILIES {
+        let source = common::fixture(family);
+        let tmp = tempfile::tempdir().unwrap();
+        let calibration = calibration_file(tmp.path());
+        let out = tmp.path().join("factored");
+        let dense = tmp.path().join("dense");
+        let ratio = 0.4;
+        let mut opts = options(&source, &calibration, &out, ratio);
+        opts.factorization.factor_dtype = "f32".into();
+        opts.output.export_dense = Some(dense.clone());
+        let report = rfid_moe::compress(&opts).unwrap();
+
+        // The budget covers gate, up and down: 3·n·p·d per MoE layer, (1 − ρ) of it kept.
+        assert_eq!(
+            report.targeted_parameters_before,
+            3 * one_matrix_parameters(&source),
+            "{family}"
+        );
+        assert!(
+            (report.targeted_reduction - ratio).abs() <= 0.005,
+            "{family}: reduction {}",
+            report.targeted_reduction
+        );
+        assert!((report.routed_expert_reduction - report.targeted_reduction).abs() < 1e-12);
+        let layer = &report.layers[0];
+        assert!(layer.matrices.keys().any(|m| m == "down_proj" || m == "w2"));
+        let down_groups = layer
+            .matrices
+            .iter()
+            .find(|(m, _)| *m == "down_proj" || *m == "w2")
+            .unwrap()
+            .1;
+        assert!(down_groups.iter().any(|g| !g.dense), "{family}");
+        assert!(down_groups
+            .iter()
+            .filter(|g| !g.dense)
+            .all(|g| g.activation_error.is_some_and(|e| e > 0.0 && e < 1.0)));
+
+        // The checkpoint's parameters shrink by exactly what the report says, all in the
+        // routed experts.
+        let before = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&source).unwrap());
+        let after = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap());
+        assert_eq!(before.other, after.other, "{family}");
+        assert_eq!(before.shared_experts, after.shared_experts, "{family}");
+        assert_eq!(
+            before.routed_experts - after.routed_experts,
+            report.targeted_parameters_before - report.targeted_parameters_after,
+            "{family}: saved parameters"
+        );
+        assert!(check_down_tensors(&out, layer.layer) > 0, "{family}");
+
+        // The dense export has the original's names and shapes, and the same function.
+        let original = Checkpoint::open(&source).unwrap();
+        let exported = Checkpoint::open(&dense).unwrap();
+        let mut names = original.tensor_names();
+        let mut exported_names = exported.tensor_names();
+        names.sort();
+        exported_names.sort();
+        assert_eq!(names, exported_names, "{family}");
+        let (factored_logits, dense_logits) = (logits(&out, &source), logits(&dense, &source));
+        let diff = common::max_abs_diff(&factored_logits, &dense_logits);
+        assert!(
+            diff <= 1e-4,
+            "{family}: factored vs dense export differ by {diff}"
+        );
+        let from_original = common::max_abs_diff(&factored_logits, &logits(&source, &source));
+        assert!(
+            from_original > 1e-3 && from_original.is_finite(),
+            "{family}: {from_original}"
+        );
+    }
+}
+
+#[test]
+fn down_proj_alone_leaves_gate_and_up_dense() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path());
+    let out = tmp.path().join("down-only");
+    let mut opts = options(&source, &calibration, &out, 0.3);
+    opts.allocation.matrices = vec![ExpertMatrix::Down];
+    let report = rfid_moe::compress(&opts).unwrap();
+    assert_eq!(
+        report.targeted_parameters_before,
+        one_matrix_parameters(&source)
+    );
+    assert!((report.targeted_reduction - 0.3).abs() <= 0.01);
+    assert!(report.table().contains("targeted (down) parameters"));
+    for layer in &report.layers {
+        assert_eq!(layer.matrices.keys().collect::<Vec<_>>(), ["down_proj"]);
+    }
+    let text = std::fs::read_to_string(out.join("compress.toml")).unwrap();
+    assert!(text.contains("matrices = [\"down\"]"), "{text}");
+    let diff = common::max_abs_diff(&logits(&out, &source), &logits(&source, &source));
+    assert!(diff > 1e-4 && diff.is_finite(), "{diff}");
+}
+
+#[test]
+fn unsupported_combinations_with_down_are_refused() {
+    let source = common::fixture("tiny-olmoe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path());
+    let out = tmp.path().join("refused");
+    let refused = |edit: &dyn Fn(&mut CompressOptions), what: &str| {
+        let mut opts = options(&source, &calibration, &out, 0.4);
+        edit(&mut opts);
+        let message = rfid_moe::compress(&opts).unwrap_err().to_string();
+        assert!(
+            message.contains("--matrices") && message.contains(what),
+            "{message}"
+        );
+        assert!(!out.exists());
+    };
+    refused(
+        &|o| o.factorization.factorizer = FactorizerKind::Basis,
+        "--factorizer basis",
+    );
+    refused(&|o| o.allocation.residual = true, "--residual");
+    refused(&|o| o.allocation.xi_auto = true, "--xi auto");
+    refused(
+        &|o| o.calibration.statistics_cache = Some(tmp.path().join("stats.safetensors")),
+        "statistics cache",
+    );
+    refused(
+        &|o| o.allocation.matrices = vec![ExpertMatrix::Up, ExpertMatrix::Up],
+        "twice",
+    );
+    refused(&|o| o.allocation.matrices.clear(), "at least one");
+    // The default is unchanged: gate and up, written into the settings.
+    let defaults = CompressOptions::default();
+    assert_eq!(
+        defaults.allocation.matrices,
+        [ExpertMatrix::Gate, ExpertMatrix::Up]
+    );
+    let toml = toml::to_string(&defaults).unwrap();
+    assert!(toml.contains("matrices = [\"gate\", \"up\"]"), "{toml}");
+}
