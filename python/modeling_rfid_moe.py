@@ -4,9 +4,12 @@ Each family's own transformers classes are reused unchanged except for the route
 every MoE layer, which become factored experts whose parameters carry the checkpoint's tensor
 names: per-expert coefficients `experts.{j}.{m}.lowrank_a`, shared group bases
 `expert_groups.{g}.{m}.basis`, optional residual coefficients `expert_groups.{g}.{m}.residual_eta`,
-members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weight`. No dense copy
-of a factored expert is ever held: `W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j`
-rebuilt for the routed experts only, on the fly, from the seeded hash of `src/residual.rs`.
+members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weight`; a factored
+`down_proj` has `experts.{j}.down_proj.lowrank_c` and an output-side basis
+`expert_groups.{g}.down_proj.basis` [d, rank]. No dense copy of a factored expert is ever held:
+`W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j` rebuilt for the routed experts only, on
+the fly, from the seeded hash of `src/residual.rs`; `down_j h = U_g (C_j h)`, `U_g` applied once
+per group to the weighted sum of its routed members.
 With `compression.factor_storage == "int8-row128"` the factors and dense members of gate/up are
 stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they are dequantised
 to the model dtype right after loading.
@@ -127,6 +130,22 @@ class _GroupFactors(nn.Module):
         self.bucket_scale = None  # 1/√n_q per bucket, computed at first use (seed only)
 
 
+class _OutputCoefficients(nn.Module):
+    """A factored `down_proj` member's coefficients `C_j` [rank, in] (`lowrank_c`)."""
+
+    def __init__(self, rank, cols):
+        super().__init__()
+        self.lowrank_c = nn.Parameter(torch.empty(rank, cols))
+
+
+class _OutputBasis(nn.Module):
+    """A `down_proj` group's shared output-side basis `U_g` [out, rank]: `W_j = U_g C_j`."""
+
+    def __init__(self, rows, rank):
+        super().__init__()
+        self.basis = nn.Parameter(torch.empty(rows, rank))
+
+
 class FactoredExperts(nn.ModuleList):
     """The routed experts of one MoE layer in rfid-moe's factored form (children named by index)."""
 
@@ -154,8 +173,24 @@ class FactoredExperts(nn.ModuleList):
                     setattr(self[j], name, _Dense(p, d))
                     if self.int8 and layer_record:
                         _add_int8_scale(getattr(self[j], name), "weight")
+        down = names[2]
+        self.down_member_of = {}  # factored down expert → (group index, slot)
+        for g, group in enumerate(matrices.get(down, {}).get("groups", [])):
+            if not group["dense"]:
+                self._add_down_group(down, g, group)
         for j in range(n):
-            setattr(self[j], names[2], _Dense(d, p))
+            if j not in self.down_member_of:
+                setattr(self[j], down, _Dense(d, p))
+
+    def _add_down_group(self, name, g, group):
+        """A factored `down_proj` group: `C_j` per member, `U_g` shared on the output side."""
+        p, d = self.shape
+        for slot, j in enumerate(group["experts"]):
+            setattr(self[j], name, _OutputCoefficients(group["rank"], p))
+            self.down_member_of[j] = (g, slot)
+        while len(self.groups) <= g:
+            self.groups.append(nn.Module())
+        setattr(self.groups[g], name, _OutputBasis(d, group["rank"]))
 
     def _add_factored_group(self, name, g, group):
         p, d = self.shape
@@ -201,17 +236,33 @@ class FactoredExperts(nn.ModuleList):
         return out
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        """Same contract as the family's experts module: [tokens, d] → [tokens, d]."""
+        """Same contract as the family's experts module: [tokens, d] → [tokens, d].
+
+        A factored `down_proj` group sums `w_j · C_j h_j` over its routed members into one
+        [tokens, rank] buffer and applies its basis once: `U_g Σ_j w_j C_j h_j`.
+        """
         final = torch.zeros_like(hidden_states)
         gate, up, down = self.names
+        sums = {}  # down group index → Σ_j w_j C_j h_j, [tokens, rank]
         hit = torch.unique(top_k_index).tolist()
         for expert in hit:
             token, position = torch.where(top_k_index == expert)
             x = hidden_states[token]
             h = self.act_fn(self._project(gate, expert, x)) * self._project(up, expert, x)
-            out = nn.functional.linear(h, getattr(self[expert], down).weight)
-            out = out * top_k_weights[token, position, None]
+            weight = top_k_weights[token, position, None]
+            module = getattr(self[expert], down)
+            if expert in self.down_member_of:
+                g = self.down_member_of[expert][0]
+                c = nn.functional.linear(h, module.lowrank_c) * weight
+                if g not in sums:
+                    sums[g] = hidden_states.new_zeros(hidden_states.shape[0], c.shape[1])
+                sums[g].index_add_(0, token, c.to(sums[g].dtype))
+                continue
+            out = nn.functional.linear(h, module.weight) * weight
             final.index_add_(0, token, out.to(final.dtype))
+        for g, total in sums.items():
+            basis = getattr(self.groups[g], down).basis
+            final += nn.functional.linear(total, basis).to(final.dtype)
         return final
 
 

@@ -372,6 +372,7 @@ fn transformers_loads_every_compressed_family_with_our_logits() {
     add_fused_cases(&mut cases, work, &calibration);
     add_pruned_cases(&mut cases, work, &calibration);
     add_int8_cases(&mut cases, work, &calibration);
+    add_down_proj_cases(&mut cases, work, &calibration);
     let snippet = readme_example(&work.join("mini-moe-docs"));
     let (results, logits) = run_python(&python, work, &ids_path, &cases, snippet);
     let ids = candle_core::safetensors::load(&ids_path, &Device::Cpu).unwrap()["input_ids"].clone();
@@ -563,4 +564,55 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
         expect: Expect::Fails("refusing to initialise them at random"),
         ours: incomplete,
     });
+}
+
+/// `--matrices gate,up,down`: factored `down_proj` (output-side basis) loads through our
+/// modelling file with our logits and the report's parameter count (mini-moe-docs, Mixtral's
+/// `w2` naming, a fused input); the fused input's dense export loads as the family's own model.
+fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
+    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let sources = [
+        ("mini-moe-docs down", common::mini_model(), "Qwen3Moe"),
+        ("mixtral down", common::fixture("tiny-mixtral"), "Mixtral"),
+        ("fused olmoe down", work.join("fused-olmoe"), "Olmoe"),
+    ];
+    for (name, source, stem) in sources {
+        let out = work.join(name.replace(' ', "-"));
+        let dense = work.join(format!("{}-dense", name.replace(' ', "-")));
+        let stored_values = compress(&source, calibration, &out, |o| {
+            all(o);
+            o.output.export_dense = Some(dense.clone());
+        });
+        let stored = Checkpoint::open(&out).unwrap();
+        assert!(
+            stored
+                .tensor_names()
+                .iter()
+                .any(|n| n.ends_with(".lowrank_c")),
+            "{name}: no factored down_proj"
+        );
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: true,
+            expect: Expect::Loads {
+                class: factored_class(stem),
+                stored_values,
+            },
+            ours: out.clone(),
+        });
+        if name.starts_with("fused") {
+            let input = Checkpoint::open(&source).unwrap();
+            cases.push(Case {
+                name: "fused olmoe down dense export",
+                dir: dense,
+                trust_remote_code: false,
+                expect: Expect::Loads {
+                    class: "OlmoeForCausalLM".into(),
+                    stored_values: rfid_moe::inspect::parameter_counts(&input).total,
+                },
+                ours: out,
+            });
+        }
+    }
 }
