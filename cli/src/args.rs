@@ -85,6 +85,7 @@ pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use rfid_moe::checkpoint::experts::ExpertMatrix;
 
     #[derive(Parser)]
     struct Probe {
@@ -92,6 +93,24 @@ mod tests {
         allocation: Option<Allocation>,
         #[arg(long, value_parser = choice::<BudgetScope>(), default_value = "layer")]
         budget_scope: BudgetScope,
+        #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
+        matrices: Option<Vec<ExpertMatrix>>,
+    }
+
+    #[test]
+    fn matrices_parse_as_a_comma_separated_list() {
+        let probe = Probe::try_parse_from(["probe", "--matrices", "gate,up,down"]).unwrap();
+        assert_eq!(probe.matrices, Some(ExpertMatrix::ALL.to_vec()));
+        let probe = Probe::try_parse_from(["probe", "--matrices", "down"]).unwrap();
+        assert_eq!(probe.matrices, Some(vec![ExpertMatrix::Down]));
+        let error = Probe::try_parse_from(["probe", "--matrices", "gate,w2"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("w2") && error.contains("gate, up, down"),
+            "{error}"
+        );
     }
 
     #[test]
