@@ -124,9 +124,10 @@ pub fn render_model_card(dir: &Path, inputs: &CardInputs) -> Result<String> {
     };
     let _ = writeln!(
         card,
-        "This is {base_link} with the routed experts' gate/up projections compressed by \
+        "This is {base_link} with the routed experts' {} projections compressed by \
          RFID-MoE (routing frequency + information density rank allocation, shared low-rank \
          bases per expert group), written by rfid-moe {}.\n",
+        compressed_matrices(&report),
         record
             .get("tool_version")
             .and_then(Value::as_str)
@@ -212,6 +213,19 @@ fn sizes(card: &mut String, report: &Value) {
     );
 }
 
+/// The factored matrices as `gate/up` (the settings' `matrices`; gate/up when absent).
+fn compressed_matrices(report: &Value) -> String {
+    let names: Vec<&str> = report
+        .pointer("/options/allocation/matrices")
+        .and_then(Value::as_array)
+        .map(|m| m.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match names.is_empty() {
+        true => "gate/up".into(),
+        false => names.join("/"),
+    }
+}
+
 fn group_digits(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
@@ -235,7 +249,7 @@ fn settings(card: &mut String, report: &Value, record: &Value, options_toml: &st
     card.push_str("## Method and settings\n\n| setting | value |\n| --- | --- |\n");
     for (name, pointer) in [
         (
-            "ratio (fraction of gate/up parameters removed)",
+            "ratio (fraction of the compressed matrices' parameters removed)",
             "/allocation/ratio",
         ),
         ("allocation", "/allocation/policy"),

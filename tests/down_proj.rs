@@ -191,6 +191,16 @@ fn down_proj_alone_leaves_gate_and_up_dense() {
     }
     let text = std::fs::read_to_string(out.join("compress.toml")).unwrap();
     assert!(text.contains("matrices = [\"down\"]"), "{text}");
+    let inputs = rfid_moe::model_card::CardInputs {
+        repo_id: None,
+        eval_report: None,
+        charts: Vec::new(),
+    };
+    let card = rfid_moe::model_card::render_model_card(&out, &inputs).unwrap();
+    assert!(
+        card.contains("experts' down projections compressed"),
+        "{card}"
+    );
     let diff = common::max_abs_diff(&logits(&out, &source), &logits(&source, &source));
     assert!(diff > 1e-4 && diff.is_finite(), "{diff}");
 }
