@@ -235,6 +235,10 @@ fn unsupported_combinations_with_down_are_refused() {
         &|o| o.allocation.matrices = vec![ExpertMatrix::Up, ExpertMatrix::Up],
         "twice",
     );
+    refused(
+        &|o| o.factorization.factor_dtype = "int8".into(),
+        "--factor-dtype int8",
+    );
     refused(&|o| o.allocation.matrices.clear(), "at least one");
     // The default is unchanged: gate and up, written into the settings.
     let defaults = CompressOptions::default();
