@@ -249,3 +249,50 @@ fn unsupported_combinations_with_down_are_refused() {
     let toml = toml::to_string(&defaults).unwrap();
     assert!(toml.contains("matrices = [\"gate\", \"up\"]"), "{toml}");
 }
+
+#[test]
+fn prune_plus_lowrank_with_down_spends_the_budget_over_three_matrices() {
+    for (family, experts) in [("tiny-qwen3_moe", 16), ("tiny-mixtral", 8)] {
+        let source = common::fixture(family);
+        let tmp = tempfile::tempdir().unwrap();
+        let calibration = calibration_file(tmp.path());
+        let out = tmp.path().join("pruned-factored");
+        let dense = tmp.path().join("dense");
+        let ratio = 0.4;
+        let mut opts = options(&source, &calibration, &out, ratio);
+        opts.pruning.method = rfid_moe::pipeline::CompressMethod::PruneLowRank;
+        opts.factorization.factor_dtype = "f32".into();
+        opts.output.export_dense = Some(dense.clone());
+        let report = rfid_moe::compress(&opts).unwrap();
+        // Half of the budget prunes: round(ρ·n/2) experts (all three matrices are targeted).
+        let removed = (ratio * experts as f64 / 2.0).round() as usize;
+        let layer = &report.layers[0];
+        let pruning = layer.pruning.as_ref().unwrap();
+        assert_eq!(pruning.removed.len(), removed, "{family}");
+        assert!(layer.matrices.keys().any(|m| m == "down_proj" || m == "w2"));
+        // Pruning and factoring together remove ρ of the routed experts (all targeted).
+        assert_eq!(
+            report.targeted_parameters_before,
+            3 * one_matrix_parameters(&source),
+            "{family}"
+        );
+        assert!((report.routed_expert_reduction - report.targeted_reduction).abs() < 1e-12);
+        assert!(
+            (report.routed_expert_reduction - ratio).abs() <= 0.02,
+            "{family}: routed reduction {}",
+            report.routed_expert_reduction
+        );
+        let before = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&source).unwrap());
+        let after = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap());
+        let saved = (before.routed_experts - after.routed_experts) as f64;
+        assert!(
+            (saved / before.routed_experts as f64 - report.routed_expert_reduction).abs() < 1e-9,
+            "{family}: saved {saved}"
+        );
+        let diff = common::max_abs_diff(&logits(&out, &source), &logits(&dense, &source));
+        assert!(
+            diff <= 1e-4,
+            "{family}: factored vs dense export differ by {diff}"
+        );
+    }
+}

@@ -615,4 +615,22 @@ fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             });
         }
     }
+    // Pruned and factored on all three matrices.
+    let out = work.join("pruned-mini-moe-docs-down");
+    compress(&common::mini_model(), calibration, &out, |o| {
+        all(o);
+        o.pruning.method = CompressMethod::PruneLowRank;
+    });
+    let stored = Checkpoint::open(&out).unwrap();
+    let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
+    cases.push(Case {
+        name: "pruned mini-moe-docs down",
+        dir: out.clone(),
+        trust_remote_code: true,
+        expect: Expect::Loads {
+            class: factored_class("Qwen3Moe"),
+            stored_values,
+        },
+        ours: out,
+    });
 }

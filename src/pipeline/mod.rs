@@ -307,8 +307,12 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             Some(p) => {
                 let factored = self.options.pruning.method.factors();
                 let kept = p.kept.len();
+                let down_targeted = self
+                    .options
+                    .allocation
+                    .factors(crate::checkpoint::experts::ExpertMatrix::Down);
                 self.totals
-                    .add_pruned(&layout, kept, p.removed.len(), factored);
+                    .add_pruned(&layout, (kept, p.removed.len()), factored, down_targeted);
                 if factored {
                     let pruned = prune::pruned_layout(&layout, kept);
                     self.totals.add_layer(&pruned, &report.matrices);

@@ -351,8 +351,6 @@ impl CompressOptions {
             "--residual on"
         } else if self.allocation.xi_auto {
             "--xi auto (its search runs the original down_proj)"
-        } else if self.pruning.method != CompressMethod::LowRank {
-            "--method prune / prune+lowrank (their budget counts gate/up only)"
         } else if self.calibration.statistics_cache.is_some() {
             "the calibration statistics cache (it holds no down_proj statistics)"
         } else if self.factorization.factor_dtype == "int8" {

@@ -11,12 +11,14 @@
 //!   `renormalize_router_weights = False`). Experts no token reached score 0.
 //! - `frequency`: the number of top-k hits.
 //!
-//! Budget: `--ratio ρ` keeps its meaning for every method, the fraction of the routed experts'
-//! gate/up parameters removed, so that outputs of equal ρ have equal size. An expert holds
-//! `3·p·d` parameters of which `2·p·d` are gate/up, so `prune` removes `round(ρ·n·2/3)` experts
-//! per layer. `prune+lowrank` removes `round(F·n)` experts (`--prune-fraction F`; by default
-//! half of the budget goes to pruning: `round(ρ·n/3)`) and factors the kept experts' gate/up at
-//! `ρ' = (ρ·n − 1.5·m)/(n − m)`, so the total stays `ρ·n·2·p·d` per layer.
+//! Budget: `--ratio ρ` keeps its meaning for every method, the fraction of the targeted matrices'
+//! parameters removed (gate/up by default, `--matrices` names them), so that outputs of equal ρ
+//! have equal size. An expert holds 3 matrices of `p·d`, `t` of which are targeted, so `prune`
+//! removes `round(ρ·n·t/3)` experts per layer (`round(ρ·n·2/3)` for gate/up).
+//! `prune+lowrank` removes `round(F·n)` experts (`--prune-fraction F`; by default half of the
+//! budget goes to pruning: `round(ρ·n·t/6)`, lowered if routing cannot run without them) and
+//! factors the kept experts' targeted matrices at `ρ' = (ρ·n − (3/t)·m)/(n − m)`, so the total
+//! stays `ρ·n·t·p·d` per layer.
 //!
 //! DeepSeek's experts come in `n_group` equal groups (group-limited routing, and our config
 //! validation): the same number is removed from every group, so the removal count is rounded
@@ -441,10 +443,13 @@ impl PrunePlan {
         }
         let limits = RoutingLimits::of(checkpoint)?;
         let (n, ratio) = (limits.experts as f64, options.allocation.ratio);
+        let targeted = options.allocation.targeted().len();
+        // An expert holds 3 matrices, `targeted` of which the ratio counts.
+        let worth = targeted as f64 / 3.0;
         let wanted = match (pruning.method, pruning.fraction) {
             (CompressMethod::PruneLowRank, Some(f)) => f * n,
-            (CompressMethod::PruneLowRank, None) => ratio * n / 3.0,
-            _ => 2.0 * ratio * n / 3.0,
+            (CompressMethod::PruneLowRank, None) => ratio * n * worth / 2.0,
+            _ => ratio * n * worth,
         };
         let remove = match (pruning.method, pruning.fraction) {
             // The default split prunes what routing allows and factors the rest.
@@ -456,9 +461,12 @@ impl PrunePlan {
         }
         let kept = limits.experts - remove;
         let lowrank_ratio = match pruning.method {
-            CompressMethod::PruneLowRank => {
-                Some(lowrank_ratio_after(ratio, limits.experts, remove)?)
-            }
+            CompressMethod::PruneLowRank => Some(lowrank_ratio_after(
+                ratio,
+                limits.experts,
+                remove,
+                targeted,
+            )?),
             _ => None,
         };
         Ok(Some(Self {
@@ -474,17 +482,24 @@ impl PrunePlan {
     }
 }
 
-/// The gate/up ratio at which the `n − m` kept experts are factored so that pruning `m` of `n`
-/// and factoring remove `ρ·n` experts' worth of gate/up parameters in all:
-/// `ρ' = (ρ·n − 1.5·m)/(n − m)` (an expert's down projection is half its gate/up).
-pub fn lowrank_ratio_after(ratio: f64, experts: usize, removed: usize) -> Result<f64> {
+/// The ratio at which the `n − m` kept experts' targeted matrices are factored so that pruning
+/// `m` of `n` and factoring remove `ρ·n` experts' worth of the `t` targeted matrices in all:
+/// `ρ' = (ρ·n − (3/t)·m)/(n − m)` (a pruned expert removes all 3 of its matrices; for gate/up,
+/// `t = 2`, that is `1.5·m`).
+pub fn lowrank_ratio_after(
+    ratio: f64,
+    experts: usize,
+    removed: usize,
+    targeted: usize,
+) -> Result<f64> {
     let (n, m) = (experts as f64, removed as f64);
-    let rest = (ratio * n - 1.5 * m) / (n - m);
+    let per_pruned = 3.0 / targeted.max(1) as f64;
+    let rest = (ratio * n - per_pruned * m) / (n - m);
     if rest < 0.0 {
         return Err(Error::InvalidArgument(format!(
             "--prune-fraction removes {removed} of {experts} experts, more than --ratio {ratio} \
              pays for ({:.2} experts' worth): lower --prune-fraction or use --method prune",
-            2.0 * ratio * n / 3.0
+            ratio * n / per_pruned
         )));
     }
     Ok(rest)
@@ -751,10 +766,14 @@ mod tests {
     #[test]
     fn the_lowrank_ratio_after_pruning_keeps_the_budget() {
         // 16 experts of 3·p·d; ρ = 0.4 removes 0.4·16·2 = 12.8 gate/up matrices' worth.
-        let rest = lowrank_ratio_after(0.4, 16, 2).unwrap();
+        let rest = lowrank_ratio_after(0.4, 16, 2, 2).unwrap();
         let removed = 2.0 * 3.0 + rest * 14.0 * 2.0;
         assert!((removed - 12.8).abs() < 1e-9, "{removed}");
-        assert!(lowrank_ratio_after(0.2, 16, 4).is_err());
+        assert!(lowrank_ratio_after(0.2, 16, 4, 2).is_err());
+        // gate, up and down targeted: ρ = 0.4 removes 0.4·16·3 = 19.2 matrices' worth.
+        let rest = lowrank_ratio_after(0.4, 16, 3, 3).unwrap();
+        let removed = 3.0 * 3.0 + rest * 13.0 * 3.0;
+        assert!((removed - 19.2).abs() < 1e-9, "{removed}");
     }
 
     #[test]

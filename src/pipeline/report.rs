@@ -308,23 +308,31 @@ impl Totals {
     }
 
     /// Adds a pruned layer's experts: `removed` experts count as removed entirely (gate, up,
-    /// down); the kept ones' gate/up and down as unchanged unless `factored` (then
-    /// [`Self::add_layer`] counts them from their groups).
+    /// down; down among the targeted matrices when `down_targeted`); the kept ones' gate/up and
+    /// down as unchanged unless `factored` (then [`Self::add_layer`] counts them from their
+    /// groups).
     pub fn add_pruned(
         &mut self,
         layout: &ExpertLayout,
-        kept: usize,
-        removed: usize,
+        (kept, removed): (usize, usize),
         factored: bool,
+        down_targeted: bool,
     ) {
         let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
         self.targeted_before += 2 * matrix * removed as u64;
-        self.down_parameters += matrix * removed as u64;
-        self.down_removed += matrix * removed as u64;
+        if down_targeted {
+            self.targeted_before += matrix * removed as u64;
+        } else {
+            self.down_parameters += matrix * removed as u64;
+            self.down_removed += matrix * removed as u64;
+        }
         if !factored {
-            self.targeted_before += 2 * matrix * kept as u64;
-            self.targeted_after += 2 * matrix * kept as u64;
-            self.down_parameters += matrix * kept as u64;
+            let targeted = if down_targeted { 3 } else { 2 };
+            self.targeted_before += targeted * matrix * kept as u64;
+            self.targeted_after += targeted * matrix * kept as u64;
+            if !down_targeted {
+                self.down_parameters += matrix * kept as u64;
+            }
         }
     }
 
