@@ -11,14 +11,7 @@ use rfid_moe::models::Model;
 use rfid_moe::pipeline::allocate::Allocation;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions, Report};
 
-const FAMILIES: [&str; 6] = [
-    "tiny-mixtral",
-    "tiny-qwen2_moe",
-    "tiny-qwen3_moe",
-    "tiny-olmoe",
-    "tiny-deepseek_v2",
-    "tiny-deepseek_v3",
-];
+use common::FAMILIES;
 
 /// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
 fn calibration_file(dir: &Path, vocab: u32, windows: usize, seq: usize) -> PathBuf {
@@ -27,17 +20,7 @@ fn calibration_file(dir: &Path, vocab: u32, windows: usize, seq: usize) -> PathB
 }
 
 fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
-    let mut options = CompressOptions {
-        model: model.to_path_buf(),
-        ..CompressOptions::default()
-    };
-    options.calibration.data = calibration.to_path_buf();
-    options.calibration.samples = 16;
-    options.calibration.seq_len = 32;
-    options.calibration.batch_size = 4;
-    options.allocation.ratio = ratio;
-    options.output.out = Some(out.to_path_buf());
-    options
+    common::small_compress_options(model, calibration, out, ratio)
 }
 
 /// Mean per-token KL(original ‖ compressed) and max |Δlogit| on the reference inputs.

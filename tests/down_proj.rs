@@ -12,32 +12,17 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::ArchConfig;
 use rfid_moe::pipeline::{CompressOptions, FactorizerKind};
 
-const FAMILIES: [&str; 6] = [
-    "tiny-mixtral",
-    "tiny-qwen2_moe",
-    "tiny-qwen3_moe",
-    "tiny-olmoe",
-    "tiny-deepseek_v2",
-    "tiny-deepseek_v3",
-];
+use common::FAMILIES;
 
 fn calibration_file(dir: &Path) -> PathBuf {
     let path = dir.join("calibration.safetensors");
     common::random_token_windows(&path, 256, 16, 32, 0x1234_5678_9abc_def0)
 }
 
+/// The fixtures' small options with gate, up and down factored.
 fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
-    let mut options = CompressOptions {
-        model: model.to_path_buf(),
-        ..CompressOptions::default()
-    };
-    options.calibration.data = calibration.to_path_buf();
-    options.calibration.samples = 16;
-    options.calibration.seq_len = 32;
-    options.calibration.batch_size = 4;
-    options.allocation.ratio = ratio;
+    let mut options = common::small_compress_options(model, calibration, out, ratio);
     options.allocation.matrices = ExpertMatrix::ALL.to_vec();
-    options.output.out = Some(out.to_path_buf());
     options
 }
 

@@ -154,14 +154,7 @@ fn cuda_matches_transformers() {
             return;
         }
     };
-    for name in [
-        "tiny-mixtral",
-        "tiny-qwen2_moe",
-        "tiny-qwen3_moe",
-        "tiny-olmoe",
-        "tiny-deepseek_v2",
-        "tiny-deepseek_v3",
-    ] {
+    for name in common::FAMILIES {
         let dir = fixture(name);
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let model = Model::load(&checkpoint, DType::F32, &device).unwrap();

@@ -43,6 +43,13 @@ fn vocab(model: &Path) -> u32 {
     config["vocab_size"].as_u64().unwrap() as u32
 }
 
+/// The checkpoint `out` runs on `model`'s reference ids and gives finite logits.
+fn assert_finite_logits(out: &Path, model: &Path) {
+    let logits = common::logits_of(out, &reference_ids(model));
+    let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()), "{}", out.display());
+}
+
 fn reference_ids(model: &Path) -> Tensor {
     let reference =
         rfid_moe::checkpoint::load_all(&model.join("reference.safetensors"), &Device::Cpu).unwrap();
@@ -240,15 +247,7 @@ fn prune_plus_lowrank_spends_the_same_budget() {
     let config = rfid_moe::checkpoint::read_json(&out.join("config.json")).unwrap();
     assert_eq!(config["num_local_experts"], 14);
     assert!(config.get("compression").is_some());
-    let ids = reference_ids(&model);
-    let logits = common::logits_of(&out, &ids);
-    assert!(logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| v.is_finite()));
+    assert_finite_logits(&out, &model);
 }
 
 #[test]
@@ -272,14 +271,7 @@ fn prune_plus_lowrank_with_a_model_wide_budget_factors_the_kept_experts() {
         .all(|r| r.pruning.as_ref().unwrap().kept.len() == 14 && !r.matrices.is_empty()));
     let gap = (report.routed_expert_reduction - layer_scope.routed_expert_reduction).abs();
     assert!(gap < 0.02, "model scope {report:?} vs layer scope");
-    let logits = common::logits_of(&out, &reference_ids(&model));
-    assert!(logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| v.is_finite()));
+    assert_finite_logits(&out, &model);
 }
 
 #[test]

@@ -134,8 +134,9 @@ fn fused_copy(source: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// A copy of the compressed checkpoint `dir` without the first `lowrank_a` tensor it lists.
-fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
+/// Copies the checkpoint `dir` to `out`, removes the first tensor whose name ends with `suffix`
+/// from the index, and returns its name and shard in the copy.
+fn copy_unlisting(dir: &Path, out: &Path, suffix: &str) -> (String, PathBuf) {
     std::fs::create_dir_all(out).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
@@ -144,13 +145,15 @@ fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
     let index_path = out.join("model.safetensors.index.json");
     let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let map = index["weight_map"].as_object_mut().unwrap();
-    let name = map
-        .keys()
-        .find(|k| k.ends_with(".lowrank_a"))
-        .unwrap()
-        .clone();
+    let name = map.keys().find(|k| k.ends_with(suffix)).unwrap().clone();
     let shard = out.join(map.remove(&name).unwrap().as_str().unwrap());
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    (name, shard)
+}
+
+/// A copy of the compressed checkpoint `dir` without the first `lowrank_a` tensor it lists.
+fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
+    let (name, shard) = copy_unlisting(dir, out, ".lowrank_a");
     let mut tensors = candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
     tensors.remove(&name).unwrap();
     candle_core::safetensors::save(&tensors, &shard).unwrap();
@@ -160,21 +163,7 @@ fn copy_without_a_factor(dir: &Path, out: &Path) -> PathBuf {
 /// A copy of the int8 checkpoint `dir` whose first `basis_scale` is gone: renamed in its shard's
 /// header (candle cannot rewrite a shard holding I8 tensors) and removed from the index.
 fn copy_without_a_scale(dir: &Path, out: &Path) -> PathBuf {
-    std::fs::create_dir_all(out).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-    }
-    let index_path = out.join("model.safetensors.index.json");
-    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
-    let map = index["weight_map"].as_object_mut().unwrap();
-    let name = map
-        .keys()
-        .find(|k| k.ends_with(".basis_scale"))
-        .unwrap()
-        .clone();
-    let shard = out.join(map.remove(&name).unwrap().as_str().unwrap());
-    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let (name, shard) = copy_unlisting(dir, out, ".basis_scale");
     let (mut header, data) = common::read_safetensors_raw(&shard);
     let entry = header.as_object_mut().unwrap().remove(&name).unwrap();
     header[format!("{name}_gone")] = entry;

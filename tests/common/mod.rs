@@ -3,6 +3,37 @@
 
 use std::path::{Path, PathBuf};
 
+/// The six fixture families (`tests/fixtures/tiny-*`), one per supported architecture.
+pub const FAMILIES: [&str; 6] = [
+    "tiny-mixtral",
+    "tiny-qwen2_moe",
+    "tiny-qwen3_moe",
+    "tiny-olmoe",
+    "tiny-deepseek_v2",
+    "tiny-deepseek_v3",
+];
+
+/// Compression options for the fixtures' small calibration files: 16 windows of 32 tokens in
+/// batches of 4, `ratio`, writing `out`; everything else the defaults.
+pub fn small_compress_options(
+    model: &Path,
+    calibration: &Path,
+    out: &Path,
+    ratio: f64,
+) -> rfid_moe::pipeline::CompressOptions {
+    let mut options = rfid_moe::pipeline::CompressOptions {
+        model: model.to_path_buf(),
+        ..Default::default()
+    };
+    options.calibration.data = calibration.to_path_buf();
+    options.calibration.samples = 16;
+    options.calibration.seq_len = 32;
+    options.calibration.batch_size = 4;
+    options.allocation.ratio = ratio;
+    options.output.out = Some(out.to_path_buf());
+    options
+}
+
 /// The repository root: `RFID_MOE_REPO_ROOT` when set (test binaries carried to another
 /// machine, e.g. a GPU machine), else the library package's directory, which the CLI package's
 /// tests (in `cli/`) reach as their package's parent.
