@@ -10,8 +10,8 @@ members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weig
 `W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j` rebuilt for the routed experts only, on
 the fly, from the seeded hash of `src/residual.rs`; `down_j h = U_g (C_j h)`, `U_g` applied once
 per group to the weighted sum of its routed members.
-With `compression.factor_storage == "int8-row128"` the factors and dense members of gate/up are
-stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they are dequantised
+With `compression.factor_storage == "int8-row128"` the factors and dense members of the factored
+matrices are stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they are dequantised
 to the model dtype right after loading.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
@@ -178,19 +178,28 @@ class FactoredExperts(nn.ModuleList):
         for g, group in enumerate(matrices.get(down, {}).get("groups", [])):
             if not group["dense"]:
                 self._add_down_group(down, g, group)
+        down_factored = down in matrices
         for j in range(n):
             if j not in self.down_member_of:
                 setattr(self[j], down, _Dense(d, p))
+                # Members of dense down groups are the compressor's tensors (int8 with scales).
+                if self.int8 and down_factored:
+                    _add_int8_scale(getattr(self[j], down), "weight")
 
     def _add_down_group(self, name, g, group):
         """A factored `down_proj` group: `C_j` per member, `U_g` shared on the output side."""
         p, d = self.shape
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _OutputCoefficients(group["rank"], p))
+            if self.int8:
+                _add_int8_scale(getattr(self[j], name), "lowrank_c")
             self.down_member_of[j] = (g, slot)
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
-        setattr(self.groups[g], name, _OutputBasis(d, group["rank"]))
+        basis = _OutputBasis(d, group["rank"])
+        if self.int8:
+            _add_int8_scale(basis, "basis")
+        setattr(self.groups[g], name, basis)
 
     def _add_factored_group(self, name, g, group):
         p, d = self.shape

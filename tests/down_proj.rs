@@ -220,10 +220,6 @@ fn unsupported_combinations_with_down_are_refused() {
         &|o| o.allocation.matrices = vec![ExpertMatrix::Up, ExpertMatrix::Up],
         "twice",
     );
-    refused(
-        &|o| o.factorization.factor_dtype = "int8".into(),
-        "--factor-dtype int8",
-    );
     refused(&|o| o.allocation.matrices.clear(), "at least one");
     // The default is unchanged: gate and up, written into the settings.
     let defaults = CompressOptions::default();
@@ -280,4 +276,43 @@ fn prune_plus_lowrank_with_down_spends_the_budget_over_three_matrices() {
             "{family}: factored vs dense export differ by {diff}"
         );
     }
+}
+
+fn mean_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn int8_down_factors_stay_close_to_float_factors() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path());
+    let run = |dtype: &str| {
+        let out = tmp.path().join(dtype);
+        let mut opts = options(&source, &calibration, &out, 0.4);
+        opts.factorization.factor_dtype = dtype.into();
+        rfid_moe::compress(&opts).unwrap();
+        out
+    };
+    let (float, int8) = (run("f32"), run("int8"));
+    let checkpoint = Checkpoint::open(&int8).unwrap();
+    let names = checkpoint.tensor_names();
+    for suffix in [".down_proj.lowrank_c_scale", ".down_proj.basis_scale"] {
+        assert!(names.iter().any(|n| n.ends_with(suffix)), "no {suffix}");
+    }
+    let original = logits(&source, &source);
+    let (float_logits, int8_logits) = (logits(&float, &source), logits(&int8, &source));
+    let quantisation = mean_abs_diff(&int8_logits, &float_logits);
+    let factoring = mean_abs_diff(&float_logits, &original);
+    assert!(
+        quantisation > 0.0 && quantisation < 0.1 * factoring,
+        "int8 vs f32 factors {quantisation}, f32 factors vs original {factoring}"
+    );
 }

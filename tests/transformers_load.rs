@@ -604,22 +604,28 @@ fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             });
         }
     }
-    // Pruned and factored on all three matrices.
-    let out = work.join("pruned-mini-moe-docs-down");
-    compress(&common::mini_model(), calibration, &out, |o| {
-        all(o);
-        o.pruning.method = CompressMethod::PruneLowRank;
-    });
-    let stored = Checkpoint::open(&out).unwrap();
-    let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
-    cases.push(Case {
-        name: "pruned mini-moe-docs down",
-        dir: out.clone(),
-        trust_remote_code: true,
-        expect: Expect::Loads {
-            class: factored_class("Qwen3Moe"),
-            stored_values,
-        },
-        ours: out,
-    });
+    // Pruned and factored on all three matrices, with float and with int8 factors.
+    for (name, factor_dtype) in [
+        ("pruned mini-moe-docs down", "auto"),
+        ("pruned int8 mini-moe-docs down", "int8"),
+    ] {
+        let out = work.join(name.replace(' ', "-"));
+        compress(&common::mini_model(), calibration, &out, |o| {
+            all(o);
+            o.pruning.method = CompressMethod::PruneLowRank;
+            o.factorization.factor_dtype = factor_dtype.into();
+        });
+        let stored = Checkpoint::open(&out).unwrap();
+        let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: true,
+            expect: Expect::Loads {
+                class: factored_class("Qwen3Moe"),
+                stored_values,
+            },
+            ours: out,
+        });
+    }
 }

@@ -353,8 +353,6 @@ impl CompressOptions {
             "--xi auto (its search runs the original down_proj)"
         } else if self.calibration.statistics_cache.is_some() {
             "the calibration statistics cache (it holds no down_proj statistics)"
-        } else if self.factorization.factor_dtype == "int8" {
-            "--factor-dtype int8 (the transformers loader reads int8 gate/up factors only)"
         } else {
             return Ok(());
         };
