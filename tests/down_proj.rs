@@ -278,17 +278,6 @@ fn prune_plus_lowrank_with_down_spends_the_budget_over_three_matrices() {
     }
 }
 
-fn mean_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn int8_down_factors_stay_close_to_float_factors() {
     let source = common::fixture("tiny-qwen3_moe");
@@ -309,8 +298,8 @@ fn int8_down_factors_stay_close_to_float_factors() {
     }
     let original = logits(&source, &source);
     let (float_logits, int8_logits) = (logits(&float, &source), logits(&int8, &source));
-    let quantisation = mean_abs_diff(&int8_logits, &float_logits);
-    let factoring = mean_abs_diff(&float_logits, &original);
+    let quantisation = common::mean_abs_diff(&int8_logits, &float_logits);
+    let factoring = common::mean_abs_diff(&float_logits, &original);
     assert!(
         quantisation > 0.0 && quantisation < 0.1 * factoring,
         "int8 vs f32 factors {quantisation}, f32 factors vs original {factoring}"

@@ -243,18 +243,8 @@ fn an_int8_checkpoint_reads_back_within_half_a_step_of_the_f32_run_with_close_lo
     // The mean |Δlogit| over 4 × 48 positions × 4096 logits: int8 storage moves the logits by a
     // small fraction of what the compression itself does (measured: 0.0121 against 0.193, 6%;
     // maxima 1.39 against 4.56); not quantising would leave them equal.
-    let mean = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let storage = mean(&int8_logits, &f32_logits);
-    let compression = mean(&f32_logits, &original);
+    let storage = common::mean_abs_diff(&int8_logits, &f32_logits);
+    let compression = common::mean_abs_diff(&f32_logits, &original);
     println!(
         "mean |Δlogit|: int8 vs f32 factors {storage:.5}, f32 factors vs original {compression:.5}; \
          max {:.3} vs {:.3}",

@@ -107,6 +107,18 @@ pub fn logits_of(dir: &Path, input_ids: &candle_core::Tensor) -> candle_core::Te
     .logits
 }
 
+/// Mean absolute difference of two tensors of the same shape.
+pub fn mean_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Largest absolute elementwise difference of two same-shaped f32 tensors.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
