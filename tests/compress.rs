@@ -78,14 +78,11 @@ fn every_family_meets_the_budget_and_degrades_monotonically() {
             );
             previous_kl = kl;
             // The compressed checkpoint reports fewer routed-expert parameters, the rest unchanged.
-            let before = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&source).unwrap());
-            let after = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap());
-            assert_eq!(before.other, after.other, "{family}");
-            assert_eq!(before.shared_experts, after.shared_experts, "{family}");
-            assert_eq!(
-                before.routed_experts - after.routed_experts,
+            common::assert_routed_parameters_saved(
+                &source,
+                &out,
                 report.targeted_parameters_before - report.targeted_parameters_after,
-                "{family}: saved parameters"
+                family,
             );
         }
     }

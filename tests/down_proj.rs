@@ -123,14 +123,11 @@ fn every_family_compresses_down_proj_within_budget_and_matches_its_dense_export(
 
         // The checkpoint's parameters shrink by exactly what the report says, all in the
         // routed experts.
-        let before = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&source).unwrap());
-        let after = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap());
-        assert_eq!(before.other, after.other, "{family}");
-        assert_eq!(before.shared_experts, after.shared_experts, "{family}");
-        assert_eq!(
-            before.routed_experts - after.routed_experts,
+        common::assert_routed_parameters_saved(
+            &source,
+            &out,
             report.targeted_parameters_before - report.targeted_parameters_after,
-            "{family}: saved parameters"
+            family,
         );
         assert!(check_down_tensors(&out, layer.layer) > 0, "{family}");
 

@@ -75,15 +75,7 @@ fn compress(
     out: &Path,
     tweak: impl FnOnce(&mut CompressOptions),
 ) -> u64 {
-    let mut options = CompressOptions {
-        model: source.to_path_buf(),
-        ..CompressOptions::default()
-    };
-    options.calibration.data = calibration.to_path_buf();
-    options.calibration.samples = 16;
-    options.calibration.seq_len = 32;
-    options.allocation.ratio = 0.4;
-    options.output.out = Some(out.to_path_buf());
+    let mut options = common::small_compress_options(source, calibration, out, 0.4);
     tweak(&mut options);
     rfid_moe::compress(&options).unwrap();
     let report: Value =

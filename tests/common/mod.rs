@@ -107,6 +107,21 @@ pub fn logits_of(dir: &Path, input_ids: &candle_core::Tensor) -> candle_core::Te
     .logits
 }
 
+/// The compressed checkpoint `out` holds exactly the report's saved parameters fewer than
+/// `source`, all of them in the routed experts.
+pub fn assert_routed_parameters_saved(source: &Path, out: &Path, saved: u64, what: &str) {
+    let open = |dir: &Path| rfid_moe::checkpoint::Checkpoint::open(dir).unwrap();
+    let before = rfid_moe::inspect::parameter_counts(&open(source));
+    let after = rfid_moe::inspect::parameter_counts(&open(out));
+    assert_eq!(before.other, after.other, "{what}");
+    assert_eq!(before.shared_experts, after.shared_experts, "{what}");
+    assert_eq!(
+        before.routed_experts - after.routed_experts,
+        saved,
+        "{what}: saved parameters"
+    );
+}
+
 /// Mean absolute difference of two tensors of the same shape.
 pub fn mean_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
