@@ -131,6 +131,12 @@ pub struct TensorBytes {
     pub routed_experts: u64,
 }
 
+/// Whether tensor `name` belongs to the routed experts (`.experts.` or `.expert_groups.`; shared
+/// experts are not routed).
+pub fn is_routed_expert_tensor(name: &str) -> bool {
+    name.contains(".experts.") || name.contains(".expert_groups.")
+}
+
 /// The bytes of the tensors stored in the checkpoint at `dir`, in all and for routed experts.
 pub fn tensor_bytes(dir: &std::path::Path) -> Result<TensorBytes> {
     let checkpoint = crate::checkpoint::Checkpoint::open(dir)?;
@@ -141,7 +147,7 @@ pub fn tensor_bytes(dir: &std::path::Path) -> Result<TensorBytes> {
         };
         let size = (info.data_range.1 - info.data_range.0) as u64;
         bytes.total += size;
-        if name.contains(".experts.") || name.contains(".expert_groups.") {
+        if is_routed_expert_tensor(name) {
             bytes.routed_experts += size;
         }
     }
@@ -157,7 +163,7 @@ pub fn shard_tensor_bytes(shards: &[std::path::PathBuf]) -> Result<TensorBytes> 
         for (name, info) in file.tensors() {
             let size = (info.data_range.1 - info.data_range.0) as u64;
             bytes.total += size;
-            if name.contains(".experts.") || name.contains(".expert_groups.") {
+            if is_routed_expert_tensor(name) {
                 bytes.routed_experts += size;
             }
         }

@@ -218,13 +218,16 @@ fn unsupported_combinations_with_down_are_refused() {
         "twice",
     );
     refused(&|o| o.allocation.matrices.clear(), "at least one");
-    // The default is unchanged: gate and up, written into the settings.
+    // The default factors all three, the paper's preset gate and up; both are written into
+    // the settings.
     let defaults = CompressOptions::default();
-    assert_eq!(
-        defaults.allocation.matrices,
-        [ExpertMatrix::Gate, ExpertMatrix::Up]
-    );
+    assert_eq!(defaults.allocation.matrices, ExpertMatrix::ALL);
     let toml = toml::to_string(&defaults).unwrap();
+    assert!(
+        toml.contains("matrices = [\"gate\", \"up\", \"down\"]"),
+        "{toml}"
+    );
+    let toml = toml::to_string(&CompressOptions::paper()).unwrap();
     assert!(toml.contains("matrices = [\"gate\", \"up\"]"), "{toml}");
 }
 

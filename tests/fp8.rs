@@ -405,7 +405,7 @@ fn compressing_fp8_copies_uncompressed_tensors_byte_for_byte() {
     let out = work.path().join("out");
     let mut options = CompressOptions {
         model: built.fp8.clone(),
-        ..CompressOptions::default()
+        ..CompressOptions::paper()
     };
     options.calibration.data = calibration_file(work.path(), 16, 32);
     options.calibration.samples = 16;

@@ -40,7 +40,7 @@ fn token_file(dir: &Path, windows: usize, seq: usize) -> PathBuf {
 fn compress_options(model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
     let mut options = CompressOptions {
         model: model.to_path_buf(),
-        ..CompressOptions::default()
+        ..CompressOptions::paper()
     };
     options.calibration.data = calibration.to_path_buf();
     options.calibration.samples = 4;

@@ -129,7 +129,7 @@ fn compress_mini_with(
     let out = work.join(name);
     let mut options = CompressOptions {
         model: common::mini_model(),
-        ..CompressOptions::default()
+        ..CompressOptions::paper()
     };
     options.calibration.data = calibration;
     options.calibration.samples = 16;

@@ -26,7 +26,7 @@ fn options(model: &Path, out: &Path, method: CompressMethod, ratio: f64) -> Comp
     let calibration = calibration_file(out.parent().unwrap(), vocab(model));
     let mut options = CompressOptions {
         model: model.to_path_buf(),
-        ..CompressOptions::default()
+        ..CompressOptions::paper()
     };
     options.calibration.data = calibration;
     options.calibration.samples = 16;

@@ -7,7 +7,7 @@ use clap::Args;
 
 use rfid_moe::pipeline::allocate::Allocation;
 use rfid_moe::pipeline::tune::TuneMetric;
-use rfid_moe::pipeline::{BudgetScope, CompressMethod, FactorizerKind, Saliency};
+use rfid_moe::pipeline::{BudgetScope, BudgetUnit, CompressMethod, FactorizerKind, Saliency};
 
 /// `--device`, flattened into the commands that run a model.
 #[derive(Args, Clone)]
@@ -66,6 +66,7 @@ macro_rules! choice {
 
 choice!(Allocation);
 choice!(BudgetScope);
+choice!(BudgetUnit);
 choice!(FactorizerKind);
 choice!(CompressMethod);
 choice!(Saliency);

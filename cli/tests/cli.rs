@@ -227,6 +227,8 @@ fn plot_writes_png_charts_from_sweep_reports_and_compressed_models() {
     rfid_moe(&[
         "compress",
         "--quiet",
+        "--preset",
+        "paper",
         "--samples",
         "8",
         "--seq-len",
@@ -314,7 +316,15 @@ fn compress_xi_auto_dry_run_prints_each_layers_choice() {
     let model = common::mini_model();
     let calibration = model.join("calibration.txt");
     let out = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
-        .args(["compress", "--quiet", "--dry-run", "--xi", "auto"])
+        .args([
+            "compress",
+            "--quiet",
+            "--dry-run",
+            "--preset",
+            "paper",
+            "--xi",
+            "auto",
+        ])
         .args(["--samples", "8", "--seq-len", "64", "--model"])
         .arg(&model)
         .arg("--calibration")
@@ -359,10 +369,26 @@ fn compress_rejects_bad_options_with_clear_messages() {
     assert!(stderr.contains("--out is required"), "{stderr}");
     let stderr = run(&[&base[..], &["--xi", "often", "--dry-run"]].concat());
     assert!(stderr.contains("--xi `often`"), "{stderr}");
-    let model_scope = ["--xi", "auto", "--budget-scope", "model", "--dry-run"];
+    let model_scope = [
+        "--preset",
+        "paper",
+        "--xi",
+        "auto",
+        "--budget-scope",
+        "model",
+        "--dry-run",
+    ];
     let stderr = run(&[&base[..], &model_scope].concat());
     assert!(stderr.contains("--budget-scope layer"), "{stderr}");
-    let holdout = ["--xi", "auto", "--holdout-fraction", "1", "--dry-run"];
+    let holdout = [
+        "--preset",
+        "paper",
+        "--xi",
+        "auto",
+        "--holdout-fraction",
+        "1",
+        "--dry-run",
+    ];
     let stderr = run(&[&base[..], &holdout].concat());
     assert!(stderr.contains("--holdout-fraction 1"), "{stderr}");
     let stderr = run(&[

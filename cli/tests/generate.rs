@@ -206,6 +206,8 @@ fn compress(model: &Path, out: &Path, residual: &str) {
         "4",
         "--seq-len",
         "64",
+        "--preset",
+        "paper",
         "--ratio",
         "0.5",
         "--residual",

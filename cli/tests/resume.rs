@@ -259,7 +259,7 @@ fn a_model_wide_budget_resumes_from_its_saved_plan_with_identical_output() {
 #[test]
 fn xi_auto_resumes_with_identical_output_and_reports_each_layers_choice() {
     let setup = Setup::new();
-    let auto = ["--xi", "auto"];
+    let auto = ["--preset", "paper", "--xi", "auto"];
     let reference = setup.reference(&auto);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join("compression_report.json")).unwrap())

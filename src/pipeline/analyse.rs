@@ -11,9 +11,8 @@ use crate::checkpoint::experts::ExpertMatrix;
 use crate::linalg::LinalgBackend;
 use crate::{Error, Result};
 
-/// The matrix types RFID-MoE factors by default (`down_proj` stays dense unless `--matrices`
-/// names it).
-pub const TARGETED: [ExpertMatrix; 2] = super::options::DEFAULT_MATRICES;
+/// The matrix types the paper's RFID-MoE factors (gate and up; `--matrices` can add down).
+pub const TARGETED: [ExpertMatrix; 2] = super::options::PAPER_MATRICES;
 
 /// One matrix type's groups in one layer: what decides their ranks.
 #[derive(Debug, Clone)]
@@ -39,7 +38,7 @@ pub struct LayerAnalysis {
     pub matrices: Vec<MatrixAnalysis>,
 }
 
-/// Analyses one layer for the default matrix types ([`TARGETED`]); see [`analyse_matrices`].
+/// Analyses one layer for the paper's matrix types ([`TARGETED`]); see [`analyse_matrices`].
 pub fn analyse_layer<B: LinalgBackend>(
     backend: &B,
     experts: &LayerExperts,

@@ -14,6 +14,7 @@
 
 pub mod allocate;
 pub mod analyse;
+pub mod budget;
 pub mod calibrate;
 pub mod emit;
 pub mod experts;
@@ -42,7 +43,7 @@ use emit::{Emitter, RunFiles};
 use experts::LayerExperts;
 use factor::{BasisFactorizer, FactorSettings, Factorizer, SvdFactorizer};
 pub use options::{
-    parse_device, AllocationOptions, BudgetScope, CalibrationOptions, CompressMethod,
+    parse_device, AllocationOptions, BudgetScope, BudgetUnit, CalibrationOptions, CompressMethod,
     CompressOptions, FactorizationOptions, FactorizerKind, OutputOptions, PruningOptions, Saliency,
 };
 pub use report::{read_layer_reports, GroupReport, LayerReport, Report};
@@ -67,6 +68,12 @@ pub fn compress_with_progress(
     let started = Instant::now();
     let device = parse_device(&options.device)?;
     let checkpoint = Checkpoint::open(&options.model)?;
+    // The stages see the parameter ratio a byte budget comes to; what is saved (settings,
+    // resume manifest) is what was asked for.
+    let requested = options;
+    let (resolved, byte_budget) = budget::resolve(requested, &checkpoint)?;
+    let options = &resolved;
+    options.validate()?;
     let backend = CpuBackend;
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);
@@ -77,7 +84,7 @@ pub fn compress_with_progress(
         false => (windows, Vec::new()),
     };
     let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)?;
-    let manifest = resume::Manifest::new(options, &checkpoint, &fingerprint)?;
+    let manifest = resume::Manifest::new(requested, &checkpoint, &fingerprint)?;
     // A signal now only asks the run to stop at its next safe point.
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
@@ -90,7 +97,12 @@ pub fn compress_with_progress(
         return Err(stopped(emitter, error));
     }
     run.save_statistics()?;
-    run.finish(emitter, calibration_tokens, started)
+    run.finish(
+        emitter,
+        calibration_tokens,
+        started,
+        (requested, byte_budget),
+    )
 }
 
 /// Ends a run that stopped early: keeps the staging directory when it holds finished work and
@@ -595,6 +607,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         emitter: Emitter,
         calibration_tokens: usize,
         started: Instant,
+        (requested, byte_budget): (&CompressOptions, Option<budget::ByteBudget>),
     ) -> Result<Report> {
         let model_parameters = self
             .checkpoint
@@ -605,7 +618,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .map(|(info, _)| info.numel() as u64)
             .sum();
         let mut report = self.totals.report(
-            self.options.clone(),
+            requested.clone(),
             calibration_tokens,
             self.fingerprint.to_string(),
             model_parameters,
@@ -614,12 +627,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         report.seconds = started.elapsed().as_secs_f64();
         report.resumed_layers = self.resumed_layers;
         report.stored_bytes = emitter.stored_bytes()?;
+        report.byte_budget = byte_budget;
         let record = CompressionRecord {
             method: "rfid-moe".into(),
             tool_version: report.tool_version.clone(),
             basis_activation: self.factorizer.activation(),
             residual_seed: self.options.factorization.residual_seed,
-            settings: serde_json::to_value(self.options).unwrap_or_default(),
+            settings: serde_json::to_value(requested).unwrap_or_default(),
             calibration_fingerprint: self.fingerprint.to_string(),
             factor_storage: int8_factors(self.options).then(|| int8::STORAGE_NAME.to_string()),
             layers: self.records,
@@ -634,7 +648,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .prune_plan
             .as_ref()
             .map(|plan| prune::PrunedConfig::new(plan, &pruned_layers));
-        let options_toml = toml::to_string(self.options)
+        let options_toml = toml::to_string(requested)
             .map_err(|e| Error::InvalidArgument(format!("compress.toml: {e}")))?;
         report.output = emitter.finish(&RunFiles {
             record: &record,
@@ -647,7 +661,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
 }
 
 /// `--factor-dtype int8`: the compressor's tensors are stored as int8 with row-block scales.
-const INT8_FACTORS: &str = "int8";
+pub(crate) const INT8_FACTORS: &str = "int8";
 
 /// Whether the run stores its factors as int8 ([`int8`]).
 fn int8_factors(options: &CompressOptions) -> bool {
@@ -656,7 +670,7 @@ fn int8_factors(options: &CompressOptions) -> bool {
 
 /// The dtype of factors as the factor stage hands them over: `auto` follows the checkpoint's
 /// dominant float dtype; int8 factors are quantised from f32.
-fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
+pub(crate) fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
     Ok(match name {
         "auto" => match checkpoint.dominant_dtype() {
             StoredDType::BF16 => DType::BF16,

@@ -103,6 +103,56 @@ impl std::str::FromStr for BudgetScope {
     }
 }
 
+/// What `--ratio` is a fraction of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetUnit {
+    /// The routed experts' stored bytes (all three matrices, as the input stores them); the run
+    /// turns it into a parameter ratio for the storage it writes (see `pipeline::budget`).
+    Bytes,
+    /// The parameters of the matrices `--matrices` names (the paper's ratio).
+    Parameters,
+}
+
+impl BudgetUnit {
+    /// Every unit, in the order the command line lists them.
+    pub const ALL: [BudgetUnit; 2] = [BudgetUnit::Bytes, BudgetUnit::Parameters];
+
+    /// The lowercase name used on the command line and in saved settings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BudgetUnit::Bytes => "bytes",
+            BudgetUnit::Parameters => "parameters",
+        }
+    }
+
+    /// One line saying what the unit means (for help texts).
+    pub fn description(&self) -> &'static str {
+        match self {
+            BudgetUnit::Bytes => {
+                "--ratio is the fraction of the routed experts' stored bytes removed"
+            }
+            BudgetUnit::Parameters => {
+                "--ratio is the fraction of the --matrices' parameters removed (the paper's ratio)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BudgetUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BudgetUnit {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        super::allocate::parse_named("budget", name, &Self::ALL, Self::name)
+    }
+}
+
 /// What the calibrate stage reads: the data, its windows, and which statistics to collect.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -147,17 +197,24 @@ impl Default for CalibrationOptions {
     }
 }
 
-/// The matrices factored by default: gate and up (`down_proj` stays dense).
-pub const DEFAULT_MATRICES: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
+/// The matrices factored by default: gate, up and down.
+pub const DEFAULT_MATRICES: [ExpertMatrix; 3] =
+    [ExpertMatrix::Gate, ExpertMatrix::Up, ExpertMatrix::Down];
+
+/// The matrices the paper factors: gate and up (`down_proj` stays dense).
+pub const PAPER_MATRICES: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
 
 /// What the allocate stage reads: the budget and how it is shared between groups.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AllocationOptions {
-    /// The routed-expert matrices that are factored (`--matrices`; default gate and up, the
-    /// others stay dense). `down` shares its basis on the output side (docs/FORMAT.md).
+    /// The routed-expert matrices that are factored (`--matrices`; default gate, up and down,
+    /// the others stay dense). `down` shares its basis on the output side (docs/FORMAT.md).
     pub matrices: Vec<ExpertMatrix>,
-    /// Fraction ρ of the targeted matrices' parameters to remove.
+    /// What `ratio` is a fraction of: the routed experts' stored bytes (default) or the
+    /// targeted matrices' parameters.
+    pub budget: BudgetUnit,
+    /// Fraction ρ of the budget's unit to remove.
     pub ratio: f64,
     /// Weight ξ of information density in the fused score.
     pub xi: f64,
@@ -184,6 +241,7 @@ impl Default for AllocationOptions {
     fn default() -> Self {
         Self {
             matrices: DEFAULT_MATRICES.to_vec(),
+            budget: BudgetUnit::Bytes,
             ratio: 0.4,
             xi: 0.2,
             xi_auto: false,
@@ -228,7 +286,7 @@ impl Default for FactorizationOptions {
             whiten: true,
             whiten_ridge: 1e-4,
             residual_seed: 0x5eed,
-            factor_dtype: "auto".into(),
+            factor_dtype: "int8".into(),
         }
     }
 }
@@ -267,8 +325,12 @@ pub struct CompressOptions {
     pub factorization: FactorizationOptions,
     /// Emit stage.
     pub output: OutputOptions,
-    /// Expert pruning (`--method`); left out of saved settings when it is the default.
-    #[serde(skip_serializing_if = "PruningOptions::is_default")]
+    /// Expert pruning and the method (`--method`); left out of saved settings for plain
+    /// low-rank runs, so a file without it means `lowrank`.
+    #[serde(
+        skip_serializing_if = "PruningOptions::is_low_rank_only",
+        default = "PruningOptions::low_rank_only"
+    )]
     pub pruning: PruningOptions,
 }
 
@@ -291,6 +353,17 @@ fn invalid<T>(message: String) -> Result<T> {
 }
 
 impl CompressOptions {
+    /// The paper's method (`--preset paper`): low-rank factors of gate and up in the
+    /// checkpoint's dtype, `ratio` a fraction of their parameters, no pruning.
+    pub fn paper() -> Self {
+        let mut options = Self::default();
+        options.allocation.matrices = PAPER_MATRICES.to_vec();
+        options.allocation.budget = BudgetUnit::Parameters;
+        options.factorization.factor_dtype = "auto".into();
+        options.pruning = PruningOptions::low_rank_only();
+        options
+    }
+
     /// Checks every group; the message names the offending option and its valid range.
     pub fn validate(&self) -> Result<()> {
         self.calibration.validate()?;
@@ -357,7 +430,8 @@ impl CompressOptions {
             return Ok(());
         };
         invalid(format!(
-            "--matrices with down does not combine with {unsupported} yet"
+            "--matrices with down (the default is gate,up,down) does not combine with \
+             {unsupported} yet: pass --matrices gate,up"
         ))
     }
 }

@@ -163,18 +163,26 @@ pub struct PruningOptions {
 impl Default for PruningOptions {
     fn default() -> Self {
         Self {
-            method: CompressMethod::LowRank,
-            saliency: Saliency::Reap,
-            fraction: None,
+            method: CompressMethod::PruneLowRank,
+            ..Self::low_rank_only()
         }
     }
 }
 
 impl PruningOptions {
-    /// Whether these are the defaults (then `compress.toml` and the record leave them out, so
-    /// outputs of low-rank runs are unchanged).
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
+    /// Plain low-rank, no pruning: what a saved `compress.toml` without `[pruning]` means.
+    pub fn low_rank_only() -> Self {
+        Self {
+            method: CompressMethod::LowRank,
+            saliency: Saliency::Reap,
+            fraction: None,
+        }
+    }
+
+    /// Whether these are [`Self::low_rank_only`] (then `compress.toml` and the record leave
+    /// them out, so outputs of low-rank runs are unchanged).
+    pub fn is_low_rank_only(&self) -> bool {
+        *self == Self::low_rank_only()
     }
 
     /// Checks the fraction's range and that it goes with `prune+lowrank`.

@@ -138,6 +138,9 @@ pub struct Report {
     /// with their scales, any dtype); None for dry runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stored_bytes: Option<crate::sweep::TensorBytes>,
+    /// With `--budget bytes`: the byte ratio asked for and the parameter ratio it became.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_budget: Option<super::budget::ByteBudget>,
     /// Layers taken from an interrupted run instead of being computed (not written to the
     /// report file, which is the same as an uninterrupted run's).
     #[serde(skip)]
@@ -265,7 +268,34 @@ impl Report {
             100.0 * self.model_reduction,
             self.model_parameters_before
         ));
+        if let Some(budget) = &self.byte_budget {
+            out.push_str(&format!(
+                "byte budget: remove {:.2}% of the routed experts' {} bytes ({:.3} bytes per \
+                 parameter in, {:.3} out) → {:.2}% of the targeted parameters\n",
+                100.0 * budget.byte_ratio,
+                budget.routed_bytes_before,
+                budget.input_bytes_per_parameter,
+                budget.output_bytes_per_parameter,
+                100.0 * budget.parameter_ratio
+            ));
+            if let Some(kept) = self.routed_bytes_kept() {
+                out.push_str(&format!(
+                    "routed experts stored: {} → {} bytes ({:.2}% removed)\n",
+                    budget.routed_bytes_before,
+                    self.stored_bytes.as_ref().map_or(0, |b| b.routed_experts),
+                    100.0 * (1.0 - kept)
+                ));
+            }
+        }
         out
+    }
+
+    /// The fraction of the input's routed-expert bytes the output stores (with a byte budget,
+    /// after writing).
+    pub fn routed_bytes_kept(&self) -> Option<f64> {
+        let before = self.byte_budget.as_ref()?.routed_bytes_before;
+        let after = self.stored_bytes.as_ref()?.routed_experts;
+        (before > 0).then(|| after as f64 / before as f64)
     }
 }
 
@@ -372,6 +402,7 @@ impl Totals {
             layers,
             output: None,
             stored_bytes: None,
+            byte_budget: None,
             resumed_layers: Vec::new(),
         }
     }

@@ -14,8 +14,28 @@ pub const FAMILIES: [&str; 6] = [
 ];
 
 /// Compression options for the fixtures' small calibration files: 16 windows of 32 tokens in
-/// batches of 4, `ratio`, writing `out`; everything else the defaults.
+/// batches of 4, `ratio` of the parameters, writing `out`; everything else the paper's preset
+/// (low-rank gate and up, whose properties most tests check; [`small_default_options`] for the
+/// defaults).
 pub fn small_compress_options(
+    model: &Path,
+    calibration: &Path,
+    out: &Path,
+    ratio: f64,
+) -> rfid_moe::pipeline::CompressOptions {
+    let paper = rfid_moe::pipeline::CompressOptions::paper();
+    let mut options = small_default_options(model, calibration, out, ratio);
+    options.allocation = rfid_moe::pipeline::AllocationOptions {
+        ratio,
+        ..paper.allocation
+    };
+    options.factorization = paper.factorization;
+    options.pruning = paper.pruning;
+    options
+}
+
+/// [`small_compress_options`] with every other setting the defaults (`ratio` of the bytes).
+pub fn small_default_options(
     model: &Path,
     calibration: &Path,
     out: &Path,

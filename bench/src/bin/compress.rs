@@ -16,10 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
-use rfid_moe::pipeline::prune::{CompressMethod, PruningOptions};
-use rfid_moe::pipeline::{
-    AllocationOptions, CalibrationOptions, CompressOptions, OutputOptions, Report,
-};
+use rfid_moe::pipeline::{CalibrationOptions, CompressOptions, OutputOptions, Report};
 use rfid_moe_bench::device_memory::{DeviceMemory, DeviceMemorySampler};
 use rfid_moe_bench::host_memory;
 use rfid_moe_bench::reference::ReferenceTiming;
@@ -216,33 +213,26 @@ fn check_forward(dir: &Path, vocab: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The compression options of the run: low-rank only (the stages this benchmark times), the
-/// defaults otherwise (SVD, whitening), with the benchmark's model, calibration, ratio and device.
+/// The compression options of the run: the paper's low-rank preset (the stages this benchmark
+/// times: SVD, whitening, gate and up at a parameter ratio), with the benchmark's model,
+/// calibration, ratio and device.
 fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
-    CompressOptions {
-        model: model.to_path_buf(),
-        device: args.device.clone(),
-        calibration: CalibrationOptions {
-            data: calibration.to_path_buf(),
-            samples: args.samples,
-            seq_len: args.seq_len,
-            ..CalibrationOptions::default()
-        },
-        allocation: AllocationOptions {
-            ratio: args.ratio,
-            ..AllocationOptions::default()
-        },
-        output: OutputOptions {
-            out: Some(out.to_path_buf()),
-            force: true,
-            ..OutputOptions::default()
-        },
-        pruning: PruningOptions {
-            method: CompressMethod::LowRank,
-            ..PruningOptions::default()
-        },
-        ..CompressOptions::default()
-    }
+    let mut options = CompressOptions::paper();
+    options.model = model.to_path_buf();
+    options.device = args.device.clone();
+    options.calibration = CalibrationOptions {
+        data: calibration.to_path_buf(),
+        samples: args.samples,
+        seq_len: args.seq_len,
+        ..CalibrationOptions::default()
+    };
+    options.allocation.ratio = args.ratio;
+    options.output = OutputOptions {
+        out: Some(out.to_path_buf()),
+        force: true,
+        ..OutputOptions::default()
+    };
+    options
 }
 
 /// Per-layer figures from the report.

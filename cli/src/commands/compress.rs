@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::{BudgetScope, CompressMethod, CompressOptions, FactorizerKind, Saliency};
+use rfid_moe::pipeline::{
+    BudgetScope, BudgetUnit, CompressMethod, CompressOptions, FactorizerKind, Saliency,
+};
 
 use rfid_moe::safety::commands as path_checks;
 
@@ -18,8 +20,13 @@ use rfid_moe::pipeline::tune::{TuneMetric, XiSetting};
 #[derive(Args)]
 pub struct CompressArgs {
     /// TOML file with any of the options below (flags given on the command line win).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
+    /// Start from a named set of options instead of the defaults (flags given on the command
+    /// line win): `paper` is the paper's RFID-MoE, low-rank gate and up in the checkpoint's
+    /// dtype with --ratio a fraction of their parameters and no pruning.
+    #[arg(long, value_parser = ["default", "paper"])]
+    preset: Option<String>,
     /// Input model directory, or a Hub id `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -29,12 +36,16 @@ pub struct CompressArgs {
     /// Output directory (written atomically; refused if it exists unless --force).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Fraction of the routed experts' gate/up parameters (those of --matrices) to remove (every
-    /// --method removes this many parameters, so equal ratios give equal sizes).
+    /// Fraction of the budget to remove (default 0.4): of the routed experts' stored bytes
+    /// (--budget bytes, the default), or of the --matrices' parameters (--budget parameters).
+    /// Every --method removes this much, so equal ratios give equal sizes.
     #[arg(long)]
     ratio: Option<f64>,
-    /// The routed-expert matrices to factor, comma separated (default gate,up; down_proj
-    /// otherwise stays dense). --ratio is then the fraction of these matrices' parameters.
+    /// What --ratio is a fraction of.
+    #[arg(long, value_parser = choice::<BudgetUnit>())]
+    budget: Option<BudgetUnit>,
+    /// The routed-expert matrices to factor, comma separated (default gate,up,down; those left
+    /// out stay as they are stored).
     #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
     matrices: Option<Vec<ExpertMatrix>>,
     /// What is done to the routed experts.
@@ -100,7 +111,8 @@ pub struct CompressArgs {
     /// Windows per forward batch.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Dtype of written factors: auto, f32, bf16, f16, int8 (row-block scales).
+    /// Dtype of written factors: int8 (row-block scales; the default), auto (the checkpoint's),
+    /// f32, bf16, f16.
     #[arg(long)]
     factor_dtype: Option<String>,
     /// Also write the reconstructed dense model here (original tensor names and shapes).
@@ -146,7 +158,10 @@ impl CompressArgs {
                     )
                 })?
             }
-            None => CompressOptions::default(),
+            None => match self.preset.as_deref() {
+                Some("paper") => CompressOptions::paper(),
+                _ => CompressOptions::default(),
+            },
         };
         fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
             if let Some(value) = flag {
@@ -165,6 +180,7 @@ impl CompressArgs {
         set(&mut calibration.holdout_fraction, &self.holdout_fraction);
         let allocation = &mut options.allocation;
         set(&mut allocation.matrices, &self.matrices);
+        set(&mut allocation.budget, &self.budget);
         set(&mut allocation.ratio, &self.ratio);
         if let Some(xi) = &self.xi {
             xi.apply(allocation);

@@ -8,7 +8,6 @@ use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::writer;
 use rfid_moe::eval::EvalOptions;
 use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::prune::CompressMethod;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions};
 
 use crate::args::{choice, parse_on_off, parse_xi, DeviceArgs};
@@ -130,7 +129,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     let mut base = CompressOptions {
         model,
         device: args.device.device.clone(),
-        ..CompressOptions::default()
+        ..CompressOptions::paper()
     };
     base.calibration.data = args.calibration.clone();
     base.calibration.samples = args.samples;
@@ -141,8 +140,8 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     base.allocation.budget_scope = args.budget_scope;
     base.allocation.matrices = args.matrices.clone();
     base.factorization.factor_dtype = args.factor_dtype.clone();
-    // The grids compare low-rank allocations (and share one statistics cache).
-    base.pruning.method = CompressMethod::LowRank;
+    // The grids compare low-rank allocations at parameter ratios (and share one statistics
+    // cache): the paper's preset, without pruning.
     let eval_options = EvalOptions {
         seq_len: args.eval_seq_len,
         batch_size: args.batch_size,
