@@ -52,16 +52,55 @@ pub fn resolve(
         )));
     }
     let input_bytes_per_parameter = routed_bytes_before as f64 / routed_parameters as f64;
-    let output_bytes_per_parameter = match options.pruning.method.factors() {
-        true => factor_bytes_per_parameter(&options.factorization.factor_dtype, checkpoint)?,
-        false => input_bytes_per_parameter,
-    };
     let byte_ratio = options.allocation.ratio;
-    let parameter_ratio = parameter_ratio(
-        byte_ratio,
-        options.allocation.targeted().len(),
-        input_bytes_per_parameter / output_bytes_per_parameter,
-    )?;
+    let targeted = options.allocation.targeted();
+    let storage = match options.pruning.method.factors() {
+        false => FactorStorage::Plain(input_bytes_per_parameter),
+        true if options.factorization.factor_dtype == super::INT8_FACTORS => {
+            let layout = crate::models::ArchConfig::from_checkpoint(checkpoint)?
+                .spec()
+                .moe_layers
+                .into_iter()
+                .flatten()
+                .next();
+            match layout {
+                Some(layout) => FactorStorage::Int8 {
+                    group: GroupDims {
+                        experts: options
+                            .calibration
+                            .group_size
+                            .min(layout.num_experts)
+                            .max(1),
+                        intermediate: layout.intermediate_size,
+                        hidden: layout.hidden_size,
+                    },
+                    down: targeted.contains(&crate::checkpoint::experts::ExpertMatrix::Down),
+                    targeted: targeted.len(),
+                },
+                None => FactorStorage::Plain(NOMINAL_INT8_BYTES),
+            }
+        }
+        true => FactorStorage::Plain(
+            super::factor_dtype(&options.factorization.factor_dtype, checkpoint)?.size_in_bytes()
+                as f64,
+        ),
+    };
+    // The int8 scales' share depends on the ranks, which depend on the ratio: a fixed point
+    // (the scales are a step function of the rank, so it may stop at the iteration cap).
+    let mut output_bytes_per_parameter = storage.bytes_per_parameter(0.0);
+    let mut parameter_ratio = 0.0;
+    for _ in 0..32 {
+        parameter_ratio = self::parameter_ratio(
+            byte_ratio,
+            targeted.len(),
+            input_bytes_per_parameter / output_bytes_per_parameter,
+        )?;
+        let next = storage.bytes_per_parameter(parameter_ratio);
+        if (next - output_bytes_per_parameter).abs() < 1e-12 {
+            break;
+        }
+        output_bytes_per_parameter = next;
+    }
     let mut resolved = options.clone();
     resolved.allocation.budget = BudgetUnit::Parameters;
     resolved.allocation.ratio = parameter_ratio;
@@ -96,13 +135,81 @@ pub fn parameter_ratio(byte_ratio: f64, targeted: usize, shrink: f64) -> Result<
     Ok((1.0 - targeted_kept).max(0.0))
 }
 
-/// Stored bytes per parameter of the factors `factor_dtype` writes (int8: codes plus one f32
-/// scale per 128 columns).
-fn factor_bytes_per_parameter(factor_dtype: &str, checkpoint: &Checkpoint) -> Result<f64> {
-    if factor_dtype == super::INT8_FACTORS {
-        return Ok(1.0 + DType::F32.size_in_bytes() as f64 / int8::BLOCK as f64);
+/// Bytes per int8 parameter of a wide matrix: the code plus its share of a 128-column scale.
+const NOMINAL_INT8_BYTES: f64 = 1.0 + 4.0 / int8::BLOCK as f64;
+
+/// Stored bytes per int8 parameter of a matrix with `cols` columns (one f32 scale per row and
+/// 128 columns).
+fn int8_bytes_per_parameter(cols: f64) -> f64 {
+    1.0 + DType::F32.size_in_bytes() as f64 * (cols / int8::BLOCK as f64).ceil() / cols
+}
+
+/// The shape of one expert group: `experts` members of [intermediate, hidden] matrices.
+#[derive(Debug, Clone, Copy)]
+struct GroupDims {
+    experts: usize,
+    intermediate: usize,
+    hidden: usize,
+}
+
+/// How the targeted matrices are written.
+#[derive(Debug, Clone, Copy)]
+enum FactorStorage {
+    /// A fixed number of bytes per parameter.
+    Plain(f64),
+    /// int8 factors of groups of `group`'s shape; `targeted` matrices, down among them or not.
+    Int8 {
+        group: GroupDims,
+        down: bool,
+        targeted: usize,
+    },
+}
+
+impl FactorStorage {
+    /// Bytes per kept parameter when the fraction `ratio` of the parameters is removed.
+    fn bytes_per_parameter(self, ratio: f64) -> f64 {
+        match self {
+            FactorStorage::Plain(bytes) => bytes,
+            FactorStorage::Int8 {
+                group,
+                down,
+                targeted,
+            } => {
+                let (input_side, output_side) = group.int8_bytes_per_parameter(ratio);
+                match down {
+                    true => ((targeted - 1) as f64 * input_side + output_side) / targeted as f64,
+                    false => input_side,
+                }
+            }
+        }
     }
-    Ok(super::factor_dtype(factor_dtype, checkpoint)?.size_in_bytes() as f64)
+}
+
+impl GroupDims {
+    /// Bytes per kept int8 parameter of an input-side (gate/up) and an output-side (down) group
+    /// at the rank every group of this shape gets when `ratio` of the parameters is removed.
+    fn int8_bytes_per_parameter(self, ratio: f64) -> (f64, f64) {
+        let (k, p, d) = (
+            self.experts as f64,
+            self.intermediate as f64,
+            self.hidden as f64,
+        );
+        let rank = (1.0 - ratio) * k * p * d / (k * p + d);
+        if rank < 1.0 || rank * (k * p + d) >= k * p * d {
+            // Kept dense: members [p, d] (gate/up) and [d, p] (down).
+            return (int8_bytes_per_parameter(d), int8_bytes_per_parameter(p));
+        }
+        let per_rank = rank * (d + k * p);
+        // gate/up: basis [rank, d] and coefficients [p, rank]; down: basis [d, rank] and
+        // coefficients [rank, p].
+        let input_side = (rank * d * int8_bytes_per_parameter(d)
+            + k * p * rank * int8_bytes_per_parameter(rank))
+            / per_rank;
+        let output_side = (d * rank * int8_bytes_per_parameter(rank)
+            + k * rank * p * int8_bytes_per_parameter(p))
+            / per_rank;
+        (input_side, output_side)
+    }
 }
 
 /// The routed experts' stored bytes (quantisation scales included) and parameters (scales
