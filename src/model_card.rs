@@ -201,6 +201,21 @@ fn sizes(card: &mut String, report: &Value) {
             group_digits(after)
         );
     }
+    if let (Some(before), Some(after)) = (
+        number(report.pointer("/byte_budget/routed_bytes_before")),
+        number(report.pointer("/stored_bytes/routed_experts")),
+    ) {
+        let _ = writeln!(
+            card,
+            "| routed experts' stored bytes, before | {} |",
+            group_digits(before)
+        );
+        let _ = writeln!(
+            card,
+            "| routed experts' stored bytes, after | {} |",
+            group_digits(after)
+        );
+    }
     card.push('\n');
     let percent = |key: &str| get(key).map_or("?".to_string(), |v| format!("{:.1}%", 100.0 * v));
     let _ = writeln!(
@@ -248,9 +263,14 @@ fn settings(card: &mut String, report: &Value, record: &Value, options_toml: &st
     };
     card.push_str("## Method and settings\n\n| setting | value |\n| --- | --- |\n");
     for (name, pointer) in [
+        ("method", "/pruning/method"),
         (
-            "ratio (fraction of the compressed matrices' parameters removed)",
+            "ratio (fraction of the budget removed)",
             "/allocation/ratio",
+        ),
+        (
+            "budget (routed experts' bytes, or the compressed matrices' parameters)",
+            "/allocation/budget",
         ),
         ("allocation", "/allocation/policy"),
         ("ξ (weight of information density)", "/allocation/xi"),
@@ -263,6 +283,12 @@ fn settings(card: &mut String, report: &Value, record: &Value, options_toml: &st
         ("factor dtype", "/factorization/factor_dtype"),
     ] {
         let mut value = option(pointer);
+        // Settings of low-rank runs (and of reports written before byte budgets) leave these out.
+        if value == "?" && pointer == "/pruning/method" {
+            value = "lowrank".into();
+        } else if value == "?" && pointer == "/allocation/budget" {
+            value = "parameters".into();
+        }
         if pointer == "/calibration/samples" {
             value = format!("{value} × {}", option("/calibration/seq_len"));
         }
