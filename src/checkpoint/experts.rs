@@ -373,7 +373,14 @@ impl ExpertLayout {
         if checkpoint.is_int8(&per_expert) {
             let by = self.expected_by(&format!("routed expert {expert}"));
             let shape = self.shape(matrix);
-            return Weight::load(checkpoint, &per_expert, &shape, (dtype, device), holding, &by);
+            return Weight::load(
+                checkpoint,
+                &per_expert,
+                &shape,
+                (dtype, device),
+                holding,
+                &by,
+            );
         }
         Ok(Weight::Dense(
             self.load_dense(checkpoint, expert, matrix, dtype, device)?,
@@ -519,7 +526,8 @@ impl GroupLoader<'_> {
         let block = &self.layout.block;
         let name = self.layout.name(self.matrix);
         let [rows, cols] = self.layout.shape(self.matrix);
-        let basis = self.get_weight(&format::basis_name(block, index, name), &[group.rank, cols])?;
+        let basis =
+            self.get_weight(&format::basis_name(block, index, name), &[group.rank, cols])?;
         let residual = if group.residual_size > 0 {
             Some(StoredResidual {
                 eta: self.get(
@@ -567,7 +575,8 @@ impl GroupLoader<'_> {
             });
         }
         let [rows, cols] = self.layout.shape(self.matrix);
-        let basis = self.get_weight(&format::basis_name(block, index, name), &[rows, group.rank])?;
+        let basis =
+            self.get_weight(&format::basis_name(block, index, name), &[rows, group.rank])?;
         let coefficients = group
             .experts
             .iter()

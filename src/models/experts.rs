@@ -224,7 +224,12 @@ impl FactorGroup {
 
     /// Bytes held by the group's basis, coefficients and expanded residuals.
     pub fn resident_bytes(&self) -> u64 {
-        let residuals = self.residuals.iter().flatten().map(tensor_bytes).sum::<u64>();
+        let residuals = self
+            .residuals
+            .iter()
+            .flatten()
+            .map(tensor_bytes)
+            .sum::<u64>();
         self.basis.resident_bytes()
             + self
                 .coefficients
@@ -593,8 +598,7 @@ impl RoutedExperts {
         compression: Option<&CompressionRecord>,
         at: ((DType, &Device), Int8Holding),
     ) -> Result<Self> {
-        let load =
-            |m| FactoredProjection::load(layout, checkpoint, layer, compression, m, at);
+        let load = |m| FactoredProjection::load(layout, checkpoint, layer, compression, m, at);
         Ok(Self::Factored(Box::new(FactoredExperts {
             gate: load(ExpertMatrix::Gate)?,
             up: load(ExpertMatrix::Up)?,

@@ -578,6 +578,17 @@ impl Model {
         Ok(self.ends.logits(&last)?.squeeze(1)?)
     }
 
+    /// Bytes held by the routed experts of every layer ([`RoutedExperts::resident_bytes`]).
+    pub fn routed_expert_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|layer| match &layer.feed_forward {
+                FeedForward::Moe(block) => block.experts.resident_bytes(),
+                FeedForward::Dense(_) => 0,
+            })
+            .sum()
+    }
+
     /// An empty key/value cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
