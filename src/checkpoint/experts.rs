@@ -427,7 +427,6 @@ impl ExpertLayout {
     /// keeps dense are left out: their experts load through [`ExpertLayout::load_dense_weight`]),
     /// int8-stored factors held as `holding` says. Empty when the record does not cover this
     /// layer or matrix.
-    #[allow(clippy::too_many_arguments)]
     pub fn load_groups(
         &self,
         checkpoint: &Checkpoint,
