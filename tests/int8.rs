@@ -593,10 +593,18 @@ fn resident_bytes_of_int8_experts_are_their_stored_bytes() {
             .routed_experts
     );
     let silu = |o: &mut CompressOptions| o.factorization.factorizer = FactorizerKind::Basis;
-    let runs: [(&str, Tweak); 3] = [
+    // The defaults: prune+lowrank over gate, up and down, ratio of the bytes, int8.
+    let defaults = |o: &mut CompressOptions| {
+        let defaults = CompressOptions::default();
+        o.allocation.matrices = defaults.allocation.matrices;
+        o.allocation.budget = defaults.allocation.budget;
+        o.pruning = defaults.pruning;
+    };
+    let runs: [(&str, Tweak); 4] = [
         ("int8", Box::new(|_| {})),
         ("int8-down", Box::new(all)),
         ("int8-silu", Box::new(silu)),
+        ("int8-defaults", Box::new(defaults)),
     ];
     for (name, tweak) in runs {
         let out = compress_mini_with(tmp.path(), name, "int8", tweak);
