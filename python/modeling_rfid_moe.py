@@ -11,8 +11,9 @@ members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weig
 the fly, from the seeded hash of `src/residual.rs`; `down_j h = U_g (C_j h)`, `U_g` applied once
 per group to the weighted sum of its routed members.
 With `compression.factor_storage == "int8-row128"` the factors and dense members of the factored
-matrices are stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they are dequantised
-to the model dtype right after loading.
+matrices are stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they stay
+int8 parameters (with f32 scale buffers) in memory and each is dequantised to the activations'
+dtype when a forward uses it, so the int8 storage saves memory too.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 """
@@ -80,27 +81,28 @@ def residual_buckets(seed, first_entry, entries, size, device):
     return (high * size + ((low * size) >> 32)) >> 32
 
 
-def _add_int8_scale(module, name):
-    """Registers the row-block scales `{name}_scale` [rows, ⌈cols/128⌉] (f32) of an int8-stored
-    parameter, so that they load; `_dequantise_int8` consumes them."""
+def _make_int8(module, name):
+    """Makes parameter `name` of `module` an int8 one (its codes [rows, cols]) with f32 row-block
+    scales `{name}_scale` [rows, ⌈cols/128⌉] beside it as a buffer, so that both load as stored;
+    `_weight` dequantises them per use."""
     rows, cols = getattr(module, name).shape
+    codes = torch.empty(rows, cols, dtype=torch.int8)
+    setattr(module, name, nn.Parameter(codes, requires_grad=False))
     blocks = -(-cols // _INT8_BLOCK)
     module.register_buffer(name + _INT8_SCALE, torch.empty(rows, blocks, dtype=torch.float32))
     module.int8_parameters = getattr(module, "int8_parameters", ()) + (name,)
 
 
-@torch.no_grad()
-def _dequantise_int8(model):
-    """Turns every loaded int8 parameter (codes, cast to the model dtype on loading) into its
-    value `code · scale` of its 128-column block, in f32 then the parameter's dtype, and drops
-    the scales."""
-    for module in model.modules():
-        for name in getattr(module, "int8_parameters", ()):
-            param = module._parameters[name]
-            scale = module._buffers.pop(name + _INT8_SCALE).float()
-            blocks = scale.repeat_interleave(_INT8_BLOCK, dim=1)[:, : param.shape[1]]
-            param.data = (param.data.float() * blocks).to(param.dtype)
-        module.int8_parameters = ()
+def _weight(module, name, dtype):
+    """The dense value of parameter `name` of `module` in `dtype`: the parameter itself, or for
+    an int8 one `code · scale` of its 128-column block, in f32 then `dtype` (what rfid-moe's
+    runtime computes, bit for bit)."""
+    param = getattr(module, name)
+    if name not in getattr(module, "int8_parameters", ()):
+        return param
+    scale = getattr(module, name + _INT8_SCALE).float()
+    blocks = scale.repeat_interleave(_INT8_BLOCK, dim=1)[:, : param.shape[1]]
+    return (param.float() * blocks).to(dtype)
 
 
 class _Coefficients(nn.Module):
@@ -172,7 +174,7 @@ class FactoredExperts(nn.ModuleList):
                 if (name, j) not in self.member_of:
                     setattr(self[j], name, _Dense(p, d))
                     if self.int8 and layer_record:
-                        _add_int8_scale(getattr(self[j], name), "weight")
+                        _make_int8(getattr(self[j], name), "weight")
         down = names[2]
         self.down_member_of = {}  # factored down expert → (group index, slot)
         for g, group in enumerate(matrices.get(down, {}).get("groups", [])):
@@ -184,7 +186,7 @@ class FactoredExperts(nn.ModuleList):
                 setattr(self[j], down, _Dense(d, p))
                 # Members of dense down groups are the compressor's tensors (int8 with scales).
                 if self.int8 and down_factored:
-                    _add_int8_scale(getattr(self[j], down), "weight")
+                    _make_int8(getattr(self[j], down), "weight")
 
     def _add_down_group(self, name, g, group):
         """A factored `down_proj` group: `C_j` per member, `U_g` shared on the output side."""
@@ -192,13 +194,13 @@ class FactoredExperts(nn.ModuleList):
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _OutputCoefficients(group["rank"], p))
             if self.int8:
-                _add_int8_scale(getattr(self[j], name), "lowrank_c")
+                _make_int8(getattr(self[j], name), "lowrank_c")
             self.down_member_of[j] = (g, slot)
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
         basis = _OutputBasis(d, group["rank"])
         if self.int8:
-            _add_int8_scale(basis, "basis")
+            _make_int8(basis, "basis")
         setattr(self.groups[g], name, basis)
 
     def _add_factored_group(self, name, g, group):
@@ -206,13 +208,13 @@ class FactoredExperts(nn.ModuleList):
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _Coefficients(p, group["rank"]))
             if self.int8:
-                _add_int8_scale(getattr(self[j], name), "lowrank_a")
+                _make_int8(getattr(self[j], name), "lowrank_a")
             self.member_of[(name, j)] = (g, slot, len(group["experts"]))
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
         factors = _GroupFactors(group["rank"], d, group.get("residual_size", 0))
         if self.int8:
-            _add_int8_scale(factors, "basis")
+            _make_int8(factors, "basis")
         setattr(self.groups[g], name, factors)
 
     def _residual(self, factors, slot, members):
@@ -235,11 +237,13 @@ class FactoredExperts(nn.ModuleList):
         """`W x` for expert `expert`'s gate or up matrix."""
         module = getattr(self[expert], name)
         if isinstance(module, _Dense):
-            return nn.functional.linear(x, module.weight)
+            return nn.functional.linear(x, _weight(module, "weight", x.dtype))
         g, slot, members = self.member_of[(name, expert)]
         factors = getattr(self.groups[g], name)
-        basis = nn.functional.silu(factors.basis) if self.silu_basis else factors.basis
-        out = nn.functional.linear(nn.functional.linear(x, basis), module.lowrank_a)
+        basis = _weight(factors, "basis", x.dtype)
+        basis = nn.functional.silu(basis) if self.silu_basis else basis
+        coefficients = _weight(module, "lowrank_a", x.dtype)
+        out = nn.functional.linear(nn.functional.linear(x, basis), coefficients)
         if hasattr(factors, "residual_eta"):
             out = out + nn.functional.linear(x, self._residual(factors, slot, members))
         return out
@@ -262,15 +266,15 @@ class FactoredExperts(nn.ModuleList):
             module = getattr(self[expert], down)
             if expert in self.down_member_of:
                 g = self.down_member_of[expert][0]
-                c = nn.functional.linear(h, module.lowrank_c) * weight
+                c = nn.functional.linear(h, _weight(module, "lowrank_c", h.dtype)) * weight
                 if g not in sums:
                     sums[g] = hidden_states.new_zeros(hidden_states.shape[0], c.shape[1])
                 sums[g].index_add_(0, token, c.to(sums[g].dtype))
                 continue
-            out = nn.functional.linear(h, module.weight) * weight
+            out = nn.functional.linear(h, _weight(module, "weight", h.dtype)) * weight
             final.index_add_(0, token, out.to(final.dtype))
         for g, total in sums.items():
-            basis = getattr(self.groups[g], down).basis
+            basis = _weight(getattr(self.groups[g], down), "basis", total.dtype)
             final += nn.functional.linear(total, basis).to(final.dtype)
         return final
 
@@ -315,7 +319,7 @@ class _FactoredExpertsModel:
     @classmethod
     def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
         """The family's `from_pretrained`, refusing a checkpoint that leaves any weight missing
-        (transformers would initialise it at random); int8 factors are dequantised."""
+        (transformers would initialise it at random); int8 factors stay int8."""
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
@@ -323,9 +327,6 @@ class _FactoredExpertsModel:
                 f"{len(missing)} weights of this rfid-moe checkpoint are missing from its "
                 f"safetensors files (first: {missing[:5]}); refusing to initialise them at random"
             )
-        _dequantise_int8(model)
-        # The parameters now hold floats: a saved copy is a float checkpoint.
-        model.config.compression.pop("factor_storage", None)
         return (model, info) if output_loading_info else model
 
 

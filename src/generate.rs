@@ -208,6 +208,9 @@ pub struct Generation {
     pub decode: Duration,
     /// Bytes of the key/value cache at the end.
     pub kv_cache_bytes: usize,
+    /// Bytes held by the model's routed experts ([`Model::routed_expert_bytes`]: int8 factors
+    /// as codes and scales).
+    pub routed_expert_bytes: u64,
 }
 
 impl Generation {
@@ -288,6 +291,7 @@ pub fn generate(
         prefill,
         decode: start.elapsed().saturating_sub(prefill),
         kv_cache_bytes: cache.stored_bytes()?,
+        routed_expert_bytes: model.routed_expert_bytes(),
     })
 }
 

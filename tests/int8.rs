@@ -1,15 +1,21 @@
 //! `--factor-dtype int8` (issue 16, docs/FORMAT.md "Int8 factors"): the quantiser's error bound,
 //! an int8 checkpoint read back against the same run with f32 factors (tensors and logits), the
-//! bytes it saves, and the named errors of a missing or misshapen scale.
+//! bytes it saves, and the named errors of a missing or misshapen scale; int8 factors stay int8
+//! in memory: exactly the logits of dequantising at load, in their stored bytes.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::int8::{self, BLOCK};
 use rfid_moe::checkpoint::{Checkpoint, StoredDType};
-use rfid_moe::pipeline::CompressOptions;
+use rfid_moe::generate::{generate, GenerateOptions, Sampling};
+use rfid_moe::models::moe::RoutedExperts;
+use rfid_moe::models::weight::{Int8Holding, Weight};
+use rfid_moe::models::{ArchConfig, FeedForward, Model};
+use rfid_moe::pipeline::{CompressMethod, CompressOptions, FactorizerKind};
 
 /// Relative slack on the half-step bound for the f32 rounding of `x / scale` and `code · scale`:
 /// each is off by up to half an ulp of a value of up to 127 steps, 127 · 2⁻²⁴ ≈ 7.6e-6 of a step,
@@ -418,4 +424,264 @@ fn the_dense_export_and_the_residual_of_an_int8_run_stay_in_the_checkpoint_dtype
             "{name}"
         );
     }
+}
+
+/// The experts of `checkpoint`'s MoE layers loaded with int8 tensors held as `holding`.
+fn experts_holding(checkpoint: &Checkpoint, dtype: DType, holding: Int8Holding) -> Vec<Experts> {
+    let spec = ArchConfig::from_checkpoint(checkpoint).unwrap().spec();
+    let compression = rfid_moe::models::compression_record(checkpoint).unwrap();
+    spec.moe_layers
+        .iter()
+        .enumerate()
+        .filter_map(|(layer, layout)| layout.as_ref().map(|l| (layer, l)))
+        .map(|(layer, layout)| {
+            let at = (dtype, &Device::Cpu);
+            let experts = RoutedExperts::load_holding_int8(
+                layout,
+                checkpoint,
+                layer,
+                compression.as_ref(),
+                at,
+                holding,
+            )
+            .unwrap();
+            (layer, experts)
+        })
+        .collect()
+}
+
+/// A change to the compress options of one run.
+type Tweak = Box<dyn FnOnce(&mut CompressOptions)>;
+
+/// One MoE layer's index and experts.
+type Experts = (usize, RoutedExperts);
+
+/// `checkpoint`'s model in f32 with the experts of [`experts_holding`] swapped in.
+fn model_holding(checkpoint: &Checkpoint, holding: Int8Holding) -> Model {
+    let mut model = Model::load(checkpoint, DType::F32, &Device::Cpu).unwrap();
+    for (layer, experts) in experts_holding(checkpoint, DType::F32, holding) {
+        let FeedForward::Moe(block) = &mut model.layers[layer].feed_forward else {
+            panic!("layer {layer} has no MoE block");
+        };
+        block.experts = experts;
+    }
+    model
+}
+
+/// Whether any routed-expert matrix of `model` is held as int8 codes.
+fn holds_int8(model: &Model) -> bool {
+    model.layers.iter().any(|layer| match &layer.feed_forward {
+        FeedForward::Moe(block) => match &block.experts {
+            RoutedExperts::Factored(f) => [&f.gate, &f.up, &f.down].iter().any(|p| {
+                p.groups()
+                    .iter()
+                    .any(|g| g.basis.is_int8() || g.coefficients.iter().any(Weight::is_int8))
+            }),
+            _ => false,
+        },
+        FeedForward::Dense(_) => false,
+    })
+}
+
+/// Bytes the int8 tensors of `checkpoint` save against holding them as f32 (codes and scales
+/// against 4 bytes per value).
+fn int8_saving_against_f32(checkpoint: &Checkpoint) -> u64 {
+    int8_names(checkpoint)
+        .iter()
+        .map(|n| {
+            let shape = &checkpoint.info(n).unwrap().0.shape;
+            let (as_int8, as_bf16) = int8_and_bf16_bytes(shape);
+            2 * as_bf16 - as_int8
+        })
+        .sum()
+}
+
+fn token_ids() -> Tensor {
+    Tensor::from_vec(
+        values(2 * 40, 5)
+            .iter()
+            .map(|v| ((v + 1.0) * 2047.0) as u32)
+            .collect::<Vec<_>>(),
+        (2, 40),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn resident_int8_experts_give_exactly_the_logits_of_dequantising_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let runs: [(&str, Tweak); 3] = [
+        ("gate-up", Box::new(|_| {})),
+        ("down", Box::new(all)),
+        (
+            "pruned-down",
+            Box::new(move |o| {
+                all(o);
+                o.pruning.method = CompressMethod::PruneLowRank;
+            }),
+        ),
+    ];
+    let ids = token_ids();
+    for (name, tweak) in runs {
+        let out = compress_mini_with(tmp.path(), name, "int8", tweak);
+        let checkpoint = Checkpoint::open(&out).unwrap();
+        let resident = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        let reference = model_holding(&checkpoint, Int8Holding::Dequantised);
+        assert!(holds_int8(&resident), "{name}: nothing held as int8");
+        assert!(!holds_int8(&reference), "{name}: the reference holds int8");
+        // The reference holds every int8 tensor as f32: 4 bytes per code, no scales.
+        assert_eq!(
+            resident.routed_expert_bytes() + int8_saving_against_f32(&checkpoint),
+            reference.routed_expert_bytes(),
+            "{name}"
+        );
+        let got = resident.forward(&ids, None).unwrap().logits;
+        let want = reference.forward(&ids, None).unwrap().logits;
+        assert_eq!(common::max_abs_diff(&got, &want), 0.0, "{name}");
+        // Per expert (the observers' path) and as dense matrices, the same values too.
+        for (layer, (r, d)) in resident.layers.iter().zip(&reference.layers).enumerate() {
+            let (FeedForward::Moe(r), FeedForward::Moe(d)) = (&r.feed_forward, &d.feed_forward)
+            else {
+                continue;
+            };
+            for m in ExpertMatrix::ALL {
+                for e in [0, r.experts.len() - 1] {
+                    let (a, b) = (
+                        r.experts.dense_matrix(e, m).unwrap(),
+                        d.experts.dense_matrix(e, m).unwrap(),
+                    );
+                    assert_eq!(
+                        common::max_abs_diff(&a, &b),
+                        0.0,
+                        "{name} layer {layer} {m} {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of the int8 bases of `checkpoint` (codes and scales) and of the same bases in bf16.
+fn int8_basis_bytes(checkpoint: &Checkpoint) -> (u64, u64) {
+    int8_names(checkpoint)
+        .iter()
+        .filter(|n| n.ends_with(".basis") && !n.contains("down_proj"))
+        .map(|n| int8_and_bf16_bytes(&checkpoint.info(n).unwrap().0.shape))
+        .fold((0, 0), |(a, b), (i, f)| (a + i, b + f))
+}
+
+/// The routed experts' bytes held by `checkpoint`'s model loaded in bf16 (its stored dtype).
+fn resident_bf16(checkpoint: &Checkpoint) -> u64 {
+    experts_holding(checkpoint, DType::BF16, Int8Holding::Resident)
+        .iter()
+        .map(|(_, e)| e.resident_bytes())
+        .sum()
+}
+
+#[test]
+fn resident_bytes_of_int8_experts_are_their_stored_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let bf16_out = compress_mini(tmp.path(), "bf16", "auto");
+    let bf16_resident = resident_bf16(&Checkpoint::open(&bf16_out).unwrap());
+    assert_eq!(
+        bf16_resident,
+        rfid_moe::sweep::tensor_bytes(&bf16_out)
+            .unwrap()
+            .routed_experts
+    );
+    let silu = |o: &mut CompressOptions| o.factorization.factorizer = FactorizerKind::Basis;
+    // The defaults: prune+lowrank over gate, up and down, ratio of the bytes, int8.
+    let defaults = |o: &mut CompressOptions| {
+        let defaults = CompressOptions::default();
+        o.allocation.matrices = defaults.allocation.matrices;
+        o.allocation.budget = defaults.allocation.budget;
+        o.pruning = defaults.pruning;
+    };
+    let runs: [(&str, Tweak); 4] = [
+        ("int8", Box::new(|_| {})),
+        ("int8-down", Box::new(all)),
+        ("int8-silu", Box::new(silu)),
+        ("int8-defaults", Box::new(defaults)),
+    ];
+    for (name, tweak) in runs {
+        let out = compress_mini_with(tmp.path(), name, "int8", tweak);
+        let checkpoint = Checkpoint::open(&out).unwrap();
+        let stored = rfid_moe::sweep::tensor_bytes(&out).unwrap().routed_experts;
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            report["stored_bytes"]["routed_experts"].as_u64(),
+            Some(stored)
+        );
+        // A SiLU basis is held activated in the compute dtype (bf16 here); an identity basis
+        // stays int8.
+        let silu_basis = checkpoint.config()["compression"]["basis_activation"] == "silu";
+        let (as_int8, as_bf16) = match silu_basis {
+            true => int8_basis_bytes(&checkpoint),
+            false => (0, 0),
+        };
+        assert_eq!(silu_basis, name == "int8-silu", "{name}");
+        assert!(!silu_basis || as_int8 > 0, "{name}: no int8 basis");
+        let resident = resident_bf16(&checkpoint);
+        println!(
+            "{name}: routed experts resident {resident} B, stored {stored} B; bf16 factors \
+             resident {bf16_resident} B"
+        );
+        assert_eq!(resident, stored - as_int8 + as_bf16, "{name}");
+        assert!(
+            resident < bf16_resident,
+            "{name}: {resident} vs {bf16_resident}"
+        );
+    }
+}
+
+#[test]
+fn generation_with_resident_int8_experts_matches_dequantising_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = compress_mini_with(tmp.path(), "int8", "int8", |o| {
+        o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    });
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let resident = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let reference = model_holding(&checkpoint, Int8Holding::Dequantised);
+    let options = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling::greedy(),
+        stop_tokens: Vec::new(),
+    };
+    let prompt: Vec<u32> = token_ids().get(0).unwrap().to_vec1().unwrap();
+    let run = |model: &Model| generate(model, &prompt, &options, &mut |_| Ok(true)).unwrap();
+    let (got, want) = (run(&resident), run(&reference));
+    assert_eq!(got.tokens.len(), 12);
+    assert_eq!(got.tokens, want.tokens);
+    assert!(got.kv_cache_bytes > 0 && got.kv_cache_bytes == want.kv_cache_bytes);
+    assert_eq!(got.routed_expert_bytes, resident.routed_expert_bytes());
+    assert_eq!(
+        got.routed_expert_bytes + int8_saving_against_f32(&checkpoint),
+        want.routed_expert_bytes
+    );
+    // The cached path's last logits are the full forward's last position's.
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut cache = resident.new_cache();
+    let split = prompt.len() / 2;
+    resident
+        .forward_cached(&ids.narrow(1, 0, split).unwrap(), &mut cache)
+        .unwrap();
+    let cached = resident
+        .forward_cached(
+            &ids.narrow(1, split, prompt.len() - split).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    let full = resident.forward(&ids, None).unwrap().logits;
+    let last = full.get(0).unwrap().get(prompt.len() - 1).unwrap();
+    let diff = common::max_abs_diff(&cached.squeeze(0).unwrap(), &last);
+    assert!(diff < 1e-3, "cached vs full last logits: {diff}");
 }

@@ -263,8 +263,43 @@ fn check_case(case: &Case, result: &Value, python_logits: Option<&Tensor>, ids: 
             let diff = common::max_abs_diff(python_logits.unwrap(), &ours);
             println!("{name}: max |Δlogit| {diff:.2e}, {stored_values} parameters");
             assert!(diff <= TOLERANCE, "{name}: logits differ by {diff}");
+            check_int8_residency(case, result);
         }
     }
+}
+
+/// An int8 checkpoint stays int8 in transformers: every `I8` tensor is a `torch.int8`
+/// parameter after `from_pretrained`, and the routed experts' tensors hold exactly their stored
+/// bytes (codes and scales; loaded in the checkpoint's dtype). Float checkpoints report nothing.
+fn check_int8_residency(case: &Case, result: &Value) {
+    let name = case.name;
+    let checkpoint = Checkpoint::open(&case.dir).unwrap();
+    if checkpoint.config()["compression"]["factor_storage"].is_null() {
+        assert!(result.get("resident").is_none(), "{name}: {result}");
+        return;
+    }
+    let int8_tensors = checkpoint
+        .tensor_names()
+        .into_iter()
+        .filter(|n| checkpoint.is_int8(n))
+        .count();
+    assert!(int8_tensors > 0, "{name}: no int8 tensor");
+    let resident = &result["resident"];
+    assert_eq!(
+        resident["int8_parameters"],
+        json!({"torch.int8": int8_tensors}),
+        "{name}: int8 parameters after from_pretrained"
+    );
+    let stored = rfid_moe::sweep::tensor_bytes(&case.dir).unwrap();
+    println!(
+        "{name}: routed experts hold {} B in transformers, {} B stored",
+        resident["routed_bytes"], stored.routed_experts
+    );
+    assert_eq!(
+        resident["routed_bytes"].as_u64(),
+        Some(stored.routed_experts),
+        "{name}: routed-expert bytes in transformers"
+    );
 }
 
 /// The transformers class of `family`'s factored checkpoint.
@@ -494,9 +529,10 @@ fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
 }
 
 /// `--factor-dtype int8` (issue 16): int8 factors with row-block scales load through our
-/// modelling file, dequantised to the model dtype, with our logits and the parameter count of
-/// the report (the scales are storage, not parameters); Mixtral with a residual (η stays a
-/// float); a missing scale is refused like a missing factor.
+/// modelling file and stay int8 in memory (dequantised per use, [`check_int8_residency`]), with
+/// our logits and the parameter count of the report (the scales are storage, not parameters);
+/// Mixtral with a residual (η stays a float); Qwen3-MoE with a SiLU basis (`--factorizer
+/// basis`); a missing scale is refused like a missing factor.
 fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     let int8 = [
         (
@@ -511,12 +547,23 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             "Mixtral",
             true,
         ),
+        (
+            "int8 qwen3_moe basis",
+            common::fixture("tiny-qwen3_moe"),
+            "Qwen3Moe",
+            false,
+        ),
     ];
     for (name, source, stem, residual) in int8 {
         let out = work.join(name.replace(' ', "-"));
         let stored_values = compress(&source, calibration, &out, |o| {
             o.factorization.factor_dtype = "int8".into();
             o.allocation.residual = residual;
+            // A SiLU basis, which only exists dequantised (activated per use).
+            if stem == "Qwen3Moe" && !name.contains("mini") {
+                o.factorization.factorizer = FactorizerKind::Basis;
+                o.factorization.fit_steps = 20;
+            }
         });
         let stored = Checkpoint::open(&out).unwrap();
         assert!(stored

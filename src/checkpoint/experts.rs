@@ -4,7 +4,8 @@
 //! compressed factors (`lowrank_a` + shared `basis` + optional residual).
 //!
 //! Everything here returns plain tensors: dense matrices [out, in], stacks [n, out, in] and
-//! [`StoredGroup`]s. How the runtime executes them is `models::experts`' business.
+//! [`StoredGroup`]s, whose matrices are [`Weight`]s (int8-stored factors can stay int8 codes,
+//! [`Int8Holding`]). How the runtime executes them is `models::experts`' business.
 
 use std::collections::BTreeSet;
 
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{self, BasisActivation, CompressionRecord, GroupRecord};
+use crate::models::weight::{Int8Holding, Weight};
 use crate::residual::SparseProjection;
 
 /// The three matrices of a gated expert (`gate`, `up`, `down` in saved settings).
@@ -154,10 +156,10 @@ pub struct StoredGroup {
     pub experts: Vec<usize>,
     /// Per member of `experts`: `A_i` [out, rank] (input side) or `C_i` [rank, in] (output
     /// side).
-    pub coefficients: Vec<Tensor>,
+    pub coefficients: Vec<Weight>,
     /// The basis as stored: raw `B` [rank, in] (input side; apply `activation` before use) or
     /// `U` [out, rank] (output side).
-    pub basis: Tensor,
+    pub basis: Weight,
     /// Activation applied to the basis at inference (always the identity on the output side).
     pub activation: BasisActivation,
     /// Optional residual (input side only).
@@ -167,11 +169,14 @@ pub struct StoredGroup {
 }
 
 impl StoredGroup {
-    /// `act(B)`, [rank, in] (input side); `U` as stored (output side).
-    pub fn activated_basis(&self) -> Result<Tensor> {
+    /// `act(B)`, [rank, in] (input side); `U` as stored (output side). The identity keeps an
+    /// int8 basis int8; SiLU needs the basis dense (in the compute dtype).
+    pub fn activated_basis(&self) -> Result<Weight> {
         Ok(match (self.side, self.activation) {
             (BasisSide::Output, _) | (_, BasisActivation::Identity) => self.basis.clone(),
-            (BasisSide::Input, BasisActivation::Silu) => candle_nn::ops::silu(&self.basis)?,
+            (BasisSide::Input, BasisActivation::Silu) => {
+                Weight::Dense(candle_nn::ops::silu(&self.basis.matrix()?)?)
+            }
         })
     }
 
@@ -195,15 +200,16 @@ impl StoredGroup {
     /// The effective dense matrices `A_i·act(B) + R_i` (or `U·C_i`) of every member, [out, in]
     /// each.
     pub fn reconstruct(&self) -> Result<Vec<Tensor>> {
-        let basis = self.activated_basis()?;
+        let basis = self.activated_basis()?.matrix()?;
         let residuals = self.member_residuals()?;
         self.coefficients
             .iter()
             .enumerate()
             .map(|(slot, c)| {
+                let c = c.matrix()?;
                 let w = match self.side {
                     BasisSide::Input => c.matmul(&basis)?,
-                    BasisSide::Output => basis.matmul(c)?,
+                    BasisSide::Output => basis.matmul(&c)?,
                 };
                 Ok(match &residuals {
                     Some(r) => (w + &r[slot])?,
@@ -352,6 +358,35 @@ impl ExpertLayout {
         Err(self.missing(checkpoint, expert, matrix))
     }
 
+    /// [`ExpertLayout::load_dense`] as a [`Weight`]: a per-expert matrix stored as int8 (a
+    /// member of a factored matrix's dense group) stays int8 codes when `holding` says so.
+    pub fn load_dense_weight(
+        &self,
+        checkpoint: &Checkpoint,
+        expert: usize,
+        matrix: ExpertMatrix,
+        (dtype, device): (DType, &Device),
+        holding: Int8Holding,
+    ) -> Result<Weight> {
+        self.check_expert(expert)?;
+        let per_expert = self.dense_name(expert, matrix);
+        if checkpoint.is_int8(&per_expert) {
+            let by = self.expected_by(&format!("routed expert {expert}"));
+            let shape = self.shape(matrix);
+            return Weight::load(
+                checkpoint,
+                &per_expert,
+                &shape,
+                (dtype, device),
+                holding,
+                &by,
+            );
+        }
+        Ok(Weight::Dense(
+            self.load_dense(checkpoint, expert, matrix, dtype, device)?,
+        ))
+    }
+
     /// Loads `matrix` of every routed expert, [out, in] each (a fused tensor is read once).
     pub fn load_matrix(
         &self,
@@ -389,16 +424,17 @@ impl ExpertLayout {
     }
 
     /// The factored groups of `matrix` in `layer` of a compressed checkpoint (groups the record
-    /// keeps dense are left out: their experts load through [`ExpertLayout::load_dense`]).
-    /// Empty when the record does not cover this layer or matrix.
+    /// keeps dense are left out: their experts load through [`ExpertLayout::load_dense_weight`]),
+    /// int8-stored factors held as `holding` says. Empty when the record does not cover this
+    /// layer or matrix.
     pub fn load_groups(
         &self,
         checkpoint: &Checkpoint,
         compression: &CompressionRecord,
         layer: usize,
         matrix: ExpertMatrix,
-        dtype: DType,
-        device: &Device,
+        (dtype, device): (DType, &Device),
+        holding: Int8Holding,
     ) -> Result<Vec<StoredGroup>> {
         let Some(layer_record) = compression.layer(layer) else {
             return Ok(Vec::new());
@@ -414,6 +450,7 @@ impl ExpertLayout {
             matrix,
             dtype,
             device,
+            holding,
         };
         matrix_record
             .groups
@@ -461,13 +498,24 @@ struct GroupLoader<'a> {
     matrix: ExpertMatrix,
     dtype: DType,
     device: &'a Device,
+    holding: Int8Holding,
 }
 
 impl GroupLoader<'_> {
+    fn by(&self) -> String {
+        format!("compressed experts of `{}`", self.layout.block)
+    }
+
+    /// A float tensor (residual coefficients).
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let by = format!("compressed experts of `{}`", self.layout.block);
         self.checkpoint
-            .load_shaped(name, shape, self.dtype, self.device, &by)
+            .load_shaped(name, shape, self.dtype, self.device, &self.by())
+    }
+
+    /// A factor matrix, int8 codes kept as `holding` says.
+    fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let at = (self.dtype, self.device);
+        Weight::load(self.checkpoint, name, shape, at, self.holding, &self.by())
     }
 
     fn load(&self, index: usize, group: &GroupRecord) -> Result<StoredGroup> {
@@ -477,7 +525,8 @@ impl GroupLoader<'_> {
         let block = &self.layout.block;
         let name = self.layout.name(self.matrix);
         let [rows, cols] = self.layout.shape(self.matrix);
-        let basis = self.get(&format::basis_name(block, index, name), &[group.rank, cols])?;
+        let basis =
+            self.get_weight(&format::basis_name(block, index, name), &[group.rank, cols])?;
         let residual = if group.residual_size > 0 {
             Some(StoredResidual {
                 eta: self.get(
@@ -493,7 +542,7 @@ impl GroupLoader<'_> {
             .experts
             .iter()
             .map(|&expert| {
-                self.get(
+                self.get_weight(
                     &format::coefficients_name(block, expert, name),
                     &[rows, group.rank],
                 )
@@ -525,12 +574,13 @@ impl GroupLoader<'_> {
             });
         }
         let [rows, cols] = self.layout.shape(self.matrix);
-        let basis = self.get(&format::basis_name(block, index, name), &[rows, group.rank])?;
+        let basis =
+            self.get_weight(&format::basis_name(block, index, name), &[rows, group.rank])?;
         let coefficients = group
             .experts
             .iter()
             .map(|&expert| {
-                self.get(
+                self.get_weight(
                     &format::output_coefficients_name(block, expert, name),
                     &[group.rank, cols],
                 )

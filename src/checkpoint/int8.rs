@@ -133,9 +133,76 @@ pub fn codes_from_bytes(bytes: &[u8]) -> Vec<i8> {
     bytes.iter().map(|&b| b as i8).collect()
 }
 
+/// What [`offset_codes`] adds to a code so that it fits a `U8` tensor (candle has no int8
+/// dtype): `code + 128` in [1, 255].
+pub const CODE_OFFSET: f64 = 128.0;
+
+/// Stored `I8` bytes as offset codes `code + 128` (`byte ^ 0x80`), the form in which the runtime
+/// keeps int8 tensors resident in a `U8` tensor.
+pub fn offset_codes(bytes: &[u8]) -> Vec<u8> {
+    bytes.iter().map(|&b| b ^ 0x80).collect()
+}
+
+/// Dequantises offset codes `codes` (`U8` [rows, cols], `code + 128`, see [`offset_codes`]) with
+/// their block `scales` (`F32` [rows, ⌈cols/128⌉]) to `dtype`, on the tensors' device: `code ·
+/// scale` in f32 (the code is exact in f32), then converted, so the result is bit for bit
+/// [`dequantise`]'s converted to `dtype`.
+pub fn dequantise_tensor(codes: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (rows, cols) = codes.dims2()?;
+    let blocks = cols.div_ceil(BLOCK);
+    let values = (codes.to_dtype(DType::F32)? - CODE_OFFSET)?;
+    let scales = scales.to_dtype(DType::F32)?;
+    let product = if cols % BLOCK == 0 || blocks == 1 {
+        // Whole blocks (or one short block): each row's blocks side by side.
+        values
+            .reshape((rows, blocks, cols / blocks))?
+            .broadcast_mul(&scales.reshape((rows, blocks, 1))?)?
+            .reshape((rows, cols))?
+    } else {
+        // A short last block: each column's scale gathered per row.
+        let block_of: Vec<u32> = (0..cols).map(|c| (c / BLOCK) as u32).collect();
+        let block_of = Tensor::from_vec(block_of, cols, codes.device())?;
+        (values * scales.index_select(&block_of, 1)?)?
+    };
+    Ok(product.to_dtype(dtype)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `dequantise_tensor` of the offset codes equals `dequantise`, bit for bit, for whole,
+    /// single short and ragged blocks, in f32 and converted to bf16.
+    #[test]
+    fn tensor_dequantisation_is_the_scalar_one_bit_for_bit() {
+        for (rows, cols) in [(3, 5), (2, 128), (4, 256), (3, 130), (2, 300)] {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i % 3) as f32)
+                .collect();
+            let q = quantise(&values, rows, cols);
+            let bytes: Vec<u8> = q.codes.iter().map(|&c| c as u8).collect();
+            let codes = Tensor::from_vec(offset_codes(&bytes), (rows, cols), &Device::Cpu).unwrap();
+            let (_, scales) = q.to_tensors().unwrap();
+            let want = Tensor::from_vec(q.dequantise(), (rows, cols), &Device::Cpu).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let got = dequantise_tensor(&codes, &scales, dtype).unwrap();
+                let want = want.to_dtype(dtype).unwrap();
+                assert_eq!(got.dims(), &[rows, cols]);
+                let as_f32 = |t: &Tensor| -> Vec<u32> {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(as_f32(&got), as_f32(&want), "[{rows}, {cols}] {dtype:?}");
+            }
+        }
+    }
 
     #[test]
     fn scales_are_per_row_block_and_codes_use_the_full_range() {

@@ -528,6 +528,63 @@ impl Checkpoint {
         device: &Device,
         expected_by: &str,
     ) -> Result<Tensor> {
+        let ([rows, cols], scales) = self.int8_scales(shard, name, expected_by)?;
+        let scales = scales.flatten_all()?.to_vec1::<f32>()?;
+        let codes = int8::codes_from_bytes(shard.bytes(&shard.tensors[name]));
+        let values = int8::dequantise(&codes, &scales, rows, cols);
+        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+
+    /// Whether `name` is stored as int8 codes (`I8`, with a `{name}_scale` sibling).
+    pub fn is_int8(&self, name: &str) -> bool {
+        self.info(name)
+            .is_some_and(|(info, _)| info.dtype == StoredDType::I8)
+    }
+
+    /// Loads int8 tensor `name` [rows, cols] without dequantising it: its codes as a `U8` tensor
+    /// of offset codes `code + 128` ([`int8::offset_codes`]) and its scales `{name}_scale` as
+    /// `F32` [rows, ⌈cols/128⌉], both on `device` (checked as [`Checkpoint::load`] checks them;
+    /// [`int8::dequantise_tensor`] gives what `load` would). An error if `name` is not `I8`.
+    pub fn load_int8_codes(
+        &self,
+        name: &str,
+        device: &Device,
+        expected_by: &str,
+    ) -> Result<(Tensor, Tensor)> {
+        let (info, path) = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+            expected_by: expected_by.to_string(),
+        })?;
+        if info.dtype != StoredDType::I8 {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` is {}, not I8 int8 codes (needed by {expected_by})",
+                    info.dtype.name()
+                ),
+            });
+        }
+        let shard = &self.shards[self.location[name]];
+        let ([rows, cols], scales) = self.int8_scales(shard, name, expected_by)?;
+        let codes = int8::offset_codes(shard.bytes(info));
+        Ok((
+            Tensor::from_vec(codes, (rows, cols), &Device::Cpu)?.to_device(device)?,
+            scales.to_device(device)?,
+        ))
+    }
+
+    /// The shape [rows, cols] of int8 tensor `name` in `shard` and its row-block scales
+    /// `{name}_scale` (F32 [rows, ⌈cols/128⌉], on the CPU), after checking that the tensor is a
+    /// matrix and that the scales exist with that dtype and shape.
+    fn int8_scales(
+        &self,
+        shard: &SafetensorsFile,
+        name: &str,
+        expected_by: &str,
+    ) -> Result<([usize; 2], Tensor)> {
         let info = &shard.tensors[name];
         let &[rows, cols] = info.shape.as_slice() else {
             return Err(Error::Safetensors {
@@ -563,20 +620,13 @@ impl Checkpoint {
                 ),
             });
         }
-        let scales = self
-            .load(
-                &scale_name,
-                DType::F32,
-                &Device::Cpu,
-                &format!("I8 tensor `{name}`"),
-            )?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let codes = int8::codes_from_bytes(shard.bytes(info));
-        let values = int8::dequantise(&codes, &scales, rows, cols);
-        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?)
+        let scales = self.load(
+            &scale_name,
+            DType::F32,
+            &Device::Cpu,
+            &format!("I8 tensor `{name}`"),
+        )?;
+        Ok(([rows, cols], scales))
     }
 
     /// Dequantises FP8 tensor `name` (or its entry `entry` along the first dimension) with its

@@ -8,7 +8,9 @@
 //!   the layer input, `act(B_g)·x` is computed once for all tokens routed to any member of group
 //!   `g`, then each member applies its `A_i` to its own rows. Experts the record keeps dense stay
 //!   dense. A residual is still expanded to a dense `[out, in]` per member at load; issue 13
-//!   replaces that with the compact form.
+//!   replaces that with the compact form. Factors and dense members stored as int8 stay int8
+//!   codes in memory ([`Weight`]) and are dequantised each time they are used (a SiLU-activated
+//!   basis is held activated, dense).
 //!
 //! All three give the same function; `checkpoint::experts` supplies their tensors.
 
@@ -16,6 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
 use super::routing::{ExpertDispatch, GroupRoute, Routing};
+use super::weight::{Int8Holding, Weight};
 use crate::checkpoint::experts::{BasisSide, ExpertLayout, ExpertMatrix, StoredGroup};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -34,7 +37,8 @@ pub enum ExpertsForm {
 
 impl ExpertsForm {
     /// The natural form of `layer`: factored when the compression record factors any of its
-    /// groups, stacked when the checkpoint stores fused 3-D tensors or the experts go to a CUDA
+    /// groups or covers it with int8 storage (whose dense members only the factored form keeps
+    /// int8), stacked when the checkpoint stores fused 3-D tensors or the experts go to a CUDA
     /// device (where stacks run through the fused MoE GEMM), dense otherwise.
     pub fn for_layer(
         layout: &ExpertLayout,
@@ -43,11 +47,14 @@ impl ExpertsForm {
         compression: Option<&CompressionRecord>,
         device: &Device,
     ) -> Self {
-        let factored = compression.and_then(|c| c.layer(layer)).is_some_and(|l| {
-            l.matrices
-                .values()
-                .flat_map(|m| &m.groups)
-                .any(|g| !g.dense)
+        let factored = compression.is_some_and(|c| {
+            c.layer(layer).is_some_and(|l| {
+                c.factor_storage.is_some()
+                    || l.matrices
+                        .values()
+                        .flat_map(|m| &m.groups)
+                        .any(|g| !g.dense)
+            })
         });
         if factored {
             Self::Factored
@@ -157,9 +164,9 @@ pub struct FactorGroup {
     /// Member experts.
     pub experts: Vec<usize>,
     /// `act(B)`, [rank, in] (input side), or `U`, [out, rank] (output side).
-    pub basis: Tensor,
+    pub basis: Weight,
     /// Per member: `A_i` [out, rank] (input side) or `C_i` [rank, in] (output side).
-    pub coefficients: Vec<Tensor>,
+    pub coefficients: Vec<Weight>,
     /// Dense residual per member, [out, in] (expanded at load; issue 13 keeps it compact).
     pub residuals: Option<Vec<Tensor>>,
     /// Which side the basis is shared on.
@@ -180,9 +187,10 @@ impl FactorGroup {
 
     /// `A_i·act(B) + R_i` (or `U·C_i`) for member `slot`, [out, in].
     fn dense(&self, slot: usize) -> Result<Tensor> {
+        let (basis, coefficients) = (self.basis.matrix()?, self.coefficients[slot].matrix()?);
         let w = match self.side {
-            BasisSide::Input => self.coefficients[slot].matmul(&self.basis)?,
-            BasisSide::Output => self.basis.matmul(&self.coefficients[slot])?,
+            BasisSide::Input => coefficients.matmul(&basis)?,
+            BasisSide::Output => basis.matmul(&coefficients)?,
         };
         Ok(match &self.residuals {
             Some(r) => (w + &r[slot])?,
@@ -192,14 +200,15 @@ impl FactorGroup {
 
     /// Member `slot`'s matrix applied to its own rows `x` [count, in].
     fn forward_member(&self, slot: usize, x: &Tensor) -> Result<Tensor> {
+        let (basis, coefficients) = (self.basis.matrix()?, self.coefficients[slot].matrix()?);
         let y = match self.side {
             BasisSide::Input => {
-                let projected = matmul_transposed(x, &self.basis)?;
-                matmul_transposed(&projected, &self.coefficients[slot])?
+                let projected = matmul_transposed(x, &basis)?;
+                matmul_transposed(&projected, &coefficients)?
             }
             BasisSide::Output => {
-                let coefficients = matmul_transposed(x, &self.coefficients[slot])?;
-                matmul_transposed(&coefficients, &self.basis)?
+                let coefficients = matmul_transposed(x, &coefficients)?;
+                matmul_transposed(&coefficients, &basis)?
             }
         };
         self.add_residual(slot, x, y)
@@ -212,6 +221,28 @@ impl FactorGroup {
             None => Ok(y),
         }
     }
+
+    /// Bytes held by the group's basis, coefficients and expanded residuals.
+    pub fn resident_bytes(&self) -> u64 {
+        let residuals = self
+            .residuals
+            .iter()
+            .flatten()
+            .map(tensor_bytes)
+            .sum::<u64>();
+        self.basis.resident_bytes()
+            + self
+                .coefficients
+                .iter()
+                .map(Weight::resident_bytes)
+                .sum::<u64>()
+            + residuals
+    }
+}
+
+/// Bytes held by the elements of `t` (as viewed).
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 /// Where an expert's matrix lives in a [`FactoredProjection`].
@@ -225,17 +256,18 @@ enum Member {
 #[derive(Debug, Clone)]
 pub struct FactoredProjection {
     groups: Vec<FactorGroup>,
-    dense: Vec<Tensor>,
+    dense: Vec<Weight>,
     members: Vec<Member>,
 }
 
 impl FactoredProjection {
     /// Builds the projection of `num_experts` experts from factored `groups` and the dense
-    /// matrices of the other experts (`(expert, [out, in])`); every expert must be covered once.
+    /// matrices of the other experts (`(expert, [out, in])`, tensors or [`Weight`]s); every
+    /// expert must be covered once.
     pub fn new(
         num_experts: usize,
         groups: Vec<FactorGroup>,
-        dense: Vec<(usize, Tensor)>,
+        dense: Vec<(usize, impl Into<Weight>)>,
     ) -> Result<Self> {
         let mut members = vec![None; num_experts];
         let mut place = |expert: usize, member: Member| -> Result<()> {
@@ -267,7 +299,7 @@ impl FactoredProjection {
         let mut matrices = Vec::with_capacity(dense.len());
         for (e, w) in dense {
             place(e, Member::Dense(matrices.len()))?;
-            matrices.push(w);
+            matrices.push(w.into());
         }
         let members = members
             .into_iter()
@@ -287,17 +319,18 @@ impl FactoredProjection {
         })
     }
 
-    /// Loads `matrix` of `layer`: the record's factored groups, and the remaining experts dense.
+    /// Loads `matrix` of `layer`: the record's factored groups, and the remaining experts dense,
+    /// int8-stored tensors held as `holding` says.
     pub fn load(
         layout: &ExpertLayout,
         checkpoint: &Checkpoint,
         layer: usize,
         compression: Option<&CompressionRecord>,
         matrix: ExpertMatrix,
-        (dtype, device): (DType, &Device),
+        (at, holding): ((DType, &Device), Int8Holding),
     ) -> Result<Self> {
         let stored = match compression {
-            Some(c) => layout.load_groups(checkpoint, c, layer, matrix, dtype, device)?,
+            Some(c) => layout.load_groups(checkpoint, c, layer, matrix, at, holding)?,
             None => Vec::new(),
         };
         let mut covered = vec![false; layout.num_experts];
@@ -307,7 +340,10 @@ impl FactoredProjection {
             .for_each(|&e| covered[e] = true);
         let dense = (0..layout.num_experts)
             .filter(|&e| !covered[e])
-            .map(|e| Ok((e, layout.load_dense(checkpoint, e, matrix, dtype, device)?)))
+            .map(|e| {
+                let weight = layout.load_dense_weight(checkpoint, e, matrix, at, holding)?;
+                Ok((e, weight))
+            })
             .collect::<Result<Vec<_>>>()?;
         let groups = stored
             .iter()
@@ -321,10 +357,16 @@ impl FactoredProjection {
         &self.groups
     }
 
+    /// Bytes held by this projection's tensors: groups and dense experts.
+    pub fn resident_bytes(&self) -> u64 {
+        let groups: u64 = self.groups.iter().map(FactorGroup::resident_bytes).sum();
+        groups + self.dense.iter().map(Weight::resident_bytes).sum::<u64>()
+    }
+
     /// The effective dense matrix of `expert`, [out, in].
     pub fn dense_matrix(&self, expert: usize) -> Result<Tensor> {
         match self.member(expert)? {
-            Member::Dense(i) => Ok(self.dense[i].clone()),
+            Member::Dense(i) => self.dense[i].matrix(),
             Member::Group { group, slot } => self.groups[group].dense(slot),
         }
     }
@@ -341,7 +383,7 @@ impl FactoredProjection {
     /// Applies `expert`'s matrix to its own input rows `x` [count, in].
     pub fn forward_expert(&self, expert: usize, x: &Tensor) -> Result<Tensor> {
         match self.member(expert)? {
-            Member::Dense(i) => matmul_transposed(x, &self.dense[i]),
+            Member::Dense(i) => matmul_transposed(x, &self.dense[i].matrix()?),
             Member::Group { group, slot } => self.groups[group].forward_member(slot, x),
         }
     }
@@ -372,7 +414,7 @@ impl FactoredProjection {
                 continue;
             };
             let y = match *member {
-                Member::Dense(i) => matmul_transposed(h, &self.dense[i])?,
+                Member::Dense(i) => matmul_transposed(h, &self.dense[i].matrix()?)?,
                 Member::Group { group, slot } => match &self.groups[group] {
                     g if g.side == BasisSide::Output => continue,
                     g => g.forward_member(slot, h)?,
@@ -385,6 +427,7 @@ impl FactoredProjection {
                 continue;
             };
             let (union, rank) = (route.tokens.dim(0)?, group.basis.dim(1)?);
+            let basis = group.basis.matrix()?;
             let mut sum = Tensor::zeros((union, rank), out.dtype(), out.device())?;
             for (slot, positions) in route.positions.iter().enumerate() {
                 let expert = group.experts[slot];
@@ -393,10 +436,10 @@ impl FactoredProjection {
                 else {
                     continue;
                 };
-                let c = matmul_transposed(h, &group.coefficients[slot])?;
+                let c = matmul_transposed(h, &group.coefficients[slot].matrix()?)?;
                 sum = sum.index_add(positions, &weighted(c, &member_route.weights)?, 0)?;
             }
-            out = out.index_add(&route.tokens, &matmul_transposed(&sum, &group.basis)?, 0)?;
+            out = out.index_add(&route.tokens, &matmul_transposed(&sum, &basis)?, 0)?;
         }
         Ok(out)
     }
@@ -421,7 +464,7 @@ impl FactoredProjection {
         let mut out: Vec<Option<Tensor>> = vec![None; self.members.len()];
         for (expert, member) in self.members.iter().enumerate() {
             if let (Member::Dense(i), Some(x_e)) = (member, rows(expert)?) {
-                out[expert] = Some(matmul_transposed(&x_e, &self.dense[*i])?);
+                out[expert] = Some(matmul_transposed(&x_e, &self.dense[*i].matrix()?)?);
             }
         }
         for group in &self.groups {
@@ -436,13 +479,14 @@ impl FactoredProjection {
             let Some(route) = routes.get(dispatch, &group.experts)? else {
                 continue;
             };
-            let projected = matmul_transposed(&x.index_select(&route.tokens, 0)?, &group.basis)?;
+            let basis = group.basis.matrix()?;
+            let projected = matmul_transposed(&x.index_select(&route.tokens, 0)?, &basis)?;
             for (slot, positions) in route.positions.iter().enumerate() {
                 let (Some(positions), expert) = (positions, group.experts[slot]) else {
                     continue;
                 };
                 let z = projected.index_select(positions, 0)?;
-                let y = matmul_transposed(&z, &group.coefficients[slot])?;
+                let y = matmul_transposed(&z, &group.coefficients[slot].matrix()?)?;
                 let y = match &group.residuals {
                     Some(_) => match rows(expert)? {
                         Some(x_e) => group.add_residual(slot, &x_e, y)?,
@@ -526,6 +570,42 @@ impl RoutedExperts {
         Self::load_as(form, layout, checkpoint, layer, compression, dtype, device)
     }
 
+    /// [`Self::load`] with int8-stored factors and dense members held as `holding` says
+    /// ([`Int8Holding::Dequantised`] is the dequantise-at-load reference that the resident
+    /// default must match bit for bit).
+    pub fn load_holding_int8(
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+        (dtype, device): (DType, &Device),
+        holding: Int8Holding,
+    ) -> Result<Self> {
+        match ExpertsForm::for_layer(layout, checkpoint, layer, compression, device) {
+            ExpertsForm::Factored => {
+                let at = ((dtype, device), holding);
+                Self::load_factored(layout, checkpoint, layer, compression, at)
+            }
+            form => Self::load_as(form, layout, checkpoint, layer, compression, dtype, device),
+        }
+    }
+
+    /// The factored form of `layer`'s experts.
+    fn load_factored(
+        layout: &ExpertLayout,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        compression: Option<&CompressionRecord>,
+        at: ((DType, &Device), Int8Holding),
+    ) -> Result<Self> {
+        let load = |m| FactoredProjection::load(layout, checkpoint, layer, compression, m, at);
+        Ok(Self::Factored(Box::new(FactoredExperts {
+            gate: load(ExpertMatrix::Gate)?,
+            up: load(ExpertMatrix::Up)?,
+            down: load(ExpertMatrix::Down)?,
+        })))
+    }
+
     /// Loads the experts of `layer` in `form` (a record's factors are honoured only by
     /// [`ExpertsForm::Factored`]; the other forms need dense experts on disk).
     pub fn load_as(
@@ -561,23 +641,25 @@ impl RoutedExperts {
                 })
             }
             ExpertsForm::Factored => {
-                let load = |m| {
-                    FactoredProjection::load(
-                        layout,
-                        checkpoint,
-                        layer,
-                        compression,
-                        m,
-                        (dtype, device),
-                    )
-                };
-                Self::Factored(Box::new(FactoredExperts {
-                    gate: load(ExpertMatrix::Gate)?,
-                    up: load(ExpertMatrix::Up)?,
-                    down: load(ExpertMatrix::Down)?,
-                }))
+                let at = ((dtype, device), Int8Holding::Resident);
+                Self::load_factored(layout, checkpoint, layer, compression, at)?
             }
         })
+    }
+
+    /// Bytes held by the routed experts' tensors (int8 factors as codes and scales; an
+    /// expanded residual as its dense matrices).
+    pub fn resident_bytes(&self) -> u64 {
+        match self {
+            Self::Dense(experts) => experts
+                .iter()
+                .map(|e| tensor_bytes(&e.gate) + tensor_bytes(&e.up) + tensor_bytes(&e.down))
+                .sum(),
+            Self::Stacked(s) => tensor_bytes(&s.gate) + tensor_bytes(&s.up) + tensor_bytes(&s.down),
+            Self::Factored(f) => {
+                f.gate.resident_bytes() + f.up.resident_bytes() + f.down.resident_bytes()
+            }
+        }
     }
 
     /// The form of these experts.
@@ -926,10 +1008,10 @@ mod tests {
         };
         StoredGroup {
             coefficients: (0..experts.len() as u64)
-                .map(|i| random(seed + i, coefficient_shape))
+                .map(|i| Weight::Dense(random(seed + i, coefficient_shape)))
                 .collect(),
             experts,
-            basis: random(seed + 50, basis_shape),
+            basis: Weight::Dense(random(seed + 50, basis_shape)),
             activation,
             residual: (residual_size > 0).then(|| StoredResidual {
                 eta: random(seed + 60, (1, residual_size)).flatten_all().unwrap(),
@@ -942,9 +1024,10 @@ mod tests {
     /// The dense matrices `A_i·act(B) + P η` of a stored group, computed independently.
     fn reconstruction(group: &StoredGroup, matrix: ExpertMatrix) -> Vec<Tensor> {
         let (out, cols) = shape(matrix);
+        let basis = group.basis.matrix().unwrap();
         let basis = match group.activation {
-            BasisActivation::Identity => group.basis.clone(),
-            BasisActivation::Silu => candle_nn::ops::silu(&group.basis).unwrap(),
+            BasisActivation::Identity => basis,
+            BasisActivation::Silu => candle_nn::ops::silu(&basis).unwrap(),
         };
         let residual: Option<Vec<f32>> = group.residual.as_ref().map(|r| {
             let eta: Vec<f32> = r.eta.to_vec1().unwrap();
@@ -955,9 +1038,10 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(slot, a)| {
+                let a = a.matrix().unwrap();
                 let w = match group.side {
                     BasisSide::Input => a.matmul(&basis).unwrap(),
-                    BasisSide::Output => basis.matmul(a).unwrap(),
+                    BasisSide::Output => basis.matmul(&a).unwrap(),
                 };
                 match &residual {
                     Some(r) => {

@@ -14,6 +14,7 @@ pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod routing;
 pub mod validate;
+pub mod weight;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -575,6 +576,17 @@ impl Model {
         }
         let last = hidden.narrow(1, seq - 1, 1)?;
         Ok(self.ends.logits(&last)?.squeeze(1)?)
+    }
+
+    /// Bytes held by the routed experts of every layer ([`RoutedExperts::resident_bytes`]).
+    pub fn routed_expert_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|layer| match &layer.feed_forward {
+                FeedForward::Moe(block) => block.experts.resident_bytes(),
+                FeedForward::Dense(_) => 0,
+            })
+            .sum()
     }
 
     /// An empty key/value cache for this model.

@@ -185,13 +185,13 @@ fn prepare(args: &Args, s: &Shape, work: &Path) -> anyhow::Result<Vec<Variant>> 
 }
 
 /// Loads `variant` with our runtime, checks its layers and expert form, and times it with all
-/// layers and with none.
+/// layers and with none; also returns the bytes its routed experts hold per layer.
 fn measure_ours(
     variant: &Variant,
     args: &Args,
     (dtype, device): (DType, &Device),
     protocol: &Protocol,
-) -> anyhow::Result<(Timings, Timings)> {
+) -> anyhow::Result<(Timings, Timings, u64)> {
     let checkpoint = Checkpoint::open(&variant.dir)?;
     let model = Model::load(&checkpoint, dtype, device)
         .with_context(|| format!("loading {}", variant.dir.display()))?;
@@ -205,11 +205,12 @@ fn measure_ours(
             );
         }
     }
+    let bytes_per_layer = model.routed_expert_bytes() / args.layers as u64;
     let mut ours = Ours::new(model);
     let with_layers = measure(&mut ours, device, protocol)?;
     ours.truncate(0);
     let without_layers = measure(&mut ours, device, protocol)?;
-    Ok((with_layers, without_layers))
+    Ok((with_layers, without_layers, bytes_per_layer))
 }
 
 /// Times candle-transformers on the original's shards with all layers and with none.
@@ -281,8 +282,7 @@ fn main() -> anyhow::Result<()> {
     }
     for variant in &variants {
         eprintln!("measuring rfid-moe on {}", variant.label);
-        let (full, ends) = measure_ours(variant, &args, (dtype, &device), &protocol)?;
-        let bytes = bytes_per_layer(&variant.params);
+        let (full, ends, bytes) = measure_ours(variant, &args, (dtype, &device), &protocol)?;
         rows.push(Row::new(
             "rfid-moe",
             &variant.label,
@@ -322,8 +322,8 @@ fn print_report(args: &Args, rows: &[Row], device: &Device) {
         "Per layer = (T(all {} layers) − T(no layer: embedding, norm, head)) / {}, medians of the \
          same runtime. Prefill: {} tokens at batch 1, median of {}. Decode: one step (one new \
          token per sequence) after a {}-token prefill, median of {} steps after {} warm-up. \
-         Speed-ups are reference time / this time. Experts: Σ routed-expert tensor elements × \
-         dtype size.",
+         Speed-ups are reference time / this time. Experts: bytes of the routed-expert tensors \
+         held in memory (candle-transformers: elements × dtype size).",
         args.layers,
         args.layers,
         args.context,
