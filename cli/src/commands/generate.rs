@@ -174,12 +174,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     eprintln!(
         "{} prompt tokens at {:.1} tokens/s; {} new tokens, {:.2} tokens/s after the first ({reason}); \
-         key/value cache {:.1} MB",
+         key/value cache {:.1} MB; routed experts {:.1} MB",
         generation.prompt_tokens,
         generation.prefill_tokens_per_second(),
         generation.tokens.len(),
         generation.decode_tokens_per_second(),
         generation.kv_cache_bytes as f64 / 1e6,
+        generation.routed_expert_bytes as f64 / 1e6,
     );
     Ok(())
 }
