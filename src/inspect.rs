@@ -98,6 +98,9 @@ pub struct ModelSummary {
     pub shards: usize,
     /// Whether the checkpoint was written by `rfid-moe compress`.
     pub compressed: bool,
+    /// How a compressed checkpoint stores its factors (`int8-row128`), when not as `dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor_storage: Option<String>,
 }
 
 /// Summarises the checkpoint at `checkpoint`.
@@ -106,6 +109,7 @@ pub fn summarize(checkpoint: &Checkpoint) -> Result<ModelSummary> {
     let spec = config.spec();
     let moe_layers = spec.moe_layer_indices();
     let first = spec.moe_layers.iter().flatten().next();
+    let record = compression_record(checkpoint)?;
     Ok(ModelSummary {
         path: checkpoint.dir().display().to_string(),
         family: spec.family,
@@ -124,7 +128,8 @@ pub fn summarize(checkpoint: &Checkpoint) -> Result<ModelSummary> {
         parameters: parameter_counts(checkpoint),
         bytes_on_disk: checkpoint.bytes_on_disk(),
         shards: checkpoint.shard_paths().len(),
-        compressed: compression_record(checkpoint)?.is_some(),
+        compressed: record.is_some(),
+        factor_storage: record.and_then(|r| r.factor_storage),
     })
 }
 
@@ -176,7 +181,10 @@ impl std::fmt::Display for ModelSummary {
             "sizes            hidden {}, expert intermediate {}, vocab {}",
             self.hidden_size, self.expert_intermediate_size, self.vocab_size
         )?;
-        writeln!(f, "dtype            {}", self.dtype)?;
+        match &self.factor_storage {
+            Some(storage) => writeln!(f, "dtype            {} (factors {storage})", self.dtype)?,
+            None => writeln!(f, "dtype            {}", self.dtype)?,
+        }
         writeln!(f, "parameters       {} total", p.total)?;
         writeln!(
             f,

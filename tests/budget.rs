@@ -137,6 +137,10 @@ fn a_larger_byte_budget_prunes_and_factors_all_three_matrices() {
     let layer = &report.layers[0];
     assert!(!layer.pruning.as_ref().unwrap().removed.is_empty());
     assert_eq!(layer.matrices.len(), 3, "gate, up and down are factored");
+    let summary =
+        rfid_moe::inspect::summarize(&rfid_moe::checkpoint::Checkpoint::open(&out).unwrap())
+            .unwrap();
+    assert_eq!(summary.factor_storage.as_deref(), Some("int8-row128"));
     let kept = kept_share(&model, &out);
     eprintln!("mini at 0.7: kept {kept:.4}");
     assert!(
