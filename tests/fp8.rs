@@ -489,6 +489,44 @@ fn compressing_fp8_copies_uncompressed_tensors_byte_for_byte() {
 }
 
 #[test]
+fn the_default_meets_a_byte_budget_on_fp8_and_copies_the_prediction_layer() {
+    let built = build();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let calibration = calibration_file(work.path(), 16, 32);
+    let ratio = 0.5;
+    let options = common::small_default_options(&built.fp8, &calibration, &out, ratio);
+    let report = rfid_moe::compress(&options).unwrap();
+    let budget = report.byte_budget.clone().unwrap();
+    // FP8 codes plus 128×128 block scales: just over one byte per parameter in.
+    assert!(
+        (1.0..1.05).contains(&budget.input_bytes_per_parameter),
+        "{budget:?}"
+    );
+    assert!(budget.parameter_ratio > 0.4, "{budget:?}");
+    let before = rfid_moe::sweep::tensor_bytes(&built.fp8)
+        .unwrap()
+        .routed_experts;
+    let after = rfid_moe::sweep::tensor_bytes(&out).unwrap().routed_experts;
+    assert_eq!(budget.routed_bytes_before, before);
+    let kept = after as f64 / before as f64;
+    assert!(
+        kept <= 1.0 - ratio + 0.01 && kept >= 1.0 - ratio - 0.03,
+        "kept {kept:.4} of the routed bytes (prediction layer included)"
+    );
+    // The multi-token-prediction layer is copied byte for byte, scales and all.
+    let (input, output) = (raw_tensors(&built.fp8), raw_tensors(&out));
+    let mtp = format!("model.layers.{NUM_LAYERS}.");
+    let copied: Vec<_> = input.keys().filter(|n| n.starts_with(&mtp)).collect();
+    assert!(copied.len() > 30);
+    for name in copied {
+        assert_eq!(output.get(name), input.get(name), "`{name}`");
+    }
+    let values: Vec<f32> = logits(&out).flatten_all().unwrap().to_vec1().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+#[test]
 fn a_missing_or_misshapen_scale_is_a_clear_error() {
     let built = build();
     let weight = "model.layers.1.self_attn.o_proj.weight";

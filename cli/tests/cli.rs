@@ -369,6 +369,13 @@ fn compress_rejects_bad_options_with_clear_messages() {
     assert!(stderr.contains("--out is required"), "{stderr}");
     let stderr = run(&[&base[..], &["--xi", "often", "--dry-run"]].concat());
     assert!(stderr.contains("--xi `often`"), "{stderr}");
+    // The default method prunes and factors down, which --xi auto does not measure: one message
+    // says how to ask for what it does measure.
+    let stderr = run(&[&base[..], &["--xi", "auto", "--dry-run"]].concat());
+    assert!(
+        stderr.contains("--method prune+lowrank") && stderr.contains("--preset paper"),
+        "{stderr}"
+    );
     let model_scope = [
         "--preset",
         "paper",

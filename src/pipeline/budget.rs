@@ -8,10 +8,12 @@
 //! which the untargeted matrices take `(3−t)·b_in`, so the targeted matrices keep the parameter
 //! fraction `1−ρ' = ((1−ρ)·3 − (3−t))·b_in / (t·b_out)`. When that exceeds 1 the storage alone
 //! meets the budget and nothing is factored away (ρ' = 0): the output is then smaller than asked.
-//! A pruned expert frees its untargeted matrices at `b_in`, so with pruning and `t < 3` the output
-//! is a little smaller than asked as well; with `t = 3` the arithmetic is exact up to int8 scales
-//! of narrow factors (up to `4·⌈K/128⌉` bytes per row of rank K), which the report's measured
-//! `stored_bytes` shows.
+//! Routed experts outside the compressed layers (DeepSeek-V3's multi-token-prediction layer) are
+//! copied, so the compressed layers give up the whole budget. A pruned expert frees its
+//! untargeted matrices at `b_in`, so with pruning and `t < 3` the output
+//! is a little smaller than asked as well; with `t = 3` the arithmetic is exact up to the int8
+//! scales of narrow factors (`4·⌈K/128⌉` bytes per row of rank K), estimated at the rank every
+//! group would get; the report's measured `stored_bytes` shows what was written.
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -44,25 +46,44 @@ pub fn resolve(
     if options.allocation.budget == BudgetUnit::Parameters {
         return Ok((options.clone(), None));
     }
-    let (routed_bytes_before, routed_parameters) = routed_expert_storage(checkpoint);
-    if routed_parameters == 0 {
+    let spec = crate::models::ArchConfig::from_checkpoint(checkpoint)?.spec();
+    let blocks: Vec<String> = spec
+        .moe_layers
+        .iter()
+        .flatten()
+        .map(|layout| format!("{}.", layout.block))
+        .collect();
+    let storage = routed_expert_storage(checkpoint, &blocks);
+    if storage.compressed_parameters == 0 {
         return Err(Error::InvalidArgument(format!(
-            "--budget bytes: {} has no routed expert tensors (names with `.experts.`) to size",
+            "--budget bytes: {} has no routed expert tensors (names with `.experts.`) in its MoE \
+             layers to size",
             checkpoint.dir().display()
         )));
     }
-    let input_bytes_per_parameter = routed_bytes_before as f64 / routed_parameters as f64;
+    let routed_bytes_before = storage.bytes;
+    let input_bytes_per_parameter =
+        storage.compressed_bytes as f64 / storage.compressed_parameters as f64;
     let byte_ratio = options.allocation.ratio;
+    // Routed experts outside the compressed layers (DeepSeek-V3's multi-token-prediction layer)
+    // are copied: the compressed layers give up the whole budget.
+    let kept_of_compressed = ((1.0 - byte_ratio) * storage.bytes as f64
+        - (storage.bytes - storage.compressed_bytes) as f64)
+        / storage.compressed_bytes as f64;
+    let compressed_byte_ratio = 1.0 - kept_of_compressed;
+    if !(0.0..1.0).contains(&byte_ratio) || kept_of_compressed <= 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "--ratio {byte_ratio} of the routed experts' bytes cannot be met: it must be in [0, 1), \
+             and the routed experts outside the compressed layers keep {} of their {} bytes",
+            storage.bytes - storage.compressed_bytes,
+            storage.bytes
+        )));
+    }
     let targeted = options.allocation.targeted();
     let storage = match options.pruning.method.factors() {
         false => FactorStorage::Plain(input_bytes_per_parameter),
         true if options.factorization.factor_dtype == super::INT8_FACTORS => {
-            let layout = crate::models::ArchConfig::from_checkpoint(checkpoint)?
-                .spec()
-                .moe_layers
-                .into_iter()
-                .flatten()
-                .next();
+            let layout = spec.moe_layers.iter().flatten().next();
             match layout {
                 Some(layout) => FactorStorage::Int8 {
                     group: GroupDims {
@@ -91,7 +112,7 @@ pub fn resolve(
     let mut parameter_ratio = 0.0;
     for _ in 0..32 {
         parameter_ratio = self::parameter_ratio(
-            byte_ratio,
+            compressed_byte_ratio,
             targeted.len(),
             input_bytes_per_parameter / output_bytes_per_parameter,
         )?;
@@ -212,10 +233,22 @@ impl GroupDims {
     }
 }
 
-/// The routed experts' stored bytes (quantisation scales included) and parameters (scales
-/// excluded) in `checkpoint`.
-pub fn routed_expert_storage(checkpoint: &Checkpoint) -> (u64, u64) {
-    let (mut bytes, mut parameters) = (0u64, 0u64);
+/// The routed experts' stored bytes in a checkpoint: in all, and in (with the parameters of) the
+/// MoE layers the pipeline compresses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoutedStorage {
+    /// Bytes of every routed-expert tensor (quantisation scales included).
+    pub bytes: u64,
+    /// Bytes of those in the compressed MoE layers.
+    pub compressed_bytes: u64,
+    /// Parameters of those in the compressed MoE layers (scales excluded).
+    pub compressed_parameters: u64,
+}
+
+/// The routed experts' storage of `checkpoint`, `blocks` being the compressed MoE blocks'
+/// name prefixes (`model.layers.3.mlp.`).
+pub fn routed_expert_storage(checkpoint: &Checkpoint, blocks: &[String]) -> RoutedStorage {
+    let mut storage = RoutedStorage::default();
     for name in checkpoint.tensor_names() {
         if !crate::sweep::is_routed_expert_tensor(name) {
             continue;
@@ -223,12 +256,16 @@ pub fn routed_expert_storage(checkpoint: &Checkpoint) -> (u64, u64) {
         let Some((info, _)) = checkpoint.info(name) else {
             continue;
         };
-        bytes += (info.data_range.1 - info.data_range.0) as u64;
-        if !checkpoint.is_quantisation_scale(name) {
-            parameters += info.numel() as u64;
+        let bytes = (info.data_range.1 - info.data_range.0) as u64;
+        storage.bytes += bytes;
+        if blocks.iter().any(|block| name.starts_with(block.as_str())) {
+            storage.compressed_bytes += bytes;
+            if !checkpoint.is_quantisation_scale(name) {
+                storage.compressed_parameters += info.numel() as u64;
+            }
         }
     }
-    (bytes, parameters)
+    storage
 }
 
 #[cfg(test)]

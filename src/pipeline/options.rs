@@ -369,6 +369,7 @@ impl CompressOptions {
         self.calibration.validate()?;
         self.allocation.validate()?;
         self.pruning.validate()?;
+        super::tune::validate(self)?;
         self.validate_down_proj()?;
         if self.pruning.method.prunes() && self.calibration.statistics_cache.is_some() {
             return invalid(format!(
@@ -377,7 +378,6 @@ impl CompressOptions {
                 self.pruning.method
             ));
         }
-        super::tune::validate(self)?;
         let output = &self.output;
         if !output.dry_run && output.out.is_none() {
             return invalid("--out is required (or use --dry-run)".into());

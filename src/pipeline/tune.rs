@@ -93,11 +93,16 @@ pub fn validate(options: &CompressOptions) -> Result<()> {
             allocation.policy
         ));
     }
-    if options.pruning.method.prunes() {
+    let down = allocation.factors(ExpertMatrix::Down);
+    if options.pruning.method.prunes() || down {
+        let what = match options.pruning.method.prunes() {
+            true => format!("--method {}", options.pruning.method),
+            false => "--matrices with down".to_string(),
+        };
         return invalid(format!(
-            "--xi auto measures the low-rank allocation of every expert; it does not combine \
-             with --method {} (use --method lowrank)",
-            options.pruning.method
+            "--xi auto measures the low-rank allocation of every expert's gate and up; it does \
+             not combine with {what} (the default): add --preset paper, or --method lowrank \
+             --matrices gate,up"
         ));
     }
     if allocation.budget_scope != BudgetScope::Layer {
