@@ -158,6 +158,22 @@ fn saved_settings_without_a_method_or_budget_mean_what_they_meant() {
     let read: CompressOptions = toml::from_str(&text).unwrap();
     assert_eq!(read.pruning.method, CompressMethod::LowRank);
     assert_eq!(read.allocation.budget, BudgetUnit::Parameters);
+    // A file written before byte budgets (no `budget`, no [pruning], no `matrices`) and a
+    // hand-written partial one mean the paper preset's values for what they leave out.
+    let old: CompressOptions = toml::from_str(
+        "model = \"m\"\n[allocation]\nratio = 0.4\n[factorization]\nwhiten = false\n",
+    )
+    .unwrap();
+    assert_eq!(old.allocation.budget, BudgetUnit::Parameters);
+    assert_eq!(
+        old.allocation.matrices,
+        rfid_moe::pipeline::options::PAPER_MATRICES
+    );
+    assert_eq!(old.factorization.factor_dtype, "auto");
+    assert!(!old.factorization.whiten);
+    assert_eq!(old.pruning.method, CompressMethod::LowRank);
+    let partial: CompressOptions = toml::from_str("[pruning]\nsaliency = \"frequency\"\n").unwrap();
+    assert_eq!(partial.pruning.method, CompressMethod::LowRank);
     // The default is written out in full.
     let text = toml::to_string(&CompressOptions::default()).unwrap();
     assert!(text.contains("method = \"prune+lowrank\""), "{text}");

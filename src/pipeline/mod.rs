@@ -83,7 +83,8 @@ pub fn compress_with_progress(
         true => tune::split_holdout(&windows, options.calibration.holdout_fraction)?,
         false => (windows, Vec::new()),
     };
-    let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)?;
+    let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)
+        .map_err(|error| budget::in_requested_terms(error, byte_budget.as_ref()))?;
     let manifest = resume::Manifest::new(requested, &checkpoint, &fingerprint)?;
     // A signal now only asks the run to stop at its next safe point.
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);

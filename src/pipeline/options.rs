@@ -204,9 +204,10 @@ pub const DEFAULT_MATRICES: [ExpertMatrix; 3] =
 /// The matrices the paper factors: gate and up (`down_proj` stays dense).
 pub const PAPER_MATRICES: [ExpertMatrix; 2] = [ExpertMatrix::Gate, ExpertMatrix::Up];
 
-/// What the allocate stage reads: the budget and how it is shared between groups.
+/// What the allocate stage reads: the budget and how it is shared between groups. In a config
+/// file, a key left out takes the paper preset's value ([`AllocationOptions::paper`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default = "AllocationOptions::paper", deny_unknown_fields)]
 pub struct AllocationOptions {
     /// The routed-expert matrices that are factored (`--matrices`; default gate, up and down,
     /// the others stay dense). `down` shares its basis on the output side (docs/FORMAT.md).
@@ -256,9 +257,10 @@ impl Default for AllocationOptions {
     }
 }
 
-/// What the factor stage reads: the factoriser and the form of the written factors.
+/// What the factor stage reads: the factoriser and the form of the written factors. In a config
+/// file, a key left out takes the paper preset's value ([`FactorizationOptions::paper`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default = "FactorizationOptions::paper", deny_unknown_fields)]
 pub struct FactorizationOptions {
     /// Factoriser.
     pub factorizer: FactorizerKind,
@@ -291,6 +293,16 @@ impl Default for FactorizationOptions {
     }
 }
 
+impl FactorizationOptions {
+    /// The paper's factor storage: the checkpoint's dtype.
+    pub fn paper() -> Self {
+        Self {
+            factor_dtype: "auto".into(),
+            ..Self::default()
+        }
+    }
+}
+
 /// What the emit stage reads: where the checkpoint goes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -309,9 +321,11 @@ pub struct OutputOptions {
     pub restart: bool,
 }
 
-/// Every setting of a compression run, one group per stage.
+/// Every setting of a compression run, one group per stage. `Default` is the recommended method;
+/// a config file (`compress.toml`) that leaves a key out means the paper preset's value
+/// ([`CompressOptions::paper`]), which is also what files written before byte budgets meant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default = "CompressOptions::paper", deny_unknown_fields)]
 pub struct CompressOptions {
     /// Input checkpoint directory.
     pub model: PathBuf,
@@ -327,10 +341,7 @@ pub struct CompressOptions {
     pub output: OutputOptions,
     /// Expert pruning and the method (`--method`); left out of saved settings for plain
     /// low-rank runs, so a file without it means `lowrank`.
-    #[serde(
-        skip_serializing_if = "PruningOptions::is_low_rank_only",
-        default = "PruningOptions::low_rank_only"
-    )]
+    #[serde(skip_serializing_if = "PruningOptions::is_low_rank_only")]
     pub pruning: PruningOptions,
 }
 
@@ -356,12 +367,12 @@ impl CompressOptions {
     /// The paper's method (`--preset paper`): low-rank factors of gate and up in the
     /// checkpoint's dtype, `ratio` a fraction of their parameters, no pruning.
     pub fn paper() -> Self {
-        let mut options = Self::default();
-        options.allocation.matrices = PAPER_MATRICES.to_vec();
-        options.allocation.budget = BudgetUnit::Parameters;
-        options.factorization.factor_dtype = "auto".into();
-        options.pruning = PruningOptions::low_rank_only();
-        options
+        Self {
+            allocation: AllocationOptions::paper(),
+            factorization: FactorizationOptions::paper(),
+            pruning: PruningOptions::low_rank_only(),
+            ..Self::default()
+        }
     }
 
     /// Checks every group; the message names the offending option and its valid range.
@@ -449,6 +460,15 @@ impl CalibrationOptions {
 }
 
 impl AllocationOptions {
+    /// The paper's allocation: gate and up, `ratio` a fraction of their parameters.
+    pub fn paper() -> Self {
+        Self {
+            matrices: PAPER_MATRICES.to_vec(),
+            budget: BudgetUnit::Parameters,
+            ..Self::default()
+        }
+    }
+
     /// Whether `matrix` is factored.
     pub fn factors(&self, matrix: ExpertMatrix) -> bool {
         self.matrices.contains(&matrix)

@@ -11,10 +11,12 @@
 //!   `renormalize_router_weights = False`). Experts no token reached score 0.
 //! - `frequency`: the number of top-k hits.
 //!
-//! Budget: `--ratio ρ` keeps its meaning for every method, the fraction of the targeted matrices'
-//! parameters removed (gate/up by default, `--matrices` names them), so that outputs of equal ρ
-//! have equal size. An expert holds 3 matrices of `p·d`, `t` of which are targeted, so `prune`
-//! removes `round(ρ·n·t/3)` experts per layer (`round(ρ·n·2/3)` for gate/up).
+//! Budget: the (parameter) ratio ρ keeps its meaning for every method, the fraction of the
+//! targeted matrices' parameters removed (`--matrices` names them: all three by default, gate/up
+//! in the paper's preset; a byte budget is turned into ρ first, `pipeline::budget`), so that
+//! outputs of equal ρ have equal size. An expert holds 3 matrices of `p·d`, `t` of which are
+//! targeted, so `prune` removes `round(ρ·n·t/3)` experts per layer (`round(ρ·n)` for all three,
+//! `round(ρ·n·2/3)` for gate/up).
 //! `prune+lowrank` removes `round(F·n)` experts (`--prune-fraction F`; by default half of the
 //! budget goes to pruning: `round(ρ·n·t/6)`, lowered if routing cannot run without them) and
 //! factors the kept experts' targeted matrices at `ρ' = (ρ·n − (3/t)·m)/(n − m)`, so the total
@@ -148,9 +150,10 @@ impl std::str::FromStr for Saliency {
     }
 }
 
-/// The `[pruning]` table of `compress.toml`: the method and, when experts are removed, how.
+/// The `[pruning]` table of `compress.toml`: the method and, when experts are removed, how (a
+/// key left out means [`PruningOptions::low_rank_only`]'s value, as for the whole table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default = "PruningOptions::low_rank_only", deny_unknown_fields)]
 pub struct PruningOptions {
     /// What is done to the routed experts.
     pub method: CompressMethod,

@@ -111,7 +111,7 @@ pub struct Report {
     pub calibration_tokens: usize,
     /// Calibration fingerprint.
     pub calibration_fingerprint: String,
-    /// Targeted parameters (of the factored matrices, `--matrices`: gate/up by default) before.
+    /// Targeted parameters (of the factored matrices, `--matrices`: all three by default) before.
     pub targeted_parameters_before: u64,
     /// Targeted parameters after.
     pub targeted_parameters_after: u64,

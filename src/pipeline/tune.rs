@@ -102,7 +102,8 @@ pub fn validate(options: &CompressOptions) -> Result<()> {
         return invalid(format!(
             "--xi auto measures the low-rank allocation of every expert's gate and up; it does \
              not combine with {what} (the default): add --preset paper, or --method lowrank \
-             --matrices gate,up"
+             --matrices gate,up (in a --config file: method = \"lowrank\" in [pruning], \
+             matrices = [\"gate\", \"up\"] in [allocation])"
         ));
     }
     if allocation.budget_scope != BudgetScope::Layer {
