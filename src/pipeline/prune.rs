@@ -18,7 +18,8 @@
 //! targeted, so `prune` removes `round(ρ·n·t/3)` experts per layer (`round(ρ·n)` for all three,
 //! `round(ρ·n·2/3)` for gate/up).
 //! `prune+lowrank` removes `round(F·n)` experts (`--prune-fraction F`; by default half of the
-//! budget goes to pruning: `round(ρ·n·t/6)`, lowered if routing cannot run without them) and
+//! budget goes to pruning: `round(ρ·n·t/6)`, at most `n/8` ([`DEFAULT_MAX_PRUNED_FRACTION`]),
+//! lowered if routing cannot run without them) and
 //! factors the kept experts' targeted matrices at `ρ' = (ρ·n − (3/t)·m)/(n − m)`, so the total
 //! stays `ρ·n·t·p·d` per layer.
 //!
@@ -444,6 +445,19 @@ impl RoutingLimits {
     }
 }
 
+/// The default `prune+lowrank` split prunes at most this fraction of each layer's experts (the
+/// rest of the budget goes to low-rank): chosen on held-out calibration text, where pruning more
+/// lost on both trained models (docs/RESULTS.md §9).
+pub const DEFAULT_MAX_PRUNED_FRACTION: f64 = 0.125;
+
+/// The experts (before rounding) the default `prune+lowrank` split removes of `experts` at the
+/// parameter ratio `ratio` with `targeted` of the 3 matrices counted: half of the budget, at most
+/// [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts.
+pub fn default_split_removal(ratio: f64, experts: usize, targeted: usize) -> f64 {
+    let n = experts as f64;
+    (ratio * n * targeted as f64 / 6.0).min(n * DEFAULT_MAX_PRUNED_FRACTION)
+}
+
 impl PrunePlan {
     /// The plan `options` asks for (None for `lowrank`), checked against the checkpoint's
     /// routing.
@@ -459,7 +473,9 @@ impl PrunePlan {
         let worth = targeted as f64 / 3.0;
         let wanted = match (pruning.method, pruning.fraction) {
             (CompressMethod::PruneLowRank, Some(f)) => f * n,
-            (CompressMethod::PruneLowRank, None) => ratio * n * worth / 2.0,
+            (CompressMethod::PruneLowRank, None) => {
+                default_split_removal(ratio, limits.experts, targeted)
+            }
             _ => ratio * n * worth,
         };
         let remove = match (pruning.method, pruning.fraction) {
@@ -748,6 +764,16 @@ mod tests {
         assert!(rule(Saliency::Frequency, 3, 2)
             .select(&counts, None)
             .is_err());
+    }
+
+    #[test]
+    fn the_default_split_prunes_half_the_budget_up_to_an_eighth_of_the_experts() {
+        // Half of ρ·n·t/3: 0.24·16·3/6 = 1.92 of 16 (under the cap of 2).
+        assert!((default_split_removal(0.24, 16, 3) - 1.92).abs() < 1e-12);
+        // 0.44·32·3/6 = 7.04 of 32 is capped at 4; gate/up only counts 2 of 3 matrices.
+        assert_eq!(default_split_removal(0.44, 32, 3), 4.0);
+        assert!((default_split_removal(0.3, 16, 2) - 1.6).abs() < 1e-12);
+        assert_eq!(default_split_removal(0.9, 8, 3), 1.0);
     }
 
     #[test]

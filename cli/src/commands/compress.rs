@@ -55,7 +55,8 @@ pub struct CompressArgs {
     #[arg(long, value_parser = choice::<Saliency>())]
     prune_saliency: Option<Saliency>,
     /// --method prune+lowrank: fraction of each layer's experts removed; the rest of the --ratio
-    /// budget factors the kept experts (default: half of the budget goes to pruning).
+    /// budget factors the kept experts (default: half of the budget goes to pruning, at most an
+    /// eighth of the experts).
     #[arg(long)]
     prune_fraction: Option<f64>,
     /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
