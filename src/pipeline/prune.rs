@@ -160,7 +160,8 @@ pub struct PruningOptions {
     pub method: CompressMethod,
     /// How experts are ranked.
     pub saliency: Saliency,
-    /// `prune+lowrank`: fraction of each layer's experts removed (None: half of the budget, at most an eighth of the experts).
+    /// `prune+lowrank`: fraction of each layer's experts removed (None: half of the budget, at
+    /// most an eighth of the experts).
     pub fraction: Option<f64>,
 }
 
