@@ -38,15 +38,10 @@ fn token_file(dir: &Path, windows: usize, seq: usize) -> PathBuf {
 }
 
 fn compress_options(model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
-    let mut options = CompressOptions {
-        model: model.to_path_buf(),
-        ..CompressOptions::paper()
-    };
-    options.calibration.data = calibration.to_path_buf();
+    let ratio = CompressOptions::paper().allocation.ratio;
+    let mut options = common::small_compress_options(model, calibration, out, ratio);
     options.calibration.samples = 4;
     options.calibration.seq_len = 16;
-    options.calibration.batch_size = 4;
-    options.output.out = Some(out.to_path_buf());
     options
 }
 

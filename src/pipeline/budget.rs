@@ -60,13 +60,14 @@ pub fn resolve(
         .map(|layout| format!("{}.", layout.block))
         .collect();
     let storage = routed_expert_storage(checkpoint, &blocks);
-    if storage.compressed_parameters == 0 {
+    let first_layout = spec.moe_layers.iter().flatten().next();
+    let (Some(layout), false) = (first_layout, storage.compressed_parameters == 0) else {
         return Err(Error::InvalidArgument(format!(
             "--budget bytes: {} has no routed expert tensors (names with `.experts.`) in its MoE \
              layers to size",
             checkpoint.dir().display()
         )));
-    }
+    };
     let routed_bytes_before = storage.bytes;
     let input_bytes_per_parameter =
         storage.compressed_bytes as f64 / storage.compressed_parameters as f64;
@@ -88,25 +89,19 @@ pub fn resolve(
     let targeted = options.allocation.targeted();
     let storage = match options.pruning.method.factors() {
         false => FactorStorage::Plain(input_bytes_per_parameter),
-        true if options.factorization.factor_dtype == super::INT8_FACTORS => {
-            let layout = spec.moe_layers.iter().flatten().next();
-            match layout {
-                Some(layout) => FactorStorage::Int8 {
-                    group: GroupDims {
-                        experts: options
-                            .calibration
-                            .group_size
-                            .min(layout.num_experts)
-                            .max(1),
-                        intermediate: layout.intermediate_size,
-                        hidden: layout.hidden_size,
-                    },
-                    down: targeted.contains(&ExpertMatrix::Down),
-                    targeted: targeted.len(),
-                },
-                None => FactorStorage::Plain(NOMINAL_INT8_BYTES),
-            }
-        }
+        true if options.factorization.factor_dtype == super::INT8_FACTORS => FactorStorage::Int8 {
+            group: GroupDims {
+                experts: options
+                    .calibration
+                    .group_size
+                    .min(layout.num_experts)
+                    .max(1),
+                intermediate: layout.intermediate_size,
+                hidden: layout.hidden_size,
+            },
+            down: targeted.contains(&ExpertMatrix::Down),
+            targeted: targeted.len(),
+        },
         true => FactorStorage::Plain(
             super::factor_dtype(&options.factorization.factor_dtype, checkpoint)?.size_in_bytes()
                 as f64,
@@ -180,9 +175,6 @@ fn unreachable_budget(byte_ratio: f64, targeted: &[ExpertMatrix]) -> Error {
         missing.len() as f64 / 3.0
     ))
 }
-
-/// Bytes per int8 parameter of a wide matrix: the code plus its share of a 128-column scale.
-const NOMINAL_INT8_BYTES: f64 = 1.0 + 4.0 / int8::BLOCK as f64;
 
 /// Stored bytes per int8 parameter of a matrix with `cols` columns (one f32 scale per row and
 /// 128 columns).

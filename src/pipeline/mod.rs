@@ -73,7 +73,6 @@ pub fn compress_with_progress(
     let requested = options;
     let (resolved, byte_budget) = budget::resolve(requested, &checkpoint)?;
     let options = &resolved;
-    options.validate()?;
     let backend = CpuBackend;
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);

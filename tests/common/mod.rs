@@ -23,15 +23,11 @@ pub fn small_compress_options(
     out: &Path,
     ratio: f64,
 ) -> rfid_moe::pipeline::CompressOptions {
-    let paper = rfid_moe::pipeline::CompressOptions::paper();
-    let mut options = small_default_options(model, calibration, out, ratio);
-    options.allocation = rfid_moe::pipeline::AllocationOptions {
+    small_options(
+        rfid_moe::pipeline::CompressOptions::paper(),
+        (model, calibration, out),
         ratio,
-        ..paper.allocation
-    };
-    options.factorization = paper.factorization;
-    options.pruning = paper.pruning;
-    options
+    )
 }
 
 /// [`small_compress_options`] with every other setting the defaults (`ratio` of the bytes).
@@ -41,9 +37,18 @@ pub fn small_default_options(
     out: &Path,
     ratio: f64,
 ) -> rfid_moe::pipeline::CompressOptions {
+    small_options(Default::default(), (model, calibration, out), ratio)
+}
+
+/// `base` with the small calibration, `ratio`, and the (model, calibration, output) paths.
+fn small_options(
+    base: rfid_moe::pipeline::CompressOptions,
+    (model, calibration, out): (&Path, &Path, &Path),
+    ratio: f64,
+) -> rfid_moe::pipeline::CompressOptions {
     let mut options = rfid_moe::pipeline::CompressOptions {
         model: model.to_path_buf(),
-        ..Default::default()
+        ..base
     };
     options.calibration.data = calibration.to_path_buf();
     options.calibration.samples = 16;
