@@ -5,10 +5,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The report `compress` writes next to the weights.
+pub const REPORT_FILE: &str = "compression_report.json";
+
+/// The resolved options `compress` writes next to the weights.
+pub const OPTIONS_FILE: &str = "compress.toml";
+
 /// Key of the compression section in `config.json`.
 pub const COMPRESSION_KEY: &str = "compression";
 
-pub use crate::pipeline::factor::BasisActivation;
+/// How a group basis is applied at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisActivation {
+    /// `Ŵ_i = A_i B_g` (SVD factoriser).
+    #[default]
+    Identity,
+    /// `Ŵ_i = A_i SiLU(B_g)` (MoBE-style basis factoriser).
+    Silu,
+}
+
 
 /// One group of experts sharing a basis for one matrix type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,11 +16,7 @@ use crate::safety::{read_text_bounded, MAX_JSON_BYTES};
 /// The card's file name.
 pub const CARD_FILE: &str = "README.md";
 
-/// The report `compress` writes next to the weights.
-pub const REPORT_FILE: &str = "compression_report.json";
-
-/// The resolved options `compress` writes next to the weights.
-pub const OPTIONS_FILE: &str = "compress.toml";
+pub use crate::format::{OPTIONS_FILE, REPORT_FILE};
 
 /// The name under which an evaluation report (`eval --json`) placed in the output directory is
 /// picked up by the card.

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
+pub use crate::checkpoint::storage::{
+    is_routed_expert_tensor, shard_tensor_bytes, tensor_bytes, TensorBytes,
+};
+
 use crate::error::{Error, Result};
 use crate::eval::{divergence, perplexity, DivergenceResult, EvalModel, EvalOptions};
 use crate::pipeline::allocate::Allocation;
@@ -119,57 +123,6 @@ impl SweepRow {
             compress_seconds: report.seconds,
         }
     }
-}
-
-/// Sizes of a checkpoint's tensors in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct TensorBytes {
-    /// Every tensor.
-    pub total: u64,
-    /// The routed experts' tensors (names with `.experts.` or `.expert_groups.`; shared experts
-    /// are not routed).
-    pub routed_experts: u64,
-}
-
-/// Whether tensor `name` belongs to the routed experts (`.experts.` or `.expert_groups.`; shared
-/// experts are not routed).
-pub fn is_routed_expert_tensor(name: &str) -> bool {
-    name.contains(".experts.") || name.contains(".expert_groups.")
-}
-
-/// The bytes of the tensors stored in the checkpoint at `dir`, in all and for routed experts.
-pub fn tensor_bytes(dir: &std::path::Path) -> Result<TensorBytes> {
-    let checkpoint = crate::checkpoint::Checkpoint::open(dir)?;
-    let mut bytes = TensorBytes::default();
-    for name in checkpoint.tensor_names() {
-        let Some((info, _)) = checkpoint.info(name) else {
-            continue;
-        };
-        let size = (info.data_range.1 - info.data_range.0) as u64;
-        bytes.total += size;
-        if is_routed_expert_tensor(name) {
-            bytes.routed_experts += size;
-        }
-    }
-    Ok(bytes)
-}
-
-/// The bytes of the tensors stored in the safetensors files `shards` (their headers only), in
-/// all and for routed experts; for a checkpoint still being written (no index yet).
-pub fn shard_tensor_bytes(shards: &[std::path::PathBuf]) -> Result<TensorBytes> {
-    let mut bytes = TensorBytes::default();
-    for path in shards {
-        let file = crate::checkpoint::SafetensorsFile::open(path)?;
-        for (name, info) in file.tensors() {
-            let size = (info.data_range.1 - info.data_range.0) as u64;
-            bytes.total += size;
-            if is_routed_expert_tensor(name) {
-                bytes.routed_experts += size;
-            }
-        }
-        file.release_pages();
-    }
-    Ok(bytes)
 }
 
 /// The sweep's full result.

@@ -13,7 +13,7 @@ use rfid_moe::checkpoint::int8::{self, BLOCK};
 use rfid_moe::checkpoint::{Checkpoint, StoredDType};
 use rfid_moe::generate::{generate, GenerateOptions, Sampling};
 use rfid_moe::models::moe::RoutedExperts;
-use rfid_moe::models::weight::{Int8Holding, Weight};
+use rfid_moe::checkpoint::weight::{Int8Holding, Weight};
 use rfid_moe::models::{ArchConfig, FeedForward, Model};
 use rfid_moe::pipeline::{CompressMethod, CompressOptions, FactorizerKind};
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{self, BasisActivation, CompressionRecord, GroupRecord};
-use crate::models::weight::{Int8Holding, Weight};
+use super::weight::{Int8Holding, Weight};
 use crate::residual::SparseProjection;
 
 /// The three matrices of a gated expert (`gate`, `up`, `down` in saved settings).

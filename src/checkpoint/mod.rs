@@ -9,6 +9,8 @@ pub mod experts;
 pub mod fp8;
 pub mod header;
 pub mod int8;
+pub mod storage;
+pub mod weight;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};

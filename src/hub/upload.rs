@@ -104,8 +104,8 @@ pub fn check_upload_dir(dir: &Path) -> Result<()> {
         return Err(refuse("not a directory".into()));
     }
     for file in [
-        crate::model_card::REPORT_FILE,
-        crate::model_card::OPTIONS_FILE,
+        crate::format::REPORT_FILE,
+        crate::format::OPTIONS_FILE,
     ] {
         if !dir.join(file).is_file() {
             return Err(refuse(format!(

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
 use super::routing::{ExpertDispatch, GroupRoute, Routing};
-use super::weight::{Int8Holding, Weight};
+use crate::checkpoint::weight::{Int8Holding, Weight};
 use crate::checkpoint::experts::{BasisSide, ExpertLayout, ExpertMatrix, StoredGroup};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};

@@ -14,7 +14,6 @@ pub mod qwen2_moe;
 pub mod qwen3_moe;
 pub mod routing;
 pub mod validate;
-pub mod weight;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;

@@ -267,7 +267,7 @@ pub struct RoutedStorage {
 pub fn routed_expert_storage(checkpoint: &Checkpoint, blocks: &[String]) -> RoutedStorage {
     let mut storage = RoutedStorage::default();
     for name in checkpoint.tensor_names() {
-        if !crate::sweep::is_routed_expert_tensor(name) {
+        if !crate::checkpoint::storage::is_routed_expert_tensor(name) {
             continue;
         }
         let Some((info, _)) = checkpoint.info(name) else {

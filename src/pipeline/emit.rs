@@ -186,7 +186,7 @@ impl<'a> Emitter<'a> {
 
     /// The bytes of the tensors written to the compressed checkpoint so far (every shard in its
     /// staging directory), in all and for routed experts; None for a dry run.
-    pub fn stored_bytes(&self) -> Result<Option<crate::sweep::TensorBytes>> {
+    pub fn stored_bytes(&self) -> Result<Option<crate::checkpoint::storage::TensorBytes>> {
         let Some(dir) = self.staging_dir() else {
             return Ok(None);
         };
@@ -197,7 +197,7 @@ impl<'a> Emitter<'a> {
                 shards.push(path);
             }
         }
-        crate::sweep::shard_tensor_bytes(&shards).map(Some)
+        crate::checkpoint::storage::shard_tensor_bytes(&shards).map(Some)
     }
 
     /// The staging directory of the compressed checkpoint (None for a dry run).

@@ -8,25 +8,14 @@
 //! fitted with Adam from an SVD initialisation, on the host).
 
 use faer::Mat;
-use serde::{Deserialize, Serialize};
 
+pub use crate::format::BasisActivation;
 use crate::linalg::{frobenius_norm, CpuBackend, LinalgBackend};
 use crate::{Error, Result};
 
 mod layer;
 
 pub use layer::{factor_layer, FactorSettings, FactoredGroup, FactoredLayer, FactoredMatrix};
-
-/// How a group basis is applied at inference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BasisActivation {
-    /// `Ŵ_i = A_i B_g` (SVD factoriser).
-    #[default]
-    Identity,
-    /// `Ŵ_i = A_i SiLU(B_g)` (MoBE-style basis factoriser).
-    Silu,
-}
 
 /// Factors of one group: `Ŵ_g = coefficients · act(basis)`, in a backend's matrix type.
 #[derive(Debug, Clone)]

@@ -137,7 +137,7 @@ pub struct Report {
     /// Bytes of the output's tensors as stored, in all and for the routed experts (int8 codes
     /// with their scales, any dtype); None for dry runs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stored_bytes: Option<crate::sweep::TensorBytes>,
+    pub stored_bytes: Option<crate::checkpoint::storage::TensorBytes>,
     /// With `--budget bytes`: the byte ratio asked for and the parameter ratio it became.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub byte_budget: Option<super::budget::ByteBudget>,

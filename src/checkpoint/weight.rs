@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{int8, Checkpoint};
+use super::{int8, Checkpoint};
 use crate::error::{Error, Result};
 
 /// How int8-stored expert tensors are held once loaded.
