@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     options.calibration.data = "models/mini-moe-docs/calibration.txt".into();
     options.calibration.samples = 32;
     options.calibration.seq_len = 256;
-    options.allocation.ratio = 0.4;
+    options.budget.ratio = 0.4;
     options.output.out = Some(out.into());
     options.output.force = true;
     let report = compress(&options)?;

@@ -10,10 +10,12 @@ members of dense groups `experts.{j}.{m}.weight` and `experts.{j}.down_proj.weig
 `W_j x = A_j (act(B_g) x) + R_j x`, with the residual `R_j` rebuilt for the routed experts only, on
 the fly, from the seeded hash of `src/residual.rs`; `down_j h = U_g (C_j h)`, `U_g` applied once
 per group to the weighted sum of its routed members.
-With `compression.factor_storage == "int8-row128"` the factors and dense members of the factored
-matrices are stored as int8 codes plus `{name}_scale` (docs/FORMAT.md "Int8 factors"); they stay
-int8 parameters (with f32 scale buffers) in memory and each is dequantised to the activations'
-dtype when a forward uses it, so the int8 storage saves memory too.
+Each group record says how its factors (or each of its dense members) are stored (`storage`;
+records without it: `compression.factor_storage` for the factors and the dense members of the
+matrices it lists); `int8-row128` tensors are int8 codes plus `{name}_scale` (docs/FORMAT.md
+"Int8 factors"): they stay int8 parameters (with f32 scale buffers) in memory and each is
+dequantised to the activations' dtype when a forward uses it, so the int8 storage saves memory
+too.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 """
@@ -161,59 +163,71 @@ class FactoredExperts(nn.ModuleList):
         storage = compression.get("factor_storage")
         if storage not in (None, _INT8_STORAGE):
             raise NotImplementedError(f"factor_storage {storage!r} (this file reads int8-row128)")
-        self.int8 = storage == _INT8_STORAGE
+        self.factor_storage = storage
         matrices = (layer_record or {}).get("matrices", {})
         # Registered on the MoE block as `expert_groups` (the checkpoint's names), not here.
         object.__setattr__(self, "groups", nn.ModuleList())
         self.member_of = {}  # (matrix, factored expert) → (group index, slot, group size)
-        for name in names[:2]:
+        self.down_member_of = {}  # factored down expert → (group index, slot)
+        for name in names:
+            dense_int8 = set()  # members of dense groups stored as int8 codes
             for g, group in enumerate(matrices.get(name, {}).get("groups", [])):
                 if not group["dense"]:
-                    self._add_factored_group(name, g, group)
+                    if name == names[2]:
+                        self._add_down_group(name, g, group)
+                    else:
+                        self._add_factored_group(name, g, group)
+                    continue
+                for slot, j in enumerate(group["experts"]):
+                    if self._int8_at(group, slot):
+                        dense_int8.add(j)
             for j in range(n):  # members of dense groups (or of a layer without a record)
-                if (name, j) not in self.member_of:
-                    setattr(self[j], name, _Dense(p, d))
-                    if self.int8 and layer_record:
-                        _make_int8(getattr(self[j], name), "weight")
-        down = names[2]
-        self.down_member_of = {}  # factored down expert → (group index, slot)
-        for g, group in enumerate(matrices.get(down, {}).get("groups", [])):
-            if not group["dense"]:
-                self._add_down_group(down, g, group)
-        down_factored = down in matrices
-        for j in range(n):
-            if j not in self.down_member_of:
-                setattr(self[j], down, _Dense(d, p))
-                # Members of dense down groups are the compressor's tensors (int8 with scales).
-                if self.int8 and down_factored:
-                    _make_int8(getattr(self[j], down), "weight")
+                if (name, j) in self.member_of or (name == names[2] and j in self.down_member_of):
+                    continue
+                shape = (d, p) if name == names[2] else (p, d)
+                setattr(self[j], name, _Dense(*shape))
+                if j in dense_int8:
+                    _make_int8(getattr(self[j], name), "weight")
+
+    def _int8_at(self, group, slot):
+        """Whether member `slot` of `group` (or its factors, for a factored group) is stored as
+        int8 codes: the group's own `storage` list, or, in records without one, the record's
+        `factor_storage` (which then also covered the dense members of the matrices it lists)."""
+        storage = group.get("storage") or []
+        if not storage:
+            return self.factor_storage == _INT8_STORAGE
+        if len(storage) == 1 and not group["dense"]:
+            return storage[0] == _INT8_STORAGE
+        return slot < len(storage) and storage[slot] == _INT8_STORAGE
 
     def _add_down_group(self, name, g, group):
         """A factored `down_proj` group: `C_j` per member, `U_g` shared on the output side."""
         p, d = self.shape
+        int8 = self._int8_at(group, 0)
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _OutputCoefficients(group["rank"], p))
-            if self.int8:
+            if int8:
                 _make_int8(getattr(self[j], name), "lowrank_c")
             self.down_member_of[j] = (g, slot)
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
         basis = _OutputBasis(d, group["rank"])
-        if self.int8:
+        if int8:
             _make_int8(basis, "basis")
         setattr(self.groups[g], name, basis)
 
     def _add_factored_group(self, name, g, group):
         p, d = self.shape
+        int8 = self._int8_at(group, 0)
         for slot, j in enumerate(group["experts"]):
             setattr(self[j], name, _Coefficients(p, group["rank"]))
-            if self.int8:
+            if int8:
                 _make_int8(getattr(self[j], name), "lowrank_a")
             self.member_of[(name, j)] = (g, slot, len(group["experts"]))
         while len(self.groups) <= g:
             self.groups.append(nn.Module())
         factors = _GroupFactors(group["rank"], d, group.get("residual_size", 0))
-        if self.int8:
+        if int8:
             _make_int8(factors, "basis")
         setattr(self.groups[g], name, factors)
 

@@ -25,7 +25,6 @@ pub enum BasisActivation {
     Silu,
 }
 
-
 /// One group of experts sharing a basis for one matrix type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupRecord {
@@ -38,6 +37,26 @@ pub struct GroupRecord {
     /// Number of residual coefficients η (0 = no residual).
     #[serde(default)]
     pub residual_size: usize,
+    /// How the group is stored: one entry for a factored group (its factors), one per member
+    /// for a dense group (`bf16`, `f16`, `f32`, `f8_e4m3`, `int8-row128`, …). Absent in records
+    /// written before storage was chosen per member: the factors' storage is then the record's
+    /// `factor_storage` (float when absent), and dense members are as stored, or int8 with
+    /// int8 factors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<String>,
+}
+
+impl GroupRecord {
+    /// Whether member `slot` of this group (or its factors, for a factored group) is stored as
+    /// int8 codes, given the record-wide `factor_storage`.
+    pub fn is_int8(&self, slot: usize, factor_storage: Option<&str>) -> bool {
+        let int8 = crate::checkpoint::int8::STORAGE_NAME;
+        match self.storage.as_slice() {
+            [] => factor_storage == Some(int8),
+            [one] if !self.dense => one == int8,
+            members => members.get(slot).is_some_and(|s| s == int8),
+        }
+    }
 }
 
 /// Compression of one matrix type (e.g. `gate_proj`) in one layer.

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod linalg;
 pub mod model_card;
 pub mod models;
+pub mod named;
 pub mod pipeline;
 pub mod progress;
 pub mod residual;

@@ -198,7 +198,7 @@ fn sizes(card: &mut String, report: &Value) {
         );
     }
     if let (Some(before), Some(after)) = (
-        number(report.pointer("/byte_budget/routed_bytes_before")),
+        number(report.pointer("/budget/routed_bytes_before")),
         number(report.pointer("/stored_bytes/routed_experts")),
     ) {
         let _ = writeln!(
@@ -227,7 +227,7 @@ fn sizes(card: &mut String, report: &Value) {
 /// The factored matrices as `gate/up` (the settings' `matrices`; gate/up when absent).
 fn compressed_matrices(report: &Value) -> String {
     let names: Vec<&str> = report
-        .pointer("/options/allocation/matrices")
+        .pointer("/options/budget/matrices")
         .and_then(Value::as_array)
         .map(|m| m.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
@@ -258,32 +258,39 @@ fn settings(card: &mut String, report: &Value, record: &Value, options_toml: &st
             })
     };
     card.push_str("## Method and settings\n\n| setting | value |\n| --- | --- |\n");
+    let methods = report
+        .pointer("/options/methods")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| "?".into());
+    let _ = writeln!(card, "| methods the solver chose from | {methods} |");
     for (name, pointer) in [
-        ("method", "/pruning/method"),
-        (
-            "ratio (fraction of the budget removed)",
-            "/allocation/ratio",
-        ),
+        ("ratio (fraction of the budget removed)", "/budget/ratio"),
         (
             "budget (routed experts' bytes, or the compressed matrices' parameters)",
-            "/allocation/budget",
+            "/budget/unit",
         ),
-        ("allocation", "/allocation/policy"),
-        ("ξ (weight of information density)", "/allocation/xi"),
-        ("budget scope", "/allocation/budget_scope"),
+        ("budget scope", "/budget/scope"),
+        ("granularity", "/budget/granularity"),
+        ("rank allocation", "/settings/lowrank/allocation"),
+        ("ξ (weight of information density)", "/settings/lowrank/xi"),
         ("experts per group", "/calibration/group_size"),
-        ("factoriser", "/factorization/factorizer"),
-        ("activation-aware whitening", "/factorization/whiten"),
-        ("sparse residual", "/allocation/residual"),
+        ("factoriser", "/settings/lowrank/factorizer"),
+        ("activation-aware whitening", "/settings/lowrank/whiten"),
+        ("sparse residual", "/settings/lowrank/residual"),
+        ("factor dtype", "/settings/lowrank/factor_dtype"),
+        ("expert removal by", "/settings/prune/saliency"),
         ("calibration windows × tokens", "/calibration/samples"),
-        ("factor dtype", "/factorization/factor_dtype"),
     ] {
         let mut value = option(pointer);
-        // Settings of low-rank runs (and of reports written before byte budgets) leave these out.
-        if value == "?" && pointer == "/pruning/method" {
-            value = "lowrank".into();
-        } else if value == "?" && pointer == "/allocation/budget" {
-            value = "parameters".into();
+        // A method that was not enabled has no settings.
+        if value == "?" && pointer.starts_with("/settings/") {
+            value = "—".into();
         }
         if pointer == "/calibration/samples" {
             value = format!("{value} × {}", option("/calibration/seq_len"));

@@ -12,7 +12,8 @@ pub use crate::checkpoint::storage::{
 
 use crate::error::{Error, Result};
 use crate::eval::{divergence, perplexity, DivergenceResult, EvalModel, EvalOptions};
-use crate::pipeline::allocate::Allocation;
+use crate::pipeline::methods::lowrank::allocate::Allocation;
+use crate::pipeline::methods::lowrank::{LowRankSettings, RankAllocation};
 use crate::pipeline::{
     compress_with_progress, parse_device, CompressOptions, OutputOptions, Report,
 };
@@ -211,15 +212,17 @@ pub fn sweep(
     for (i, point) in points.iter().enumerate() {
         let out = work_dir.join(format!("point-{i:03}"));
         let mut options = base.clone();
-        options.allocation.ratio = point.ratio;
-        options.allocation.policy = point.allocation;
-        options.allocation.residual = point.residual;
+        options.budget.ratio = point.ratio;
+        options.update_settings::<LowRankSettings>(|s| {
+            s.allocation = RankAllocation::from_policy(point.allocation);
+            s.residual = point.residual;
+            s.whiten = point.whiten;
+        })?;
         options.calibration.group_size = point.group_size;
         // The cache holds no down_proj statistics: a run that factors down calibrates afresh.
         let down = crate::checkpoint::experts::ExpertMatrix::Down;
-        options.calibration.statistics_cache = (!options.allocation.factors(down))
+        options.calibration.statistics_cache = (!options.budget.covers(down))
             .then(|| work_dir.join("calibration-statistics.safetensors"));
-        options.factorization.whiten = point.whiten;
         options.output = OutputOptions {
             out: Some(out.clone()),
             export_dense: None,

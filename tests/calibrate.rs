@@ -11,8 +11,9 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::linalg::{tensor_to_mat, CpuBackend};
 use rfid_moe::models::moe::{MoeObserver, MoeTrace};
 use rfid_moe::models::Model;
-use rfid_moe::pipeline::analyse::frequency_groups;
-use rfid_moe::pipeline::calibrate::CalibrationStream;
+use rfid_moe::pipeline::calibrate::{
+    frequency_groups, CalibrationStream, Recording, StatisticsWanted,
+};
 use rfid_moe::pipeline::CalibrationOptions;
 
 /// Per-expert routing counts and Gram matrices Σ xxᵀ, collected through the runtime model.
@@ -61,8 +62,24 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
         ..CalibrationOptions::default()
     };
     let (device, backend) = (Device::Cpu, CpuBackend);
-    let mut stream =
-        CalibrationStream::new(&checkpoint, &windows, &options, true, &device, &backend).unwrap();
+    let recording = Recording {
+        inputs: true,
+        ..Recording::default()
+    };
+    let mut stream = CalibrationStream::new(
+        &checkpoint,
+        &windows,
+        &options,
+        recording,
+        &device,
+        &backend,
+    )
+    .unwrap();
+    let wanted = StatisticsWanted {
+        group_size: 3,
+        group_gram: true,
+        expert_statistics: false,
+    };
 
     let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
     let mut reference = PerExpert::default();
@@ -72,12 +89,12 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
     }
 
     let mut checked = 0;
-    while let Some(layer) = stream.next_layer().unwrap() {
-        let Some(statistics) = layer.statistics else {
+    while let Some(layer) = stream.next_statistics(wanted).unwrap() {
+        let (index, Some(statistics)) = (layer.index, layer.statistics) else {
             continue;
         };
-        let counts = &reference.counts[&layer.index];
-        assert_eq!(&statistics.routing_counts, counts, "layer {}", layer.index);
+        let counts = &reference.counts[&index];
+        assert_eq!(&statistics.routing_counts, counts, "layer {index}");
         assert_eq!(statistics.groups, frequency_groups(counts, 3).unwrap());
         assert_eq!(statistics.tokens, 6 * 16);
         let grams = statistics.group_gram.as_ref().unwrap();
@@ -89,7 +106,7 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
         for (group, gram) in statistics.groups.iter().zip(grams) {
             let mut expected = Mat::<f64>::zeros(gram.nrows(), gram.ncols());
             for &expert in group {
-                expected += &reference.grams[&layer.index][expert];
+                expected += &reference.grams[&index][expert];
             }
             let scale = (0..expected.nrows())
                 .map(|i| expected[(i, i)].abs())
@@ -98,11 +115,7 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
                 .flat_map(|i| (0..gram.ncols()).map(move |j| (i, j)))
                 .map(|(i, j)| (gram[(i, j)] - expected[(i, j)]).abs())
                 .fold(0.0, f64::max);
-            assert!(
-                worst <= 1e-5 * scale,
-                "layer {}: {worst} vs {scale}",
-                layer.index
-            );
+            assert!(worst <= 1e-5 * scale, "layer {index}: {worst} vs {scale}");
         }
         checked += 1;
     }
@@ -121,11 +134,26 @@ fn routing_counts_and_tokens_do_not_depend_on_collecting_gram_matrices() {
     };
     let (device, backend) = (Device::Cpu, CpuBackend);
     let collect = |gram: bool| {
-        let mut stream =
-            CalibrationStream::new(&checkpoint, &windows, &options, gram, &device, &backend)
-                .unwrap();
+        let recording = Recording {
+            inputs: gram,
+            ..Recording::default()
+        };
+        let wanted = StatisticsWanted {
+            group_size: options.group_size,
+            group_gram: gram,
+            expert_statistics: false,
+        };
+        let mut stream = CalibrationStream::new(
+            &checkpoint,
+            &windows,
+            &options,
+            recording,
+            &device,
+            &backend,
+        )
+        .unwrap();
         let mut layers = Vec::new();
-        while let Some(layer) = stream.next_layer().unwrap() {
+        while let Some(layer) = stream.next_statistics(wanted).unwrap() {
             if let Some(s) = layer.statistics {
                 assert_eq!(s.group_gram.is_some(), gram);
                 layers.push((s.routing_counts, s.tokens, s.groups));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, D};
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::Model;
-use rfid_moe::pipeline::allocate::Allocation;
+use rfid_moe::pipeline::methods::lowrank::RankAllocation;
 use rfid_moe::pipeline::{BudgetScope, CompressOptions, Report};
 
 use common::FAMILIES;
@@ -105,9 +105,9 @@ fn whitening_lowers_output_error_on_calibration_activations() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut plain = options(&source, &calibration, &tmp.path().join("plain"), 0.4);
-    plain.factorization.whiten = false;
+    common::lowrank_settings(&mut plain, |s| s.whiten = false);
     let mut whitened = options(&source, &calibration, &tmp.path().join("whitened"), 0.4);
-    whitened.factorization.whiten = true;
+    common::lowrank_settings(&mut whitened, |s| s.whiten = true);
     let plain = rfid_moe::compress(&plain).unwrap();
     let whitened = rfid_moe::compress(&whitened).unwrap();
     let (e_plain, e_white) = (
@@ -124,8 +124,10 @@ fn dense_export_matches_factored_model_and_keeps_names() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut opts = options(&source, &calibration, &tmp.path().join("factored"), 0.4);
-    opts.factorization.factor_dtype = "f32".into();
-    opts.allocation.residual = true;
+    common::lowrank_settings(&mut opts, |s| {
+        s.factor_dtype = "f32".into();
+        s.residual = true;
+    });
     opts.output.export_dense = Some(tmp.path().join("dense"));
     rfid_moe::compress(&opts).unwrap();
     let original = Checkpoint::open(&source).unwrap();
@@ -188,7 +190,7 @@ fn output_is_refused_if_it_exists_and_input_is_never_overwritten() {
     std::fs::remove_file(out.join("keep.txt")).unwrap();
     rfid_moe::compress(&forced).unwrap();
     let first = std::fs::read(out.join("compression_report.json")).unwrap();
-    forced.allocation.ratio = 0.5;
+    forced.budget.ratio = 0.5;
     rfid_moe::compress(&forced).unwrap();
     assert!(out.join("config.json").exists());
     assert_ne!(
@@ -246,7 +248,7 @@ fn routing_counts_sum_to_tokens_times_top_k() {
         assert!((frequency_sum - 1.0).abs() < 1e-9);
         // Every stage is timed, and the stages account for no more than the whole run.
         let stages = layer.stage_seconds;
-        assert!(stages.calibrate > 0.0 && stages.analyse > 0.0, "{stages:?}");
+        assert!(stages.calibrate > 0.0 && stages.offer > 0.0, "{stages:?}");
         assert!(stages.total() <= report.seconds, "{stages:?}");
     }
 }
@@ -257,13 +259,13 @@ fn allocation_policies_spend_the_same_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     for allocation in [
-        Allocation::Uniform,
-        Allocation::Frequency,
-        Allocation::Density,
-        Allocation::Rfid,
+        RankAllocation::Uniform,
+        RankAllocation::Frequency,
+        RankAllocation::Density,
+        RankAllocation::Rfid,
     ] {
         let mut opts = options(&source, &calibration, &tmp.path().join("x"), 0.4);
-        opts.allocation.policy = allocation;
+        common::lowrank_settings(&mut opts, |s| s.allocation = allocation);
         opts.output.dry_run = true;
         let report = rfid_moe::compress(&opts).unwrap();
         assert!(
@@ -326,7 +328,7 @@ fn model_scope_budget_is_met_across_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let calibration = calibration_file(tmp.path(), 256, 16, 32);
     let mut opts = options(&source, &calibration, &tmp.path().join("model-scope"), 0.4);
-    opts.allocation.budget_scope = BudgetScope::Model;
+    opts.budget.scope = BudgetScope::Model;
     let progress = common::ProgressRecorder::default();
     let report = rfid_moe::compress_with_progress(&opts, &progress).unwrap();
     // Both passes report every decoder layer.
@@ -336,7 +338,7 @@ fn model_scope_budget_is_met_across_layers() {
     assert_eq!(
         progress.completed_tasks(),
         [
-            ("analysing".to_string(), layers),
+            ("planning".to_string(), layers),
             ("layers".to_string(), layers)
         ]
     );

@@ -10,7 +10,8 @@ use candle_core::Device;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::ArchConfig;
-use rfid_moe::pipeline::{CompressOptions, FactorizerKind};
+use rfid_moe::pipeline::methods::lowrank::FactorizerKind;
+use rfid_moe::pipeline::CompressOptions;
 
 use common::FAMILIES;
 
@@ -22,7 +23,7 @@ fn calibration_file(dir: &Path) -> PathBuf {
 /// The fixtures' small options with gate, up and down factored.
 fn options(model: &Path, calibration: &Path, out: &Path, ratio: f64) -> CompressOptions {
     let mut options = common::small_compress_options(model, calibration, out, ratio);
-    options.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    options.budget.matrices = ExpertMatrix::ALL.to_vec();
     options
 }
 
@@ -91,7 +92,7 @@ fn every_family_compresses_down_proj_within_budget_and_matches_its_dense_export(
         let dense = tmp.path().join("dense");
         let ratio = 0.4;
         let mut opts = options(&source, &calibration, &out, ratio);
-        opts.factorization.factor_dtype = "f32".into();
+        common::lowrank_settings(&mut opts, |s| s.factor_dtype = "f32".into());
         opts.output.export_dense = Some(dense.clone());
         let report = rfid_moe::compress(&opts).unwrap();
 
@@ -160,7 +161,7 @@ fn down_proj_alone_leaves_gate_and_up_dense() {
     let calibration = calibration_file(tmp.path());
     let out = tmp.path().join("down-only");
     let mut opts = options(&source, &calibration, &out, 0.3);
-    opts.allocation.matrices = vec![ExpertMatrix::Down];
+    opts.budget.matrices = vec![ExpertMatrix::Down];
     let report = rfid_moe::compress(&opts).unwrap();
     assert_eq!(
         report.targeted_parameters_before,
@@ -204,30 +205,36 @@ fn unsupported_combinations_with_down_are_refused() {
         assert!(!out.exists());
     };
     refused(
-        &|o| o.factorization.factorizer = FactorizerKind::Basis,
+        &|o| common::lowrank_settings(o, |s| s.factorizer = FactorizerKind::Basis),
         "--factorizer basis",
     );
-    refused(&|o| o.allocation.residual = true, "--residual");
-    refused(&|o| o.allocation.xi_auto = true, "--xi auto");
+    refused(
+        &|o| common::lowrank_settings(o, |s| s.residual = true),
+        "--residual",
+    );
+    refused(
+        &|o| common::lowrank_settings(o, |s| s.xi_auto = true),
+        "--xi auto",
+    );
     refused(
         &|o| o.calibration.statistics_cache = Some(tmp.path().join("stats.safetensors")),
         "statistics cache",
     );
     refused(
-        &|o| o.allocation.matrices = vec![ExpertMatrix::Up, ExpertMatrix::Up],
+        &|o| o.budget.matrices = vec![ExpertMatrix::Up, ExpertMatrix::Up],
         "twice",
     );
-    refused(&|o| o.allocation.matrices.clear(), "at least one");
+    refused(&|o| o.budget.matrices.clear(), "at least one");
     // The default factors all three, the paper's preset gate and up; both are written into
     // the settings.
     let defaults = CompressOptions::default();
-    assert_eq!(defaults.allocation.matrices, ExpertMatrix::ALL);
-    let toml = toml::to_string(&defaults).unwrap();
+    assert_eq!(defaults.budget.matrices, ExpertMatrix::ALL);
+    let toml = defaults.to_toml().unwrap();
     assert!(
         toml.contains("matrices = [\"gate\", \"up\", \"down\"]"),
         "{toml}"
     );
-    let toml = toml::to_string(&CompressOptions::paper()).unwrap();
+    let toml = rfid_moe::pipeline::presets::paper().to_toml().unwrap();
     assert!(toml.contains("matrices = [\"gate\", \"up\"]"), "{toml}");
 }
 
@@ -241,19 +248,22 @@ fn prune_plus_lowrank_with_down_spends_the_budget_over_three_matrices() {
         let dense = tmp.path().join("dense");
         let ratio = 0.4;
         let mut opts = options(&source, &calibration, &out, ratio);
-        opts.pruning.method = rfid_moe::pipeline::CompressMethod::PruneLowRank;
-        opts.factorization.factor_dtype = "f32".into();
+        opts.methods = vec!["prune".into(), "lowrank".into(), "keep".into()];
+        common::lowrank_settings(&mut opts, |s| s.factor_dtype = "f32".into());
         opts.output.export_dense = Some(dense.clone());
         let report = rfid_moe::compress(&opts).unwrap();
-        // Half of the budget prunes: round(ρ·n/2) experts (all three matrices are targeted), at
+        // Half of the budget prunes: round(ρ·n/2) experts (all three matrices are covered), at
         // most an eighth of them.
         let removed = (ratio * experts as f64 / 2.0)
             .min(experts as f64 / 8.0)
             .round() as usize;
-        assert_eq!(
-            removed as f64,
-            rfid_moe::pipeline::prune::default_split_removal(ratio, experts, 3).round()
+        let default = rfid_moe::pipeline::methods::prune::default_removal(
+            rfid_moe::pipeline::BudgetUnit::Parameters,
+            ratio,
+            (experts, 3),
+            4.0,
         );
+        assert_eq!(removed as f64, default.round());
         let layer = &report.layers[0];
         let pruning = layer.pruning.as_ref().unwrap();
         assert_eq!(pruning.removed.len(), removed, "{family}");
@@ -293,7 +303,7 @@ fn int8_down_factors_stay_close_to_float_factors() {
     let run = |dtype: &str| {
         let out = tmp.path().join(dtype);
         let mut opts = options(&source, &calibration, &out, 0.4);
-        opts.factorization.factor_dtype = dtype.into();
+        common::lowrank_settings(&mut opts, |s| s.factor_dtype = dtype.into());
         rfid_moe::compress(&opts).unwrap();
         out
     };

@@ -405,13 +405,13 @@ fn compressing_fp8_copies_uncompressed_tensors_byte_for_byte() {
     let out = work.path().join("out");
     let mut options = CompressOptions {
         model: built.fp8.clone(),
-        ..CompressOptions::paper()
+        ..rfid_moe::pipeline::presets::paper()
     };
     options.calibration.data = calibration_file(work.path(), 16, 32);
     options.calibration.samples = 16;
     options.calibration.seq_len = 32;
     options.calibration.batch_size = 4;
-    options.allocation.ratio = 0.5;
+    options.budget.ratio = 0.5;
     options.output.out = Some(out.clone());
     rfid_moe::compress(&options).unwrap();
 
@@ -497,21 +497,15 @@ fn the_default_meets_a_byte_budget_on_fp8_and_copies_the_prediction_layer() {
     let ratio = 0.5;
     let options = common::small_default_options(&built.fp8, &calibration, &out, ratio);
     let report = rfid_moe::compress(&options).unwrap();
-    let budget = report.byte_budget.clone().unwrap();
-    // FP8 codes plus 128×128 block scales: just over one byte per parameter in.
-    assert!(
-        (1.0..1.05).contains(&budget.input_bytes_per_parameter),
-        "{budget:?}"
-    );
-    assert!(budget.parameter_ratio > 0.4, "{budget:?}");
     let before = rfid_moe::sweep::tensor_bytes(&built.fp8)
         .unwrap()
         .routed_experts;
     let after = rfid_moe::sweep::tensor_bytes(&out).unwrap().routed_experts;
-    assert_eq!(budget.routed_bytes_before, before);
+    assert_eq!(report.budget.routed_bytes_before, before);
     let kept = after as f64 / before as f64;
+    // The copied prediction layer is part of the routed bytes; the rest meets the budget.
     assert!(
-        kept <= 1.0 - ratio + 0.01 && kept >= 1.0 - ratio - 0.03,
+        (kept - (1.0 - ratio)).abs() <= 0.005,
         "kept {kept:.4} of the routed bytes (prediction layer included)"
     );
     // The multi-token-prediction layer is copied byte for byte, scales and all.

@@ -38,7 +38,7 @@ fn token_file(dir: &Path, windows: usize, seq: usize) -> PathBuf {
 }
 
 fn compress_options(model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
-    let ratio = CompressOptions::paper().allocation.ratio;
+    let ratio = rfid_moe::pipeline::presets::paper().budget.ratio;
     let mut options = common::small_compress_options(model, calibration, out, ratio);
     options.calibration.samples = 4;
     options.calibration.seq_len = 16;

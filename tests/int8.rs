@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::int8::{self, BLOCK};
+use rfid_moe::checkpoint::weight::{Int8Holding, Weight};
 use rfid_moe::checkpoint::{Checkpoint, StoredDType};
 use rfid_moe::generate::{generate, GenerateOptions, Sampling};
 use rfid_moe::models::moe::RoutedExperts;
-use rfid_moe::checkpoint::weight::{Int8Holding, Weight};
 use rfid_moe::models::{ArchConfig, FeedForward, Model};
-use rfid_moe::pipeline::{CompressMethod, CompressOptions, FactorizerKind};
+use rfid_moe::pipeline::methods::lowrank::FactorizerKind;
+use rfid_moe::pipeline::CompressOptions;
 
 /// Relative slack on the half-step bound for the f32 rounding of `x / scale` and `code · scale`:
 /// each is off by up to half an ulp of a value of up to 127 steps, 127 · 2⁻²⁴ ≈ 7.6e-6 of a step,
@@ -135,13 +136,13 @@ fn compress_mini_with(
     let out = work.join(name);
     let mut options = CompressOptions {
         model: common::mini_model(),
-        ..CompressOptions::paper()
+        ..rfid_moe::pipeline::presets::paper()
     };
     options.calibration.data = calibration;
     options.calibration.samples = 16;
     options.calibration.seq_len = 64;
-    options.allocation.ratio = 0.4;
-    options.factorization.factor_dtype = factor_dtype.into();
+    options.budget.ratio = 0.4;
+    common::lowrank_settings(&mut options, |s| s.factor_dtype = factor_dtype.into());
     options.output.out = Some(out.clone());
     tweak(&mut options);
     rfid_moe::compress(&options).unwrap();
@@ -179,7 +180,10 @@ fn an_int8_checkpoint_reads_back_within_half_a_step_of_the_f32_run_with_close_lo
     );
     let config = quantised.config()["compression"].clone();
     assert_eq!(config["factor_storage"], "int8-row128");
-    assert_eq!(config["settings"]["factorization"]["factor_dtype"], "int8");
+    assert_eq!(
+        config["settings"]["settings"]["lowrank"]["factor_dtype"],
+        "int8"
+    );
     assert!(exact.config()["compression"]
         .get("factor_storage")
         .is_none());
@@ -396,7 +400,7 @@ fn the_dense_export_and_the_residual_of_an_int8_run_stay_in_the_checkpoint_dtype
     let dense = tmp.path().join("dense");
     let int8_out = compress_mini_with(tmp.path(), "int8", "int8", |o| {
         o.output.export_dense = Some(dense.clone());
-        o.allocation.residual = true;
+        common::lowrank_settings(o, |s| s.residual = true);
     });
     let (quantised, export) = (
         Checkpoint::open(&int8_out).unwrap(),
@@ -511,7 +515,7 @@ fn token_ids() -> Tensor {
 #[test]
 fn resident_int8_experts_give_exactly_the_logits_of_dequantising_at_load() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let all = |o: &mut CompressOptions| o.budget.matrices = ExpertMatrix::ALL.to_vec();
     let runs: [(&str, Tweak); 3] = [
         ("gate-up", Box::new(|_| {})),
         ("down", Box::new(all)),
@@ -519,7 +523,7 @@ fn resident_int8_experts_give_exactly_the_logits_of_dequantising_at_load() {
             "pruned-down",
             Box::new(move |o| {
                 all(o);
-                o.pruning.method = CompressMethod::PruneLowRank;
+                o.methods = vec!["prune".into(), "lowrank".into(), "keep".into()];
             }),
         ),
     ];
@@ -583,7 +587,7 @@ fn resident_bf16(checkpoint: &Checkpoint) -> u64 {
 #[test]
 fn resident_bytes_of_int8_experts_are_their_stored_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let all = |o: &mut CompressOptions| o.budget.matrices = ExpertMatrix::ALL.to_vec();
     let bf16_out = compress_mini(tmp.path(), "bf16", "auto");
     let bf16_resident = resident_bf16(&Checkpoint::open(&bf16_out).unwrap());
     assert_eq!(
@@ -592,13 +596,16 @@ fn resident_bytes_of_int8_experts_are_their_stored_bytes() {
             .unwrap()
             .routed_experts
     );
-    let silu = |o: &mut CompressOptions| o.factorization.factorizer = FactorizerKind::Basis;
-    // The defaults: prune+lowrank over gate, up and down, ratio of the bytes, int8.
+    let silu = |o: &mut CompressOptions| {
+        common::lowrank_settings(o, |s| s.factorizer = FactorizerKind::Basis)
+    };
+    // The defaults: every method under the solver, a ratio of the bytes.
     let defaults = |o: &mut CompressOptions| {
         let defaults = CompressOptions::default();
-        o.allocation.matrices = defaults.allocation.matrices;
-        o.allocation.budget = defaults.allocation.budget;
-        o.pruning = defaults.pruning;
+        o.methods = defaults.methods;
+        o.budget = defaults.budget;
+        o.budget.ratio = 0.6;
+        o.settings.clear();
     };
     let runs: [(&str, Tweak); 4] = [
         ("int8", Box::new(|_| {})),
@@ -643,7 +650,7 @@ fn resident_bytes_of_int8_experts_are_their_stored_bytes() {
 fn generation_with_resident_int8_experts_matches_dequantising_at_load() {
     let tmp = tempfile::tempdir().unwrap();
     let out = compress_mini_with(tmp.path(), "int8", "int8", |o| {
-        o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+        o.budget.matrices = ExpertMatrix::ALL.to_vec();
     });
     let checkpoint = Checkpoint::open(&out).unwrap();
     let resident = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();

@@ -12,9 +12,8 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::experts::DenseExpert;
 use rfid_moe::models::moe::{RoutedExperts, RoutingRule};
 use rfid_moe::models::{FeedForward, Model};
-use rfid_moe::pipeline::{
-    read_layer_reports, CompressMethod, CompressOptions, LayerReport, Saliency,
-};
+use rfid_moe::pipeline::methods::prune::Saliency;
+use rfid_moe::pipeline::{read_layer_reports, CompressOptions, LayerReport};
 
 /// Deterministic pseudo-random token windows written as `input_ids` (i64 [n, seq]).
 fn calibration_file(dir: &Path, vocab: u32) -> PathBuf {
@@ -22,18 +21,29 @@ fn calibration_file(dir: &Path, vocab: u32) -> PathBuf {
     common::random_token_windows(&path, vocab, 16, 32, 0x0bad_5eed_1234_5678)
 }
 
-fn options(model: &Path, out: &Path, method: CompressMethod, ratio: f64) -> CompressOptions {
+/// Removal alone (the rest kept as stored).
+const PRUNE: &[&str] = &["prune", "keep"];
+/// The paper's low-rank alone.
+const LOWRANK: &[&str] = &["lowrank", "keep"];
+/// Removal, then the paper's low-rank of the kept experts.
+const PRUNE_LOWRANK: &[&str] = &["prune", "lowrank", "keep"];
+
+/// The paper's preset (a fraction of gate's and up's parameters) with `methods`.
+fn options(model: &Path, out: &Path, methods: &[&str], ratio: f64) -> CompressOptions {
     let calibration = calibration_file(out.parent().unwrap(), vocab(model));
     let mut options = CompressOptions {
         model: model.to_path_buf(),
-        ..CompressOptions::paper()
+        ..rfid_moe::pipeline::presets::paper()
     };
     options.calibration.data = calibration;
     options.calibration.samples = 16;
     options.calibration.seq_len = 32;
     options.calibration.batch_size = 4;
-    options.allocation.ratio = ratio;
-    options.pruning.method = method;
+    options.budget.ratio = ratio;
+    options.methods = methods.iter().map(|m| m.to_string()).collect();
+    options
+        .settings
+        .retain(|name, _| methods.contains(&name.as_str()));
     options.output.out = Some(out.to_path_buf());
     options
 }
@@ -113,8 +123,7 @@ fn pruned_checkpoints_equal_the_model_with_those_experts_removed() {
         let model = common::fixture(family);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("pruned");
-        let report =
-            rfid_moe::compress(&options(&model, &out, CompressMethod::Prune, 0.4)).unwrap();
+        let report = rfid_moe::compress(&options(&model, &out, PRUNE, 0.4)).unwrap();
         let reports = read_layer_reports(&out).unwrap();
         assert!(!reports.is_empty(), "{family}: no MoE layer reported");
         let ids = reference_ids(&model);
@@ -189,13 +198,14 @@ fn reap_and_frequency_rank_the_experts_they_say() {
     let tmp = tempfile::tempdir().unwrap();
     for saliency in [Saliency::Reap, Saliency::Frequency] {
         let out = tmp.path().join(saliency.name());
-        let mut options = options(&model, &out, CompressMethod::Prune, 0.3);
-        options.pruning.saliency = saliency;
+        let mut options = options(&model, &out, PRUNE, 0.3);
+        common::prune_settings(&mut options, |s| s.saliency = saliency);
         rfid_moe::compress(&options).unwrap();
         for report in read_layer_reports(&out).unwrap() {
             let p = report.pruning.unwrap();
-            // 16 experts, ρ = 0.3: round(0.3 · 16 · 2/3) = 3 removed.
-            assert_eq!((p.removed.len(), p.kept.len()), (3, 13));
+            // 16 experts, ρ = 0.3 of gate and up alone: 0.3 · 16 · 2/3 = 3.2 experts' worth,
+            // so 4 are removed for the rest to fit the budget.
+            assert_eq!((p.removed.len(), p.kept.len()), (4, 12));
             let least_kept = p.kept.iter().map(|&e| p.scores[e]).fold(f64::MAX, f64::min);
             for &e in &p.removed {
                 assert!(
@@ -224,13 +234,12 @@ fn prune_plus_lowrank_spends_the_same_budget() {
     let lowrank = rfid_moe::compress(&options(
         &model,
         &tmp.path().join("lowrank"),
-        CompressMethod::LowRank,
+        LOWRANK,
         ratio,
     ))
     .unwrap();
     let out = tmp.path().join("both");
-    let both =
-        rfid_moe::compress(&options(&model, &out, CompressMethod::PruneLowRank, ratio)).unwrap();
+    let both = rfid_moe::compress(&options(&model, &out, PRUNE_LOWRANK, ratio)).unwrap();
     // Default split: round(ρ·n/3) = 2 of 16 experts pruned, the rest factored.
     let reports = read_layer_reports(&out).unwrap();
     assert!(reports
@@ -255,13 +264,13 @@ fn prune_plus_lowrank_with_a_model_wide_budget_factors_the_kept_experts() {
     let model = common::fixture("tiny-qwen3_moe");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model-scope");
-    let mut options = options(&model, &out, CompressMethod::PruneLowRank, 0.4);
-    options.allocation.budget_scope = rfid_moe::pipeline::BudgetScope::Model;
+    let mut options = options(&model, &out, PRUNE_LOWRANK, 0.4);
+    options.budget.scope = rfid_moe::pipeline::BudgetScope::Model;
     let report = rfid_moe::compress(&options).unwrap();
     let layer_scope = rfid_moe::compress(&self::options(
         &model,
         &tmp.path().join("layer-scope"),
-        CompressMethod::PruneLowRank,
+        PRUNE_LOWRANK,
         0.4,
     ))
     .unwrap();
@@ -280,8 +289,8 @@ fn pruning_refuses_what_routing_cannot_run() {
     let error = |family: &str, fraction: f64| {
         let model = common::fixture(family);
         let out = tmp.path().join(format!("{family}-{fraction}"));
-        let mut options = options(&model, &out, CompressMethod::PruneLowRank, 0.9);
-        options.pruning.fraction = Some(fraction);
+        let mut options = options(&model, &out, PRUNE_LOWRANK, 0.9);
+        common::prune_settings(&mut options, |s| s.fraction = Some(fraction));
         rfid_moe::compress(&options).unwrap_err().to_string()
     };
     // Mixtral: 8 experts, top-2; removing 7 leaves 1.
@@ -293,14 +302,14 @@ fn pruning_refuses_what_routing_cannot_run() {
     // DeepSeek-V3: 2 groups, topk_group 1, top-2; removing 6 leaves one expert per group.
     let message = error("tiny-deepseek_v3", 0.75);
     assert!(message.contains("topk_group = 1"), "{message}");
-    // --prune-fraction without prune+lowrank, and more than the ratio pays for.
+    // Removal alone that keeps more than the budget, and more than the ratio pays for.
     let model = common::fixture("tiny-qwen3_moe");
-    let mut options = options(&model, &tmp.path().join("x"), CompressMethod::Prune, 0.4);
-    options.pruning.fraction = Some(0.25);
+    let mut options = options(&model, &tmp.path().join("x"), PRUNE, 0.4);
+    common::prune_settings(&mut options, |s| s.fraction = Some(0.25));
     let message = rfid_moe::compress(&options).unwrap_err().to_string();
-    assert!(message.contains("prune+lowrank only"), "{message}");
-    options.pruning.method = CompressMethod::PruneLowRank;
-    options.allocation.ratio = 0.1;
+    assert!(message.contains("the budget cannot be met"), "{message}");
+    let mut options = self::options(&model, &tmp.path().join("y"), PRUNE_LOWRANK, 0.1);
+    common::prune_settings(&mut options, |s| s.fraction = Some(0.25));
     let message = rfid_moe::compress(&options).unwrap_err().to_string();
     assert!(
         message.contains("more than --ratio 0.1 pays for"),
@@ -314,7 +323,7 @@ fn deepseek_groups_lose_the_same_number_of_experts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
     // ρ = 0.6: 0.6 · 8 · 2/3 = 3.2 experts, rounded to a multiple of n_group = 2: 4.
-    rfid_moe::compress(&options(&model, &out, CompressMethod::Prune, 0.6)).unwrap();
+    rfid_moe::compress(&options(&model, &out, PRUNE, 0.6)).unwrap();
     for report in read_layer_reports(&out).unwrap() {
         let p = report.pruning.unwrap();
         assert_eq!(p.kept.len(), 4);

@@ -20,7 +20,8 @@ use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::ArchConfig;
-use rfid_moe::pipeline::{CompressMethod, CompressOptions, FactorizerKind};
+use rfid_moe::pipeline::methods::lowrank::FactorizerKind;
+use rfid_moe::pipeline::CompressOptions;
 use serde_json::{json, Value};
 
 /// Set to `1` to skip this test (loudly) where the Python environment cannot be installed.
@@ -366,11 +367,13 @@ fn transformers_loads_every_compressed_family_with_our_logits() {
     for (name, source, stem, residual, basis) in families {
         let out = work.join(name);
         let stored_values = compress(&source, &calibration, &out, |o| {
-            o.allocation.residual = residual;
-            if basis {
-                o.factorization.factorizer = FactorizerKind::Basis;
-                o.factorization.fit_steps = 20;
-            }
+            common::lowrank_settings(o, |s| {
+                s.residual = residual;
+                if basis {
+                    s.factorizer = FactorizerKind::Basis;
+                    s.fit_steps = 20;
+                }
+            });
         });
         let expect = Expect::Loads {
             class: factored_class(stem),
@@ -490,7 +493,8 @@ fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     for (name, source, class) in pruned {
         let out = work.join(name.replace(' ', "-"));
         compress(&source, calibration, &out, |o| {
-            o.pruning.method = CompressMethod::Prune;
+            o.methods = vec!["prune".into(), "keep".into()];
+            o.settings.clear();
         });
         let stored = Checkpoint::open(&out).unwrap();
         if name.contains("fused") {
@@ -513,7 +517,7 @@ fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     }
     let out = work.join("pruned-lowrank-mixtral");
     compress(&common::fixture("tiny-mixtral"), calibration, &out, |o| {
-        o.pruning.method = CompressMethod::PruneLowRank;
+        o.methods = vec!["prune".into(), "lowrank".into(), "keep".into()];
     });
     let stored_values = rfid_moe::inspect::parameter_counts(&Checkpoint::open(&out).unwrap()).total;
     cases.push(Case {
@@ -557,13 +561,15 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     for (name, source, stem, residual) in int8 {
         let out = work.join(name.replace(' ', "-"));
         let stored_values = compress(&source, calibration, &out, |o| {
-            o.factorization.factor_dtype = "int8".into();
-            o.allocation.residual = residual;
-            // A SiLU basis, which only exists dequantised (activated per use).
-            if stem == "Qwen3Moe" && !name.contains("mini") {
-                o.factorization.factorizer = FactorizerKind::Basis;
-                o.factorization.fit_steps = 20;
-            }
+            common::lowrank_settings(o, |s| {
+                s.factor_dtype = "int8".into();
+                s.residual = residual;
+                // A SiLU basis, which only exists dequantised (activated per use).
+                if stem == "Qwen3Moe" && !name.contains("mini") {
+                    s.factorizer = FactorizerKind::Basis;
+                    s.fit_steps = 20;
+                }
+            });
         });
         let stored = Checkpoint::open(&out).unwrap();
         assert!(stored
@@ -598,7 +604,7 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
 /// modelling file with our logits and the report's parameter count (mini-moe-docs, Mixtral's
 /// `w2` naming, a fused input); the fused input's dense export loads as the family's own model.
 fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
-    let all = |o: &mut CompressOptions| o.allocation.matrices = ExpertMatrix::ALL.to_vec();
+    let all = |o: &mut CompressOptions| o.budget.matrices = ExpertMatrix::ALL.to_vec();
     let sources = [
         ("mini-moe-docs down", common::mini_model(), "Qwen3Moe"),
         ("mixtral down", common::fixture("tiny-mixtral"), "Mixtral"),
@@ -651,8 +657,8 @@ fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
         let out = work.join(name.replace(' ', "-"));
         compress(&common::mini_model(), calibration, &out, |o| {
             all(o);
-            o.pruning.method = CompressMethod::PruneLowRank;
-            o.factorization.factor_dtype = factor_dtype.into();
+            o.methods = vec!["prune".into(), "lowrank".into(), "keep".into()];
+            common::lowrank_settings(o, |s| s.factor_dtype = factor_dtype.into());
         });
         let stored = Checkpoint::open(&out).unwrap();
         let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
@@ -667,4 +673,50 @@ fn add_down_proj_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
             ours: out,
         });
     }
+    // The default: removal, shared bases, int8 and kept experts mixed by the solver, layer by
+    // layer and expert by expert (bf16 mini-moe-docs; f32 fixtures of a fused and a DeepSeek
+    // family).
+    let sources = [
+        ("default mini-moe-docs", common::mini_model(), 0.6),
+        ("default mixtral", common::fixture("tiny-mixtral"), 0.5),
+        ("default fused olmoe", work.join("fused-olmoe"), 0.8),
+        (
+            "default deepseek_v3",
+            common::fixture("tiny-deepseek_v3"),
+            0.8,
+        ),
+    ];
+    for (name, source, ratio) in sources {
+        let out = work.join(name.replace(' ', "-"));
+        let mut options = common::small_default_options(&source, calibration, &out, ratio);
+        options.calibration.samples = 8;
+        rfid_moe::compress(&options).unwrap();
+        let stored = Checkpoint::open(&out).unwrap();
+        let stored_values = rfid_moe::inspect::parameter_counts(&stored).total;
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: true,
+            expect: Expect::Loads {
+                class: factored_class(&stem_of(&source)),
+                stored_values,
+            },
+            ours: out,
+        });
+    }
+}
+
+/// The transformers class stem of the family at `source` (`Qwen3Moe`, `Mixtral`, …).
+fn stem_of(source: &Path) -> String {
+    let config = rfid_moe::checkpoint::read_json(&source.join("config.json")).unwrap();
+    match config["model_type"].as_str().unwrap() {
+        "qwen3_moe" => "Qwen3Moe",
+        "qwen2_moe" => "Qwen2Moe",
+        "mixtral" => "Mixtral",
+        "olmoe" => "Olmoe",
+        "deepseek_v2" => "DeepseekV2",
+        "deepseek_v3" => "DeepseekV3",
+        other => panic!("no transformers class for {other}"),
+    }
+    .into()
 }

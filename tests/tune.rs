@@ -13,15 +13,19 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::linalg::CpuBackend;
 use rfid_moe::models::moe::{MoeObserver, MoeTrace};
 use rfid_moe::models::{ArchConfig, Model};
-use rfid_moe::pipeline::allocate::{allocate_layer, RankPlan};
-use rfid_moe::pipeline::analyse::{analyse_layer, LayerAnalysis};
-use rfid_moe::pipeline::calibrate::{CalibrationStream, LayerStatistics};
-use rfid_moe::pipeline::experts::LayerExperts;
-use rfid_moe::pipeline::factor::{factor_layer, FactorSettings, SvdFactorizer};
-use rfid_moe::pipeline::tune::{
-    search_xi, split_holdout, HeldOutActivations, SearchSettings, TuneMetric,
+use rfid_moe::pipeline::calibrate::{
+    split_holdout, CalibrationStream, HeldOutActivations, LayerStatistics, Recording,
+    StatisticsWanted,
 };
-use rfid_moe::pipeline::{AllocationOptions, CalibrationOptions};
+use rfid_moe::pipeline::experts::LayerExperts;
+use rfid_moe::pipeline::methods::lowrank::allocate::{
+    allocate_layer, Allocation, AllocationSettings, RankPlan,
+};
+use rfid_moe::pipeline::methods::lowrank::analyse::{analyse_layer, LayerAnalysis};
+use rfid_moe::pipeline::methods::lowrank::factor::{factor_layer, FactorSettings, SvdFactorizer};
+use rfid_moe::pipeline::methods::lowrank::tune::{search_xi, SearchSettings, TuneMetric};
+use rfid_moe::pipeline::methods::lowrank::DEFAULT_XI_CANDIDATES;
+use rfid_moe::pipeline::CalibrationOptions;
 
 /// Per expert, the tokens routed to it and their weights.
 type Routes = Vec<(Vec<u32>, Vec<f32>)>;
@@ -164,11 +168,13 @@ fn check_search(
         &LayerAnalysis,
         &HeldOutActivations,
     ),
-    allocation: &AllocationOptions,
+    (allocation, metric): (AllocationSettings, TuneMetric),
     layer: usize,
 ) -> bool {
     let settings = SearchSettings {
         allocation,
+        candidates: &DEFAULT_XI_CANDIDATES,
+        metric,
         whiten: true,
         whiten_ridge: 1e-4,
     };
@@ -181,14 +187,13 @@ fn check_search(
         &settings,
     )
     .unwrap();
-    let metric = allocation.xi_metric;
     assert_eq!(search.held_out_tokens, 2 * 16);
-    assert_eq!(search.candidates.len(), allocation.xi_candidates.len());
+    assert_eq!(search.candidates.len(), DEFAULT_XI_CANDIDATES.len());
     let mut distinct = Vec::new();
     for candidate in &search.candidates {
-        let options = AllocationOptions {
+        let options = AllocationSettings {
             xi: candidate.xi,
-            ..allocation.clone()
+            ..allocation
         };
         let candidate_plan = allocate_layer(analysis, &options).unwrap();
         let rebuilt = reconstruct(experts, statistics, analysis, &candidate_plan);
@@ -236,17 +241,26 @@ fn held_out_windows_calibrate_nothing_and_candidate_errors_match_an_independent_
         ..CalibrationOptions::default()
     };
     let (device, backend) = (Device::Cpu, CpuBackend);
+    let recording = Recording {
+        inputs: true,
+        ..Recording::default()
+    };
+    let wanted = StatisticsWanted {
+        group_size: 2,
+        group_gram: true,
+        expert_statistics: false,
+    };
     let mut stream = CalibrationStream::with_held_out(
         &checkpoint,
         [&kept, &held],
         &options,
-        true,
+        recording,
         &device,
         &backend,
     )
     .unwrap();
     let mut plain =
-        CalibrationStream::new(&checkpoint, &kept, &options, true, &device, &backend).unwrap();
+        CalibrationStream::new(&checkpoint, &kept, &options, recording, &device, &backend).unwrap();
     let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
     let mut traces = Traces::default();
     model
@@ -259,14 +273,17 @@ fn held_out_windows_calibrate_nothing_and_candidate_errors_match_an_independent_
         .unwrap()
         .spec()
         .moe_layers;
-    let allocation = AllocationOptions {
+    let allocation = AllocationSettings {
         ratio: 0.5,
-        xi_auto: true,
-        ..AllocationOptions::default()
+        xi: 0.2,
+        policy: Allocation::Rfid,
+        dense_fallback: true,
+        residual: false,
+        residual_fraction: 0.03,
     };
     let (mut checked, mut differing) = (0, 0);
-    while let Some(layer) = stream.next_layer().unwrap() {
-        let alone = plain.next_layer().unwrap().unwrap();
+    while let Some(layer) = stream.next_statistics(wanted).unwrap() {
+        let alone = plain.next_statistics(wanted).unwrap().unwrap();
         let (Some(statistics), Some(held_out)) = (layer.statistics, layer.held_out) else {
             assert!(alone.statistics.is_none());
             continue;
@@ -307,13 +324,9 @@ fn held_out_windows_calibrate_nothing_and_candidate_errors_match_an_independent_
         let layout = layouts[layer.index].clone().unwrap();
         let experts = LayerExperts::new(&checkpoint, &layout);
         let analysis = analyse_layer(&backend, &experts, &statistics).unwrap();
-        for metric in TuneMetric::ALL {
-            let allocation = AllocationOptions {
-                xi_metric: metric,
-                ..allocation.clone()
-            };
+        for &metric in TuneMetric::ALL {
             let layer_data = (&experts, &statistics, &analysis, &held_out);
-            differing += usize::from(check_search(layer_data, &allocation, layer.index));
+            differing += usize::from(check_search(layer_data, (allocation, metric), layer.index));
         }
         checked += 1;
     }

@@ -13,10 +13,11 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::format::{
     basis_name, coefficients_name, CompressionRecord, GroupRecord, LayerRecord, MatrixRecord,
 };
-use rfid_moe::pipeline::allocate::{
+use rfid_moe::pipeline::methods::lowrank::allocate::{
     allocate_ranks, budget_for_ratio, importance_scores, Allocation, GroupAllocation, GroupShape,
 };
-use rfid_moe::pipeline::options::{AllocationOptions, CalibrationOptions};
+use rfid_moe::pipeline::methods::lowrank::LowRankSettings;
+use rfid_moe::pipeline::options::CalibrationOptions;
 use serde_json::json;
 
 use crate::synthetic::{self, CheckpointPlan, RandomTensors, Shape};
@@ -53,7 +54,7 @@ impl UniformPlan {
             .collect();
         let scores = importance_scores(Allocation::Uniform, &vec![0.0; shapes.len()], &[], 0.0);
         let budget = budget_for_ratio(&shapes, ratio);
-        let dense_fallback = AllocationOptions::default().dense_fallback;
+        let dense_fallback = LowRankSettings::paper().dense_fallback;
         let allocations = allocate_ranks(&shapes, &scores, budget, &[], dense_fallback)?;
         Ok(Self {
             ratio,
@@ -111,6 +112,7 @@ impl UniformPlan {
                     rank: a.rank,
                     dense: a.dense,
                     residual_size: 0,
+                    storage: Vec::new(),
                 })
                 .collect(),
         }

@@ -5,9 +5,11 @@ use candle_core::Device;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
-use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::tune::TuneMetric;
-use rfid_moe::pipeline::{BudgetScope, BudgetUnit, CompressMethod, FactorizerKind, Saliency};
+use rfid_moe::pipeline::methods::lowrank::allocate::Allocation;
+use rfid_moe::pipeline::methods::lowrank::tune::TuneMetric;
+use rfid_moe::pipeline::methods::lowrank::{FactorizerKind, RankAllocation};
+use rfid_moe::pipeline::methods::prune::Saliency;
+use rfid_moe::pipeline::{BudgetScope, BudgetUnit, Granularity};
 
 /// `--device`, flattened into the commands that run a model.
 #[derive(Args, Clone)]
@@ -34,7 +36,9 @@ pub fn parse_on_off(value: &str) -> std::result::Result<bool, String> {
 }
 
 /// Parses `--xi`: a number in [0, 1], or `auto` (chosen per layer on held-out windows).
-pub fn parse_xi(value: &str) -> std::result::Result<rfid_moe::pipeline::tune::XiSetting, String> {
+pub fn parse_xi(
+    value: &str,
+) -> std::result::Result<rfid_moe::pipeline::methods::lowrank::tune::XiSetting, String> {
     value.parse().map_err(|e: rfid_moe::Error| e.to_string())
 }
 
@@ -52,7 +56,7 @@ macro_rules! choice {
     ($type:ty) => {
         impl Choice for $type {
             fn all() -> &'static [Self] {
-                &<$type>::ALL
+                <$type>::ALL
             }
             fn name(&self) -> &'static str {
                 <$type>::name(self)
@@ -65,13 +69,25 @@ macro_rules! choice {
 }
 
 choice!(Allocation);
+choice!(RankAllocation);
 choice!(BudgetScope);
 choice!(BudgetUnit);
+choice!(Granularity);
 choice!(FactorizerKind);
-choice!(CompressMethod);
 choice!(Saliency);
 choice!(TuneMetric);
-choice!(rfid_moe::checkpoint::experts::ExpertMatrix);
+
+impl Choice for rfid_moe::checkpoint::experts::ExpertMatrix {
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+    fn name(&self) -> &'static str {
+        Self::name(self)
+    }
+    fn description(&self) -> &'static str {
+        Self::description(self)
+    }
+}
 
 /// A value parser for `T` that lists every name and its description in `--help` and parses with
 /// the library's `FromStr`.
@@ -116,7 +132,7 @@ mod tests {
 
     #[test]
     fn choices_parse_every_library_name_and_refuse_others() {
-        for allocation in Allocation::ALL {
+        for &allocation in Allocation::ALL {
             let probe =
                 Probe::try_parse_from(["probe", "--allocation", allocation.name()]).unwrap();
             assert_eq!(probe.allocation, Some(allocation));

@@ -261,7 +261,7 @@ fn compress_reads_a_config_file_and_flags_win() {
     std::fs::write(
         &config,
         format!(
-            "model = {:?}\n[calibration]\ndata = {:?}\ngroup_size = 2\nsamples = 4\nseq_len = 64\n[allocation]\nratio = 0.3\n[factorization]\nwhiten = false\n",
+            "version = 2\nmodel = {:?}\nmethods = [\"lowrank\", \"keep\"]\n[calibration]\ndata = {:?}\ngroup_size = 2\nsamples = 4\nseq_len = 64\n[budget]\nratio = 0.3\nunit = \"parameters\"\nmatrices = [\"gate\", \"up\"]\nscope = \"layer\"\n[settings.lowrank]\nallocation = \"rfid\"\nwhiten = false\n",
             model.to_str().unwrap(),
             model.join("calibration.txt").to_str().unwrap()
         ),
@@ -283,15 +283,18 @@ fn compress_reads_a_config_file_and_flags_win() {
     ]);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let options = &report["options"];
     assert_eq!(
-        report["options"]["allocation"]["ratio"], 0.5,
+        options["budget"]["ratio"], 0.5,
         "the flag wins over the file"
     );
     assert_eq!(
-        report["options"]["calibration"]["group_size"], 2,
+        options["calibration"]["group_size"], 2,
         "the file's value is kept"
     );
-    assert_eq!(report["options"]["factorization"]["whiten"], false);
+    assert_eq!(options["settings"]["lowrank"]["whiten"], false);
+    // Keys the file leaves out are the defaults, stated in full in what is saved.
+    assert_eq!(options["settings"]["lowrank"]["factor_dtype"], "int8");
     let groups = report["layers"][0]["matrices"]["gate_proj"]
         .as_array()
         .unwrap();
@@ -299,16 +302,118 @@ fn compress_reads_a_config_file_and_flags_win() {
     // The resolved configuration is saved with the output and reads back as the same options.
     let saved = std::fs::read_to_string(out.join("compress.toml")).unwrap();
     let saved: toml::Value = toml::from_str(&saved).unwrap();
-    assert_eq!(
-        saved["allocation"]["ratio"].as_float(),
-        Some(0.5),
-        "{saved}"
-    );
+    assert_eq!(saved["budget"]["ratio"].as_float(), Some(0.5), "{saved}");
+    assert_eq!(saved["version"].as_integer(), Some(2), "{saved}");
     assert_eq!(saved["calibration"]["group_size"].as_integer(), Some(2));
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["compression"]["method"], "rfid-moe");
     assert!(out.join("tokenizer.json").exists());
+}
+
+#[test]
+fn a_config_file_with_only_the_ratio_writes_what_the_flag_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::mini_model();
+    let calibration = model.join("calibration.txt");
+    let config = tmp.path().join("only-ratio.toml");
+    std::fs::write(&config, "[budget]\nratio = 0.55\n").unwrap();
+    let common_args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "compress",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (from_file, from_flag) = (tmp.path().join("file"), tmp.path().join("flag"));
+    let mut args = common_args(&from_file);
+    args.extend(["--config".to_string(), config.to_str().unwrap().to_string()]);
+    rfid_moe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args = common_args(&from_flag);
+    args.extend(["--ratio".to_string(), "0.55".to_string()]);
+    rfid_moe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let shards = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut shards: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        shards.sort();
+        shards
+    };
+    let (a, b) = (shards(&from_file), shards(&from_flag));
+    assert!(!a.is_empty());
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            "{a:?}"
+        );
+    }
+    // The saved settings differ only in where the output went.
+    let settings = |dir: &std::path::Path| {
+        let text = std::fs::read_to_string(dir.join("compress.toml")).unwrap();
+        let mut value: toml::Value = toml::from_str(&text).unwrap();
+        value["output"].as_table_mut().unwrap().remove("out");
+        value
+    };
+    assert_eq!(settings(&from_file), settings(&from_flag));
+}
+
+#[test]
+fn an_old_config_file_keeps_its_meaning_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("old.toml");
+    let model = common::mini_model();
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\n[calibration]\ndata = {:?}\nsamples = 4\nseq_len = 64\n[allocation]\nratio = 0.3\n",
+            model.to_str().unwrap(),
+            model.join("calibration.txt").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let output = rfid_moe(&[
+        "compress",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("without `version`") && stderr.contains("--methods lowrank,keep"),
+        "{stderr}"
+    );
+    // The paper's meaning: gate and up lose 30% of their parameters, down is untouched.
+    let saved: toml::Value =
+        toml::from_str(&std::fs::read_to_string(out.join("compress.toml")).unwrap()).unwrap();
+    assert_eq!(saved["budget"]["unit"].as_str(), Some("parameters"));
+    assert_eq!(
+        saved["settings"]["lowrank"]["allocation"].as_str(),
+        Some("rfid")
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+            .unwrap();
+    let reduction = report["targeted_reduction"].as_f64().unwrap();
+    assert!((reduction - 0.3).abs() < 0.01, "{reduction}");
 }
 
 #[test]
@@ -369,11 +474,11 @@ fn compress_rejects_bad_options_with_clear_messages() {
     assert!(stderr.contains("--out is required"), "{stderr}");
     let stderr = run(&[&base[..], &["--xi", "often", "--dry-run"]].concat());
     assert!(stderr.contains("--xi `often`"), "{stderr}");
-    // The default method prunes and factors down, which --xi auto does not measure: one message
-    // says how to ask for what it does measure.
+    // The default allocation is the solver's, which --xi auto does not tune: one message says
+    // how to ask for what it does.
     let stderr = run(&[&base[..], &["--xi", "auto", "--dry-run"]].concat());
     assert!(
-        stderr.contains("--method prune+lowrank") && stderr.contains("--preset paper"),
+        stderr.contains("--allocation solver") && stderr.contains("--preset paper"),
         "{stderr}"
     );
     let model_scope = [

@@ -192,7 +192,7 @@ fn resume_and_check(setup: &Setup, extra: &[&str], reference: &Path, resumed_at:
         let Some(before) = before else {
             continue;
         };
-        let name = format!("model.layers.{layer}.mlp.experts.0.down_proj.weight");
+        let name = format!("model.layers.{layer}.mlp.gate.weight");
         let file = index["weight_map"][&name].as_str().unwrap();
         assert_eq!(
             inode(&setup.out.join(file)),
@@ -302,10 +302,7 @@ fn a_different_option_calibration_or_model_is_refused_by_name_and_restart_starts
         }
         assert!(setup.journal_entry(0).exists(), "the journal is kept");
     };
-    refused(
-        &["--ratio", "0.5"],
-        &["option `allocation.ratio` (0.4 → 0.5)"],
-    );
+    refused(&["--ratio", "0.5"], &["option `budget.ratio` (0.4 → 0.5)"]);
     let calibration = setup.model.join("calibration.txt");
     let text = std::fs::read_to_string(&calibration).unwrap();
     std::fs::write(&calibration, text.replacen('a', "b", 50)).unwrap();
@@ -358,7 +355,8 @@ fn sigterm_stops_at_a_safe_point_says_how_to_resume_and_resuming_gives_identical
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(143), "{stderr}");
     assert!(
-        stderr.contains("1 finished layer(s) kept")
+        stderr.contains("1 finished layer(s)")
+            && stderr.contains("kept in")
             && stderr.contains("run the same command again")
             && stderr.contains("--out"),
         "{stderr}"

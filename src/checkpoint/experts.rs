@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::weight::{Int8Holding, Weight};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::{self, BasisActivation, CompressionRecord, GroupRecord};
-use super::weight::{Int8Holding, Weight};
 use crate::residual::SparseProjection;
 
 /// The three matrices of a gated expert (`gate`, `up`, `down` in saved settings).

@@ -55,4 +55,3 @@ pub fn shard_tensor_bytes(shards: &[std::path::PathBuf]) -> Result<TensorBytes> 
     }
     Ok(bytes)
 }
-

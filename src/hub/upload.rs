@@ -103,10 +103,7 @@ pub fn check_upload_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(refuse("not a directory".into()));
     }
-    for file in [
-        crate::format::REPORT_FILE,
-        crate::format::OPTIONS_FILE,
-    ] {
+    for file in [crate::format::REPORT_FILE, crate::format::OPTIONS_FILE] {
         if !dir.join(file).is_file() {
             return Err(refuse(format!(
                 "no {file}: not a complete rfid-moe output (upload takes the directory that \

@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::common::matmul_transposed;
 use super::routing::{ExpertDispatch, GroupRoute, Routing};
-use crate::checkpoint::weight::{Int8Holding, Weight};
 use crate::checkpoint::experts::{BasisSide, ExpertLayout, ExpertMatrix, StoredGroup};
+use crate::checkpoint::weight::{Int8Holding, Weight};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::CompressionRecord;
@@ -47,13 +47,15 @@ impl ExpertsForm {
         compression: Option<&CompressionRecord>,
         device: &Device,
     ) -> Self {
+        // Factored groups, or members stored as int8 codes, need the factored form (the only
+        // one holding int8 weights resident).
         let factored = compression.is_some_and(|c| {
             c.layer(layer).is_some_and(|l| {
-                c.factor_storage.is_some()
-                    || l.matrices
-                        .values()
-                        .flat_map(|m| &m.groups)
-                        .any(|g| !g.dense)
+                l.matrices.values().flat_map(|m| &m.groups).any(|g| {
+                    !g.dense
+                        || (0..g.experts.len())
+                            .any(|slot| g.is_int8(slot, c.factor_storage.as_deref()))
+                })
             })
         });
         if factored {

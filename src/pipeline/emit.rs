@@ -1,26 +1,25 @@
-//! The emit stage: a [`FactoredLayer`] becomes one shard of the compressed checkpoint (and, with
-//! `--export-dense`, one shard of the reconstructed dense checkpoint); layers that are not
+//! The emit stage: an [`AssembledLayer`] becomes one shard of the compressed checkpoint (and,
+//! with `--export-dense`, one shard of the reconstructed dense checkpoint); layers that are not
 //! compressed are copied through; the run ends with `config.json` (with its compression record),
 //! the report and the resolved options, written atomically. Every finished step (the ends, each
 //! layer) is recorded in the resume journal ([`super::resume`]) after its shards are durable, and
 //! a later run adopts the steps an interrupted one finished.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use super::assemble::AssembledLayer;
 use super::experts::LayerExperts;
-use super::factor::FactoredLayer;
 use super::options::OutputOptions;
-use super::report::{GroupReport, LayerReport};
+use super::plan::LayerPlan;
+use super::report::LayerReport;
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
-use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
-use crate::checkpoint::{fp8, int8};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
-use crate::format::{self, GroupRecord, LayerRecord, MatrixRecord};
+use crate::format::{self, LayerRecord};
 
 /// Tokenizer and generation files copied next to the compressed weights.
 pub(crate) const AUXILIARY_FILES: &[&str] = &[
@@ -35,14 +34,15 @@ pub(crate) const AUXILIARY_FILES: &[&str] = &[
 
 /// What the finished run adds next to the weights.
 pub struct RunFiles<'a> {
-    /// The compression section of `config.json`.
-    pub record: &'a format::CompressionRecord,
+    /// The compression section of `config.json` (None when no layer holds compressed experts:
+    /// the output is then a normal checkpoint).
+    pub record: Option<&'a format::CompressionRecord>,
     /// `compression_report.json`.
     pub report_json: &'a str,
     /// `compress.toml`: the resolved options.
     pub options_toml: &'a str,
-    /// With expert pruning: the expert count and `pruning` section of `config.json`.
-    pub pruning: Option<&'a super::prune::PrunedConfig>,
+    /// With experts removed: the expert count and `pruning` section of `config.json`.
+    pub pruning: Option<&'a super::removal::PrunedConfig>,
 }
 
 /// The writers of one run: the compressed checkpoint and, optionally, the dense export, with the
@@ -53,10 +53,6 @@ pub struct Emitter<'a> {
     dense: Option<CheckpointWriter>,
     journal: Option<Journal>,
     pending: CommittedShards,
-    /// Store the compressor's tensors as int8 with row-block scales (`--factor-dtype int8`).
-    int8_factors: bool,
-    /// The int8 tensors of the shard being assembled (written as `I8`).
-    int8_names: HashSet<String>,
 }
 
 impl<'a> Emitter<'a> {
@@ -84,8 +80,6 @@ impl<'a> Emitter<'a> {
             dense: None,
             journal: None,
             pending: CommittedShards::default(),
-            int8_factors: false,
-            int8_names: HashSet::new(),
         };
         emitter.dense = open(&options.export_dense)?;
         match emitter.prepare(manifest) {
@@ -117,7 +111,7 @@ impl<'a> Emitter<'a> {
         let ends = self.copy_tensors("", |n| {
             decoder_layer_index(n).is_some_and(|layer| layer < num_layers)
         })?;
-        self.write_both("ends", ends.clone(), ends)?;
+        self.write_both("ends", (ends.clone(), HashSet::new()), ends)?;
         let shards = std::mem::take(&mut self.pending);
         if let Some(journal) = self.journal.as_mut() {
             journal.commit_ends(shards)?;
@@ -154,36 +148,6 @@ impl<'a> Emitter<'a> {
             .unwrap_or_default()
     }
 
-    /// Stores the compressor's tensors of every following layer (`lowrank_a`, `basis`, the
-    /// gate/up members of dense groups) as int8 with row-block scales (`--factor-dtype int8`,
-    /// [`int8`]); residual coefficients and the dense export stay in the stored float dtype.
-    pub fn store_factors_as_int8(&mut self) {
-        self.int8_factors = true;
-    }
-
-    /// Inserts a tensor the compressor wrote under `key`: as it is, or with int8 factors as
-    /// `key` (I8 codes) and `key_scale` (F32). FP8 tensors copied as stored are never quantised.
-    fn insert_factor(
-        &mut self,
-        tensors: &mut HashMap<String, Tensor>,
-        key: String,
-        tensor: Tensor,
-    ) -> Result<()> {
-        let is_float = matches!(
-            tensor.dtype(),
-            DType::F32 | DType::BF16 | DType::F16 | DType::F64
-        );
-        if !self.int8_factors || !is_float {
-            tensors.insert(key, tensor);
-            return Ok(());
-        }
-        let (codes, scales) = int8::Int8Matrix::from_tensor(&tensor)?.to_tensors()?;
-        tensors.insert(int8::scale_name(&key), scales);
-        self.int8_names.insert(key.clone());
-        tensors.insert(key, codes);
-        Ok(())
-    }
-
     /// The bytes of the tensors written to the compressed checkpoint so far (every shard in its
     /// staging directory), in all and for routed experts; None for a dry run.
     pub fn stored_bytes(&self) -> Result<Option<crate::checkpoint::storage::TensorBytes>> {
@@ -205,16 +169,16 @@ impl<'a> Emitter<'a> {
         self.compressed.as_ref().map(|w| w.staging_dir())
     }
 
-    /// The model-wide rank plans an interrupted run saved (`--budget-scope model`).
-    pub fn saved_plans(&self) -> Result<Option<Vec<super::allocate::RankPlan>>> {
+    /// The model-wide plans an interrupted run saved (`--budget-scope model`).
+    pub fn saved_plans(&self) -> Result<Option<Vec<LayerPlan>>> {
         match &self.journal {
             Some(journal) => journal.plans(),
             None => Ok(None),
         }
     }
 
-    /// Saves the model-wide rank plans in the journal (no-op for a dry run).
-    pub fn save_plans(&self, plans: &[super::allocate::RankPlan]) -> Result<()> {
+    /// Saves the model-wide plans in the journal (no-op for a dry run).
+    pub fn save_plans(&self, plans: &[LayerPlan]) -> Result<()> {
         match &self.journal {
             Some(journal) => journal.save_plans(plans),
             None => Ok(()),
@@ -258,11 +222,10 @@ impl<'a> Emitter<'a> {
     fn write_both(
         &mut self,
         step: &str,
-        compressed: HashMap<String, Tensor>,
+        (compressed, int8_names): (HashMap<String, Tensor>, HashSet<String>),
         dense: HashMap<String, Tensor>,
     ) -> Result<()> {
         let file = format!("{step}.safetensors");
-        let int8_names = std::mem::take(&mut self.int8_names);
         if let Some(w) = self.compressed.as_mut() {
             self.pending.compressed = w.write_shard_with_int8(&file, compressed, &int8_names)?;
         }
@@ -295,180 +258,49 @@ impl<'a> Emitter<'a> {
     /// Copies decoder layer `index` unchanged (dense layers) and commits it.
     pub fn copy_layer(&mut self, index: usize) -> Result<()> {
         let tensors = self.copy_tensors(&format!("model.layers.{index}."), |_| false)?;
-        self.write_both(&layer_step(index), tensors.clone(), tensors)?;
+        self.write_both(
+            &layer_step(index),
+            (tensors.clone(), HashSet::new()),
+            tensors,
+        )?;
         self.commit_layer(index, None, None)
     }
 
-    /// Writes a factored MoE layer (factors, dense groups, the matrices not factored and the
-    /// layer's other tensors) and returns its record and its per-matrix group reports; [`Self::commit_layer`]
-    /// then records it as finished.
-    pub fn write_layer(
-        &mut self,
-        experts: &LayerExperts,
-        factored: FactoredLayer,
-        stored_dtype: DType,
-    ) -> Result<(LayerRecord, BTreeMap<String, Vec<GroupReport>>)> {
-        let layout = experts.layout;
-        let (mut compressed, mut dense) = (HashMap::new(), HashMap::new());
-        let mut records = BTreeMap::new();
-        let mut reports = BTreeMap::new();
-        let unfactored: Vec<ExpertMatrix> = ExpertMatrix::ALL
-            .into_iter()
-            .filter(|&m| factored.matrices.iter().all(|f| f.matrix != m))
-            .collect();
-        for matrix in factored.matrices {
-            let name = layout.name(matrix.matrix);
-            // down_proj shares its basis on the output side: `C_j` is `lowrank_c` [K, p].
-            let coefficients_name = match matrix.matrix {
-                ExpertMatrix::Down => format::output_coefficients_name,
-                ExpertMatrix::Gate | ExpertMatrix::Up => format::coefficients_name,
-            };
-            let mut groups = Vec::new();
-            let mut group_reports = Vec::new();
-            for (g, group) in matrix.groups.into_iter().enumerate() {
-                for (slot, &expert) in group.report.experts.iter().enumerate() {
-                    let tensor = group.expert_tensors[slot].clone();
-                    match group.basis {
-                        Some(_) => {
-                            let key = coefficients_name(&layout.block, expert, name);
-                            self.insert_factor(&mut compressed, key, tensor)?;
-                        }
-                        None => {
-                            let kept =
-                                self.kept_expert(experts, expert, matrix.matrix, || Ok(tensor))?;
-                            // One tensor is the compressor's; an FP8 weight with its scales is
-                            // a copy as stored.
-                            match <[_; 1]>::try_from(kept) {
-                                Ok([(key, tensor)]) => {
-                                    self.insert_factor(&mut compressed, key, tensor)?
-                                }
-                                Err(stored) => compressed.extend(stored),
-                            }
-                        }
-                    }
-                    if let Some(rebuilt) = &group.reconstruction {
-                        dense.insert(
-                            layout.dense_name(expert, matrix.matrix),
-                            self.float_dtype(&rebuilt[slot], stored_dtype)?,
-                        );
-                    }
-                }
-                if let Some(basis) = group.basis {
-                    let key = format::basis_name(&layout.block, g, name);
-                    self.insert_factor(&mut compressed, key, basis)?;
-                }
-                if let Some(eta) = group.residual_eta {
-                    compressed.insert(
-                        format::residual_name(&layout.block, g, name),
-                        self.float_dtype(&eta, stored_dtype)?,
-                    );
-                }
-                groups.push(GroupRecord {
-                    experts: group.report.experts.clone(),
-                    rank: group.report.rank,
-                    dense: group.report.dense,
-                    residual_size: group.report.residual_size,
-                });
-                group_reports.push(group.report);
-            }
-            records.insert(name.to_string(), MatrixRecord { groups });
-            reports.insert(name.to_string(), group_reports);
-        }
-        if self.is_writing() {
-            // Matrices not factored (down_proj by default) stay dense, written per expert from
-            // the canonical view.
-            for &matrix in &unfactored {
-                for expert in 0..layout.num_experts {
-                    let kept = self.kept_expert(experts, expert, matrix, || {
-                        Ok(experts.matrix(expert, matrix)?.to_dtype(stored_dtype)?)
-                    })?;
-                    compressed.extend(kept.clone());
-                    dense.extend(kept);
-                }
-            }
-            let experts_prefix = format!("{}.experts.", layout.block);
-            let mut rest = self
-                .copy_tensors(&format!("model.layers.{}.", factored.layer), |n| {
-                    n.starts_with(&experts_prefix)
-                })?;
-            if let Some(kept) = experts.kept() {
-                let original = experts.source_layout().num_experts;
-                super::prune::slice_router(&mut rest, &layout.block, kept, original)?;
-            }
-            compressed.extend(rest.clone());
-            dense.extend(rest);
-            // The dense export keeps the input's expert layout (fused 3-D tensors if fused).
-            if self.dense.is_some() {
-                super::hf_compat::fuse_like_input(self.checkpoint, layout, &mut dense)?;
-            }
-            self.write_both(&layer_step(factored.layer), compressed, dense)?;
-        }
-        let record = LayerRecord {
-            layer: factored.layer,
-            matrices: records,
-        };
-        Ok((record, reports))
-    }
-
-    /// `tensor` as written: unchanged, or in the stored dtype with int8 factors (which the factor
-    /// stage hands over in f32, the precision they are quantised from).
-    fn float_dtype(&self, tensor: &Tensor, stored_dtype: DType) -> Result<Tensor> {
-        Ok(match self.int8_factors {
-            true => tensor.to_dtype(stored_dtype)?,
-            false => tensor.clone(),
-        })
-    }
-
-    /// The tensors of an expert matrix that stays dense: a per-expert FP8 weight is copied as
-    /// stored with its block scales (so `quantization_config` stays true for it); anything else
-    /// is `rebuilt()` (the canonical view in the output dtype) under the per-expert name.
-    fn kept_expert(
-        &self,
-        experts: &LayerExperts,
-        expert: usize,
-        matrix: ExpertMatrix,
-        rebuilt: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<Vec<(String, Tensor)>> {
-        let key = experts.layout.dense_name(expert, matrix);
-        let source = experts
-            .source_layout()
-            .dense_name(experts.source_index(expert), matrix);
-        let stored_fp8 = self
-            .checkpoint
-            .info(&source)
-            .is_some_and(|(info, _)| info.dtype.is_fp8());
-        if !stored_fp8 {
-            return Ok(vec![(key, rebuilt()?)]);
-        }
-        Ok(vec![
-            (
-                fp8::scale_name(&key),
-                self.checkpoint
-                    .load_verbatim(&fp8::scale_name(&source), "copy")?,
-            ),
-            (key, self.checkpoint.load_verbatim(&source, "copy")?),
-        ])
-    }
-
-    /// Writes a pruned layer without factoring (`--method prune`): the kept experts as stored,
-    /// renumbered, the router cut to their rows, the layer's other tensors unchanged.
-    pub fn write_pruned_layer(&mut self, experts: &LayerExperts, layer: usize) -> Result<()> {
+    /// Writes a MoE layer: its assembled routed experts with the layer's other tensors (the
+    /// router cut to the kept experts); a layer whose experts are all kept as stored is written
+    /// in the input's layout. [`Self::commit_layer`] then records it as finished.
+    pub fn write_layer(&mut self, experts: &LayerExperts, layer: AssembledLayer) -> Result<()> {
         if !self.is_writing() {
             return Ok(());
         }
         let layout = experts.layout;
-        let mut tensors = super::prune::kept_expert_tensors(self.checkpoint, experts)?;
+        let index = layer.layer;
         let experts_prefix = format!("{}.experts.", layout.block);
-        let mut rest = self.copy_tensors(&format!("model.layers.{layer}."), |n| {
+        let mut rest = self.copy_tensors(&format!("model.layers.{index}."), |n| {
             n.starts_with(&experts_prefix)
         })?;
-        let kept: Vec<usize> = (0..layout.num_experts)
-            .map(|e| experts.source_index(e))
-            .collect();
-        let original = experts.source_layout().num_experts;
-        super::prune::slice_router(&mut rest, &layout.block, &kept, original)?;
-        tensors.extend(rest);
-        self.write_both(&layer_step(layer), tensors.clone(), tensors)
+        if let Some(kept) = experts.kept() {
+            let original = experts.source_layout().num_experts;
+            super::removal::slice_router(&mut rest, &layout.block, kept, original)?;
+        }
+        if layer.record.is_none() {
+            let mut tensors = super::removal::kept_expert_tensors(self.checkpoint, experts)?;
+            tensors.extend(rest);
+            return self.write_both(
+                &layer_step(index),
+                (tensors.clone(), HashSet::new()),
+                tensors,
+            );
+        }
+        let (mut compressed, int8) = (layer.compressed.tensors, layer.compressed.int8);
+        let mut dense = layer.dense;
+        compressed.extend(rest.clone());
+        dense.extend(rest);
+        // The dense export keeps the input's expert layout (fused 3-D tensors if fused).
+        if self.dense.is_some() {
+            super::hf_compat::fuse_like_input(self.checkpoint, layout, &mut dense)?;
+        }
+        self.write_both(&layer_step(index), (compressed, int8), dense)
     }
 
     /// Writes `config.json` (with the compression record), the report, the options and the
@@ -478,11 +310,13 @@ impl<'a> Emitter<'a> {
         let mut output = None;
         if let Some(w) = self.compressed {
             let mut config = self.checkpoint.config().clone();
-            config[format::COMPRESSION_KEY] =
-                serde_json::to_value(files.record).map_err(|e| Error::Json {
-                    path: w.staging_dir().join(CONFIG_FILE),
-                    message: e.to_string(),
-                })?;
+            if let Some(record) = files.record {
+                config[format::COMPRESSION_KEY] =
+                    serde_json::to_value(record).map_err(|e| Error::Json {
+                        path: w.staging_dir().join(CONFIG_FILE),
+                        message: e.to_string(),
+                    })?;
+            }
             if let Some(pruning) = files.pruning {
                 pruning.edit(&mut config, true);
             }

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{fp8, Checkpoint};
 use crate::linalg::LinalgBackend;
 use crate::Result;
 
@@ -79,6 +79,95 @@ impl<'a> LayerExperts<'a> {
             DType::F32,
             &Device::Cpu,
         )
+    }
+
+    /// The bytes the input stores for original expert `expert`'s `matrix` (with its FP8 scales;
+    /// a fused tensor's share of it).
+    pub fn source_stored_bytes(&self, expert: usize, matrix: ExpertMatrix) -> Result<u64> {
+        let source = self.source;
+        let name = match source.is_fused(self.checkpoint, matrix) {
+            true => source.fused_name(matrix),
+            false => source.dense_name(expert, matrix),
+        };
+        let mut bytes = 0u64;
+        let mut elements = 0u64;
+        for tensor in [name.clone(), fp8::scale_name(&name)] {
+            if let Some((info, _)) = self.checkpoint.info(&tensor) {
+                bytes += (info.data_range.1 - info.data_range.0) as u64;
+                if tensor == name {
+                    elements = info.numel() as u64;
+                }
+            }
+        }
+        let [rows, cols] = source.shape(matrix);
+        let share = (rows * cols) as u64;
+        if elements == 0 {
+            return Err(crate::Error::InvalidArgument(format!(
+                "`{name}` is missing or empty: expected expert {expert}'s {matrix} of `{}`",
+                source.block
+            )));
+        }
+        // A per-expert tensor is all of it; a fused one holds every expert (and gate with up).
+        Ok(bytes * share / elements)
+    }
+
+    /// The bytes the input stores for expert `expert`'s `matrix`.
+    pub fn stored_bytes(&self, expert: usize, matrix: ExpertMatrix) -> Result<u64> {
+        self.source_stored_bytes(self.source_index(expert), matrix)
+    }
+
+    /// Expert `expert`'s `matrix` as it is written when kept: a per-expert FP8 weight is copied
+    /// as stored with its block scales; anything else is the canonical `[out, in]` view in
+    /// `stored_dtype`, under the per-expert name.
+    pub fn stored_tensors(
+        &self,
+        expert: usize,
+        matrix: ExpertMatrix,
+        stored_dtype: DType,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let key = self.layout.dense_name(expert, matrix);
+        let source = self.source.dense_name(self.source_index(expert), matrix);
+        let stored_fp8 = self
+            .checkpoint
+            .info(&source)
+            .is_some_and(|(info, _)| info.dtype.is_fp8());
+        if !stored_fp8 {
+            return Ok(vec![(
+                key,
+                self.matrix(expert, matrix)?.to_dtype(stored_dtype)?,
+            )]);
+        }
+        Ok(vec![
+            (
+                fp8::scale_name(&key),
+                self.checkpoint
+                    .load_verbatim(&fp8::scale_name(&source), "copy")?,
+            ),
+            (key, self.checkpoint.load_verbatim(&source, "copy")?),
+        ])
+    }
+
+    /// Whether the input stores expert `expert`'s `matrix` in FP8 per expert (then it is
+    /// copied as stored when kept).
+    pub fn is_stored_fp8(&self, expert: usize, matrix: ExpertMatrix) -> bool {
+        let source = self.source.dense_name(self.source_index(expert), matrix);
+        self.checkpoint
+            .info(&source)
+            .is_some_and(|(info, _)| info.dtype.is_fp8())
+    }
+
+    /// The name of the storage [`Self::stored_tensors`] writes (`fp8` or the float dtype).
+    pub fn stored_storage(
+        &self,
+        expert: usize,
+        matrix: ExpertMatrix,
+        stored_dtype: DType,
+    ) -> String {
+        let source = self.source.dense_name(self.source_index(expert), matrix);
+        match self.checkpoint.info(&source) {
+            Some((info, _)) if info.dtype.is_fp8() => info.dtype.name().to_lowercase(),
+            _ => format!("{stored_dtype:?}").to_lowercase(),
+        }
     }
 
     /// One expert's `matrix` in the factor stage's orientation, `[p, d]` (the side its group

@@ -1,52 +1,65 @@
-//! The RFID-MoE pipeline as stages, each a module with a plain data type in and out:
+//! The compression pipeline as stages, each a module with a plain data type in and out:
 //!
 //! ```text
-//! calibrate  windows → LayerStatistics   (routing counts, groups, group Gram matrices)
-//! analyse    LayerStatistics → LayerAnalysis   (group frequency, effective ranks, shapes)
-//! allocate   LayerAnalysis → RankPlan   (scores, ranks under the budget)
-//! factor     RankPlan → FactoredLayer   (SVD / basis factors, residual, tensors)
-//! emit       FactoredLayer → a layer's shard (+ record and report)
+//! calibrate  windows → LayerObservations   (routing, inputs, Gram sums, saliency)
+//!            removal (a method's `remove`) → LayerStatistics (groups, Grams, sensitivities)
+//! offer      each method's candidates per unit → LayerOffer
+//! solve      LayerOffer(s) → LayerPlan       (one candidate per unit, under the byte budget)
+//! apply      each method's chosen candidates → UnitOutput (stored tensors)
+//! assemble   UnitOutputs → AssembledLayer     (record, reports, tensors)
+//! emit       AssembledLayer → a layer's shard (+ journal entry)
 //! ```
 //!
 //! Layers are streamed: each decoder layer is calibrated on the hidden states the previous one
-//! produced, analysed, allocated, factored and written as its own shard before the next is read.
-//! The driver below only wires the stages; `docs/ARCHITECTURE.md` draws the whole picture.
+//! produced, planned, applied and written as its own shard before the next is read. With a
+//! model-wide budget, a planning pass over every layer comes first (its plans are journalled).
+//! The driver below only wires the stages and names no method: the methods come from a
+//! [`Registry`]. `docs/ARCHITECTURE.md` draws the whole picture.
 
-pub mod allocate;
-pub mod analyse;
+pub mod assemble;
 pub mod budget;
 pub mod calibrate;
 pub mod emit;
 pub mod experts;
-pub mod factor;
 pub mod hf_compat;
+pub mod legacy;
+pub mod methods;
 pub mod options;
-pub mod prune;
+pub mod plan;
+pub mod presets;
+pub mod removal;
 pub mod report;
 pub mod resume;
-pub mod tune;
+pub mod settings_file;
+pub mod solver;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 
 use crate::checkpoint::experts::ExpertLayout;
-use crate::checkpoint::{int8, Checkpoint, StoredDType};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::format::CompressionRecord;
+use crate::format::{CompressionRecord, LayerRecord};
 use crate::linalg::{CpuBackend, LinalgBackend};
 use crate::progress::{Progress, Silent, Task};
 use crate::safety::staging;
-use allocate::RankPlan;
-use calibrate::{CalibrationStream, LayerStatistics};
+use budget::Budget;
+use calibrate::{
+    CalibrationStream, LayerData, LayerStatistics, Recording, SplitWindows, StatisticsWanted,
+};
 use emit::{Emitter, RunFiles};
 use experts::LayerExperts;
-use factor::{BasisFactorizer, FactorSettings, Factorizer, SvdFactorizer};
+pub use methods::Registry;
+use methods::{LayerContext, Method, MethodInputs, Needs, ObservedLayer};
 pub use options::{
-    parse_device, AllocationOptions, BudgetScope, BudgetUnit, CalibrationOptions, CompressMethod,
-    CompressOptions, FactorizationOptions, FactorizerKind, OutputOptions, PruningOptions, Saliency,
+    parse_device, BudgetOptions, BudgetScope, BudgetUnit, CalibrationOptions, CompressOptions,
+    Granularity, OutputOptions,
 };
+use plan::{LayerOffer, LayerPlan};
 pub use report::{read_layer_reports, GroupReport, LayerReport, Report};
+use report::{BudgetReport, LayerPruning, PlanSummary, StageSeconds};
 
 /// Runs the whole pipeline described by `options`, reporting nothing.
 pub fn compress(options: &CompressOptions) -> Result<Report> {
@@ -64,45 +77,55 @@ pub fn compress_with_progress(
     options: &CompressOptions,
     progress: &dyn Progress,
 ) -> Result<Report> {
+    compress_with(options, &Registry::builtin(), progress)
+}
+
+/// As [`compress_with_progress`], with the methods of `registry` (the built-in ones and any the
+/// caller added).
+pub fn compress_with(
+    options: &CompressOptions,
+    registry: &Registry<CpuBackend>,
+    progress: &dyn Progress,
+) -> Result<Report> {
     options.validate()?;
     let started = Instant::now();
     let device = parse_device(&options.device)?;
     let checkpoint = Checkpoint::open(&options.model)?;
-    // The stages see the parameter ratio a byte budget comes to; what is saved (settings,
-    // resume manifest) is what was asked for.
-    let requested = options;
-    let (resolved, byte_budget) = budget::resolve(requested, &checkpoint)?;
-    let options = &resolved;
     let backend = CpuBackend;
+    let inputs = MethodInputs {
+        options,
+        checkpoint: &checkpoint,
+    };
+    let methods = registry.build(&inputs)?;
+    // What is saved (settings file, report, resume manifest) states every method's settings.
+    let mut resolved = options.clone();
+    for method in &methods {
+        if let Some(settings) = method.resolved_settings() {
+            resolved
+                .settings
+                .insert(method.name().to_string(), settings);
+        }
+    }
+    let options = &resolved;
     let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
     let fingerprint = calibrate::fingerprint(&windows);
     let calibration_tokens = windows.iter().map(Vec::len).sum();
-    // `--xi auto` measures candidates on held-out windows, which calibrate nothing.
-    let windows = match options.allocation.xi_auto {
-        true => tune::split_holdout(&windows, options.calibration.holdout_fraction)?,
-        false => (windows, Vec::new()),
+    let mut run = Run::new(options, &checkpoint, &backend, &fingerprint, methods)?;
+    // Held-out windows measure candidates and calibrate nothing.
+    let windows = match run.needs.held_out {
+        Some(fraction) => calibrate::split_holdout(&windows, fraction)?,
+        None => (windows, Vec::new()),
     };
-    let mut run = Run::new(options, &checkpoint, &backend, &fingerprint)
-        .map_err(|error| budget::in_requested_terms(error, byte_budget.as_ref()))?;
-    let manifest = resume::Manifest::new(requested, &checkpoint, &fingerprint)?;
+    let manifest = resume::Manifest::new(options, &checkpoint, &fingerprint)?;
     // A signal now only asks the run to stop at its next safe point.
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
     let mut emitter = Emitter::create(&checkpoint, &options.output, &manifest)?;
-    if int8_factors(options) {
-        emitter.store_factors_as_int8();
-    }
-    let finished = emitter.finished_layers();
-    if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress, &finished) {
+    if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress) {
         return Err(stopped(emitter, error));
     }
     run.save_statistics()?;
-    run.finish(
-        emitter,
-        calibration_tokens,
-        started,
-        (requested, byte_budget),
-    )
+    run.finish(emitter, calibration_tokens, started)
 }
 
 /// Ends a run that stopped early: keeps the staging directory when it holds finished work and
@@ -123,18 +146,20 @@ fn stopped(emitter: Emitter, error: Error) -> Error {
     let Error::Interrupted { signal, .. } = error else {
         return error;
     };
-    let resume_hint =
-        match kept {
-            Some(dir) => format!(
+    let resume_hint = match kept {
+        Some(dir) => format!(
             "{finished} finished layer(s){} kept in {}; run the same command again to continue \
              from layer {finished}, or add --restart to start over",
-            if plans_saved { " and the model-wide rank plan" } else { "" },
+            if plans_saved {
+                " and the model-wide plan"
+            } else {
+                ""
+            },
             dir.display()
         ),
-            None => "no layer was finished, so nothing was kept; run the command again to start \
-                 over"
-                .to_string(),
-        };
+        None => "no layer was finished, so nothing was kept; run the command again to start over"
+            .to_string(),
+    };
     Error::Interrupted {
         signal,
         resume_hint,
@@ -152,31 +177,23 @@ fn check_interrupt() -> Result<()> {
     }
 }
 
-/// A written layer's record (None when nothing was factored) and per-matrix group reports.
-type WrittenLayer = (
-    Option<crate::format::LayerRecord>,
-    std::collections::BTreeMap<String, Vec<GroupReport>>,
-);
-
 /// The state of one compression run between stages.
 struct Run<'a, B: LinalgBackend> {
     options: &'a CompressOptions,
     checkpoint: &'a Checkpoint,
     backend: &'a B,
     fingerprint: &'a str,
-    factorizer: Box<dyn Factorizer<B>>,
-    factor_dtype: DType,
+    methods: Vec<Box<dyn Method<B>>>,
+    needs: Needs,
+    budget: Budget,
     stored_dtype: DType,
     statistics_key: String,
     moe_layers: Vec<Option<ExpertLayout>>,
-    /// Expert pruning, when the method asks for it.
-    prune_plan: Option<prune::PrunePlan>,
-    /// The allocation options, at the kept experts' ratio after pruning.
-    allocation: AllocationOptions,
     replaying: bool,
     statistics_to_save: Vec<LayerStatistics<B::Matrix>>,
     totals: report::Totals,
-    records: Vec<crate::format::LayerRecord>,
+    budget_report: BudgetReport,
+    records: Vec<LayerRecord>,
     layer_reports: Vec<LayerReport>,
     resumed_layers: Vec<usize>,
 }
@@ -187,23 +204,27 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         checkpoint: &'a Checkpoint,
         backend: &'a B,
         fingerprint: &'a str,
+        methods: Vec<Box<dyn Method<B>>>,
     ) -> Result<Self> {
-        let factorization = &options.factorization;
-        let factorizer: Box<dyn Factorizer<B>> = match factorization.factorizer {
-            FactorizerKind::Svd => Box::new(SvdFactorizer),
-            FactorizerKind::Basis => Box::new(BasisFactorizer {
-                steps: factorization.fit_steps,
-                learning_rate: factorization.learning_rate,
-                patience: 50,
-            }),
-        };
+        let needs = methods
+            .iter()
+            .fold(Needs::default(), |n, m| n.union(m.needs()));
         let moe_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
             .spec()
             .moe_layers;
-        let prune_plan = prune::PrunePlan::new(options, checkpoint)?;
-        let mut allocation = options.allocation.clone();
-        if let Some(ratio) = prune_plan.as_ref().and_then(|p| p.lowrank_ratio) {
-            allocation.ratio = ratio;
+        let budget = Budget::resolve(&options.budget, checkpoint)?;
+        if options.calibration.statistics_cache.is_some()
+            && (needs.expert_statistics
+                || needs.saliency
+                || needs.down_gram
+                || needs.held_out.is_some())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the calibration statistics cache holds group Gram matrices only, and --methods \
+                 {} need per-expert statistics: leave `statistics_cache` out (or use --preset \
+                 paper)",
+                options.methods.join(",")
+            )));
         }
         // Statistics belong to one model, one set of windows and one grouping.
         let model_dir = checkpoint
@@ -215,21 +236,27 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             model_dir.display(),
             options.calibration.group_size
         );
+        let budget_report = BudgetReport {
+            ratio: budget.ratio,
+            unit: Some(budget.unit),
+            routed_bytes_before: budget.storage.bytes,
+            ..BudgetReport::default()
+        };
         Ok(Self {
             options,
             checkpoint,
             backend,
             fingerprint,
-            factorizer,
-            factor_dtype: factor_dtype(&factorization.factor_dtype, checkpoint)?,
-            stored_dtype: factor_dtype("auto", checkpoint)?,
+            methods,
+            needs,
+            budget,
+            stored_dtype: methods::lowrank::stored_dtype_of(checkpoint.dominant_dtype()),
             statistics_key,
             moe_layers,
-            prune_plan,
-            allocation,
             replaying: false,
             statistics_to_save: Vec::new(),
             totals: report::Totals::default(),
+            budget_report,
             records: Vec::new(),
             layer_reports: Vec::new(),
             resumed_layers: Vec::new(),
@@ -241,19 +268,16 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     fn compress_layers(
         &mut self,
         emitter: &mut Emitter,
-        windows: &tune::SplitWindows,
+        windows: &SplitWindows,
         device: &'a Device,
         progress: &dyn Progress,
-        finished: &[resume::CommittedLayer],
     ) -> Result<()> {
-        let mut stream = self.statistics_stream(windows, device, progress)?;
-        let factors = self.options.pruning.method.factors();
-        let model_plans = match self.options.allocation.budget_scope {
-            BudgetScope::Model if factors => {
-                Some(self.model_plans(&mut stream, emitter, device, progress)?)
-            }
-            _ => None,
+        let model_plans = match self.options.budget.scope {
+            BudgetScope::Model => Some(self.model_plans(emitter, windows, device, progress)?),
+            BudgetScope::Layer => None,
         };
+        let mut stream = self.statistics_stream(windows, device, progress)?;
+        let finished = emitter.finished_layers();
         let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
         if !finished.is_empty() {
             task.message(&format!(
@@ -262,7 +286,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 finished.len()
             ));
         }
-        for entry in finished {
+        for entry in &finished {
             check_interrupt()?;
             if stream.skip_layer()? != Some(entry.layer) {
                 return Err(Error::InvalidArgument(format!(
@@ -282,17 +306,17 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             let calibrate_seconds = calibration_started.elapsed().as_secs_f64();
             staging::fault_point(&format!("calibrated:{}", layer.index));
             task.message(&format!("layer {}", layer.index));
-            match layer.statistics {
-                Some(statistics) => {
+            match layer.data {
+                Some(data) => {
                     let plan = model_plans
                         .as_ref()
                         .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
-                    let calibrated = (statistics, layer.held_out);
-                    self.compress_layer(emitter, calibrated, plan, calibrate_seconds)?;
+                    let held_out = layer.held_out.as_ref();
+                    self.compress_layer(emitter, (data, held_out), plan, calibrate_seconds)?;
                 }
                 None => emitter.copy_layer(layer.index)?,
             }
-            self.sample_memory();
+            self.totals.sample_memory();
             self.checkpoint.release_pages();
             task.advance(1);
         }
@@ -312,46 +336,80 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         Ok(())
     }
 
-    /// Adds a finished layer's parameters to the totals (a pruned layer's removed experts too).
+    /// Adds a finished layer's parameters and planned budget to the totals.
     fn account_layer(&mut self, report: &LayerReport) -> Result<()> {
         let layout = self.layout(report.layer)?;
-        match &report.pruning {
-            Some(p) => {
-                let factored = self.options.pruning.method.factors();
-                let kept = p.kept.len();
-                let down_targeted = self
-                    .options
-                    .allocation
-                    .factors(crate::checkpoint::experts::ExpertMatrix::Down);
-                self.totals
-                    .add_pruned(&layout, (kept, p.removed.len()), factored, down_targeted);
-                if factored {
-                    let pruned = prune::pruned_layout(&layout, kept);
-                    self.totals.add_layer(&pruned, &report.matrices);
-                }
-            }
-            None => self.totals.add_layer(&layout, &report.matrices),
+        let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
+        let original = report
+            .pruning
+            .as_ref()
+            .map_or(layout.num_experts, |p| p.original_experts) as u64;
+        let kept = report.routing_counts.len() as u64;
+        let covered = self.budget.matrices.len() as u64;
+        let after: u64 = report
+            .matrices
+            .values()
+            .flatten()
+            .map(|g| g.parameters_after)
+            .sum();
+        let uncovered_kept = (3 - covered) * matrix * kept;
+        self.totals.add_layer(
+            (covered * matrix * original, after),
+            (3 * matrix * original, after + uncovered_kept),
+            0.0,
+        );
+        if let Some(plan) = &report.plan {
+            self.budget_report.before += plan.before;
+            self.budget_report.target += plan.target;
+            self.budget_report.planned += plan.planned;
+            self.budget_report.estimated_error += plan.estimated_error;
         }
         Ok(())
     }
 
-    /// `--budget-scope model`: the plans an interrupted run saved, or those of a new analysis
-    /// pass (saved in the journal before any layer is compressed).
+    /// `--budget-scope model`: the plans an interrupted run saved, or those of a planning pass
+    /// over every layer (saved in the journal before any layer is compressed).
     fn model_plans(
         &mut self,
-        stream: &mut CalibrationStream<'a, B>,
         emitter: &Emitter,
+        windows: &SplitWindows,
         device: &'a Device,
         progress: &dyn Progress,
-    ) -> Result<Vec<RankPlan>> {
+    ) -> Result<Vec<LayerPlan>> {
         if let Some(plans) = emitter.saved_plans()? {
-            progress.message(
-                "analysing",
-                "reusing the interrupted run's model-wide rank plan",
-            );
+            progress.message("planning", "reusing the interrupted run's model-wide plan");
             return Ok(plans);
         }
-        let plans = self.plan_whole_model(stream, device, progress)?;
+        let mut stream = self.statistics_stream(windows, device, progress)?;
+        let task = Task::start(progress, "planning", stream.spec().num_layers as u64);
+        let mut offers = Vec::new();
+        while let Some(layer) = stream.next_layer()? {
+            check_interrupt()?;
+            task.advance(1);
+            let Some(data) = layer.data else {
+                continue;
+            };
+            let (statistics, pruning) = self.statistics_of(data)?;
+            let held_out = layer.held_out.as_ref();
+            offers.push(
+                self.with_experts(statistics.layer, pruning.as_ref(), |experts| {
+                    let context = self.context(experts, &statistics, held_out)?;
+                    self.offer(&context)
+                })?,
+            );
+            self.checkpoint.release_pages();
+        }
+        drop(task);
+        for method in &self.methods {
+            method.settle(&mut offers)?;
+        }
+        let before: f64 = offers.iter().map(|o| o.target.before).sum();
+        let (plans, _) = solver::solve(
+            &offers,
+            self.budget.unit,
+            self.options.budget.granularity,
+            tolerance(before),
+        )?;
         emitter.save_plans(&plans)?;
         Ok(plans)
     }
@@ -360,13 +418,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     /// otherwise run over the windows.
     fn statistics_stream(
         &mut self,
-        (windows, held_out): &tune::SplitWindows,
+        (windows, held_out): &SplitWindows,
         device: &'a Device,
         progress: &dyn Progress,
     ) -> Result<CalibrationStream<'a, B>> {
-        let calibration = &self.options.calibration;
-        let want_gram = self.options.wants_gram();
-        let cached = match self.statistics_cache() {
+        let needs = self.needs;
+        let want_gram = needs.group_gram || self.options.calibration.activation_statistics;
+        let cached = match self.options.calibration.statistics_cache.as_deref() {
             Some(path) if path.exists() => {
                 calibrate::load_statistics(path, &self.statistics_key, self.backend)?
                     .filter(|layers| !want_gram || layers.iter().all(|l| l.group_gram.is_some()))
@@ -374,69 +432,120 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             _ => None,
         };
         self.replaying = cached.is_some();
-        if self.replaying {
-            progress.message("calibration", "reusing saved calibration statistics");
-        }
         match cached {
             Some(statistics) => {
+                progress.message("calibration", "reusing saved calibration statistics");
                 CalibrationStream::replay(self.checkpoint, device, self.backend, statistics)
             }
-            None => {
-                let mut stream = CalibrationStream::with_held_out(
-                    self.checkpoint,
-                    [windows, held_out],
-                    calibration,
-                    want_gram && self.options.pruning.method.factors(),
-                    device,
-                    self.backend,
-                )?;
-                stream.set_pruning(self.prune_plan.as_ref().map(|plan| plan.rule));
-                stream.set_down_gram(self.options.wants_down_gram());
-                Ok(stream)
+            None => CalibrationStream::with_held_out(
+                self.checkpoint,
+                [windows, held_out],
+                &self.options.calibration,
+                Recording {
+                    inputs: want_gram || needs.expert_statistics,
+                    down_gram: needs.down_gram && (want_gram || needs.expert_statistics),
+                    saliency: needs.saliency,
+                },
+                device,
+                self.backend,
+            ),
+        }
+    }
+
+    /// A calibrated layer's statistics, after the removal method (if any) chose the experts to
+    /// keep.
+    fn statistics_of(
+        &self,
+        data: LayerData<B::Matrix>,
+    ) -> Result<(LayerStatistics<B::Matrix>, Option<LayerPruning>)> {
+        let observations = match data {
+            LayerData::Replayed(statistics) => return Ok((statistics, None)),
+            LayerData::Observed(observations) => observations,
+        };
+        let observed = ObservedLayer {
+            layer: observations.layer,
+            routing_counts: &observations.routing_counts,
+            saliency: observations.saliency.as_deref(),
+        };
+        let mut pruning = None;
+        for method in &self.methods {
+            if let Some(decided) = method.remove(&observed)? {
+                if pruning.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "two methods remove experts from layer {}: enable one",
+                        observations.layer
+                    )));
+                }
+                pruning = Some(decided);
             }
         }
+        let wanted = StatisticsWanted {
+            group_size: self.options.calibration.group_size,
+            group_gram: self.needs.group_gram || self.options.calibration.activation_statistics,
+            expert_statistics: self.needs.expert_statistics,
+        };
+        let layer = observations.layer;
+        let statistics = self.with_experts(layer, pruning.as_ref(), |experts| {
+            observations.into_statistics(pruning.clone(), experts, wanted, self.backend)
+        })?;
+        Ok((statistics, pruning))
     }
 
-    /// `--budget-scope model`: a first pass analyses every layer (keeping its statistics), ranks
-    /// are allocated over the whole model, and `stream` is replaced by a replay of the
-    /// statistics for the factoring pass.
-    fn plan_whole_model(
-        &mut self,
-        stream: &mut CalibrationStream<'a, B>,
-        device: &'a Device,
-        progress: &dyn Progress,
-    ) -> Result<Vec<RankPlan>> {
-        let task = Task::start(progress, "analysing", stream.spec().num_layers as u64);
-        let (mut analyses, mut kept) = (Vec::new(), Vec::new());
-        while let Some(layer) = stream.next_layer()? {
-            check_interrupt()?;
-            task.advance(1);
-            let Some(statistics) = layer.statistics else {
-                continue;
-            };
-            let analysis = self.with_experts(&statistics, |experts| {
-                let targeted = self.allocation.targeted();
-                analyse::analyse_matrices(self.backend, experts, &statistics, &targeted)
-            })?;
-            analyses.push(analysis);
-            kept.push(statistics);
+    /// The layer as the methods see it.
+    fn context<'c>(
+        &'c self,
+        experts: &'c LayerExperts<'c>,
+        statistics: &'c LayerStatistics<B::Matrix>,
+        held_out: Option<&'c calibrate::HeldOutActivations>,
+    ) -> Result<LayerContext<'c, B>> {
+        Ok(LayerContext {
+            backend: self.backend,
+            checkpoint: self.checkpoint,
+            experts,
+            statistics,
+            matrices: &self.budget.matrices,
+            held_out,
+            stored_dtype: self.stored_dtype,
+            target: self.budget.layer_target(experts)?,
+            export_dense: self.options.output.export_dense.is_some(),
+        })
+    }
+
+    /// Every method's candidates for the layer, errors relative to its output energy.
+    fn offer(&self, context: &LayerContext<B>) -> Result<LayerOffer> {
+        let statistics = context.statistics;
+        let mut candidates = Vec::new();
+        for method in &self.methods {
+            candidates.extend(method.offer(context)?);
         }
-        drop(task);
-        *stream = CalibrationStream::replay(self.checkpoint, device, self.backend, kept)?;
-        allocate::allocate_model(&analyses, &self.allocation)
+        let energy = statistics.output_energy;
+        if energy > 0.0 {
+            for candidate in &mut candidates {
+                candidate.error /= energy;
+            }
+        }
+        Ok(LayerOffer {
+            layer: statistics.layer,
+            groups: statistics.groups.clone(),
+            matrices: self.budget.matrices.clone(),
+            candidates,
+            target: context.target,
+            pruning: statistics.pruning.clone(),
+        })
     }
 
-    /// Calls `f` with the layer's experts as the stages see them: after pruning, the kept ones
+    /// Calls `f` with the layer's experts as the stages see them: after removal, the kept ones
     /// numbered `0..n'`.
     fn with_experts<R>(
         &self,
-        statistics: &LayerStatistics<B::Matrix>,
+        layer: usize,
+        pruning: Option<&LayerPruning>,
         f: impl FnOnce(&LayerExperts) -> Result<R>,
     ) -> Result<R> {
-        let layout = self.layout(statistics.layer)?;
-        match &statistics.pruning {
+        let layout = self.layout(layer)?;
+        match pruning {
             Some(pruning) => {
-                let pruned = prune::pruned_layout(&layout, pruning.kept.len());
+                let pruned = removal::pruned_layout(&layout, pruning.kept.len());
                 f(&LayerExperts::pruned(
                     self.checkpoint,
                     &layout,
@@ -456,141 +565,125 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .ok_or_else(|| Error::InvalidArgument(format!("layer {index} is not a MoE layer")))
     }
 
-    /// The statistics cache, unless `--xi auto` needs the held-out activations it lacks.
-    fn statistics_cache(&self) -> Option<&'a std::path::Path> {
-        let options = self.options;
-        match options.allocation.xi_auto {
-            true => None,
-            false => options.calibration.statistics_cache.as_deref(),
-        }
-    }
-
-    /// analyse → allocate (→ tune) → factor → emit for one MoE layer (whose calibration took
-    /// `calibrate_seconds`); with `--method prune`, only emit of the kept experts.
+    /// removal → statistics → offer → solve → apply → assemble → emit for one MoE layer
+    /// (whose calibration took `calibrate_seconds`); with a model-wide budget the plan is given.
     fn compress_layer(
         &mut self,
         emitter: &mut Emitter,
-        (statistics, held_out): (LayerStatistics<B::Matrix>, Option<tune::HeldOutActivations>),
-        model_plan: Option<&RankPlan>,
+        (data, held_out): (LayerData<B::Matrix>, Option<&calibrate::HeldOutActivations>),
+        model_plan: Option<&LayerPlan>,
         calibrate_seconds: f64,
     ) -> Result<()> {
-        let mut seconds = report::StageSeconds {
+        let mut seconds = StageSeconds {
             calibrate: calibrate_seconds,
             ..Default::default()
         };
         check_interrupt()?;
-        let mut xi_search = None;
-        let (record, matrices) = match self.options.pruning.method.factors() {
-            true => {
-                let (written, search) = self.with_experts(&statistics, |experts| {
-                    let layer = (experts, &statistics, held_out.as_ref());
-                    self.factor_and_write(emitter, layer, model_plan, &mut seconds)
-                })?;
-                xi_search = search;
-                written
+        let clock = Instant::now();
+        let (statistics, pruning) = self.statistics_of(data)?;
+        seconds.statistics = clock.elapsed().as_secs_f64();
+        if let Some(plan) = model_plan {
+            if plan.pruning != pruning {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {}: the experts removed differ from the model-wide plan's; rerun \
+                     with --restart",
+                    statistics.layer
+                )));
             }
-            false => {
-                let clock = Instant::now();
-                self.with_experts(&statistics, |experts| {
-                    emitter.write_pruned_layer(experts, statistics.layer)
-                })?;
-                seconds.emit = clock.elapsed().as_secs_f64();
-                (None, Default::default())
-            }
-        };
-        self.sample_memory();
-        let mut layer_report = report::layer_report(&statistics, matrices, seconds);
-        layer_report.xi_search = xi_search;
+        }
+        let (record, layer_report) =
+            self.with_experts(statistics.layer, pruning.as_ref(), |experts| {
+                let context = self.context(experts, &statistics, held_out)?;
+                self.plan_and_write(emitter, &context, model_plan, &mut seconds)
+            })?;
+        self.totals.sample_memory();
         self.account_layer(&layer_report)?;
         emitter.commit_layer(statistics.layer, record.clone(), Some(layer_report.clone()))?;
         self.records.extend(record);
         self.layer_reports.push(layer_report);
-        if self.statistics_cache().is_some() && !self.replaying {
+        if self.options.calibration.statistics_cache.is_some() && !self.replaying {
             self.statistics_to_save.push(statistics);
         }
         Ok(())
     }
 
-    /// analyse → allocate (→ tune, with held-out activations) → factor → emit of `experts`;
-    /// returns the layer's record and its per-matrix group reports with the `--xi auto` search,
-    /// and the time of each stage in `seconds`.
-    fn factor_and_write(
+    /// offer → solve (unless the model-wide plan is given) → apply → assemble → emit of one
+    /// layer; returns its record and report.
+    fn plan_and_write(
         &self,
         emitter: &mut Emitter,
-        (experts, statistics, held_out): (
-            &LayerExperts,
-            &LayerStatistics<B::Matrix>,
-            Option<&tune::HeldOutActivations>,
-        ),
-        model_plan: Option<&RankPlan>,
-        seconds: &mut report::StageSeconds,
-    ) -> Result<(WrittenLayer, Option<tune::XiSearch>)> {
+        context: &LayerContext<B>,
+        model_plan: Option<&LayerPlan>,
+        seconds: &mut StageSeconds,
+    ) -> Result<(Option<LayerRecord>, LayerReport)> {
         let mut clock = Instant::now();
         let mut lap = || {
             let elapsed = clock.elapsed().as_secs_f64();
             clock = Instant::now();
             elapsed
         };
-        let targeted = self.allocation.targeted();
-        let analysis = analyse::analyse_matrices(self.backend, experts, statistics, &targeted)?;
-        seconds.analyse = lap();
-        let (plan, xi_search) = match (model_plan, held_out) {
-            (Some(plan), _) => (plan.clone(), None),
-            (None, Some(held_out)) if self.allocation.xi_auto => {
-                let search = tune::SearchSettings {
-                    allocation: &self.allocation,
-                    whiten: self.options.factorization.whiten,
-                    whiten_ridge: self.options.factorization.whiten_ridge,
-                };
-                let (plan, found) = tune::search_xi(
-                    self.backend,
-                    experts,
-                    statistics,
-                    &analysis,
-                    held_out,
-                    &search,
+        let plan = match model_plan {
+            Some(plan) => plan.clone(),
+            None => {
+                let mut offers = vec![self.offer(context)?];
+                seconds.offer = lap();
+                for method in &self.methods {
+                    method.settle(&mut offers)?;
+                }
+                let tolerance = tolerance(context.target.before);
+                let (mut plans, _) = solver::solve(
+                    &offers,
+                    self.budget.unit,
+                    self.options.budget.granularity,
+                    tolerance,
                 )?;
-                seconds.tune = lap();
-                (plan, Some(found))
+                seconds.solve = lap();
+                plans.remove(0)
             }
-            (None, _) => (allocate::allocate_layer(&analysis, &self.allocation)?, None),
         };
-        seconds.allocate = lap();
-        let settings = FactorSettings {
-            factorizer: self.factorizer.as_ref(),
-            whiten: self.options.factorization.whiten,
-            whiten_ridge: self.options.factorization.whiten_ridge,
-            residual_seed: self.options.factorization.residual_seed,
-            factor_dtype: self.factor_dtype,
-            stored_dtype: self.stored_dtype,
-            factorize: !self.options.output.dry_run,
-            keep_reconstruction: self.options.output.export_dense.is_some(),
-        };
-        let factored = factor::factor_layer(
-            self.backend,
-            experts,
+        let statistics = context.statistics;
+        let summary = plan_summary(&plan, self.budget.unit);
+        let parts = assemble::LayerParts {
+            experts: context.experts,
             statistics,
-            &analysis,
-            &plan,
-            &settings,
-        )?;
-        seconds.factor = lap();
-        staging::fault_point(&format!("factored:{}", statistics.layer));
-        check_interrupt()?;
-        let (record, matrices) = emitter.write_layer(experts, factored, self.stored_dtype)?;
-        seconds.emit = lap();
-        Ok(((Some(record), matrices), xi_search))
-    }
-
-    fn sample_memory(&mut self) {
-        self.totals.sample_memory();
+            plan: &plan,
+            matrices: &self.budget.matrices,
+            stored_dtype: self.stored_dtype,
+            export_dense: context.export_dense,
+        };
+        let (record, matrices) = match self.options.output.dry_run {
+            true => (None, assemble::planned_reports(&parts)),
+            false => {
+                let mut outputs = Vec::new();
+                for method in &self.methods {
+                    outputs.extend(method.apply(context, &plan.of_method(method.name()))?);
+                }
+                seconds.apply = lap();
+                staging::fault_point(&format!("factored:{}", statistics.layer));
+                check_interrupt()?;
+                let layer = assemble::assemble(&parts, outputs)?;
+                let (record, reports) = (layer.record.clone(), layer.reports.clone());
+                emitter.write_layer(context.experts, layer)?;
+                seconds.emit = lap();
+                (record, reports)
+            }
+        };
+        let mut layer_report = report::layer_report(statistics, matrices, *seconds);
+        layer_report.plan = Some(summary);
+        for method in &self.methods {
+            method.describe_layer(statistics.layer, &mut layer_report);
+        }
+        Ok((record, layer_report))
     }
 
     /// Saves the statistics cache, unless it was replayed or this run resumed finished layers
     /// (whose statistics it never collected).
     fn save_statistics(&self) -> Result<()> {
         let complete = self.resumed_layers.is_empty();
-        match (self.statistics_cache(), self.replaying) {
+        match (
+            self.options.calibration.statistics_cache.as_deref(),
+            self.replaying,
+        ) {
             (Some(path), false) if complete => calibrate::save_statistics(
                 path,
                 &self.statistics_to_save,
@@ -607,7 +700,6 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         emitter: Emitter,
         calibration_tokens: usize,
         started: Instant,
-        (requested, byte_budget): (&CompressOptions, Option<budget::ByteBudget>),
     ) -> Result<Report> {
         let model_parameters = self
             .checkpoint
@@ -618,40 +710,39 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             .map(|(info, _)| info.numel() as u64)
             .sum();
         let mut report = self.totals.report(
-            requested.clone(),
-            calibration_tokens,
-            self.fingerprint.to_string(),
+            self.options.clone(),
+            (calibration_tokens, self.fingerprint.to_string()),
             model_parameters,
             self.layer_reports,
         );
         report.seconds = started.elapsed().as_secs_f64();
         report.resumed_layers = self.resumed_layers;
         report.stored_bytes = emitter.stored_bytes()?;
-        report.byte_budget = byte_budget;
-        let record = CompressionRecord {
+        report.budget = self.budget_report;
+        let mut record = CompressionRecord {
             method: "rfid-moe".into(),
             tool_version: report.tool_version.clone(),
-            basis_activation: self.factorizer.activation(),
-            residual_seed: self.options.factorization.residual_seed,
-            settings: serde_json::to_value(requested).unwrap_or_default(),
+            basis_activation: Default::default(),
+            residual_seed: 0,
+            settings: serde_json::to_value(self.options).unwrap_or_default(),
             calibration_fingerprint: self.fingerprint.to_string(),
-            factor_storage: int8_factors(self.options).then(|| int8::STORAGE_NAME.to_string()),
+            factor_storage: None,
             layers: self.records,
         };
+        for method in &self.methods {
+            method.annotate(&mut record);
+        }
         let report_json = report.checkpoint_json()?;
-        let pruned_layers: Vec<(usize, &prune::LayerPruning)> = report
+        let pruned_layers: Vec<(usize, &LayerPruning)> = report
             .layers
             .iter()
             .filter_map(|l| l.pruning.as_ref().map(|p| (l.layer, p)))
             .collect();
-        let pruned_config = self
-            .prune_plan
-            .as_ref()
-            .map(|plan| prune::PrunedConfig::new(plan, &pruned_layers));
-        let options_toml = toml::to_string(requested)
-            .map_err(|e| Error::InvalidArgument(format!("compress.toml: {e}")))?;
+        let compressed = !record.layers.is_empty();
+        let pruned_config = removal::PrunedConfig::new(&pruned_layers, compressed)?;
+        let options_toml = self.options.to_toml()?;
         report.output = emitter.finish(&RunFiles {
-            record: &record,
+            record: compressed.then_some(&record),
             report_json: &report_json,
             options_toml: &options_toml,
             pruning: pruned_config.as_ref(),
@@ -660,33 +751,31 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     }
 }
 
-/// `--factor-dtype int8`: the compressor's tensors are stored as int8 with row-block scales.
-pub(crate) const INT8_FACTORS: &str = "int8";
-
-/// Whether the run stores its factors as int8 ([`int8`]).
-fn int8_factors(options: &CompressOptions) -> bool {
-    options.factorization.factor_dtype == INT8_FACTORS
+/// How far the smallest plan may exceed a budget of `before` (half a point of it): the step of
+/// methods that cannot meet a budget exactly (a whole expert removed).
+fn tolerance(before: f64) -> f64 {
+    0.005 * before
 }
 
-/// The dtype of factors as the factor stage hands them over: `auto` follows the checkpoint's
-/// dominant float dtype; int8 factors are quantised from f32.
-pub(crate) fn factor_dtype(name: &str, checkpoint: &Checkpoint) -> Result<DType> {
-    Ok(match name {
-        "auto" => match checkpoint.dominant_dtype() {
-            StoredDType::BF16 => DType::BF16,
-            StoredDType::F16 => DType::F16,
-            // FP8 weights are never written: factors of an FP8 checkpoint are bf16.
-            StoredDType::F8E4M3 | StoredDType::F8E5M2 => DType::BF16,
-            _ => DType::F32,
-        },
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        INT8_FACTORS => DType::F32,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "--factor-dtype `{other}` (expected auto, f32, bf16, f16 or int8)"
-            )))
-        }
-    })
+/// What a layer's plan chose, counted per matrix and kind, for the report.
+fn plan_summary(plan: &LayerPlan, unit: BudgetUnit) -> PlanSummary {
+    let mut choices: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for c in &plan.chosen {
+        let kind = match c.method == c.label {
+            true => c.method.clone(),
+            false => format!("{} {}", c.method, c.label),
+        };
+        *choices
+            .entry(c.unit.matrix().name().to_string())
+            .or_default()
+            .entry(kind)
+            .or_default() += 1;
+    }
+    PlanSummary {
+        before: plan.target.before,
+        target: plan.target.target,
+        planned: plan.size(unit),
+        estimated_error: plan.error(),
+        choices,
+    }
 }

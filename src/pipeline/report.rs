@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::analyse::routing_frequency;
-use super::calibrate::LayerStatistics;
-use super::options::CompressOptions;
-use crate::checkpoint::experts::ExpertLayout;
+use super::calibrate::{routing_frequency, LayerStatistics};
+use super::options::{BudgetUnit, CompressOptions};
+use crate::checkpoint::storage::TensorBytes;
 use crate::error::{Error, Result};
 
 /// One group's outcome for one matrix type.
@@ -48,6 +47,17 @@ pub struct GroupReport {
     pub parameters_before: u64,
     /// Parameters after.
     pub parameters_after: u64,
+    /// The method that stored the group (absent: the paper's low-rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// How each member is stored when the group has no shared basis, in member order (absent:
+    /// as the input stores it, or the run's factor storage).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<String>,
+    /// The solver's estimate of the group's output error, relative to the layer's output
+    /// energy (absent for the paper's allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_error: Option<f64>,
 }
 
 /// One layer's outcome.
@@ -69,26 +79,92 @@ pub struct LayerReport {
     /// Expert pruning: the kept and removed experts (original indices) and their saliency;
     /// `routing_counts` and `matrices` above then number the kept experts `0..n'`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pruning: Option<super::prune::LayerPruning>,
+    pub pruning: Option<LayerPruning>,
     /// `--xi auto`: the candidates' held-out output errors and the ξ chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub xi_search: Option<super::tune::XiSearch>,
+    pub xi_search: Option<XiSearch>,
+    /// What the solver planned for the layer (absent for the paper's allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanSummary>,
+}
+
+/// What the solver planned for one layer, in the budget's unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    /// The covered matrices' size in the input (removed experts included).
+    pub before: f64,
+    /// The layer's share of the budget.
+    pub target: f64,
+    /// The chosen candidates' size.
+    pub planned: f64,
+    /// Their estimated error, relative to the layer's output energy.
+    pub estimated_error: f64,
+    /// How many units took each kind of candidate (`lowrank rank 12`, `int8`, …), per matrix.
+    pub choices: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+crate::named_enum! {
+    /// How experts are ranked for removal.
+    pub enum Saliency ("saliency") {
+        /// REAP: mean over routed tokens of gate value × expert output norm.
+        Reap = "reap": "REAP: mean over routed tokens of gate value × expert output norm",
+        /// Routing frequency (top-k hits).
+        Frequency = "frequency": "Routing frequency (top-k hits on the calibration tokens)",
+    }
+}
+
+/// What a pruned layer's report records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerPruning {
+    /// How experts were ranked.
+    pub saliency: Saliency,
+    /// Experts before pruning.
+    pub original_experts: usize,
+    /// Original indices of the kept experts; kept expert `i` is written as expert `i`.
+    pub kept: Vec<usize>,
+    /// Original indices of the removed experts, least salient first.
+    pub removed: Vec<usize>,
+    /// Saliency of every original expert (REAP score, or routing count for `frequency`).
+    pub scores: Vec<f64>,
+    /// Top-k hits of every original expert.
+    pub routing_counts: Vec<u64>,
+}
+
+/// One candidate ξ's measurement (`--xi auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct XiCandidate {
+    /// The candidate ξ.
+    pub xi: f64,
+    /// ‖Ŷ − Y‖_F / ‖Y‖_F of the routed experts' weighted output on the held-out tokens, Ŷ with
+    /// this candidate's factored gate/up, Y the original layer's.
+    pub output_error: f64,
+}
+
+/// What `--xi auto` measured and chose for one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct XiSearch {
+    /// The ξ whose plan the layer was compressed with (least output error; ties: the first).
+    pub chosen: f64,
+    /// Held-out tokens the errors were measured on.
+    pub held_out_tokens: u64,
+    /// Every candidate, in the order tried.
+    pub candidates: Vec<XiCandidate>,
 }
 
 /// Wall-clock seconds one layer spent in each stage of the pipeline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StageSeconds {
-    /// Running the layer on the calibration windows and collecting its statistics.
+    /// Running the layer on the calibration windows and recording it.
     pub calibrate: f64,
-    /// Effective ranks of the groups.
-    pub analyse: f64,
-    /// Rank allocation.
-    pub allocate: f64,
-    /// `--xi auto`: factoring and measuring the candidates on the held-out tokens.
-    #[serde(default)]
-    pub tune: f64,
-    /// Factorisation.
-    pub factor: f64,
+    /// Turning the recording into statistics (Gram matrices, sensitivities).
+    pub statistics: f64,
+    /// The methods' candidates (spectra, quantisation errors, measurements).
+    pub offer: f64,
+    /// The budget solver (layer scope; a model-wide solve is not per layer).
+    pub solve: f64,
+    /// The chosen candidates' tensors (factorisation, quantisation).
+    pub apply: f64,
     /// Writing the layer's shard.
     pub emit: f64,
 }
@@ -96,7 +172,7 @@ pub struct StageSeconds {
 impl StageSeconds {
     /// The sum over stages.
     pub fn total(&self) -> f64 {
-        self.calibrate + self.analyse + self.allocate + self.tune + self.factor + self.emit
+        self.calibrate + self.statistics + self.offer + self.solve + self.apply + self.emit
     }
 }
 
@@ -137,14 +213,33 @@ pub struct Report {
     /// Bytes of the output's tensors as stored, in all and for the routed experts (int8 codes
     /// with their scales, any dtype); None for dry runs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stored_bytes: Option<crate::checkpoint::storage::TensorBytes>,
-    /// With `--budget bytes`: the byte ratio asked for and the parameter ratio it became.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub byte_budget: Option<super::budget::ByteBudget>,
+    pub stored_bytes: Option<TensorBytes>,
+    /// The budget asked for and what the plan reached.
+    pub budget: BudgetReport,
     /// Layers taken from an interrupted run instead of being computed (not written to the
     /// report file, which is the same as an uninterrupted run's).
     #[serde(skip)]
     pub resumed_layers: Vec<usize>,
+}
+
+/// The budget asked for and what the solver's plan reached.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetReport {
+    /// The fraction asked to be removed (`--ratio`).
+    pub ratio: f64,
+    /// What it is a fraction of.
+    pub unit: Option<BudgetUnit>,
+    /// The covered matrices' size in the input, in the unit, over every layer (removed experts
+    /// and routed experts outside the compressed layers included).
+    pub before: f64,
+    /// What the covered matrices may keep.
+    pub target: f64,
+    /// What the plan keeps.
+    pub planned: f64,
+    /// The plan's summed estimated error (relative output energy, summed over layers).
+    pub estimated_error: f64,
+    /// The routed experts' stored bytes in the input.
+    pub routed_bytes_before: u64,
 }
 
 /// Reads the per-layer part of a `compression_report.json` written by [`compress`].
@@ -191,76 +286,18 @@ impl Report {
             .map_err(|e| Error::InvalidArgument(format!("report: {e}")))
     }
 
-    /// A per-layer table of ranks and sizes (the dry-run preview and the end-of-run summary).
+    /// A per-layer table of the plan (the dry-run preview and the end-of-run summary).
     pub fn table(&self) -> String {
         let mut out = String::new();
-        out.push_str("layer  matrix      groups  ranks (dense = D)                     params before → after   max rel.err\n");
+        out.push_str(
+            "layer  matrix      groups  ranks (D = members on their own)       params before → after   max rel.err\n",
+        );
         for layer in &self.layers {
-            for (matrix, groups) in &layer.matrices {
-                let ranks: Vec<String> = groups
-                    .iter()
-                    .map(|g| {
-                        if g.dense {
-                            "D".to_string()
-                        } else {
-                            g.rank.to_string()
-                        }
-                    })
-                    .collect();
-                let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
-                let after: u64 = groups.iter().map(|g| g.parameters_after).sum();
-                let err = groups.iter().map(|g| g.relative_error).fold(0.0, f64::max);
-                out.push_str(&format!(
-                    "{:>5}  {:<10}  {:>6}  {:<36}  {:>10} → {:<10}  {:.4}\n",
-                    layer.layer,
-                    matrix,
-                    groups.len(),
-                    ranks.join(","),
-                    before,
-                    after,
-                    err
-                ));
-            }
-            if let Some(p) = &layer.pruning {
-                out.push_str(&format!(
-                    "{:>5}  pruned by {}: {} of {} experts removed {:?}, kept {:?}\n",
-                    layer.layer,
-                    p.saliency,
-                    p.removed.len(),
-                    p.original_experts,
-                    p.removed,
-                    p.kept
-                ));
-            }
-            if let Some(search) = &layer.xi_search {
-                let errors: Vec<String> = search
-                    .candidates
-                    .iter()
-                    .map(|c| format!("{}: {:.4}", c.xi, c.output_error))
-                    .collect();
-                out.push_str(&format!(
-                    "       ξ = {} chosen by held-out output error ({})\n",
-                    search.chosen,
-                    errors.join(", ")
-                ));
-            }
-            if !layer.unused_experts.is_empty() {
-                out.push_str(&format!(
-                    "       experts with no calibration tokens: {:?}\n",
-                    layer.unused_experts
-                ));
-            }
+            layer_rows(&mut out, layer);
         }
-        let targeted: Vec<&str> = self
-            .options
-            .allocation
-            .targeted()
-            .iter()
-            .map(|m| m.name())
-            .collect();
         out.push_str(&format!(
             "targeted ({}) parameters {} → {} ({:.2}% removed); routed experts {:.2}%; whole model {:.2}% of {}\n",
-            targeted.join("+"),
+            self.options.budget.targeted().iter().map(|m| m.name()).collect::<Vec<_>>().join("+"),
             self.targeted_parameters_before,
             self.targeted_parameters_after,
             100.0 * self.targeted_reduction,
@@ -268,102 +305,126 @@ impl Report {
             100.0 * self.model_reduction,
             self.model_parameters_before
         ));
-        if let Some(budget) = &self.byte_budget {
+        let budget = &self.budget;
+        if let Some(unit) = budget.unit {
             out.push_str(&format!(
-                "byte budget: remove {:.2}% of the routed experts' {} bytes ({:.3} bytes per \
-                 parameter in, {:.3} out) → {:.2}% of the targeted parameters\n",
-                100.0 * budget.byte_ratio,
-                budget.routed_bytes_before,
-                budget.input_bytes_per_parameter,
-                budget.output_bytes_per_parameter,
-                100.0 * budget.parameter_ratio
+                "budget: remove {:.2}% of the covered {unit} ({:.0}): keep at most {:.0}, the \
+                 plan keeps {:.0} ({:.2}% removed), estimated error {:.3e}\n",
+                100.0 * budget.ratio,
+                budget.before,
+                budget.target,
+                budget.planned,
+                100.0 * (1.0 - budget.planned / budget.before.max(1.0)),
+                budget.estimated_error
             ));
-            if let Some(kept) = self.routed_bytes_kept() {
-                out.push_str(&format!(
-                    "routed experts stored: {} → {} bytes ({:.2}% removed)\n",
-                    budget.routed_bytes_before,
-                    self.stored_bytes.as_ref().map_or(0, |b| b.routed_experts),
-                    100.0 * (1.0 - kept)
-                ));
-            }
+        }
+        if let Some(kept) = self.routed_bytes_kept() {
+            out.push_str(&format!(
+                "routed experts stored: {} → {} bytes ({:.2}% removed)\n",
+                budget.routed_bytes_before,
+                self.stored_bytes.as_ref().map_or(0, |b| b.routed_experts),
+                100.0 * (1.0 - kept)
+            ));
         }
         out
     }
 
-    /// The fraction of the input's routed-expert bytes the output stores (with a byte budget,
-    /// after writing).
+    /// The fraction of the input's routed-expert bytes the output stores (after writing).
     pub fn routed_bytes_kept(&self) -> Option<f64> {
-        let before = self.byte_budget.as_ref()?.routed_bytes_before;
+        let before = self.budget.routed_bytes_before;
         let after = self.stored_bytes.as_ref()?.routed_experts;
         (before > 0).then(|| after as f64 / before as f64)
+    }
+}
+
+/// One layer's rows of [`Report::table`].
+fn layer_rows(out: &mut String, layer: &LayerReport) {
+    for (matrix, groups) in &layer.matrices {
+        let ranks: Vec<String> = groups
+            .iter()
+            .map(|g| match g.dense {
+                true => "D".to_string(),
+                false => g.rank.to_string(),
+            })
+            .collect();
+        let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
+        let after: u64 = groups.iter().map(|g| g.parameters_after).sum();
+        let err = groups.iter().map(|g| g.relative_error).fold(0.0, f64::max);
+        out.push_str(&format!(
+            "{:>5}  {:<10}  {:>6}  {:<36}  {:>10} → {:<10}  {:.4}\n",
+            layer.layer,
+            matrix,
+            groups.len(),
+            ranks.join(","),
+            before,
+            after,
+            err
+        ));
+    }
+    if let Some(plan) = &layer.plan {
+        for (matrix, choices) in &plan.choices {
+            let list: Vec<String> = choices.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+            out.push_str(&format!("       {matrix}: {}\n", list.join(", ")));
+        }
+        out.push_str(&format!(
+            "       planned {:.0} of {:.0} ({:.2}% kept, target {:.2}%), estimated error {:.3e}\n",
+            plan.planned,
+            plan.before,
+            100.0 * plan.planned / plan.before.max(1.0),
+            100.0 * plan.target / plan.before.max(1.0),
+            plan.estimated_error
+        ));
+    }
+    if let Some(p) = &layer.pruning {
+        out.push_str(&format!(
+            "{:>5}  pruned by {}: {} of {} experts removed {:?}, kept {:?}\n",
+            layer.layer,
+            p.saliency,
+            p.removed.len(),
+            p.original_experts,
+            p.removed,
+            p.kept
+        ));
+    }
+    if let Some(search) = &layer.xi_search {
+        let errors: Vec<String> = search
+            .candidates
+            .iter()
+            .map(|c| format!("{}: {:.4}", c.xi, c.output_error))
+            .collect();
+        out.push_str(&format!(
+            "       ξ = {} chosen by held-out output error ({})\n",
+            search.chosen,
+            errors.join(", ")
+        ));
+    }
+    if !layer.unused_experts.is_empty() {
+        out.push_str(&format!(
+            "       experts with no calibration tokens: {:?}\n",
+            layer.unused_experts
+        ));
     }
 }
 
 /// Running totals of a compression run, turned into its [`Report`] at the end.
 #[derive(Debug, Default)]
 pub struct Totals {
-    targeted_before: u64,
-    targeted_after: u64,
-    down_parameters: u64,
-    down_removed: u64,
+    /// Parameters of the covered matrices, before and after.
+    pub targeted: (u64, u64),
+    /// Parameters of every routed expert matrix, before and after.
+    pub routed: (u64, u64),
     rank_granularity: f64,
     peak_resident: Option<u64>,
 }
 
 impl Totals {
-    /// Adds one compressed layer's groups (and its dense `down_proj`).
-    pub fn add_layer(
-        &mut self,
-        layout: &ExpertLayout,
-        matrices: &BTreeMap<String, Vec<GroupReport>>,
-    ) {
-        let (p, d) = (layout.intermediate_size, layout.hidden_size);
-        // A factored down_proj counts among the targeted matrices (its groups below).
-        if !matrices.contains_key(layout.name(crate::checkpoint::experts::ExpertMatrix::Down)) {
-            self.down_parameters += (layout.num_experts * p * d) as u64;
-        }
-        for groups in matrices.values() {
-            let before: u64 = groups.iter().map(|g| g.parameters_before).sum();
-            self.targeted_before += before;
-            self.targeted_after += groups.iter().map(|g| g.parameters_after).sum::<u64>();
-            let largest_rank_cost = groups
-                .iter()
-                .map(|g| g.experts.len() * p + d)
-                .max()
-                .unwrap_or(0);
-            self.rank_granularity = self
-                .rank_granularity
-                .max(0.5 * largest_rank_cost as f64 / before.max(1) as f64);
-        }
-    }
-
-    /// Adds a pruned layer's experts: `removed` experts count as removed entirely (gate, up,
-    /// down; down among the targeted matrices when `down_targeted`); the kept ones' gate/up and
-    /// down as unchanged unless `factored` (then [`Self::add_layer`] counts them from their
-    /// groups).
-    pub fn add_pruned(
-        &mut self,
-        layout: &ExpertLayout,
-        (kept, removed): (usize, usize),
-        factored: bool,
-        down_targeted: bool,
-    ) {
-        let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
-        self.targeted_before += 2 * matrix * removed as u64;
-        if down_targeted {
-            self.targeted_before += matrix * removed as u64;
-        } else {
-            self.down_parameters += matrix * removed as u64;
-            self.down_removed += matrix * removed as u64;
-        }
-        if !factored {
-            let targeted = if down_targeted { 3 } else { 2 };
-            self.targeted_before += targeted * matrix * kept as u64;
-            self.targeted_after += targeted * matrix * kept as u64;
-            if !down_targeted {
-                self.down_parameters += matrix * kept as u64;
-            }
-        }
+    /// Adds one layer: its covered and all routed parameters, before and after.
+    pub fn add_layer(&mut self, targeted: (u64, u64), routed: (u64, u64), granularity: f64) {
+        self.targeted.0 += targeted.0;
+        self.targeted.1 += targeted.1;
+        self.routed.0 += routed.0;
+        self.routed.1 += routed.1;
+        self.rank_granularity = self.rank_granularity.max(granularity);
     }
 
     /// Raises the peak to the current anonymous resident memory.
@@ -373,27 +434,26 @@ impl Totals {
         }
     }
 
-    /// The run's report (`seconds` and `output` are filled in by the caller).
+    /// The run's report (`seconds`, `output`, `stored_bytes` and `budget` are filled in by
+    /// the caller).
     pub fn report(
         &self,
         options: CompressOptions,
-        calibration_tokens: usize,
-        calibration_fingerprint: String,
+        (calibration_tokens, calibration_fingerprint): (usize, String),
         model_parameters: u64,
         layers: Vec<LayerReport>,
     ) -> Report {
-        let saved_targeted = self.targeted_before.saturating_sub(self.targeted_after);
-        let saved = saved_targeted + self.down_removed;
-        let routed_before = self.targeted_before + self.down_parameters;
+        let saved_targeted = self.targeted.0.saturating_sub(self.targeted.1);
+        let saved = self.routed.0.saturating_sub(self.routed.1);
         Report {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             options,
             calibration_tokens,
             calibration_fingerprint,
-            targeted_parameters_before: self.targeted_before,
-            targeted_parameters_after: self.targeted_after,
-            targeted_reduction: fraction(saved_targeted, self.targeted_before),
-            routed_expert_reduction: fraction(saved, routed_before),
+            targeted_parameters_before: self.targeted.0,
+            targeted_parameters_after: self.targeted.1,
+            targeted_reduction: fraction(saved_targeted, self.targeted.0),
+            routed_expert_reduction: fraction(saved, self.routed.0),
             model_reduction: fraction(saved, model_parameters),
             model_parameters_before: model_parameters,
             rank_granularity: self.rank_granularity,
@@ -402,7 +462,7 @@ impl Totals {
             layers,
             output: None,
             stored_bytes: None,
-            byte_budget: None,
+            budget: BudgetReport::default(),
             resumed_layers: Vec::new(),
         }
     }
@@ -423,6 +483,7 @@ pub fn layer_report<M>(
         stage_seconds,
         pruning: statistics.pruning.clone(),
         xi_search: None,
+        plan: None,
     }
 }
 

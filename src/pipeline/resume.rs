@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::allocate::{GroupAllocation, MatrixPlan, RankPlan};
 use super::options::CompressOptions;
+use super::plan::LayerPlan;
 use super::report::LayerReport;
-use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::writer::ShardEntry;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -246,86 +245,6 @@ pub struct CommittedLayer {
     pub report: Option<LayerReport>,
 }
 
-/// One matrix type's plan as saved for `--budget-scope model` (floats as bit patterns, exact).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedMatrixPlan {
-    matrix: String,
-    density: Vec<u64>,
-    scores: Vec<u64>,
-    reserved: Vec<usize>,
-    allocations: Vec<GroupAllocation>,
-}
-
-/// One layer's plan as saved for `--budget-scope model`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedPlan {
-    layer: usize,
-    matrices: Vec<SavedMatrixPlan>,
-}
-
-fn matrix_name(matrix: ExpertMatrix) -> &'static str {
-    match matrix {
-        ExpertMatrix::Gate => "gate",
-        ExpertMatrix::Up => "up",
-        ExpertMatrix::Down => "down",
-    }
-}
-
-fn bits(values: &[f64]) -> Vec<u64> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
-
-fn floats(values: &[u64]) -> Vec<f64> {
-    values.iter().map(|&v| f64::from_bits(v)).collect()
-}
-
-impl SavedPlan {
-    fn from_plan(plan: &RankPlan) -> Self {
-        let matrices = plan
-            .matrices
-            .iter()
-            .map(|m| SavedMatrixPlan {
-                matrix: matrix_name(m.matrix).into(),
-                density: bits(&m.density),
-                scores: bits(&m.scores),
-                reserved: m.reserved.clone(),
-                allocations: m.allocations.clone(),
-            })
-            .collect();
-        Self {
-            layer: plan.layer,
-            matrices,
-        }
-    }
-
-    fn to_plan(&self, path: &Path) -> Result<RankPlan> {
-        let matrices = self
-            .matrices
-            .iter()
-            .map(|m| {
-                let matrix = ExpertMatrix::ALL
-                    .into_iter()
-                    .find(|&x| matrix_name(x) == m.matrix)
-                    .ok_or_else(|| Error::Json {
-                        path: path.to_path_buf(),
-                        message: format!("unknown matrix `{}`", m.matrix),
-                    })?;
-                Ok(MatrixPlan {
-                    matrix,
-                    density: floats(&m.density),
-                    scores: floats(&m.scores),
-                    reserved: m.reserved.clone(),
-                    allocations: m.allocations.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(RankPlan {
-            layer: self.layer,
-            matrices,
-        })
-    }
-}
-
 /// The journal of one output's staging directory.
 #[derive(Debug)]
 pub struct Journal {
@@ -447,23 +366,28 @@ impl Journal {
         Ok(())
     }
 
-    /// The model-wide rank plans an earlier run saved (`--budget-scope model`).
-    pub fn plans(&self) -> Result<Option<Vec<RankPlan>>> {
-        let path = self.dir.join(PLANS_FILE);
-        let Some(saved) = self.read_entry::<Vec<SavedPlan>>(PLANS_FILE)? else {
-            return Ok(None);
-        };
-        saved
-            .iter()
-            .map(|p| p.to_plan(&path))
-            .collect::<Result<_>>()
-            .map(Some)
+    /// The model-wide plans an earlier run saved (`--budget-scope model`).
+    pub fn plans(&self) -> Result<Option<Vec<LayerPlan>>> {
+        self.read_entry::<Vec<LayerPlan>>(PLANS_FILE)
     }
 
-    /// Saves the model-wide rank plans, so that a resumed run needs no analysis pass.
-    pub fn save_plans(&self, plans: &[RankPlan]) -> Result<()> {
-        let saved: Vec<SavedPlan> = plans.iter().map(SavedPlan::from_plan).collect();
-        self.write_entry(PLANS_FILE, &saved)
+    /// Saves the model-wide plans, so that a resumed run needs no planning pass. Every number
+    /// in them is finite (JSON has no other), and serde_json's round trip is exact.
+    pub fn save_plans(&self, plans: &[LayerPlan]) -> Result<()> {
+        let finite = plans.iter().flat_map(|p| &p.chosen).all(|c| {
+            c.error.is_finite()
+                && c.signals.is_none_or(|s| {
+                    [s.effective_rank, s.frequency, s.density, s.score]
+                        .iter()
+                        .all(|v| v.is_finite())
+                })
+        });
+        if !finite {
+            return Err(Error::InvalidArgument(
+                "a plan holds a non-finite number and cannot be saved for resuming".into(),
+            ));
+        }
+        self.write_entry(PLANS_FILE, &plans)
     }
 }
 
@@ -518,29 +442,39 @@ mod tests {
 
     #[test]
     fn saved_plans_round_trip_exactly() {
-        let plan = RankPlan {
+        use crate::checkpoint::experts::ExpertMatrix;
+        use crate::pipeline::plan::{Candidate, GroupSignals, LayerTarget, Unit};
+        let plan = LayerPlan {
             layer: 3,
-            matrices: vec![MatrixPlan {
-                matrix: ExpertMatrix::Up,
-                density: vec![0.1, f64::NAN, 1.0 / 3.0],
-                scores: vec![f64::INFINITY, -0.0, 2.5e-300],
-                reserved: vec![0, 7, 9],
-                allocations: vec![GroupAllocation {
-                    rank: 5,
-                    dense: false,
-                }],
+            chosen: vec![Candidate {
+                method: "lowrank".into(),
+                unit: Unit::Group {
+                    matrix: ExpertMatrix::Up,
+                    group: 2,
+                },
+                variant: 5,
+                label: "rank 5".into(),
+                bytes: 1234,
+                parameters: 999,
+                error: 1.0 / 3.0,
+                signals: Some(GroupSignals {
+                    effective_rank: 2.5e-300,
+                    frequency: 0.1,
+                    density: -0.0,
+                    score: 7.0 / 9.0,
+                    reserved: 7,
+                }),
             }],
+            target: LayerTarget {
+                before: 1e9 / 7.0,
+                target: 0.1,
+            },
+            pruning: None,
         };
-        let text = serde_json::to_string(&SavedPlan::from_plan(&plan)).unwrap();
-        let back = serde_json::from_str::<SavedPlan>(&text)
-            .unwrap()
-            .to_plan(Path::new("plans.json"))
-            .unwrap();
-        let m = &back.matrices[0];
-        assert_eq!((back.layer, m.matrix), (3, ExpertMatrix::Up));
-        assert_eq!(bits(&m.density), bits(&plan.matrices[0].density));
-        assert_eq!(bits(&m.scores), bits(&plan.matrices[0].scores));
-        assert_eq!(m.reserved, vec![0, 7, 9]);
-        assert_eq!(m.allocations, plan.matrices[0].allocations);
+        let text = serde_json::to_string(&vec![plan.clone()]).unwrap();
+        let back: Vec<LayerPlan> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, vec![plan]);
+        let bits = |p: &LayerPlan| p.chosen[0].signals.map(|s| s.effective_rank.to_bits());
+        assert_eq!(bits(&back[0]), Some(2.5e-300f64.to_bits()));
     }
 }

@@ -24,7 +24,7 @@ pub fn small_compress_options(
     ratio: f64,
 ) -> rfid_moe::pipeline::CompressOptions {
     small_options(
-        rfid_moe::pipeline::CompressOptions::paper(),
+        rfid_moe::pipeline::presets::paper(),
         (model, calibration, out),
         ratio,
     )
@@ -54,9 +54,25 @@ fn small_options(
     options.calibration.samples = 16;
     options.calibration.seq_len = 32;
     options.calibration.batch_size = 4;
-    options.allocation.ratio = ratio;
+    options.budget.ratio = ratio;
     options.output.out = Some(out.to_path_buf());
     options
+}
+
+/// Changes the low-rank method's settings of `options`.
+pub fn lowrank_settings(
+    options: &mut rfid_moe::pipeline::CompressOptions,
+    change: impl FnOnce(&mut rfid_moe::pipeline::methods::lowrank::LowRankSettings),
+) {
+    options.update_settings(change).unwrap();
+}
+
+/// Changes the prune method's settings of `options`.
+pub fn prune_settings(
+    options: &mut rfid_moe::pipeline::CompressOptions,
+    change: impl FnOnce(&mut rfid_moe::pipeline::methods::prune::PruneSettings),
+) {
+    options.update_settings(change).unwrap();
 }
 
 /// The repository root: `RFID_MOE_REPO_ROOT` when set (test binaries carried to another

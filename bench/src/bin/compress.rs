@@ -83,8 +83,11 @@ struct Args {
 struct LayerFigures {
     layer: usize,
     calibrate: f64,
+    /// Statistics and the methods' candidates (the low-rank analysis).
     analyse: f64,
+    /// The budget solver (the paper's allocation).
     allocate: f64,
+    /// Applying the chosen candidates (factorisation).
     factor: f64,
     emit: f64,
     total: f64,
@@ -217,7 +220,7 @@ fn check_forward(dir: &Path, vocab: usize) -> anyhow::Result<()> {
 /// times: SVD, whitening, gate and up at a parameter ratio), with the benchmark's model,
 /// calibration, ratio and device.
 fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
-    let mut options = CompressOptions::paper();
+    let mut options = rfid_moe::pipeline::presets::paper();
     options.model = model.to_path_buf();
     options.device = args.device.clone();
     options.calibration = CalibrationOptions {
@@ -226,7 +229,7 @@ fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> Compres
         seq_len: args.seq_len,
         ..CalibrationOptions::default()
     };
-    options.allocation.ratio = args.ratio;
+    options.budget.ratio = args.ratio;
     options.output = OutputOptions {
         out: Some(out.to_path_buf()),
         force: true,
@@ -245,9 +248,9 @@ fn layer_figures(report: &Report) -> Vec<LayerFigures> {
             LayerFigures {
                 layer: layer.layer,
                 calibrate: t.calibrate,
-                analyse: t.analyse,
-                allocate: t.allocate,
-                factor: t.factor,
+                analyse: t.statistics + t.offer,
+                allocate: t.solve,
+                factor: t.apply,
                 emit: t.emit,
                 total: t.total(),
                 factored_groups: layer

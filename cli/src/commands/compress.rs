@@ -2,30 +2,32 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
-use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::{
-    BudgetScope, BudgetUnit, CompressMethod, CompressOptions, FactorizerKind, Saliency,
-};
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::pipeline::methods::lowrank::tune::{TuneMetric, XiSetting};
+use rfid_moe::pipeline::methods::lowrank::{self, FactorizerKind, LowRankSettings, RankAllocation};
+use rfid_moe::pipeline::methods::prune::{self, PruneSettings, Saliency};
+use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
+use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 
 use rfid_moe::safety::commands as path_checks;
 
 use crate::args::{choice, parse_on_off, parse_xi};
 use crate::bars;
-use rfid_moe::pipeline::tune::{TuneMetric, XiSetting};
 
 /// `compress` flags; each overrides the same key of `--config`.
 #[derive(Args)]
 pub struct CompressArgs {
-    /// TOML file with any of the options below (flags given on the command line win).
+    /// TOML file with any of the options below (flags given on the command line win); a file
+    /// without `version` is read with the meaning it had when it was written.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
     /// Start from a named set of options instead of the defaults (flags given on the command
     /// line win): `paper` is the paper's RFID-MoE, low-rank gate and up in the checkpoint's
     /// dtype with --ratio a fraction of their parameters and no pruning.
-    #[arg(long, value_parser = ["default", "paper"])]
+    #[arg(long, value_parser = presets::NAMES)]
     preset: Option<String>,
     /// Input model directory, or a Hub id `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
@@ -38,32 +40,48 @@ pub struct CompressArgs {
     out: Option<PathBuf>,
     /// Fraction of the budget to remove (default 0.4): of the routed experts' stored bytes
     /// (--budget bytes, the default), or of the --matrices' parameters (--budget parameters).
-    /// Every --method removes this much, so equal ratios give equal sizes.
+    /// The output stores 1 − ratio of it, whatever the methods.
     #[arg(long)]
     ratio: Option<f64>,
     /// What --ratio is a fraction of.
     #[arg(long, value_parser = choice::<BudgetUnit>())]
     budget: Option<BudgetUnit>,
-    /// The routed-expert matrices to factor, comma separated (default gate,up,down; those left
-    /// out stay as they are stored).
+    /// One budget per layer, or one over the model (a planning pass first).
+    #[arg(long, value_parser = choice::<BudgetScope>())]
+    budget_scope: Option<BudgetScope>,
+    /// How finely the solver may mix choices: per expert, per layer and matrix, per layer.
+    #[arg(long, value_parser = choice::<Granularity>())]
+    granularity: Option<Granularity>,
+    /// The routed-expert matrices the budget covers, comma separated (default gate,up,down;
+    /// those left out stay as they are stored).
     #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
     matrices: Option<Vec<ExpertMatrix>>,
-    /// What is done to the routed experts.
-    #[arg(long, value_parser = choice::<CompressMethod>())]
-    method: Option<CompressMethod>,
-    /// How experts are ranked for pruning.
+    /// The methods the solver may choose from for each expert, comma separated (default
+    /// prune,lowrank,int8,keep): prune (remove experts), lowrank (shared-basis factors), int8
+    /// (8-bit experts), keep (as stored).
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
+    /// The method sets of earlier versions: lowrank (no removal), prune (removal only, the rest
+    /// as stored), prune+lowrank (the default set).
+    #[arg(long, value_parser = ["lowrank", "prune", "prune+lowrank"], conflicts_with = "methods")]
+    method: Option<String>,
+    /// prune: how experts are ranked.
     #[arg(long, value_parser = choice::<Saliency>())]
     prune_saliency: Option<Saliency>,
-    /// --method prune+lowrank: fraction of each layer's experts removed; the rest of the --ratio
-    /// budget factors the kept experts (default: half of the budget goes to pruning, at most an
-    /// eighth of the experts).
+    /// prune: fraction of each layer's experts removed (default: a share of the budget, at most
+    /// an eighth of the experts).
     #[arg(long)]
     prune_fraction: Option<f64>,
     /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
     #[arg(long)]
     group_size: Option<usize>,
-    /// Weight of information density in the fused score (1 − ξ goes to routing frequency), or
-    /// `auto`: chosen per layer by the layer's output error on held-out calibration windows.
+    /// lowrank: how ranks are chosen: solver (by estimated output error, with every other
+    /// method's candidates; the default) or the paper's scores.
+    #[arg(long, value_parser = choice::<RankAllocation>())]
+    allocation: Option<RankAllocation>,
+    /// lowrank (paper's scores): weight of information density in the fused score (1 − ξ goes to
+    /// routing frequency), or `auto`: chosen per layer by the layer's output error on held-out
+    /// calibration windows.
     #[arg(long, value_parser = parse_xi)]
     xi: Option<XiSetting>,
     /// With `--xi auto`: the candidates to try, comma separated (default 0,0.2,0.4,0.6,0.8,1).
@@ -76,30 +94,28 @@ pub struct CompressArgs {
     /// one window); they calibrate nothing.
     #[arg(long)]
     holdout_fraction: Option<f64>,
-    /// Rank allocation policy.
-    #[arg(long, value_parser = choice::<Allocation>())]
-    allocation: Option<Allocation>,
-    /// Budget per layer, or one budget shared by all layers.
-    #[arg(long, value_parser = choice::<BudgetScope>())]
-    budget_scope: Option<BudgetScope>,
-    /// Factoriser.
+    /// lowrank: factoriser.
     #[arg(long, value_parser = choice::<FactorizerKind>())]
     factorizer: Option<FactorizerKind>,
-    /// Adam steps of the basis factoriser.
+    /// lowrank: Adam steps of the basis factoriser.
     #[arg(long)]
     fit_steps: Option<usize>,
-    /// Activation-aware factorisation from routed calibration inputs: on or off.
+    /// lowrank: activation-aware factorisation from routed calibration inputs: on or off.
     #[arg(long, value_parser = parse_on_off)]
     whiten: Option<bool>,
-    /// Sparse-projection residual (paid from the same budget): on or off.
+    /// lowrank (paper's scores): sparse-projection residual (paid from the same budget): on or off.
     #[arg(long, value_parser = parse_on_off)]
     residual: Option<bool>,
-    /// Residual size as a fraction of each group's parameters.
+    /// lowrank: residual size as a fraction of each group's parameters.
     #[arg(long)]
     residual_fraction: Option<f64>,
-    /// Keep groups dense where factoring saves nothing: on or off.
+    /// lowrank (paper's scores): keep groups dense where factoring saves nothing: on or off.
     #[arg(long, value_parser = parse_on_off)]
     dense_fallback: Option<bool>,
+    /// lowrank: storage of the factors: int8 (row-block scales; the default), auto (the
+    /// checkpoint's dtype), f32, bf16, f16.
+    #[arg(long)]
+    factor_dtype: Option<String>,
     /// Calibration windows.
     #[arg(long)]
     samples: Option<usize>,
@@ -112,10 +128,6 @@ pub struct CompressArgs {
     /// Windows per forward batch.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Dtype of written factors: int8 (row-block scales; the default), auto (the checkpoint's),
-    /// f32, bf16, f16.
-    #[arg(long)]
-    factor_dtype: Option<String>,
     /// Also write the reconstructed dense model here (original tensor names and shapes).
     #[arg(long)]
     export_dense: Option<PathBuf>,
@@ -126,7 +138,8 @@ pub struct CompressArgs {
     /// default the same command resumes it).
     #[arg(long)]
     restart: bool,
-    /// Preview ranks and sizes without factorising or writing anything.
+    /// Plan without writing: print per layer the experts removed, the ranks and precisions
+    /// chosen, the bytes and the estimated error.
     #[arg(long)]
     dry_run: bool,
     /// No progress bars.
@@ -140,37 +153,39 @@ pub struct CompressArgs {
     device: Option<String>,
 }
 
+fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
+    if let Some(value) = flag {
+        *target = value.clone();
+    }
+}
+
 impl CompressArgs {
-    /// The options of the run: `--config` (or the defaults) with every given flag on top.
-    fn resolve(&self) -> Result<CompressOptions> {
-        let mut options: CompressOptions = match &self.config {
-            Some(path) => {
-                let text = rfid_moe::safety::read_text_bounded(
-                    path,
-                    rfid_moe::safety::MAX_JSON_BYTES,
-                    "a UTF-8 TOML file",
-                )?;
-                toml::from_str(&text).with_context(|| {
-                    format!(
-                        "{}: invalid compression config (expected `model`, `device` and the \
-                         tables [calibration], [allocation], [factorization], [output], as in \
-                         the compress.toml written next to every output)",
-                        path.display()
-                    )
-                })?
-            }
-            None => match self.preset.as_deref() {
-                Some("paper") => CompressOptions::paper(),
-                _ => CompressOptions::default(),
+    /// The options of the run: `--config` (or the preset) with every given flag on top. A
+    /// settings file of the old schema is converted against the model it names (or `--model`),
+    /// after `resolve_model` turned a Hub id into a local snapshot.
+    fn resolve(
+        &self,
+        resolve_model: impl Fn(&PathBuf) -> Result<PathBuf>,
+    ) -> Result<CompressOptions> {
+        let mut options = match &self.config {
+            Some(path) => match read_settings_file(path)? {
+                SettingsFile::Current(options) => *options,
+                SettingsFile::Legacy(legacy) => {
+                    let model = self.model.clone().unwrap_or_else(|| legacy.model.clone());
+                    if model.as_os_str().is_empty() {
+                        bail!("--model is required (flag or `model` in --config)");
+                    }
+                    let checkpoint = Checkpoint::open(resolve_model(&model)?)?;
+                    let (options, note) = legacy.convert(&checkpoint)?;
+                    eprintln!("{}: {note}", path.display());
+                    options
+                }
             },
+            None => presets::named(self.preset.as_deref().unwrap_or("default"))?,
         };
-        fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
-            if let Some(value) = flag {
-                *target = value.clone();
-            }
-        }
         set(&mut options.model, &self.model);
         set(&mut options.device, &self.device);
+        self.apply_method_flags(&mut options)?;
         let calibration = &mut options.calibration;
         set(&mut calibration.data, &self.calibration);
         set(&mut calibration.samples, &self.samples);
@@ -178,32 +193,12 @@ impl CompressArgs {
         set(&mut calibration.seed, &self.seed);
         set(&mut calibration.batch_size, &self.batch_size);
         set(&mut calibration.group_size, &self.group_size);
-        set(&mut calibration.holdout_fraction, &self.holdout_fraction);
-        let allocation = &mut options.allocation;
-        set(&mut allocation.matrices, &self.matrices);
-        set(&mut allocation.budget, &self.budget);
-        set(&mut allocation.ratio, &self.ratio);
-        if let Some(xi) = &self.xi {
-            xi.apply(allocation);
-        }
-        set(&mut allocation.xi_candidates, &self.xi_candidates);
-        set(&mut allocation.xi_metric, &self.xi_metric);
-        set(&mut allocation.policy, &self.allocation);
-        set(&mut allocation.budget_scope, &self.budget_scope);
-        set(&mut allocation.dense_fallback, &self.dense_fallback);
-        set(&mut allocation.residual, &self.residual);
-        set(&mut allocation.residual_fraction, &self.residual_fraction);
-        let pruning = &mut options.pruning;
-        set(&mut pruning.method, &self.method);
-        set(&mut pruning.saliency, &self.prune_saliency);
-        if self.prune_fraction.is_some() {
-            pruning.fraction = self.prune_fraction;
-        }
-        let factorization = &mut options.factorization;
-        set(&mut factorization.factorizer, &self.factorizer);
-        set(&mut factorization.fit_steps, &self.fit_steps);
-        set(&mut factorization.whiten, &self.whiten);
-        set(&mut factorization.factor_dtype, &self.factor_dtype);
+        let budget = &mut options.budget;
+        set(&mut budget.matrices, &self.matrices);
+        set(&mut budget.unit, &self.budget);
+        set(&mut budget.ratio, &self.ratio);
+        set(&mut budget.scope, &self.budget_scope);
+        set(&mut budget.granularity, &self.granularity);
         let output = &mut options.output;
         if self.out.is_some() {
             output.out = self.out.clone();
@@ -224,12 +219,95 @@ impl CompressArgs {
         }
         Ok(options)
     }
+
+    /// `--methods` / `--method` and each method's own flags (a flag of a method that is not
+    /// enabled is refused by name).
+    fn apply_method_flags(&self, options: &mut CompressOptions) -> Result<()> {
+        if let Some(methods) = &self.methods {
+            options.methods = methods.clone();
+        }
+        if let Some(method) = &self.method {
+            let defaults = CompressOptions::default().methods;
+            options.methods = match method.as_str() {
+                "lowrank" => defaults.into_iter().filter(|m| m != prune::NAME).collect(),
+                "prune" => vec![prune::NAME.into(), "keep".into()],
+                _ => defaults,
+            };
+        }
+        let lowrank_flags = [
+            ("--allocation", self.allocation.is_some()),
+            ("--xi", self.xi.is_some()),
+            ("--xi-candidates", self.xi_candidates.is_some()),
+            ("--xi-metric", self.xi_metric.is_some()),
+            ("--holdout-fraction", self.holdout_fraction.is_some()),
+            ("--factorizer", self.factorizer.is_some()),
+            ("--fit-steps", self.fit_steps.is_some()),
+            ("--whiten", self.whiten.is_some()),
+            ("--residual", self.residual.is_some()),
+            ("--residual-fraction", self.residual_fraction.is_some()),
+            ("--dense-fallback", self.dense_fallback.is_some()),
+            ("--factor-dtype", self.factor_dtype.is_some()),
+        ];
+        let prune_flags = [
+            ("--prune-saliency", self.prune_saliency.is_some()),
+            ("--prune-fraction", self.prune_fraction.is_some()),
+        ];
+        for (method, flags) in [
+            (lowrank::NAME, &lowrank_flags[..]),
+            (prune::NAME, &prune_flags[..]),
+        ] {
+            if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
+                if !options.uses(method) {
+                    bail!(
+                        "{flag} is a setting of the {method} method, which is not in --methods ({})",
+                        options.methods.join(",")
+                    );
+                }
+            }
+        }
+        if options.uses(lowrank::NAME) && lowrank_flags.iter().any(|(_, given)| *given) {
+            options.update_settings::<LowRankSettings>(|s| {
+                set(&mut s.allocation, &self.allocation);
+                match self.xi {
+                    Some(XiSetting::Fixed(xi)) => {
+                        s.xi = xi;
+                        s.xi_auto = false;
+                    }
+                    Some(XiSetting::Auto) => s.xi_auto = true,
+                    None => {}
+                }
+                set(&mut s.xi_candidates, &self.xi_candidates);
+                set(&mut s.xi_metric, &self.xi_metric);
+                set(&mut s.holdout_fraction, &self.holdout_fraction);
+                set(&mut s.factorizer, &self.factorizer);
+                set(&mut s.fit_steps, &self.fit_steps);
+                set(&mut s.whiten, &self.whiten);
+                set(&mut s.residual, &self.residual);
+                set(&mut s.residual_fraction, &self.residual_fraction);
+                set(&mut s.dense_fallback, &self.dense_fallback);
+                set(&mut s.factor_dtype, &self.factor_dtype);
+            })?;
+        }
+        if options.uses(prune::NAME) && prune_flags.iter().any(|(_, given)| *given) {
+            options.update_settings::<PruneSettings>(|s| {
+                set(&mut s.saliency, &self.prune_saliency);
+                if self.prune_fraction.is_some() {
+                    s.fraction = self.prune_fraction;
+                }
+            })?;
+        }
+        // Settings of methods no longer enabled mean nothing: drop them.
+        let methods = options.methods.clone();
+        options.settings.retain(|name, _| methods.contains(name));
+        Ok(())
+    }
 }
 
 /// Compresses the model, prints the report table and says what was written.
 pub fn run(args: &CompressArgs) -> Result<()> {
-    let mut options = args.resolve()?;
-    options.model = crate::hub::resolve_model(&options.model, args.quiet)?;
+    let resolve_model = |model: &PathBuf| crate::hub::resolve_model(model, args.quiet);
+    let mut options = args.resolve(resolve_model)?;
+    options.model = resolve_model(&options.model)?;
     path_checks::check_compress_paths(
         &options.model,
         &options.calibration.data,
@@ -262,9 +340,10 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     match &report.output {
         Some(out) => {
             println!("wrote {} in {:.1}s", out.display(), report.seconds);
-            // A pruned-only output is a normal checkpoint without a compression record, which
-            // the card describes.
-            if options.pruning.method.factors() {
+            // An output without compressed experts (only removal) is a normal checkpoint, which
+            // the card does not describe.
+            let config = rfid_moe::checkpoint::read_json(&out.join("config.json"))?;
+            if config.get(rfid_moe::format::COMPRESSION_KEY).is_some() {
                 super::upload::write_card_after_compress(out);
             }
         }

@@ -7,12 +7,13 @@ use clap::Args;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::writer;
 use rfid_moe::eval::EvalOptions;
-use rfid_moe::pipeline::allocate::Allocation;
-use rfid_moe::pipeline::{BudgetScope, CompressOptions};
+use rfid_moe::pipeline::methods::lowrank::allocate::Allocation;
+use rfid_moe::pipeline::methods::lowrank::tune::XiSetting;
+use rfid_moe::pipeline::methods::lowrank::LowRankSettings;
+use rfid_moe::pipeline::{presets, BudgetScope, CompressOptions};
 
 use crate::args::{choice, parse_on_off, parse_xi, DeviceArgs};
 use crate::bars;
-use rfid_moe::pipeline::tune::XiSetting;
 
 /// `sweep` flags.
 #[derive(Args)]
@@ -93,7 +94,7 @@ fn columns(grid: &str, group_size: usize) -> Result<Vec<Column>> {
         "reference" => rfid_moe::sweep::reference_columns(),
         "full" => {
             let mut columns = vec![(Allocation::Uniform, 1, false, false)];
-            for allocation in Allocation::ALL {
+            for &allocation in Allocation::ALL {
                 for residual in [false, true] {
                     for whiten in [false, true] {
                         columns.push((allocation, 4, residual, whiten));
@@ -129,17 +130,22 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     let mut base = CompressOptions {
         model,
         device: args.device.device.clone(),
-        ..CompressOptions::paper()
+        ..presets::paper()
     };
     base.calibration.data = args.calibration.clone();
     base.calibration.samples = args.samples;
     base.calibration.seq_len = args.seq_len;
     base.calibration.batch_size = args.batch_size;
-    args.xi.apply(&mut base.allocation);
-    base.allocation.dense_fallback = args.dense_fallback;
-    base.allocation.budget_scope = args.budget_scope;
-    base.allocation.matrices = args.matrices.clone();
-    base.factorization.factor_dtype = args.factor_dtype.clone();
+    base.budget.scope = args.budget_scope;
+    base.budget.matrices = args.matrices.clone();
+    base.update_settings::<LowRankSettings>(|s| {
+        match args.xi {
+            XiSetting::Fixed(xi) => s.xi = xi,
+            XiSetting::Auto => s.xi_auto = true,
+        }
+        s.dense_fallback = args.dense_fallback;
+        s.factor_dtype = args.factor_dtype.clone();
+    })?;
     // The grids compare low-rank allocations at parameter ratios (and share one statistics
     // cache): the paper's preset, without pruning.
     let eval_options = EvalOptions {

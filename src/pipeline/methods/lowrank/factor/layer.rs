@@ -1,16 +1,17 @@
-//! The factor stage for a whole layer: each group of each targeted matrix type is read from the
-//! checkpoint, factored at its planned rank (whitened by its Gram matrix when asked), optionally
-//! given a sparse residual, measured, and turned into tensors of the output dtype. Groups run in
-//! parallel and each group's `f64` working set is dropped as soon as its tensors exist.
+//! Factoring a layer's groups: each group of a targeted matrix type is read from the checkpoint,
+//! factored at its rank (whitened by its Gram matrix when asked, its rows or members weighted by
+//! their output sensitivity when the solver chose the rank), optionally given a sparse
+//! residual, measured, and turned into tensors of the output dtype. Groups run in parallel and
+//! each group's `f64` working set is dropped as soon as its tensors exist.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::super::allocate::{GroupAllocation, GroupShape, MatrixPlan, RankPlan};
+use super::super::analyse::{LayerAnalysis, MatrixAnalysis};
 use super::{relative_error, Factorizer};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::linalg::LinalgBackend;
-use crate::pipeline::allocate::{GroupAllocation, GroupShape, MatrixPlan, RankPlan};
-use crate::pipeline::analyse::{LayerAnalysis, MatrixAnalysis};
 use crate::pipeline::calibrate::LayerStatistics;
 use crate::pipeline::experts::LayerExperts;
 use crate::pipeline::report::GroupReport;
@@ -71,7 +72,7 @@ pub struct FactoredLayer {
     pub matrices: Vec<FactoredMatrix>,
 }
 
-/// Factors every group of one layer according to `plan`.
+/// Factors every group of one layer according to the paper's `plan`.
 pub fn factor_layer<B: LinalgBackend>(
     backend: &B,
     experts: &LayerExperts,
@@ -85,35 +86,12 @@ pub fn factor_layer<B: LinalgBackend>(
         .iter()
         .zip(&plan.matrices)
         .map(|(matrix_analysis, matrix_plan)| {
-            let groups = (0..analysis.groups.len())
-                .into_par_iter()
-                .map(|g| {
-                    let members = &analysis.groups[g];
-                    let down = matrix_analysis.matrix == ExpertMatrix::Down;
-                    let job = GroupJob {
-                        index: g,
-                        experts: members,
-                        frequency: analysis.group_frequency[g],
-                        analysis: matrix_analysis,
-                        plan: matrix_plan,
-                        gram: match down {
-                            true => None,
-                            false => statistics.group_gram.as_ref().map(|grams| &grams[g]),
-                        },
-                        member_grams: match down {
-                            true => statistics
-                                .expert_down_gram
-                                .as_ref()
-                                .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
-                            false => None,
-                        },
-                    };
-                    factor_group(backend, experts, &job, settings)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let jobs = (0..analysis.groups.len())
+                .map(|g| GroupJob::planned(statistics, analysis, (matrix_analysis, matrix_plan), g))
+                .collect();
             Ok(FactoredMatrix {
                 matrix: matrix_analysis.matrix,
-                groups,
+                groups: factor_groups(backend, experts, jobs, settings)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -123,40 +101,60 @@ pub fn factor_layer<B: LinalgBackend>(
     })
 }
 
-/// Everything the stage knows about one group before factoring it.
-struct GroupJob<'a, M> {
-    index: usize,
-    experts: &'a [usize],
-    frequency: f64,
-    analysis: &'a MatrixAnalysis,
-    plan: &'a MatrixPlan,
-    /// The group's input Gram matrix (gate/up).
-    gram: Option<&'a M>,
-    /// Each member's intermediate Gram matrix, in group order (down).
-    member_grams: Option<Vec<&'a M>>,
+/// Factors `jobs` in parallel, in their order.
+pub fn factor_groups<B: LinalgBackend>(
+    backend: &B,
+    experts: &LayerExperts,
+    jobs: Vec<GroupJob<B::Matrix>>,
+    settings: &FactorSettings<B>,
+) -> Result<Vec<FactoredGroup>> {
+    jobs.into_par_iter()
+        .map(|job| factor_group(backend, experts, &job, settings))
+        .collect()
 }
 
-impl<M> GroupJob<'_, M> {
-    fn shape(&self) -> GroupShape {
-        self.analysis.shapes[self.index]
-    }
+/// Everything known about one group before factoring it.
+pub struct GroupJob<'a, M> {
+    /// The matrix type.
+    pub matrix: ExpertMatrix,
+    /// The group's members, in group order.
+    pub experts: &'a [usize],
+    /// The group's shape in the factor stage's orientation.
+    pub shape: GroupShape,
+    /// Its rank, or dense.
+    pub allocation: GroupAllocation,
+    /// Residual coefficients reserved (0 = none).
+    pub residual_size: usize,
+    /// The report as far as the allocation decides it (errors are filled in after factoring).
+    pub report: GroupReport,
+    /// The group's input Gram matrix (gate/up).
+    pub gram: Option<&'a M>,
+    /// Each member's intermediate Gram matrix, in group order (down).
+    pub member_grams: Option<Vec<&'a M>>,
+    /// Output-sensitivity weights the basis is fitted under: one per stacked row for gate/up
+    /// (`k·p`), one per member for down (`k`).
+    pub weights: Option<Vec<f64>>,
+}
 
-    fn allocation(&self) -> GroupAllocation {
-        self.plan.allocations[self.index]
-    }
-
-    /// The report as far as the plan decides it (errors are filled in after factoring).
-    fn planned_report(&self) -> GroupReport {
-        let g = self.index;
-        let GroupAllocation { rank, dense } = self.allocation();
-        let shape = self.shape();
-        let residual_size = if dense { 0 } else { self.plan.reserved[g] };
-        GroupReport {
-            experts: self.experts.to_vec(),
-            frequency: self.frequency,
-            effective_rank: self.analysis.effective_ranks[g],
-            density: self.plan.density[g],
-            score: self.plan.scores[g],
+impl<'a, M> GroupJob<'a, M> {
+    /// The job of group `g` of a matrix the paper's allocation planned.
+    pub fn planned(
+        statistics: &'a LayerStatistics<M>,
+        analysis: &'a LayerAnalysis,
+        (matrix_analysis, plan): (&MatrixAnalysis, &MatrixPlan),
+        g: usize,
+    ) -> Self {
+        let members = &analysis.groups[g];
+        let down = matrix_analysis.matrix == ExpertMatrix::Down;
+        let shape = matrix_analysis.shapes[g];
+        let GroupAllocation { rank, dense } = plan.allocations[g];
+        let residual_size = if dense { 0 } else { plan.reserved[g] };
+        let report = GroupReport {
+            experts: members.to_vec(),
+            frequency: analysis.group_frequency[g],
+            effective_rank: matrix_analysis.effective_ranks[g],
+            density: plan.density[g],
+            score: plan.scores[g],
             rank: if dense { 0 } else { rank },
             dense,
             residual_size,
@@ -171,6 +169,29 @@ impl<M> GroupJob<'_, M> {
             } else {
                 (rank * shape.rank_cost() + residual_size) as u64
             },
+            method: None,
+            storage: Vec::new(),
+            estimated_error: None,
+        };
+        Self {
+            matrix: matrix_analysis.matrix,
+            experts: members,
+            shape,
+            allocation: plan.allocations[g],
+            residual_size,
+            report,
+            gram: match down {
+                true => None,
+                false => statistics.group_gram.as_ref().map(|grams| &grams[g]),
+            },
+            member_grams: match down {
+                true => statistics
+                    .expert_down_gram
+                    .as_ref()
+                    .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
+                false => None,
+            },
+            weights: None,
         }
     }
 }
@@ -181,9 +202,9 @@ fn factor_group<B: LinalgBackend>(
     job: &GroupJob<B::Matrix>,
     settings: &FactorSettings<B>,
 ) -> Result<FactoredGroup> {
-    let mut report = job.planned_report();
-    let matrix = job.analysis.matrix;
-    let rows = job.shape().rows_per_expert;
+    let mut report = job.report.clone();
+    let matrix = job.matrix;
+    let rows = job.shape.rows_per_expert;
     if report.dense || !settings.factorize {
         let originals = job
             .experts
@@ -219,12 +240,17 @@ fn factor_group<B: LinalgBackend>(
         (Some(gram), true) => Some(backend.whitening_factor(gram, settings.whiten_ridge)?),
         _ => None,
     };
-    let factors = settings
-        .factorizer
-        .factor(backend, &w, report.rank, whitening.as_ref())?;
+    let factors = match &job.weights {
+        Some(weights) => {
+            super::weighted_truncated_svd(backend, &w, report.rank, whitening.as_ref(), weights)?
+        }
+        None => settings
+            .factorizer
+            .factor(backend, &w, report.rank, whitening.as_ref())?,
+    };
     let mut reconstruction = factors.reconstruct_with(backend, settings.factorizer.activation())?;
     let residual_eta = if report.residual_size > 0 {
-        let rank_cost = job.shape().rank_cost();
+        let rank_cost = job.shape.rank_cost();
         let (eta, with_residual) = add_residual(
             backend,
             &w,
@@ -291,6 +317,26 @@ fn factor_down_group<B: LinalgBackend>(
         ),
         _ => None,
     };
+    // Members weighted by their output sensitivity: `√ω_j S_j` in place of `S_j`.
+    let whitening = match (&job.weights, whitening) {
+        (Some(weights), factors) => {
+            let p = job.shape.rows_per_expert;
+            let factors = match factors {
+                Some(factors) => factors,
+                None => (0..weights.len())
+                    .map(|_| backend.matrix_from_host(&faer::Mat::<f64>::identity(p, p)))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            Some(
+                factors
+                    .iter()
+                    .zip(weights)
+                    .map(|(s, &w)| super::scaled(backend, s, w.sqrt()))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        }
+        (None, factors) => factors,
+    };
     let factors = super::factor_output_shared(backend, &blocks, report.rank, whitening.as_deref())?;
     let w = backend.stack_rows(&blocks)?;
     let reconstruction = backend.matmul(&factors.coefficients, &factors.basis)?;
@@ -304,7 +350,7 @@ fn factor_down_group<B: LinalgBackend>(
             grams,
         )?);
     }
-    let rows = job.shape().rows_per_expert;
+    let rows = job.shape.rows_per_expert;
     let transposed = |m: &B::Matrix, slot: usize| -> Result<Tensor> {
         let block =
             backend.rows_to_tensor(m, slot * rows, rows, settings.factor_dtype, &Device::Cpu)?;

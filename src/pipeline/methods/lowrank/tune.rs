@@ -18,21 +18,19 @@
 
 use std::str::FromStr;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use faer::Mat;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use super::allocate::{allocate_layer, Allocation, GroupAllocation, RankPlan};
+use super::allocate::{allocate_layer, AllocationSettings, GroupAllocation, RankPlan};
 use super::analyse::LayerAnalysis;
-use super::calibrate::LayerStatistics;
-use super::experts::LayerExperts;
 use super::factor::{Factorizer, SvdFactorizer};
-use super::options::{AllocationOptions, BudgetScope, CompressOptions};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::error::{Error, Result};
 use crate::linalg::{tensor_to_mat, LinalgBackend};
-use crate::models::moe::{MoeObserver, MoeTrace};
+use crate::pipeline::calibrate::{HeldOutActivations, LayerStatistics};
+use crate::pipeline::experts::LayerExperts;
+pub use crate::pipeline::report::{XiCandidate, XiSearch};
 
 /// The candidates `--xi auto` tries unless `xi_candidates` says otherwise.
 pub const DEFAULT_XI_CANDIDATES: [f64; 6] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0];
@@ -67,272 +65,36 @@ impl FromStr for XiSetting {
     }
 }
 
-impl XiSetting {
-    /// Writes the setting into `allocation` (`Auto` keeps `xi` as it is; it is then unused).
-    pub fn apply(&self, allocation: &mut AllocationOptions) {
-        match *self {
-            XiSetting::Fixed(xi) => {
-                allocation.xi = xi;
-                allocation.xi_auto = false;
-            }
-            XiSetting::Auto => allocation.xi_auto = true,
-        }
+crate::named_enum! {
+    /// How `--xi auto` weighs the held-out tokens' output errors.
+    pub enum TuneMetric ("tune metric") {
+        /// `‖Ŷ − Y‖_F / ‖Y‖_F`: every token's output error counts as it is.
+        Output = "output": "Relative error of the routed experts' output on held-out tokens",
+        /// Each token's error divided by the norm of the residual stream it is added to (the
+        /// layer's output), as the next layer's RMSNorm sees it: `√(Σ_t ‖ΔY_t‖²/‖r_t‖²  /
+        /// Σ_t ‖Y_t‖²/‖r_t‖²)`. The default: it matched or beat ξ = 0.2 in perplexity on both
+        /// trained models at ρ = 0.2/0.4/0.6, where `output` lost at ρ = 0.6 (docs/RESULTS.md).
+        Residual = "residual":
+            "The same, each token's error relative to the residual stream it is added to",
     }
 }
 
-/// Checks the `--xi auto` settings of `options` (called by [`CompressOptions::validate`]).
-pub fn validate(options: &CompressOptions) -> Result<()> {
-    let allocation = &options.allocation;
-    if !allocation.xi_auto {
-        return Ok(());
+// The enum's derives come from `named_enum!`, which has no `Default`.
+#[allow(clippy::derivable_impls)]
+impl Default for TuneMetric {
+    fn default() -> Self {
+        TuneMetric::Residual
     }
-    let invalid = |message: String| Err(Error::InvalidArgument(message));
-    if allocation.policy != Allocation::Rfid {
-        return invalid(format!(
-            "--xi auto tunes the fused score of --allocation rfid, not `{}`",
-            allocation.policy
-        ));
-    }
-    let down = allocation.factors(ExpertMatrix::Down);
-    if options.pruning.method.prunes() || down {
-        let what = match options.pruning.method.prunes() {
-            true => format!("--method {}", options.pruning.method),
-            false => "--matrices with down".to_string(),
-        };
-        return invalid(format!(
-            "--xi auto measures the low-rank allocation of every expert's gate and up; it does \
-             not combine with {what} (the default): add --preset paper, or --method lowrank \
-             --matrices gate,up (in a --config file: method = \"lowrank\" in [pruning], \
-             matrices = [\"gate\", \"up\"] in [allocation])"
-        ));
-    }
-    if allocation.budget_scope != BudgetScope::Layer {
-        return invalid("--xi auto chooses ξ per layer: it needs --budget-scope layer".into());
-    }
-    if allocation.xi_candidates.is_empty()
-        || allocation
-            .xi_candidates
-            .iter()
-            .any(|xi| !(0.0..=1.0).contains(xi))
-    {
-        return invalid(format!(
-            "xi_candidates {:?} must be non-empty and each in [0, 1]",
-            allocation.xi_candidates
-        ));
-    }
-    let fraction = options.calibration.holdout_fraction;
-    if !(fraction > 0.0 && fraction < 1.0) {
-        return invalid(format!("--holdout-fraction {fraction} must be in (0, 1)"));
-    }
-    if options.calibration.samples < 2 {
-        return invalid(
-            "--xi auto holds out calibration windows: it needs --samples of at least 2".into(),
-        );
-    }
-    Ok(())
-}
-
-/// Calibration windows split into those that calibrate and those held out.
-pub type SplitWindows = (Vec<Vec<u32>>, Vec<Vec<u32>>);
-
-/// Splits `windows` into those that calibrate and those held out: `max(1, round(n·fraction))`
-/// windows spread evenly over the list (at least one is left to calibrate).
-pub fn split_holdout(windows: &[Vec<u32>], fraction: f64) -> Result<SplitWindows> {
-    let n = windows.len();
-    if n < 2 {
-        return Err(Error::InvalidArgument(format!(
-            "--xi auto holds out calibration windows, but the calibration data gave only {n} \
-             window(s); use more data or a shorter --seq-len"
-        )));
-    }
-    let held = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
-    let mut is_held = vec![false; n];
-    for j in 0..held {
-        is_held[(2 * j + 1) * n / (2 * held)] = true;
-    }
-    let (mut kept, mut out) = (Vec::new(), Vec::new());
-    for (window, held) in windows.iter().zip(is_held) {
-        match held {
-            true => out.push(window.clone()),
-            false => kept.push(window.clone()),
-        }
-    }
-    Ok((kept, out))
-}
-
-/// The held-out tokens routed to one expert, with their routing weights.
-#[derive(Debug, Clone, Default)]
-pub struct ExpertRoutes {
-    /// Row indices into [`HeldOutActivations::inputs`].
-    pub tokens: Vec<u32>,
-    /// The routing weight of each of those tokens for this expert.
-    pub weights: Vec<f32>,
-}
-
-/// One MoE layer's inputs and routing on the held-out windows.
-#[derive(Debug, Clone)]
-pub struct HeldOutActivations {
-    /// The MoE block's input [tokens, hidden] (f32, CPU).
-    pub inputs: Tensor,
-    /// Per expert, the tokens routed to it.
-    pub routes: Vec<ExpertRoutes>,
-    /// Per token, the squared norm of the layer's output (the residual stream the MoE output
-    /// is added to), for [`TuneMetric::Residual`].
-    pub residual_norms: Vec<f32>,
-}
-
-impl HeldOutActivations {
-    /// Number of held-out tokens.
-    pub fn tokens(&self) -> usize {
-        self.inputs.dims().first().copied().unwrap_or(0)
-    }
-}
-
-/// Records the MoE input and routing of each held-out batch of a layer.
-pub struct HeldOutRecorder {
-    routes: Vec<ExpertRoutes>,
-    inputs: Vec<Tensor>,
-    tokens: usize,
-    residual_norms: Vec<f32>,
-}
-
-impl HeldOutRecorder {
-    /// A recorder for a layer of `num_experts` routed experts.
-    pub fn new(num_experts: usize) -> Self {
-        Self {
-            routes: vec![ExpertRoutes::default(); num_experts],
-            inputs: Vec::new(),
-            tokens: 0,
-            residual_norms: Vec::new(),
-        }
-    }
-
-    /// Records the squared norm of each token of a held-out batch's layer output
-    /// [batch, seq, hidden] (after the batch went through the layer).
-    pub fn record_layer_output(&mut self, output: &Tensor) -> Result<()> {
-        let hidden = output.dims().last().copied().unwrap_or(0);
-        let squared = output
-            .to_dtype(DType::F32)?
-            .reshape(((), hidden))?
-            .sqr()?
-            .sum(1)?
-            .to_device(&Device::Cpu)?;
-        self.residual_norms.extend(squared.to_vec1::<f32>()?);
-        Ok(())
-    }
-
-    /// The recorded batches as one set of activations (`None` if nothing was recorded).
-    pub fn finish(self) -> Result<Option<HeldOutActivations>> {
-        if self.inputs.is_empty() {
-            return Ok(None);
-        }
-        let inputs = Tensor::cat(&self.inputs, 0)?;
-        if self.residual_norms.len() != inputs.dim(0)? {
-            return Err(Error::InvalidArgument(format!(
-                "held-out activations: {} layer-output norms for {} tokens",
-                self.residual_norms.len(),
-                inputs.dim(0)?
-            )));
-        }
-        Ok(Some(HeldOutActivations {
-            inputs,
-            routes: self.routes,
-            residual_norms: self.residual_norms,
-        }))
-    }
-}
-
-impl MoeObserver for HeldOutRecorder {
-    fn observe(&mut self, trace: &MoeTrace) -> Result<()> {
-        let offset = self.tokens as u32;
-        let per_expert = trace.routing.tokens_per_expert(self.routes.len())?;
-        for (routes, (tokens, weights)) in self.routes.iter_mut().zip(per_expert) {
-            routes.tokens.extend(tokens.iter().map(|t| t + offset));
-            routes.weights.extend(weights);
-        }
-        let input = trace.input.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        self.tokens += input.dim(0)?;
-        self.inputs.push(input);
-        Ok(())
-    }
-}
-
-/// How `--xi auto` weighs the held-out tokens' output errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TuneMetric {
-    /// `‖Ŷ − Y‖_F / ‖Y‖_F`: every token's output error counts as it is.
-    Output,
-    /// Each token's error divided by the norm of the residual stream it is added to (the
-    /// layer's output), as the next layer's RMSNorm sees it: `√(Σ_t ‖ΔY_t‖²/‖r_t‖²  /
-    /// Σ_t ‖Y_t‖²/‖r_t‖²)`. The default: it matched or beat ξ = 0.2 in perplexity on both
-    /// trained models at ρ = 0.2/0.4/0.6, where `output` lost at ρ = 0.6 (docs/RESULTS.md).
-    #[default]
-    Residual,
-}
-
-impl TuneMetric {
-    /// Every metric, in the order the command line lists them.
-    pub const ALL: [TuneMetric; 2] = [TuneMetric::Output, TuneMetric::Residual];
-
-    /// The lowercase name used on the command line and in saved settings.
-    pub fn name(&self) -> &'static str {
-        match self {
-            TuneMetric::Output => "output",
-            TuneMetric::Residual => "residual",
-        }
-    }
-
-    /// One line saying what the metric measures (for help texts).
-    pub fn description(&self) -> &'static str {
-        match self {
-            TuneMetric::Output => "Relative error of the routed experts' output on held-out tokens",
-            TuneMetric::Residual => {
-                "The same, each token's error relative to the residual stream it is added to"
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for TuneMetric {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for TuneMetric {
-    type Err = Error;
-
-    fn from_str(name: &str) -> Result<Self> {
-        super::allocate::parse_named("tune metric", name, &Self::ALL, Self::name)
-    }
-}
-
-/// One candidate's measurement.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct XiCandidate {
-    /// The candidate ξ.
-    pub xi: f64,
-    /// ‖Ŷ − Y‖_F / ‖Y‖_F of the routed experts' weighted output on the held-out tokens, Ŷ with
-    /// this candidate's factored gate/up, Y the original layer's.
-    pub output_error: f64,
-}
-
-/// What `--xi auto` measured and chose for one layer (in `compression_report.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct XiSearch {
-    /// The ξ whose plan the layer was compressed with (least output error; ties: the first).
-    pub chosen: f64,
-    /// Held-out tokens the errors were measured on.
-    pub held_out_tokens: u64,
-    /// Every candidate, in the order tried.
-    pub candidates: Vec<XiCandidate>,
 }
 
 /// Everything the search needs besides the layer's data.
 pub struct SearchSettings<'a> {
-    /// The allocation options (`xi_candidates` are tried in place of `xi`).
-    pub allocation: &'a AllocationOptions,
+    /// The allocation (the candidates are tried in place of its `xi`).
+    pub allocation: AllocationSettings,
+    /// The ξ candidates.
+    pub candidates: &'a [f64],
+    /// How the held-out tokens' errors are weighed.
+    pub metric: TuneMetric,
     /// Whiten by each group's Gram matrix, as the factor stage will.
     pub whiten: bool,
     /// Relative ridge of the whitening Cholesky.
@@ -349,13 +111,13 @@ pub fn search_xi<B: LinalgBackend>(
     held_out: &HeldOutActivations,
     settings: &SearchSettings,
 ) -> Result<(RankPlan, XiSearch)> {
-    let candidates = &settings.allocation.xi_candidates;
+    let candidates = settings.candidates;
     let mut plans = candidates
         .iter()
         .map(|&xi| {
-            let options = AllocationOptions {
+            let options = AllocationSettings {
                 xi,
-                ..settings.allocation.clone()
+                ..settings.allocation
             };
             allocate_layer(analysis, &options)
         })
@@ -418,7 +180,7 @@ fn output_errors<B: LinalgBackend>(
             }
         }
     }
-    let weight = |t: usize| match settings.allocation.xi_metric {
+    let weight = |t: usize| match settings.metric {
         TuneMetric::Output => 1.0,
         TuneMetric::Residual => 1.0 / (held_out.residual_norms[t] as f64).max(f64::MIN_POSITIVE),
     };
@@ -668,16 +430,11 @@ mod tests {
         assert_eq!("AUTO".parse::<XiSetting>().unwrap(), XiSetting::Auto);
         assert_eq!("0.35".parse::<XiSetting>().unwrap(), XiSetting::Fixed(0.35));
         assert!("often".parse::<XiSetting>().is_err());
-        let mut allocation = AllocationOptions::default();
-        XiSetting::Auto.apply(&mut allocation);
-        assert!(allocation.xi_auto);
-        XiSetting::Fixed(0.7).apply(&mut allocation);
-        assert!(!allocation.xi_auto);
-        assert_eq!(allocation.xi, 0.7);
     }
 
     #[test]
     fn holdout_is_spread_disjoint_and_leaves_windows_to_calibrate() {
+        use crate::pipeline::calibrate::split_holdout;
         let windows: Vec<Vec<u32>> = (0..16u32).map(|w| vec![w, w + 100]).collect();
         let (kept, held) = split_holdout(&windows, 0.125).unwrap();
         assert_eq!((kept.len(), held.len()), (14, 2));

@@ -1,28 +1,49 @@
 //! The calibrate stage: run the uncompressed model over token windows one decoder layer at a
-//! time and collect, per MoE layer, routing counts (top-k hits per expert), the frequency-sorted
-//! expert groups and, optionally, each group's input Gram matrix from the tokens routed to its
-//! experts, held in the linear-algebra backend's own matrix type.
+//! time and record, per MoE layer, what the methods asked for: routing (top-k hits and weights
+//! per expert), each batch's MoE input, each expert's intermediate Gram matrix, REAP saliency,
+//! and the layer output's energy ([`LayerObservations`]); once a removal method has decided
+//! which experts stay, [`LayerObservations::into_statistics`] turns that into the statistics
+//! every method reads ([`LayerStatistics`]).
 //!
 //! Hidden states are carried from layer to layer, so only one layer's weights are resident at a
 //! time: the model may be larger than memory. Each batch's MoE input is kept until the layer's
-//! routing is complete (the groups, and so the Gram matrices, depend on every batch), which costs
-//! as much memory as the hidden states themselves.
+//! statistics are computed (the groups, and so the Gram matrices, depend on every batch), which
+//! costs as much memory as the hidden states themselves.
+
+mod record;
+mod statistics;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::analyse;
+pub use record::{ExpertRoutes, HeldOutActivations, HeldOutRecorder, SaliencyAccumulator};
+pub use statistics::{
+    frequency_groups, group_frequencies, routing_frequency, ErrorWeights, ExpertStatistics,
+    LayerObservations, LayerStatistics, StatisticsWanted,
+};
+
+use super::experts::LayerExperts;
 use super::options::CalibrationOptions;
-use super::prune::{LayerPruning, PruneRule, SaliencyAccumulator};
-use super::tune::{HeldOutActivations, HeldOutRecorder};
 use crate::checkpoint::experts::{ExpertLayout, ExpertMatrix};
 use crate::checkpoint::{Checkpoint, StoredDType};
 use crate::error::{Error, Result};
 use crate::linalg::LinalgBackend;
 use crate::models::common::{Rotary, Weights};
-use crate::models::moe::{MoeObserver, MoeTrace};
+use crate::models::moe::MoeObserver;
 use crate::models::{compression_record, ArchConfig, ModelSpec};
+use record::{token_energies, DownGram, RoutingRecorder};
+
+/// What the calibrate stage records for each MoE layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recording {
+    /// Keep each batch's MoE input (for Gram matrices and expert statistics).
+    pub inputs: bool,
+    /// Sum each expert's intermediate Gram matrix.
+    pub down_gram: bool,
+    /// Sum each expert's REAP saliency.
+    pub saliency: bool,
+}
 
 /// Loads and windows the calibration data for `checkpoint`.
 pub fn calibration_windows(
@@ -54,241 +75,6 @@ pub fn calibration_windows(
     Ok(windows)
 }
 
-/// What calibration learned about one MoE layer.
-#[derive(Debug, Clone)]
-pub struct LayerStatistics<M> {
-    /// Decoder layer index.
-    pub layer: usize,
-    /// Top-k hits per expert; sums to tokens × top_k.
-    pub routing_counts: Vec<u64>,
-    /// Tokens that passed through the layer.
-    pub tokens: u64,
-    /// Experts by descending routing count, cut into groups of `group_size` (method.md §1).
-    pub groups: Vec<Vec<usize>>,
-    /// Per group, Σ xxᵀ over the inputs routed to each of its experts (d×d), when requested.
-    pub group_gram: Option<Vec<M>>,
-    /// Per expert, Σ h hᵀ of its intermediate activation `h = act(gate·x) ⊙ (up·x)` over the
-    /// tokens routed to it (p×p, unweighted like `group_gram`), when `down_proj` is factored.
-    pub expert_down_gram: Option<Vec<M>>,
-    /// With pruning: which experts were kept. Everything above then covers the kept experts
-    /// only, numbered `0..n'` in the order of `kept`.
-    pub pruning: Option<LayerPruning>,
-}
-
-impl<M> LayerStatistics<M> {
-    /// Experts that no calibration token was routed to.
-    pub fn unused_experts(&self) -> Vec<usize> {
-        self.routing_counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c == 0)
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    /// Group routing frequencies `F_g`.
-    pub fn group_frequencies(&self) -> Vec<f64> {
-        analyse::group_frequencies(&self.routing_counts, &self.groups)
-    }
-}
-
-/// One calibration batch's MoE input and the tokens routed to each expert, kept until the
-/// layer's routing counts (and so its groups) are known.
-struct RoutedBatch {
-    tokens: usize,
-    /// The MoE input [tokens, hidden], kept only when Gram statistics are collected.
-    input: Option<Tensor>,
-    tokens_per_expert: Vec<Vec<u32>>,
-}
-
-/// Records each batch's MoE input and routing during a layer's forward passes.
-struct RoutingRecorder<'b, B: LinalgBackend> {
-    num_experts: usize,
-    keep_inputs: bool,
-    batches: Vec<RoutedBatch>,
-    /// REAP sums, when pruning by REAP.
-    saliency: Option<SaliencyAccumulator>,
-    /// Per-expert intermediate Gram matrices, accumulated batch by batch, when `down_proj` is
-    /// factored.
-    down_gram: Option<DownGram<'b, B>>,
-}
-
-/// Per-expert Σ h hᵀ of the intermediate activations (the input of `down_proj`).
-struct DownGram<'b, B: LinalgBackend> {
-    backend: &'b B,
-    grams: Vec<B::Matrix>,
-}
-
-impl<'b, B: LinalgBackend> DownGram<'b, B> {
-    fn new(backend: &'b B, num_experts: usize, intermediate: usize) -> Result<Self> {
-        let grams = (0..num_experts)
-            .map(|_| backend.zeros(intermediate, intermediate))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { backend, grams })
-    }
-
-    /// Adds each expert's intermediate rows [count, p] (`None`: no token routed to it).
-    fn add(&mut self, intermediates: &[Option<Tensor>]) -> Result<()> {
-        if intermediates.len() != self.grams.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} experts' intermediate activations for {} down_proj Gram matrices",
-                intermediates.len(),
-                self.grams.len()
-            )));
-        }
-        for (gram, rows) in self.grams.iter_mut().zip(intermediates) {
-            if let Some(rows) = rows {
-                self.backend
-                    .accumulate_gram(gram, &rows.to_dtype(DType::F32)?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<B: LinalgBackend> MoeObserver for RoutingRecorder<'_, B> {
-    fn observe(&mut self, trace: &MoeTrace) -> Result<()> {
-        let tokens_per_expert = trace
-            .routing
-            .tokens_per_expert(self.num_experts)?
-            .into_iter()
-            .map(|(tokens, _)| tokens)
-            .collect();
-        self.batches.push(RoutedBatch {
-            tokens: trace.input.dim(0)?,
-            input: self.keep_inputs.then(|| trace.input.clone()),
-            tokens_per_expert,
-        });
-        Ok(())
-    }
-
-    fn wants_expert_outputs(&self) -> bool {
-        self.saliency.is_some()
-    }
-
-    fn wants_expert_intermediates(&self) -> bool {
-        self.down_gram.is_some()
-    }
-
-    fn observe_expert_intermediates(
-        &mut self,
-        _trace: &MoeTrace,
-        intermediates: &[Option<Tensor>],
-    ) -> Result<()> {
-        match self.down_gram.as_mut() {
-            Some(down) => down.add(intermediates),
-            None => Ok(()),
-        }
-    }
-
-    fn observe_expert_outputs(
-        &mut self,
-        trace: &MoeTrace,
-        outputs: &[Option<Tensor>],
-    ) -> Result<()> {
-        match self.saliency.as_mut() {
-            Some(saliency) => saliency.add(trace, outputs),
-            None => Ok(()),
-        }
-    }
-}
-
-impl<B: LinalgBackend> RoutingRecorder<'_, B> {
-    /// Top-k hits per expert and the tokens seen.
-    fn routing_counts(&self) -> (Vec<u64>, u64) {
-        let mut routing_counts = vec![0u64; self.num_experts];
-        let mut tokens = 0u64;
-        for batch in &self.batches {
-            tokens += batch.tokens as u64;
-            for (expert, routed) in batch.tokens_per_expert.iter().enumerate() {
-                routing_counts[expert] += routed.len() as u64;
-            }
-        }
-        (routing_counts, tokens)
-    }
-
-    /// Chooses the experts `rule` keeps and renumbers the recorded routing to them.
-    fn prune(&mut self, rule: &PruneRule) -> Result<LayerPruning> {
-        let (counts, _) = self.routing_counts();
-        let reap = self.saliency.as_ref().map(SaliencyAccumulator::saliency);
-        let pruning = rule.select(&counts, reap)?;
-        for batch in &mut self.batches {
-            let mut all = std::mem::take(&mut batch.tokens_per_expert);
-            batch.tokens_per_expert = pruning
-                .kept
-                .iter()
-                .map(|&e| std::mem::take(&mut all[e]))
-                .collect();
-        }
-        if let Some(down) = self.down_gram.as_mut() {
-            let mut all: Vec<Option<B::Matrix>> = std::mem::take(&mut down.grams)
-                .into_iter()
-                .map(Some)
-                .collect();
-            down.grams = pruning.kept.iter().filter_map(|&e| all[e].take()).collect();
-        }
-        self.num_experts = pruning.kept.len();
-        Ok(pruning)
-    }
-
-    /// Turns the recorded batches into statistics: counts, groups, and (optionally) per-group
-    /// Gram matrices summed expert by expert in group order; with a pruning `rule`, over the
-    /// experts it keeps.
-    fn statistics(
-        mut self,
-        layer: usize,
-        group_size: usize,
-        backend: &B,
-        rule: Option<&PruneRule>,
-    ) -> Result<LayerStatistics<B::Matrix>> {
-        let pruning = rule.map(|rule| self.prune(rule)).transpose()?;
-        let (routing_counts, tokens) = self.routing_counts();
-        let groups = analyse::frequency_groups(&routing_counts, group_size)?;
-        let group_gram = if self.keep_inputs {
-            Some(
-                groups
-                    .iter()
-                    .map(|group| self.group_gram(group, backend))
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
-        Ok(LayerStatistics {
-            layer,
-            routing_counts,
-            tokens,
-            groups,
-            group_gram,
-            expert_down_gram: self.down_gram.map(|down| down.grams),
-            pruning,
-        })
-    }
-
-    /// Σ over the group's experts of Σ over batches of `XᵀX` of the expert's routed inputs.
-    fn group_gram(&self, group: &[usize], backend: &B) -> Result<B::Matrix> {
-        let d = match self.batches.first().and_then(|b| b.input.as_ref()) {
-            Some(input) => input.dim(1)?,
-            None => 0,
-        };
-        let mut sum = backend.zeros(d, d)?;
-        for &expert in group {
-            let mut expert_gram = backend.zeros(d, d)?;
-            for batch in &self.batches {
-                let routed = &batch.tokens_per_expert[expert];
-                let Some(input) = batch.input.as_ref().filter(|_| !routed.is_empty()) else {
-                    continue;
-                };
-                let index = Tensor::from_slice(routed, routed.len(), input.device())?;
-                let rows = input.index_select(&index, 0)?;
-                backend.accumulate_gram(&mut expert_gram, &rows)?;
-            }
-            sum = backend.add(&sum, &expert_gram)?;
-        }
-        Ok(sum)
-    }
-}
-
 /// The dtype to hold a layer's experts in while calibrating: their stored dtype when all three
 /// matrices share one that widens to f32 exactly (bf16, f16), f32 otherwise.
 fn expert_dtype(checkpoint: &Checkpoint, layout: &ExpertLayout) -> DType {
@@ -309,15 +95,32 @@ fn expert_dtype(checkpoint: &Checkpoint, layout: &ExpertLayout) -> DType {
     }
 }
 
+/// A MoE layer as the calibrate stage hands it on.
+pub enum LayerData<M> {
+    /// Recorded by this run's forward passes (every expert).
+    Observed(LayerObservations<M>),
+    /// Statistics read back from the statistics cache.
+    Replayed(LayerStatistics<M>),
+}
+
 /// One decoder layer as the calibrate stage hands it on.
-#[derive(Debug)]
 pub struct CalibratedLayer<M> {
+    /// Decoder layer index.
+    pub index: usize,
+    /// What was recorded for a MoE layer (`None` for dense layers).
+    pub data: Option<LayerData<M>>,
+    /// The held-out windows' MoE input and routing (MoE layers of a stream with held-out
+    /// windows).
+    pub held_out: Option<HeldOutActivations>,
+}
+
+/// One decoder layer's statistics over every expert ([`CalibrationStream::next_statistics`]).
+pub struct LayerOutcome<M> {
     /// Decoder layer index.
     pub index: usize,
     /// Statistics of a MoE layer (`None` for dense layers).
     pub statistics: Option<LayerStatistics<M>>,
-    /// The held-out windows' MoE input and routing (MoE layers of a stream with held-out
-    /// windows, `--xi auto`).
+    /// The held-out windows' MoE input and routing.
     pub held_out: Option<HeldOutActivations>,
 }
 
@@ -328,28 +131,25 @@ pub struct CalibrationStream<'a, B: LinalgBackend> {
     weights: Weights<'a>,
     rotary: Option<Rotary>,
     hidden: Vec<Tensor>,
-    /// Hidden states of the held-out windows (`--xi auto`), carried like `hidden` but
-    /// contributing to no statistic.
+    /// Hidden states of the held-out windows, carried like `hidden` but contributing to no
+    /// statistic.
     held_out: Vec<Tensor>,
-    /// Whether `next_layer` records the held-out windows (not while skipping a layer).
-    record_held_out: bool,
+    /// Whether `next_layer` records (not while skipping a layer).
+    recording_on: bool,
     next_layer: usize,
-    group_size: usize,
-    collect_gram: bool,
-    /// Also collect each expert's intermediate Gram matrix (`down_proj` factored).
-    collect_down_gram: bool,
+    recording: Recording,
     backend: &'a B,
     replay: Option<Vec<LayerStatistics<B::Matrix>>>,
-    prune: Option<PruneRule>,
 }
 
 impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
-    /// Embeds `windows` (each of equal length) in batches of `batch_size`.
+    /// Embeds `windows` (each of equal length) in batches of `batch_size`; MoE layers record
+    /// what `recording` says.
     pub fn new(
         checkpoint: &'a Checkpoint,
         windows: &[Vec<u32>],
         options: &CalibrationOptions,
-        collect_gram: bool,
+        recording: Recording,
         device: &'a Device,
         backend: &'a B,
     ) -> Result<Self> {
@@ -358,7 +158,7 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             checkpoint,
             [windows, no_held_out],
             options,
-            collect_gram,
+            recording,
             device,
             backend,
         )
@@ -366,12 +166,12 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
 
     /// As [`Self::new`] for `[calibrating, held_out]` windows: the held-out windows run through
     /// every layer too, but only their MoE inputs and routing are kept
-    /// ([`CalibratedLayer::held_out`]), for measuring candidate allocations (`--xi auto`).
+    /// ([`CalibratedLayer::held_out`]), for measuring candidates.
     pub fn with_held_out(
         checkpoint: &'a Checkpoint,
         [windows, held_out]: [&[Vec<u32>]; 2],
         options: &CalibrationOptions,
-        collect_gram: bool,
+        recording: Recording,
         device: &'a Device,
         backend: &'a B,
     ) -> Result<Self> {
@@ -387,8 +187,8 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 checkpoint.dir().display()
             )));
         }
-        let mut stream = Self::open(checkpoint, device, backend, options.group_size)?;
-        stream.collect_gram = collect_gram;
+        let mut stream = Self::open(checkpoint, device, backend)?;
+        stream.recording = recording;
         let vocab = stream.spec.vocab_size;
         if let Some(id) = windows
             .iter()
@@ -442,22 +242,13 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         backend: &'a B,
         statistics: Vec<LayerStatistics<B::Matrix>>,
     ) -> Result<Self> {
-        let group_size = statistics
-            .first()
-            .and_then(|s| s.groups.first())
-            .map_or(1, |g| g.len());
-        let mut stream = Self::open(checkpoint, device, backend, group_size)?;
+        let mut stream = Self::open(checkpoint, device, backend)?;
         for layer in stream.spec.moe_layer_indices() {
             let experts = stream.spec.moe_layers[layer]
                 .as_ref()
                 .map_or(0, |l| l.num_experts);
             let found = statistics.iter().find(|s| s.layer == layer);
-            // After pruning, the statistics describe the kept experts.
-            let matches = |s: &LayerStatistics<B::Matrix>| match &s.pruning {
-                Some(p) => p.original_experts == experts && s.routing_counts.len() == p.kept.len(),
-                None => s.routing_counts.len() == experts,
-            };
-            if !found.is_some_and(matches) {
+            if !found.is_some_and(|s| s.routing_counts.len() == experts && s.pruning.is_none()) {
                 return Err(Error::InvalidArgument(format!(
                     "saved calibration statistics do not match {} (layer {layer})",
                     checkpoint.dir().display()
@@ -468,12 +259,7 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         Ok(stream)
     }
 
-    fn open(
-        checkpoint: &'a Checkpoint,
-        device: &'a Device,
-        backend: &'a B,
-        group_size: usize,
-    ) -> Result<Self> {
+    fn open(checkpoint: &'a Checkpoint, device: &'a Device, backend: &'a B) -> Result<Self> {
         let config = ArchConfig::from_checkpoint(checkpoint)?;
         let spec = config.spec();
         let weights = Weights {
@@ -489,26 +275,12 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             rotary: None,
             hidden: Vec::new(),
             held_out: Vec::new(),
-            record_held_out: true,
+            recording_on: true,
             next_layer: 0,
-            group_size,
-            collect_gram: false,
-            collect_down_gram: false,
+            recording: Recording::default(),
             backend,
             replay: None,
-            prune: None,
         })
-    }
-
-    /// Collects each expert's intermediate Gram matrix too (for factoring `down_proj`), on
-    /// every MoE layer whose statistics collect Gram matrices.
-    pub fn set_down_gram(&mut self, collect: bool) {
-        self.collect_down_gram = collect;
-    }
-
-    /// Prunes every MoE layer's statistics by `rule` (collecting REAP saliency when it asks).
-    pub fn set_pruning(&mut self, rule: Option<PruneRule>) {
-        self.prune = rule;
     }
 
     /// Family-independent facts of the model.
@@ -516,23 +288,61 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         &self.spec
     }
 
-    /// Runs every batch through the next layer without collecting statistics (a layer an
-    /// interrupted run already compressed), so that the following layer sees the same hidden
-    /// states; returns its index, `None` after the last layer.
+    /// Runs every batch through the next layer without recording (a layer an interrupted run
+    /// already compressed), so that the following layer sees the same hidden states; returns
+    /// its index, `None` after the last layer.
     pub fn skip_layer(&mut self) -> Result<Option<usize>> {
         let index = self.next_layer;
-        let collect_gram = std::mem::replace(&mut self.collect_gram, false);
-        let prune = self.prune.take();
-        self.record_held_out = false;
+        self.recording_on = false;
         let skipped = self.next_layer();
-        self.collect_gram = collect_gram;
-        self.prune = prune;
-        self.record_held_out = true;
+        self.recording_on = true;
         Ok(skipped?.map(|layer| layer.index).filter(|&i| i == index))
     }
 
-    /// Runs every batch through the next layer (collecting statistics on MoE layers) and returns
-    /// them; `None` after the last layer. Only this layer's weights are resident meanwhile.
+    /// The recorder of MoE layer `layout` for this stream's recording.
+    fn recorder(&self, layout: &ExpertLayout) -> Result<RoutingRecorder<'a, B>> {
+        let on = self.recording_on;
+        Ok(RoutingRecorder {
+            num_experts: layout.num_experts,
+            keep_inputs: on && self.recording.inputs,
+            batches: Vec::new(),
+            saliency: (on && self.recording.saliency)
+                .then(|| SaliencyAccumulator::new(layout.num_experts)),
+            down_gram: (on && self.recording.down_gram)
+                .then(|| DownGram::new(self.backend, layout.num_experts, layout.intermediate_size))
+                .transpose()?,
+        })
+    }
+
+    /// Runs the next layer and turns what it recorded into statistics over every expert (no
+    /// removal), with the held-out windows' activations; `None` after the last layer.
+    pub fn next_statistics(
+        &mut self,
+        wanted: StatisticsWanted,
+    ) -> Result<Option<LayerOutcome<B::Matrix>>> {
+        let Some(layer) = self.next_layer()? else {
+            return Ok(None);
+        };
+        let statistics = match layer.data {
+            None => None,
+            Some(LayerData::Replayed(statistics)) => Some(statistics),
+            Some(LayerData::Observed(observations)) => {
+                let layout = self.spec.moe_layers[layer.index].clone().ok_or_else(|| {
+                    Error::InvalidArgument(format!("layer {} is not a MoE layer", layer.index))
+                })?;
+                let experts = LayerExperts::new(self.weights.checkpoint, &layout);
+                Some(observations.into_statistics(None, &experts, wanted, self.backend)?)
+            }
+        };
+        Ok(Some(LayerOutcome {
+            index: layer.index,
+            statistics,
+            held_out: layer.held_out,
+        }))
+    }
+
+    /// Runs every batch through the next layer (recording on MoE layers) and returns what was
+    /// recorded; `None` after the last layer. Only this layer's weights are resident meanwhile.
     pub fn next_layer(&mut self) -> Result<Option<CalibratedLayer<B::Matrix>>> {
         let index = self.next_layer;
         if index >= self.spec.num_layers {
@@ -546,7 +356,7 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
                 .map(|i| saved.swap_remove(i));
             return Ok(Some(CalibratedLayer {
                 index,
-                statistics,
+                data: statistics.map(LayerData::Replayed),
                 held_out: None,
             }));
         }
@@ -562,42 +372,29 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         let rotary = self.rotary.as_ref().ok_or_else(|| {
             Error::InvalidArgument("calibration stream has no rotary tables".into())
         })?;
-        let collect_down = self.collect_gram && self.collect_down_gram;
         let mut recorder = self.spec.moe_layers[index]
             .as_ref()
-            .map(|layout| -> Result<RoutingRecorder<'_, B>> {
-                Ok(RoutingRecorder {
-                    num_experts: layout.num_experts,
-                    keep_inputs: self.collect_gram,
-                    batches: Vec::new(),
-                    saliency: self
-                        .prune
-                        .filter(|rule| rule.saliency == super::prune::Saliency::Reap)
-                        .map(|_| SaliencyAccumulator::new(layout.num_experts)),
-                    down_gram: collect_down
-                        .then(|| {
-                            DownGram::new(
-                                self.backend,
-                                layout.num_experts,
-                                layout.intermediate_size,
-                            )
-                        })
-                        .transpose()?,
-                })
-            })
+            .map(|layout| self.recorder(layout))
             .transpose()?;
+        let mut output_energy = 0.0;
         for hidden in self.hidden.iter_mut() {
             let observer: Option<&mut dyn MoeObserver> = match recorder.as_mut() {
                 Some(r) => Some(r),
                 None => None,
             };
             let (next, _) = layer.forward(hidden, rotary, observer)?;
+            if recorder.is_some() && self.recording_on {
+                output_energy += token_energies(&next)?
+                    .iter()
+                    .map(|&e| f64::from(e))
+                    .sum::<f64>();
+            }
             *hidden = next;
         }
         // Held-out windows are recorded only when statistics are (not while skipping a layer).
         let mut held_out_recorder = self.spec.moe_layers[index]
             .as_ref()
-            .filter(|_| self.record_held_out)
+            .filter(|_| self.recording_on)
             .map(|layout| HeldOutRecorder::new(layout.num_experts));
         for hidden in self.held_out.iter_mut() {
             let observer: Option<&mut dyn MoeObserver> = match held_out_recorder.as_mut() {
@@ -611,22 +408,60 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
             *hidden = next;
         }
         drop(layer);
-        let statistics = match recorder {
-            Some(r) => {
-                Some(r.statistics(index, self.group_size, self.backend, self.prune.as_ref())?)
-            }
-            None => None,
-        };
+        let data = recorder.map(|r| {
+            let saliency = r.saliency.as_ref().map(SaliencyAccumulator::saliency);
+            let mut observations = LayerObservations {
+                layer: index,
+                routing_counts: Vec::new(),
+                tokens: 0,
+                saliency,
+                output_energy,
+                batches: r.batches,
+                down_grams: r.down_gram.map(|down| down.grams),
+            };
+            let (counts, tokens) = observations.counts();
+            observations.routing_counts = counts;
+            observations.tokens = tokens;
+            LayerData::Observed(observations)
+        });
         let held_out = match held_out_recorder {
             Some(r) => r.finish()?,
             None => None,
         };
         Ok(Some(CalibratedLayer {
             index,
-            statistics,
+            data,
             held_out,
         }))
     }
+}
+
+/// Calibration windows split into those that calibrate and those held out.
+pub type SplitWindows = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
+/// Splits `windows` into those that calibrate and those held out: `max(1, round(n·fraction))`
+/// windows spread evenly over the list (at least one is left to calibrate).
+pub fn split_holdout(windows: &[Vec<u32>], fraction: f64) -> Result<SplitWindows> {
+    let n = windows.len();
+    if n < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "holding out calibration windows needs at least two, but the calibration data gave \
+             only {n}; use more data or a shorter --seq-len"
+        )));
+    }
+    let held = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    let mut is_held = vec![false; n];
+    for j in 0..held {
+        is_held[(2 * j + 1) * n / (2 * held)] = true;
+    }
+    let (mut kept, mut out) = (Vec::new(), Vec::new());
+    for (window, held) in windows.iter().zip(is_held) {
+        match held {
+            true => out.push(window.clone()),
+            false => kept.push(window.clone()),
+        }
+    }
+    Ok((kept, out))
 }
 
 /// A short, stable fingerprint of calibration windows (FNV-1a over the token ids).
@@ -768,6 +603,8 @@ pub fn load_statistics<B: LinalgBackend>(
             groups,
             group_gram,
             expert_down_gram: None,
+            experts: None,
+            output_energy: 0.0,
             pruning: None,
         });
     }

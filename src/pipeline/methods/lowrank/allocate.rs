@@ -1,4 +1,5 @@
-//! The allocate stage (method.md §3): importance scores and ranks under a parameter budget,
+//! The paper's allocation (arXiv 2602.09316 §3.3): importance scores and ranks under a
+//! parameter budget,
 //! from a layer's [`LayerAnalysis`] (or every layer's, with a model-wide budget) to a [`RankPlan`].
 //!
 //! A group of `k` experts, each a `p × d` matrix, factored at rank `K` stores `k` coefficient
@@ -10,9 +11,25 @@
 use serde::{Deserialize, Serialize};
 
 use super::analyse::{normalize, LayerAnalysis};
-use super::options::AllocationOptions;
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::{Error, Result};
+
+/// What the paper's allocation reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AllocationSettings {
+    /// Fraction ρ of the groups' parameters removed.
+    pub ratio: f64,
+    /// Weight ξ of information density in the fused score.
+    pub xi: f64,
+    /// The score.
+    pub policy: Allocation,
+    /// Keep a group dense when factoring it would not save parameters.
+    pub dense_fallback: bool,
+    /// Reserve part of each group's budget for the sparse-projection residual.
+    pub residual: bool,
+    /// Residual size as a fraction of each group's dense parameters.
+    pub residual_fraction: f64,
+}
 
 /// The ranks of one matrix type's groups in one layer, with the signals that chose them.
 #[derive(Debug, Clone)]
@@ -38,7 +55,7 @@ pub struct RankPlan {
     pub matrices: Vec<MatrixPlan>,
 }
 
-fn reserved_residual(options: &AllocationOptions, shapes: &[GroupShape]) -> Vec<usize> {
+fn reserved_residual(options: &AllocationSettings, shapes: &[GroupShape]) -> Vec<usize> {
     shapes
         .iter()
         .map(|s| {
@@ -55,7 +72,7 @@ fn reserved_residual(options: &AllocationOptions, shapes: &[GroupShape]) -> Vec<
 
 /// Scores and ranks for groups whose signals are already gathered (one layer, or the model).
 fn plan_groups(
-    options: &AllocationOptions,
+    options: &AllocationSettings,
     matrix: ExpertMatrix,
     effective_ranks: &[f64],
     frequency: &[f64],
@@ -76,7 +93,7 @@ fn plan_groups(
 }
 
 /// Allocates one layer's budget: each matrix type keeps `(1−ρ)` of its own parameters.
-pub fn allocate_layer(analysis: &LayerAnalysis, options: &AllocationOptions) -> Result<RankPlan> {
+pub fn allocate_layer(analysis: &LayerAnalysis, options: &AllocationSettings) -> Result<RankPlan> {
     let matrices = analysis
         .matrices
         .iter()
@@ -101,7 +118,7 @@ pub fn allocate_layer(analysis: &LayerAnalysis, options: &AllocationOptions) -> 
 /// layers compete for `(1−ρ)` of all their parameters.
 pub fn allocate_model(
     analyses: &[LayerAnalysis],
-    options: &AllocationOptions,
+    options: &AllocationSettings,
 ) -> Result<Vec<RankPlan>> {
     let layers = analyses.len().max(1) as f64;
     let mut plans: Vec<RankPlan> = analyses
@@ -140,83 +157,18 @@ pub fn allocate_model(
     Ok(plans)
 }
 
-/// Which signal drives the per-group rank allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Allocation {
-    /// Every group gets the same score (equal ranks for equal shapes).
-    Uniform,
-    /// Group routing frequency `F_g` alone.
-    Frequency,
-    /// Normalised effective rank `E_g` alone.
-    Density,
-    /// The fused RFID score `ξ·E_g + (1−ξ)·F_g`.
-    Rfid,
-}
-
-impl Allocation {
-    /// Every policy, in the order the command line lists them.
-    pub const ALL: [Allocation; 4] = [
-        Allocation::Uniform,
-        Allocation::Frequency,
-        Allocation::Density,
-        Allocation::Rfid,
-    ];
-
-    /// The lowercase name used on the command line and in saved settings.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Allocation::Uniform => "uniform",
-            Allocation::Frequency => "frequency",
-            Allocation::Density => "density",
-            Allocation::Rfid => "rfid",
-        }
+crate::named_enum! {
+    /// Which signal drives the paper's per-group rank allocation.
+    pub enum Allocation ("allocation") {
+        /// Every group gets the same score (equal ranks for equal shapes).
+        Uniform = "uniform": "Every group gets the same score (equal ranks for equal shapes)",
+        /// Group routing frequency `F_g` alone.
+        Frequency = "frequency": "Group routing frequency `F_g` alone",
+        /// Normalised effective rank `E_g` alone.
+        Density = "density": "Normalised effective rank `E_g` alone",
+        /// The fused RFID score `ξ·E_g + (1−ξ)·F_g`.
+        Rfid = "rfid": "The fused RFID score `ξ·E_g + (1−ξ)·F_g`",
     }
-
-    /// One line saying what the policy does (for help texts).
-    pub fn description(&self) -> &'static str {
-        match self {
-            Allocation::Uniform => "Every group gets the same score (equal ranks for equal shapes)",
-            Allocation::Frequency => "Group routing frequency `F_g` alone",
-            Allocation::Density => "Normalised effective rank `E_g` alone",
-            Allocation::Rfid => "The fused RFID score `ξ·E_g + (1−ξ)·F_g`",
-        }
-    }
-}
-
-impl std::fmt::Display for Allocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Allocation {
-    type Err = Error;
-
-    fn from_str(name: &str) -> Result<Self> {
-        parse_named("allocation", name, &Self::ALL, Self::name)
-    }
-}
-
-/// The value of `values` whose `name` is `name`, or an error naming `what` and listing the valid
-/// names (the `FromStr` of the option enums).
-pub(crate) fn parse_named<T: Copy>(
-    what: &str,
-    name: &str,
-    values: &[T],
-    name_of: fn(&T) -> &'static str,
-) -> Result<T> {
-    values
-        .iter()
-        .find(|v| name_of(v) == name)
-        .copied()
-        .ok_or_else(|| {
-            let names: Vec<&str> = values.iter().map(name_of).collect();
-            Error::InvalidArgument(format!(
-                "unknown {what} `{name}`: expected one of {}",
-                names.join(", ")
-            ))
-        })
 }
 
 /// Per-group importance score `C_g` under `policy`, one per group.
@@ -584,10 +536,15 @@ mod tests {
 
     #[test]
     fn option_enums_parse_their_lowercase_names() {
-        use crate::pipeline::{BudgetScope, FactorizerKind};
-        assert_names_round_trip(&Allocation::ALL, "uniform, frequency, density, rfid");
-        assert_names_round_trip(&FactorizerKind::ALL, "svd, basis");
-        assert_names_round_trip(&BudgetScope::ALL, "layer, model");
+        use crate::pipeline::methods::lowrank::{FactorizerKind, RankAllocation};
+        use crate::pipeline::BudgetScope;
+        assert_names_round_trip(Allocation::ALL, "uniform, frequency, density, rfid");
+        assert_names_round_trip(
+            RankAllocation::ALL,
+            "solver, uniform, frequency, density, rfid",
+        );
+        assert_names_round_trip(FactorizerKind::ALL, "svd, basis");
+        assert_names_round_trip(BudgetScope::ALL, "layer, model");
     }
 
     fn total(groups: &[GroupShape], alloc: &[GroupAllocation]) -> usize {

@@ -1,18 +1,18 @@
-//! The analyse stage (method.md §1–2): per layer, routing frequency, frequency-sorted expert
-//! groups and information density (the effective rank of each group's stacked weights), as a
-//! [`LayerAnalysis`] for the allocate stage.
+//! The paper's analysis (arXiv 2602.09316 §3.1–3.2): per layer, the group routing frequencies
+//! and information density (the effective rank of each group's stacked weights), as a
+//! [`LayerAnalysis`] for the paper's allocation.
 
 use rayon::prelude::*;
 
 use super::allocate::GroupShape;
-use super::calibrate::LayerStatistics;
-use super::experts::{oriented_shape, LayerExperts};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::linalg::LinalgBackend;
-use crate::{Error, Result};
+use crate::pipeline::calibrate::LayerStatistics;
+use crate::pipeline::experts::{oriented_shape, LayerExperts};
+use crate::Result;
 
 /// The matrix types the paper's RFID-MoE factors (gate and up; `--matrices` can add down).
-pub const TARGETED: [ExpertMatrix; 2] = super::options::PAPER_MATRICES;
+pub const TARGETED: [ExpertMatrix; 2] = crate::pipeline::options::PAPER_MATRICES;
 
 /// One matrix type's groups in one layer: what decides their ranks.
 #[derive(Debug, Clone)]
@@ -115,49 +115,6 @@ pub fn effective_rank(singular_values: &[f64]) -> f64 {
     entropy.exp()
 }
 
-/// Routing frequency `F_i = z_i / Σ z` of each expert from its top-K hit counts.
-///
-/// When no token was routed at all (Σ z = 0) every frequency is 0.
-pub fn routing_frequency(counts: &[u64]) -> Vec<f64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return vec![0.0; counts.len()];
-    }
-    counts.iter().map(|&z| z as f64 / total as f64).collect()
-}
-
-/// Expert indices sorted by count descending (ties: lower index first), cut into groups of
-/// `group_size` consecutive experts; the last group may be smaller.
-pub fn frequency_groups(counts: &[u64], group_size: usize) -> Result<Vec<Vec<usize>>> {
-    if group_size == 0 {
-        return Err(Error::InvalidArgument(
-            "group size must be at least 1".to_string(),
-        ));
-    }
-    let mut order: Vec<usize> = (0..counts.len()).collect();
-    // Stable sort keeps lower indices first among equal counts.
-    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]));
-    Ok(order.chunks(group_size).map(|c| c.to_vec()).collect())
-}
-
-/// Group frequency `F_g = Σ_{i∈g} z_i / Σ z` for each group of expert indices.
-///
-/// Σ z runs over all experts in `counts`; indices outside `counts` contribute nothing.
-/// When no token was routed every group frequency is 0.
-pub fn group_frequencies(counts: &[u64], groups: &[Vec<usize>]) -> Vec<f64> {
-    let total: u64 = counts.iter().sum();
-    groups
-        .iter()
-        .map(|g| {
-            if total == 0 {
-                return 0.0;
-            }
-            let hits: u64 = g.iter().filter_map(|&i| counts.get(i)).sum();
-            hits as f64 / total as f64
-        })
-        .collect()
-}
-
 /// Divide each value by their sum; a zero (or non-finite) sum gives the uniform `1/n`.
 pub fn normalize(values: &[f64]) -> Vec<f64> {
     let sum: f64 = values.iter().sum();
@@ -206,39 +163,6 @@ mod tests {
     fn effective_rank_of_zero_spectrum_is_zero() {
         assert_eq!(effective_rank(&[0.0, 0.0]), 0.0);
         assert_eq!(effective_rank(&[]), 0.0);
-    }
-
-    #[test]
-    fn routing_frequency_sums_to_one() {
-        let f = routing_frequency(&[3, 1, 0, 4]);
-        assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-15);
-        assert_eq!(f[3], 0.5);
-        assert_eq!(routing_frequency(&[0, 0, 0]), vec![0.0; 3]);
-    }
-
-    #[test]
-    fn frequency_groups_sort_descending_with_stable_ties() {
-        let counts = [5, 9, 5, 0, 9, 1, 7];
-        let groups = frequency_groups(&counts, 3).unwrap();
-        assert_eq!(groups, vec![vec![1, 4, 6], vec![0, 2, 5], vec![3]]);
-        let singles = frequency_groups(&counts, 1).unwrap();
-        assert_eq!(singles.len(), 7);
-        let one = frequency_groups(&counts, 100).unwrap();
-        assert_eq!(one, vec![vec![1, 4, 6, 0, 2, 5, 3]]);
-        assert!(frequency_groups(&counts, 0).is_err());
-        assert!(frequency_groups(&[], 4).unwrap().is_empty());
-    }
-
-    #[test]
-    fn group_frequencies_add_member_counts() {
-        let counts = [5, 9, 5, 0, 9, 1, 7];
-        let groups = frequency_groups(&counts, 3).unwrap();
-        let f = group_frequencies(&counts, &groups);
-        assert!((f[0] - 25.0 / 36.0).abs() < 1e-15);
-        assert!((f[1] - 11.0 / 36.0).abs() < 1e-15);
-        assert_eq!(f[2], 0.0);
-        assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-15);
-        assert_eq!(group_frequencies(&[0, 0], &[vec![0, 1]]), vec![0.0]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The factor stage (method.md §4): a stacked group `W_g` (`k·p × d`) becomes per-expert
+//! Factoring (arXiv 2602.09316 §3.4): a stacked group `W_g` (`k·p × d`) becomes per-expert
 //! coefficients `A` (`k·p × K`) and one shared basis `B` (`K × d`), through the linear-algebra
 //! backend; [`factor_layer`] turns a layer's [`RankPlan`](super::allocate::RankPlan) into a
 //! [`FactoredLayer`] of tensors ready to write.
@@ -15,7 +15,10 @@ use crate::{Error, Result};
 
 mod layer;
 
-pub use layer::{factor_layer, FactorSettings, FactoredGroup, FactoredLayer, FactoredMatrix};
+pub use layer::{
+    factor_groups, factor_layer, FactorSettings, FactoredGroup, FactoredLayer, FactoredMatrix,
+    GroupJob,
+};
 
 /// Factors of one group: `Ŵ_g = coefficients · act(basis)`, in a backend's matrix type.
 #[derive(Debug, Clone)]
@@ -141,6 +144,65 @@ fn truncated_svd<B: LinalgBackend>(
         "SVD basis has non-finite entries; is the whitening factor singular?",
     )?;
     Ok((coefficients, basis))
+}
+
+/// `a · factor` in the backend.
+pub(crate) fn scaled<B: LinalgBackend>(
+    backend: &B,
+    a: &B::Matrix,
+    factor: f64,
+) -> Result<B::Matrix> {
+    let mut host = backend.to_host(a)?;
+    host *= faer::Scale(factor);
+    backend.matrix_from_host(&host)
+}
+
+/// Truncated SVD of a stacked group under output-sensitivity row weights `w` (one per row of
+/// `stacked`): the basis is fitted to `diag(√w) · W · S` (S the whitening factor, identity
+/// without), which minimises `Σ_i w_i ‖(W_i − Ŵ_i) S‖²` over rank-`rank` products with a
+/// shared basis; each row's coefficients are then its own projection, `A = W S V`, whatever
+/// its weight (a row's best coefficients for a fixed basis do not depend on its weight), and
+/// `B = Vᵀ S⁻¹`.
+pub fn weighted_truncated_svd<B: LinalgBackend>(
+    backend: &B,
+    stacked: &B::Matrix,
+    rank: usize,
+    whitening: Option<&B::Matrix>,
+    weights: &[f64],
+) -> Result<GroupFactors<B::Matrix>> {
+    let (rows, cols) = backend.shape(stacked);
+    check_inputs((rows, cols), rank, whitening.map(|s| backend.shape(s)))?;
+    if weights.len() != rows {
+        return Err(Error::InvalidArgument(format!(
+            "{} row weights for a group of {rows} rows",
+            weights.len()
+        )));
+    }
+    let target = match whitening {
+        Some(s) => backend.matmul(stacked, s)?,
+        None => stacked.clone(),
+    };
+    let mut weighted = backend.to_host(&target)?;
+    for (i, &w) in weights.iter().enumerate() {
+        let scale = w.max(0.0).sqrt();
+        for j in 0..cols {
+            weighted[(i, j)] *= scale;
+        }
+    }
+    let v = backend.leading_right_singular_vectors(&backend.matrix_from_host(&weighted)?, rank)?;
+    let coefficients = backend.matmul(&target, &v)?;
+    let basis = match whitening {
+        None => backend.transpose(&v)?,
+        Some(s) => backend.transpose(&backend.solve_lower_transposed(s, &v)?)?,
+    };
+    backend.check_finite(
+        &basis,
+        "SVD basis has non-finite entries; is the whitening factor singular?",
+    )?;
+    Ok(GroupFactors {
+        coefficients,
+        basis,
+    })
 }
 
 /// Output-side truncated SVD of a group of `down_proj` matrices (docs/FORMAT.md, "down_proj").
