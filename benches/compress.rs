@@ -8,7 +8,9 @@ use std::time::Instant;
 use faer::Mat;
 use rfid_moe::linalg::CpuBackend;
 use rfid_moe::linalg::{stack_rows, whitening_factor};
-use rfid_moe::pipeline::methods::lowrank::allocate::{allocate_ranks, budget_for_ratio, GroupShape};
+use rfid_moe::pipeline::methods::lowrank::allocate::{
+    allocate_ranks, budget_for_ratio, GroupShape,
+};
 use rfid_moe::pipeline::methods::lowrank::factor::{BasisFactorizer, Factorizer, SvdFactorizer};
 
 const P: usize = 768;

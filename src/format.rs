@@ -11,6 +11,17 @@ pub const REPORT_FILE: &str = "compression_report.json";
 /// The resolved options `compress` writes next to the weights.
 pub const OPTIONS_FILE: &str = "compress.toml";
 
+/// Tokenizer and generation files copied next to the compressed weights.
+pub const AUXILIARY_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+];
+
 /// Key of the compression section in `config.json`.
 pub const COMPRESSION_KEY: &str = "compression";
 

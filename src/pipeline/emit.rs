@@ -21,16 +21,7 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::format::{self, LayerRecord};
 
-/// Tokenizer and generation files copied next to the compressed weights.
-pub(crate) const AUXILIARY_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-];
+use crate::format::AUXILIARY_FILES;
 
 /// What the finished run adds next to the weights.
 pub struct RunFiles<'a> {

@@ -171,7 +171,7 @@ fn model_differences(old: &ModelIdentity, new: &ModelIdentity) -> Vec<String> {
 fn identifies_model(name: &str) -> bool {
     name.ends_with(".safetensors")
         || name.ends_with(".json")
-        || super::emit::AUXILIARY_FILES.contains(&name)
+        || crate::format::AUXILIARY_FILES.contains(&name)
 }
 
 /// The identity of the model in `dir`; reads only the (small) JSON files.

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::analyse::GroupShape;
 use super::analyse::{normalize, LayerAnalysis};
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::{Error, Result};
@@ -192,43 +193,6 @@ pub fn importance_scores(
             Allocation::Rfid => xi * at(density, g) + (1.0 - xi) * at(frequency, g),
         })
         .collect()
-}
-
-/// Shape of one group of experts for one matrix type: `k` experts of `p × d` each.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct GroupShape {
-    /// Number of experts `k` in the group.
-    pub experts: usize,
-    /// Rows per expert matrix `p` (expert intermediate size for gate/up).
-    pub rows_per_expert: usize,
-    /// Columns `d` (hidden size for gate/up).
-    pub cols: usize,
-}
-
-impl GroupShape {
-    /// Parameters of the dense group, `k·p·d`.
-    pub fn dense_params(&self) -> usize {
-        self.experts * self.rows_per_expert * self.cols
-    }
-
-    /// Parameters one unit of rank costs, `k·p + d`.
-    pub fn rank_cost(&self) -> usize {
-        self.experts * self.rows_per_expert + self.cols
-    }
-
-    /// Largest meaningful rank, `min(k·p, d)`.
-    pub fn max_rank(&self) -> usize {
-        (self.experts * self.rows_per_expert).min(self.cols)
-    }
-
-    /// Largest rank `K` whose factored size `K·(k·p + d)` is strictly below `k·p·d` (may be 0).
-    pub fn break_even_rank(&self) -> usize {
-        let cost = self.rank_cost();
-        if cost == 0 {
-            return 0;
-        }
-        self.dense_params().saturating_sub(1) / cost
-    }
 }
 
 /// Allocation for one group: a factored rank, or the dense original.
