@@ -92,6 +92,9 @@ pub fn compress_with_progress(
     if int8_factors(options) {
         emitter.store_factors_as_int8();
     }
+    for note in emitter.resume_notes() {
+        progress.message("resume", note);
+    }
     let finished = emitter.finished_layers();
     if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress, &finished) {
         return Err(stopped(emitter, error));
@@ -655,6 +658,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             report_json: &report_json,
             options_toml: &options_toml,
             pruning: pruned_config.as_ref(),
+            model_card: Some(crate::model_card::render_output_card),
         })?;
         Ok(report)
     }

@@ -260,14 +260,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         super::write_json(path, &report)?;
     }
     match &report.output {
-        Some(out) => {
-            println!("wrote {} in {:.1}s", out.display(), report.seconds);
-            // A pruned-only output is a normal checkpoint without a compression record, which
-            // the card describes.
-            if options.pruning.method.factors() {
-                super::upload::write_card_after_compress(out);
-            }
-        }
+        Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
     Ok(())

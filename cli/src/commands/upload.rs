@@ -44,14 +44,6 @@ pub struct UploadArgs {
     quiet: bool,
 }
 
-/// Writes the model card into a finished `compress` output; a failure is only a warning (the
-/// output itself is complete).
-pub fn write_card_after_compress(out: &Path) {
-    if let Err(error) = model_card::write_model_card(out, &CardInputs::default()) {
-        eprintln!("warning: no model card written: {error}");
-    }
-}
-
 /// Checks the directory, builds the card and uploads everything as one commit.
 pub fn run(args: &UploadArgs) -> Result<()> {
     let Some(mut repo) = RepoRef::parse(&args.repo).filter(|_| !args.repo.contains('@')) else {
