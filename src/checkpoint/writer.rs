@@ -585,3 +585,79 @@ impl Drop for CheckpointWriter {
         self.lock.take();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn one_shard(dir: &Path) -> (CheckpointWriter, ShardEntry) {
+        let mut writer =
+            CheckpointWriter::open(&dir.join("out"), false, StagingMode::Resume).unwrap();
+        let tensors = HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let entry = writer
+            .write_shard_as("layer-00000.safetensors", tensors)
+            .unwrap()
+            .unwrap();
+        (writer, entry)
+    }
+
+    #[test]
+    fn a_staged_shard_is_checked_against_its_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (writer, entry) = one_shard(tmp.path());
+        assert_eq!(writer.check_staged_shard(&entry, 0, 1), Ok(()));
+        let mut fewer = entry.clone();
+        fewer.names.remove(0);
+        let problem = writer.check_staged_shard(&fewer, 0, 1).unwrap_err();
+        assert!(problem.contains("`a` is not in the entry"), "{problem}");
+        let mut other = entry.clone();
+        other.checksum = "0000000000000000".into();
+        let problem = writer.check_staged_shard(&other, 0, 1).unwrap_err();
+        assert!(problem.contains("does not hold the bytes"), "{problem}");
+        std::fs::remove_file(writer.staging_dir().join(&entry.file)).unwrap();
+        let problem = writer.check_staged_shard(&entry, 0, 1).unwrap_err();
+        assert!(problem.contains("cannot be read"), "{problem}");
+    }
+
+    #[test]
+    fn non_finite_tensors_are_never_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut writer =
+            CheckpointWriter::open(&tmp.path().join("out"), false, StagingMode::Fresh).unwrap();
+        let tensors = HashMap::from([(
+            "model.layers.0.mlp.experts.0.gate_proj.lowrank_a".to_string(),
+            Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap(),
+        )]);
+        let message = writer
+            .write_shard_as("layer-00000.safetensors", tensors.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`model.layers.0.mlp.experts.0.gate_proj.lowrank_a`")
+                && message.contains("NaN at element 1"),
+            "{message}"
+        );
+        assert!(!writer
+            .staging_dir()
+            .join("layer-00000.safetensors")
+            .exists());
+        let file = tmp.path().join("logits.safetensors");
+        assert!(save_safetensors_atomic(&file, &tensors).is_err());
+        let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("logits") || name.starts_with(".tmp"))
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new());
+    }
+}

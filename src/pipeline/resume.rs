@@ -478,28 +478,28 @@ impl Journal {
             }
             Step::Layer(layer) => layer,
         };
-        let dropped: Vec<usize> = self.layers.range(first_layer..).map(|(&l, _)| l).collect();
+        let mut dropped: std::collections::BTreeSet<usize> =
+            self.layers.range(first_layer..).map(|(&l, _)| l).collect();
         self.layers.retain(|&layer, _| layer < first_layer);
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
-                let stale = name
-                    .to_str()
-                    .and_then(layer_of_file)
-                    .is_some_and(|layer| layer >= first_layer);
-                if stale {
+                let stale = name.to_str().and_then(layer_of_file);
+                if let Some(layer) = stale.filter(|&layer| layer >= first_layer) {
                     staging::remove_path(&entry.path());
+                    dropped.insert(layer);
                 }
             }
         }
         let Some(reason) = reason else {
             return;
         };
-        let also = match (step, dropped.iter().max()) {
-            (Step::Ends, Some(last)) => format!(" with finished layers 0–{last}"),
-            (Step::Layer(layer), Some(&last)) if last > layer => {
-                format!(" with the finished layers after it ({}–{last})", layer + 1)
-            }
+        if let Step::Layer(layer) = step {
+            dropped.remove(&layer);
+        }
+        let also = match (dropped.first(), dropped.last()) {
+            (Some(first), Some(last)) if first == last => format!(" with finished layer {first}"),
+            (Some(first), Some(last)) => format!(" with finished layers {first}–{last}"),
             _ => String::new(),
         };
         self.notes.push(format!(
