@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Key of the compression section in `config.json`.
 pub const COMPRESSION_KEY: &str = "compression";
 
+/// The `method` of every compression record rfid-moe writes and reads.
+pub const METHOD: &str = "rfid-moe";
+
 pub use crate::pipeline::factor::BasisActivation;
 
 /// One group of experts sharing a basis for one matrix type.
@@ -43,7 +46,7 @@ pub struct LayerRecord {
 /// The `compression` section of a compressed checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompressionRecord {
-    /// Always `rfid-moe`.
+    /// Always [`METHOD`] (`rfid-moe`); a record of any other method is refused at load.
     pub method: String,
     /// Version of the tool that wrote it.
     pub tool_version: String,
