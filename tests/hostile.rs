@@ -776,7 +776,7 @@ fn zero_negative_and_overflowing_int8_scales_are_refused_at_load_by_name() {
         .find(|n| n.ends_with("_scale"))
         .unwrap()
         .clone();
-    for value in [0.0f32, -0.5, f32::MAX] {
+    for value in [0.0f32, -0.5, 1e30] {
         let copy = tmp.path().join("bad-scales");
         let _ = std::fs::remove_dir_all(&copy);
         common::copy_dir(&out, &copy);

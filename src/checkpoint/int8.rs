@@ -3,8 +3,8 @@
 //! [rows, ⌈cols/128⌉]: symmetric blocks of 128 columns of one row, `scale = absmax / 127` (1 for
 //! an all-zero block, whose codes are all 0, so that every scale is positive), `code = round(x /
 //! scale)` clamped to [−127, 127]. The dequantised value is `code · scale` of its block, computed
-//! in f32. A scale that is zero, negative, not finite or so large that `127 · scale` overflows is
-//! refused at load ([`first_bad_scale`]).
+//! in f32. A scale that is zero, negative, not finite, or so large that the square of `127 ·
+//! scale` overflows f32 is refused at load ([`first_bad_scale`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -79,12 +79,17 @@ fn code(value: f32, scale: f32) -> i8 {
     (value / scale).round().clamp(-MAX_CODE, MAX_CODE) as i8
 }
 
-/// The index and value of the first scale that no quantiser writes: zero, negative, NaN, ±Inf, or
-/// so large that the largest code times it is not a finite f32.
+/// The largest scale accepted: `127 · scale` squared stays a finite f32. A weight beyond that
+/// overflows the products and norms of any computation in f32 or bf16, so no factor of a working
+/// model is quantised to it.
+pub const MAX_SCALE: f32 = 1.8e19 / MAX_CODE;
+
+/// The index and value of the first scale that no quantiser of a working model writes: zero,
+/// negative, NaN, ±Inf, or above [`MAX_SCALE`].
 pub fn first_bad_scale(scales: &[f32]) -> Option<(usize, f32)> {
     scales
         .iter()
-        .position(|&s| !(s > 0.0 && (s * MAX_CODE).is_finite()))
+        .position(|&s| !(s > 0.0 && s <= MAX_SCALE))
         .map(|i| (i, scales[i]))
 }
 
@@ -226,7 +231,8 @@ mod tests {
         assert_eq!(q.scales, vec![ZERO_BLOCK_SCALE, 3.0 / 127.0, 1.0, 1.0]);
         assert_eq!(q.dequantise(), values);
         assert_eq!(first_bad_scale(&q.scales), None);
-        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::MAX] {
+        assert!(((MAX_SCALE * MAX_CODE) * (MAX_SCALE * MAX_CODE)).is_finite());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY, 1e30] {
             let found = first_bad_scale(&[1.0, bad]).map(|(i, _)| i);
             assert_eq!(found, Some(1), "{bad}");
         }

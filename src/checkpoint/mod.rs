@@ -633,10 +633,10 @@ impl Checkpoint {
                 path: scale_path.to_path_buf(),
                 message: format!(
                     "row-block scales `{scale_name}` of I8 tensor `{name}` hold {value} at row {}, \
-                     block {} (expected positive scales `absmax / 127` whose product with 127 is \
-                     a finite f32)",
+                     block {} (expected positive scales `absmax / 127` of at most {:e})",
                     index / blocks,
-                    index % blocks
+                    index % blocks,
+                    int8::MAX_SCALE
                 ),
             });
         }
