@@ -746,3 +746,56 @@ fn a_force_run_killed_before_its_model_card_leaves_the_old_output_whole() {
     assert_eq!(files_of(&out), uninterrupted);
     assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
 }
+
+/// Rewrites the JSON file `path` through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn plot_refuses_ranks_that_contradict_the_weights() {
+    let (tmp, model) = mini_copy();
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    let mut args = small_compress(&model, &calibration, &out);
+    args.extend(["--preset", "paper"].map(Path::new));
+    assert!(run(&args).status.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+            .unwrap();
+    let group = &report["layers"][1]["matrices"]["gate_proj"][1];
+    let rank = group["rank"].as_u64().unwrap();
+    assert!(rank > 1 && group["dense"] == false, "{group}");
+    let charts = tmp.path().join("charts");
+    let plot = || run(args!["plot", "--compressed", out, "--out", charts]);
+    // The report alone says another rank.
+    edit_json(&out.join("compression_report.json"), |r| {
+        r["layers"][1]["matrices"]["gate_proj"][1]["rank"] = (rank - 1).into();
+    });
+    let expected = format!(
+        "layer 1 `gate_proj` group 1 is reported with rank {}",
+        rank - 1
+    );
+    assert_refused(
+        &plot(),
+        &[
+            &expected,
+            "config.json records rank",
+            "contradicts the weights",
+        ],
+    );
+    assert!(!charts.exists());
+    // The report and config.json agree, the stored basis does not.
+    edit_json(&out.join("config.json"), |c| {
+        let layers = c["compression"]["layers"].as_array_mut().unwrap();
+        let layer = layers.iter_mut().find(|l| l["layer"] == 1).unwrap();
+        layer["matrices"]["gate_proj"]["groups"][1]["rank"] = (rank - 1).into();
+    });
+    let basis = "model.layers.1.mlp.expert_groups.1.gate_proj.basis";
+    let expected = format!("rank {}", rank - 1);
+    assert_refused(&plot(), &[basis, &format!("shape [{rank}, "), &expected]);
+    assert!(!charts.exists());
+}
