@@ -799,3 +799,71 @@ fn plot_refuses_ranks_that_contradict_the_weights() {
     assert_refused(&plot(), &[basis, &format!("shape [{rank}, "), &expected]);
     assert!(!charts.exists());
 }
+
+// ---- 10. messages that name the real cause -------------------------------------------------
+
+#[test]
+fn calibration_sizes_the_text_cannot_give_and_a_zero_batch_are_refused_by_name() {
+    let (tmp, model) = mini_copy();
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    let mut many = small_compress(&model, &calibration, &out);
+    many[3] = Path::new("100000"); // --samples
+    assert_refused(
+        &run(&many),
+        &[
+            "calibration.txt",
+            "fewer than --samples 100000",
+            "lower --samples",
+        ],
+    );
+    let mut zero_batch = small_compress(&model, &calibration, &out);
+    zero_batch.extend(["--batch-size", "0"].map(Path::new));
+    assert_refused(&run(&zero_batch), &["--batch-size must be at least 1"]);
+    assert!(!out.exists());
+    assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
+}
+
+#[test]
+fn sweep_with_zero_samples_fails_before_evaluating_anything() {
+    let (tmp, model) = mini_copy();
+    let work = tmp.path().join("work");
+    let started = Instant::now();
+    let output = run(args![
+        "sweep",
+        "--quiet",
+        "--model",
+        model,
+        "--calibration",
+        model.join("calibration.txt"),
+        "--text",
+        model.join("test.txt"),
+        "--work-dir",
+        work,
+        "--samples",
+        "0"
+    ]);
+    assert_refused(&output, &["--samples must be ≥ 1"]);
+    assert!(!work.exists(), "nothing was evaluated or written");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_missing_local_path_shaped_like_a_hub_id_says_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = binary()
+        .args(["inspect", "no-such-org/no-such-model"])
+        .current_dir(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert_refused(
+        &output,
+        &[
+            "no-such-org/no-such-model: no such local file or directory",
+            "as a Hub repository id",
+        ],
+    );
+}

@@ -548,3 +548,31 @@ fn a_truncated_staged_shard_is_redone_at_once_and_never_fails_a_rerun() {
         &["(ends)", "it is recomputed with finished layers 0–2"],
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_second_signal_stops_at_once_and_says_so() {
+    let setup = Setup::new();
+    let reference = setup.reference(&[]);
+    let mut child = setup.spawn(&[], "pause-ms:20000@layer-committed:0");
+    wait_for(&mut child, &setup.journal_entry(0));
+    // Two different signals, so that the second is not merged into the first (the kernel may
+    // deliver them in either order).
+    send(&child, libc::SIGINT);
+    send(&child, libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let second = match output.status.code() {
+        Some(130) => 2,
+        Some(143) => 15,
+        other => panic!("{other:?}: {stderr}"),
+    };
+    assert!(
+        stderr.contains(&format!(
+            "interrupted again (signal {second}): stopping at once"
+        )),
+        "{stderr}"
+    );
+    assert!(!setup.out.exists());
+    resume_and_check(&setup, &[], &reference, 1);
+}

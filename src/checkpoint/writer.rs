@@ -129,7 +129,11 @@ fn write_via_temporary(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
         });
     staging::remove_path(&tmp_dir);
     staging::unregister_staging(&tmp_dir);
-    written
+    // The temporary is ours; the path the caller asked for is what the user knows.
+    written.map_err(|error| match error {
+        Error::Io { path: at, source } if at.starts_with(&tmp_dir) => Error::io(path, source),
+        other => other,
+    })
 }
 
 /// Gives `path` the permissions a newly created file gets (`0666` less the umask): the
@@ -627,6 +631,22 @@ mod tests {
         std::fs::remove_file(writer.staging_dir().join(&entry.file)).unwrap();
         let problem = writer.check_staged_shard(&entry, 0, 1).unwrap_err();
         assert!(problem.contains("cannot be read"), "{problem}");
+    }
+
+    #[test]
+    fn a_failed_write_names_the_output_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("report.json");
+        let full = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let message = write_via_temporary(&out, |at| Err(Error::io(at, full())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with(&format!("{}: ", out.display()))
+                && message.contains("No space left on device"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]
