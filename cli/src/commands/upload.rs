@@ -57,6 +57,8 @@ pub fn run(args: &UploadArgs) -> Result<()> {
     let config = HubConfig::from_env()?;
     let progress = bars::observer(args.quiet);
     let charts_dir = std::env::temp_dir().join(format!("rfid-moe-charts-{}", std::process::id()));
+    // A signal during the upload removes the charts with the other temporaries.
+    rfid_moe::safety::staging::register_staging(&charts_dir);
     let result = (|| {
         let mut options = UploadOptions {
             repo: repo.clone(),
@@ -88,6 +90,7 @@ pub fn run(args: &UploadArgs) -> Result<()> {
         )?)
     })();
     let _ = std::fs::remove_dir_all(&charts_dir);
+    rfid_moe::safety::staging::unregister_staging(&charts_dir);
     let summary = result?;
     println!(
         "uploaded {} files ({} through LFS, {} bytes sent) to {}@{}",
