@@ -456,7 +456,9 @@ mod tests {
     fn partial_downloads_of_dead_processes_are_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let dead = tmp.path().join("0a1b.999999999.incomplete");
-        let live = tmp.path().join(format!("0a1b.{}.incomplete", std::process::id()));
+        let live = tmp
+            .path()
+            .join(format!("0a1b.{}.incomplete", std::process::id()));
         let blob = tmp.path().join("0a1b");
         for path in [&dead, &live, &blob] {
             std::fs::write(path, b"x").unwrap();
