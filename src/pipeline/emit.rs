@@ -129,8 +129,9 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
-    /// Counts the shards of the steps the journal holds as written, then removes whatever else
-    /// the staging directories hold (steps an interrupted run did not finish).
+    /// Counts the shards of the steps the journal holds as written once they pass its checks (a
+    /// damaged step is dropped with every later one), then removes whatever else the staging
+    /// directories hold (steps an interrupted run did not finish or that were dropped).
     fn adopt_finished_steps(&mut self) -> Result<()> {
         let Some(journal) = self.journal.as_mut() else {
             return Ok(());
