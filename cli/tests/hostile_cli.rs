@@ -608,6 +608,18 @@ fn weights_that_overflow_give_an_error_naming_the_layer_not_a_perplexity() {
     assert_refused(&logits, &culprits);
     assert!(!out.exists());
     assert_eq!(write_leftovers(&out), Vec::<String>::new());
+    let generate = run(args![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "2",
+        "--ids"
+    ]);
+    assert_refused(&generate, &culprits);
+    assert!(generate.stdout.is_empty());
 }
 
 /// Leftovers of a write of `out` next to it: its staging entries and the temporaries of any
