@@ -166,18 +166,23 @@ struct NllSum {
 }
 
 impl NllSum {
-    fn result(self, windows: usize) -> PerplexityResult {
+    /// The result over `windows` windows; a non-finite mean or perplexity is an error naming
+    /// `what` was measured.
+    fn result(self, windows: usize, what: &str) -> Result<PerplexityResult> {
         let mean_nll = if self.tokens == 0 {
             f64::NAN
         } else {
             self.nll / self.tokens as f64
         };
-        PerplexityResult {
+        use crate::safety::finite::check_value as check;
+        Ok(PerplexityResult {
             windows,
             tokens_scored: self.tokens,
-            mean_nll,
-            perplexity: mean_nll.exp(),
-        }
+            mean_nll: check(mean_nll, || {
+                format!("the mean negative log-likelihood ({what})")
+            })?,
+            perplexity: check(mean_nll.exp(), || format!("the perplexity ({what})"))?,
+        })
     }
 }
 
@@ -272,7 +277,7 @@ fn perplexity_labelled(
         }
         task.advance(batch.len() as u64);
     }
-    Ok(sum.result(windows.len()))
+    sum.result(windows.len(), label)
 }
 
 /// How far a candidate model's next-token distributions are from a reference's.
@@ -378,16 +383,24 @@ pub fn divergence(
     }
     kls.sort_unstable_by(f32::total_cmp);
     let tokens_compared = kls.len();
+    let check = |value: f64, what: &str| {
+        crate::safety::finite::check_value(value, || {
+            format!("the {what} of the candidate from the reference")
+        })
+    };
     Ok(DivergenceResult {
         windows: windows.len(),
         tokens: tokens_compared,
-        mean_kl: kl_sum / tokens_compared as f64,
-        median_kl: quantile(&kls, 0.5),
-        p99_kl: quantile(&kls, 0.99),
-        max_kl: kls.last().map_or(f64::NAN, |&k| k as f64),
+        mean_kl: check(kl_sum / tokens_compared as f64, "mean KL divergence")?,
+        median_kl: check(quantile(&kls, 0.5), "median KL divergence")?,
+        p99_kl: check(quantile(&kls, 0.99), "99th-percentile KL divergence")?,
+        max_kl: check(
+            kls.last().map_or(f64::NAN, |&k| k as f64),
+            "largest KL divergence",
+        )?,
         top1_agreement: agreements as f64 / tokens_compared as f64,
-        reference: reference_sum.result(windows.len()),
-        candidate: candidate_sum.result(windows.len()),
+        reference: reference_sum.result(windows.len(), "reference model")?,
+        candidate: candidate_sum.result(windows.len(), "candidate model")?,
     })
 }
 

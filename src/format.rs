@@ -25,6 +25,9 @@ pub const AUXILIARY_FILES: &[&str] = &[
 /// Key of the compression section in `config.json`.
 pub const COMPRESSION_KEY: &str = "compression";
 
+/// The `method` of every compression record rfid-moe writes and reads.
+pub const METHOD: &str = "rfid-moe";
+
 /// How a group basis is applied at inference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -89,7 +92,7 @@ pub struct LayerRecord {
 /// The `compression` section of a compressed checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompressionRecord {
-    /// Always `rfid-moe`.
+    /// Always [`METHOD`] (`rfid-moe`); a record of any other method is refused at load.
     pub method: String,
     /// Version of the tool that wrote it.
     pub tool_version: String,

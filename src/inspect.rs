@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::{compression_record, ArchConfig, Family};
 
 /// Parameter counts split by role.
@@ -205,4 +205,124 @@ impl std::fmt::Display for ModelSummary {
             self.bytes_on_disk, self.shards
         )
     }
+}
+
+/// Checks the per-layer reports of the compressed output in `checkpoint` (its
+/// `compression_report.json`) against what the output holds, so that charts never show ranks the
+/// weights do not have: every group's experts, rank and dense flag must be those of the
+/// compression record in `config.json`, and the basis of every factored group must be stored at
+/// that rank.
+pub fn check_layer_reports(
+    checkpoint: &Checkpoint,
+    layers: &[crate::pipeline::LayerReport],
+) -> Result<()> {
+    let config = checkpoint.config_path();
+    let report = checkpoint.dir().join(crate::model_card::REPORT_FILE);
+    let contradiction = |message: String| Error::Json {
+        path: report.clone(),
+        message: format!("{message}; the report contradicts the weights"),
+    };
+    if layers.iter().all(|l| l.matrices.is_empty()) {
+        return Ok(());
+    }
+    let record = compression_record(checkpoint)?.ok_or_else(|| Error::Config {
+        path: config.clone(),
+        message: "no `compression` record, but compression_report.json reports factored groups"
+            .into(),
+    })?;
+    let spec = ArchConfig::from_checkpoint(checkpoint)?.spec();
+    for layer in layers.iter().filter(|l| !l.matrices.is_empty()) {
+        let index = layer.layer;
+        let layout = spec
+            .moe_layers
+            .get(index)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| {
+                contradiction(format!(
+                    "layer {index} is reported, but it is not a MoE layer"
+                ))
+            })?;
+        let recorded = record.layer(index).ok_or_else(|| {
+            contradiction(format!(
+                "layer {index} is reported, but config.json has no record of it"
+            ))
+        })?;
+        for (matrix, groups) in &layer.matrices {
+            let Some(stored) = recorded.matrices.get(matrix) else {
+                return Err(contradiction(format!(
+                    "layer {index} `{matrix}` is reported, but config.json has no record of it"
+                )));
+            };
+            if stored.groups.len() != groups.len() {
+                return Err(contradiction(format!(
+                    "layer {index} `{matrix}` has {} groups, config.json {}",
+                    groups.len(),
+                    stored.groups.len()
+                )));
+            }
+            let output_side = layout.name(crate::checkpoint::experts::ExpertMatrix::Down) == matrix;
+            for (g, (reported, stored)) in groups.iter().zip(&stored.groups).enumerate() {
+                if (&reported.experts, reported.rank, reported.dense)
+                    != (&stored.experts, stored.rank, stored.dense)
+                {
+                    return Err(contradiction(format!(
+                        "layer {index} `{matrix}` group {g} is reported with rank {} (dense: {}, \
+                         experts {:?}), but config.json records rank {} (dense: {}, experts {:?})",
+                        reported.rank,
+                        reported.dense,
+                        reported.experts,
+                        stored.rank,
+                        stored.dense,
+                        stored.experts
+                    )));
+                }
+                if !stored.dense {
+                    check_basis_rank(
+                        checkpoint,
+                        &layout.block,
+                        (g, matrix),
+                        stored.rank,
+                        output_side,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that group `g`'s basis of `matrix` under `block` is stored at rank `rank`: `[rank, d]`,
+/// or `[d, rank]` when shared on the output side.
+fn check_basis_rank(
+    checkpoint: &Checkpoint,
+    block: &str,
+    (g, matrix): (usize, &str),
+    rank: usize,
+    output_side: bool,
+) -> Result<()> {
+    let name = crate::format::basis_name(block, g, matrix);
+    let Some((info, path)) = checkpoint.info(&name) else {
+        return Err(Error::MissingTensor {
+            name,
+            dir: checkpoint.dir().to_path_buf(),
+            expected_by: format!("the compression record (group {g} of `{matrix}` at rank {rank})"),
+        });
+    };
+    let stored = match (output_side, info.shape.as_slice()) {
+        (false, [rows, _]) => Some(*rows),
+        (true, [_, cols]) => Some(*cols),
+        _ => None,
+    };
+    if stored == Some(rank) {
+        return Ok(());
+    }
+    Err(Error::Safetensors {
+        path: path.to_path_buf(),
+        message: format!(
+            "basis `{name}` has shape {:?}, but the compression record and the report give it \
+             rank {rank}",
+            info.shape
+        ),
+    })
 }

@@ -139,6 +139,12 @@ pub fn render_model_card(dir: &Path, inputs: &CardInputs) -> Result<String> {
     Ok(card)
 }
 
+/// Renders the card `compress` writes into the compressed output in `dir` (no repository id,
+/// evaluation report or charts: `upload` adds those).
+pub fn render_output_card(dir: &Path) -> Result<String> {
+    render_model_card(dir, &CardInputs::default())
+}
+
 /// Renders the card and writes it atomically as `dir/README.md`; returns its path.
 pub fn write_model_card(dir: &Path, inputs: &CardInputs) -> Result<PathBuf> {
     let card = render_model_card(dir, inputs)?;

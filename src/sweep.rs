@@ -176,6 +176,37 @@ pub fn reference_columns() -> Vec<(Allocation, usize, bool, bool)> {
     ]
 }
 
+/// The options of sweep point `index`: `base` at the point's settings, written to
+/// `work_dir/point-NNN`.
+fn point_options(
+    base: &CompressOptions,
+    point: &SweepPoint,
+    work_dir: &std::path::Path,
+    index: usize,
+) -> CompressOptions {
+    let mut options = base.clone();
+    options.budget.ratio = point.ratio;
+    let table = options.settings.entry("lowrank".into()).or_default();
+    let mut settings: LowRankSettings = serde_json::from_value(table.clone()).unwrap_or_default();
+    settings.allocation = RankAllocation::from_policy(point.allocation);
+    settings.residual = point.residual;
+    settings.whiten = point.whiten;
+    *table = serde_json::to_value(&settings).unwrap_or_default();
+    options.calibration.group_size = point.group_size;
+    // The cache holds no down_proj statistics: a run that factors down calibrates afresh.
+    let down = crate::checkpoint::experts::ExpertMatrix::Down;
+    options.calibration.statistics_cache =
+        (!options.budget.covers(down)).then(|| work_dir.join("calibration-statistics.safetensors"));
+    options.output = OutputOptions {
+        out: Some(work_dir.join(format!("point-{index:03}"))),
+        export_dense: None,
+        force: true,
+        dry_run: false,
+        restart: false,
+    };
+    options
+}
+
 /// Compresses `base.model` at every point (into `work_dir`), evaluates each on `text` against the
 /// original, and returns the table. Calibration statistics are computed once and reused. Each
 /// row's result goes to `progress` as a message of task `sweep`, and `progress` is passed on to
@@ -196,6 +227,11 @@ pub fn sweep(
         ],
         &[RunPath::new("--work-dir", work_dir)],
     )?;
+    // Every point's options are checked before the original model is evaluated, which takes as
+    // long as a point.
+    for (i, point) in points.iter().enumerate() {
+        point_options(base, point, work_dir, i).validate()?;
+    }
     let device = parse_device(&base.device)?;
     std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
     let original = EvalModel::load(&base.model, DType::F32, &device)?;
@@ -210,26 +246,8 @@ pub fn sweep(
     );
     let mut rows = Vec::new();
     for (i, point) in points.iter().enumerate() {
-        let out = work_dir.join(format!("point-{i:03}"));
-        let mut options = base.clone();
-        options.budget.ratio = point.ratio;
-        options.update_settings::<LowRankSettings>(|s| {
-            s.allocation = RankAllocation::from_policy(point.allocation);
-            s.residual = point.residual;
-            s.whiten = point.whiten;
-        })?;
-        options.calibration.group_size = point.group_size;
-        // The cache holds no down_proj statistics: a run that factors down calibrates afresh.
-        let down = crate::checkpoint::experts::ExpertMatrix::Down;
-        options.calibration.statistics_cache = (!options.budget.covers(down))
-            .then(|| work_dir.join("calibration-statistics.safetensors"));
-        options.output = OutputOptions {
-            out: Some(out.clone()),
-            export_dense: None,
-            force: true,
-            dry_run: false,
-            restart: false,
-        };
+        let options = point_options(base, point, work_dir, i);
+        let out = options.output.out.clone().unwrap_or_default();
         let report = compress_with_progress(&options, progress)?;
         let candidate = EvalModel::load(&out, DType::F32, &device)?;
         let measured = divergence(

@@ -660,6 +660,141 @@ fn compress_with_an_absurd_expert_count_fails_before_writing() {
     assert!(message.contains("num_experts = 1000000000000"), "{message}");
 }
 
+// ---- 8. silently wrong results --------------------------------------------------------------
+
+#[test]
+fn malformed_and_negative_rotary_settings_are_refused_not_defaulted() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        (
+            "rope_parameters",
+            5.into(),
+            "`rope_parameters` is 5 (expected an object",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!([1, 2, 3]),
+            "`rope_parameters` is [1,2,3]",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": "1e6"}),
+            "`rope_parameters.rope_theta` is \"1e6\" (expected a number)",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": -5.0, "rope_type": "default"}),
+            "`rope_parameters.rope_theta` = -5 is out of range",
+        ),
+        (
+            "rope_theta",
+            (-5.0).into(),
+            "`rope_theta` = -5 is out of range",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let (_tmp, dir) = common::copy_fixture("tiny-qwen3_moe");
+        common::edit_config(&dir, |c| {
+            if key == "rope_theta" {
+                c.as_object_mut().unwrap().remove("rope_parameters");
+            }
+            c[key] = value.clone();
+        });
+        let message = load_error(&dir);
+        assert!(
+            message.contains("config.json") && message.contains(expected),
+            "{key} = {value}: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_string_where_a_number_belongs_is_refused_by_key() {
+    let (_tmp, dir) = common::copy_fixture("tiny-olmoe");
+    common::edit_config(&dir, |c| c["intermediate_size"] = "64".into());
+    let message = load_error(&dir);
+    assert!(
+        message.contains("config.json")
+            && message.contains("key `intermediate_size` = \"64\"")
+            && message.contains("expected usize"),
+        "{message}"
+    );
+}
+
+#[test]
+fn more_configured_layers_than_stored_are_blamed_on_num_hidden_layers() {
+    let (_tmp, dir) = common::copy_fixture("tiny-qwen3_moe");
+    let stored = common::read_config(&dir)["num_hidden_layers"]
+        .as_u64()
+        .unwrap();
+    common::edit_config(&dir, |c| c["num_hidden_layers"] = (stored + 1).into());
+    let message = load_error(&dir);
+    assert!(
+        message.contains(&format!("num_hidden_layers = {}", stored + 1))
+            && message.contains(&format!("no tensors for layer {stored}"))
+            && !message.contains("num_experts"),
+        "{message}"
+    );
+}
+
+/// A compressed copy of tiny-olmoe with int8 factors (the default method), in `tmp/out`.
+fn int8_output(tmp: &Path, model: &Path) -> PathBuf {
+    let calibration = token_file(tmp, 4, 16);
+    let out = tmp.join("out");
+    let mut options = common::small_default_options(model, &calibration, &out, 0.4);
+    options.calibration.samples = 4;
+    options.calibration.seq_len = 16;
+    rfid_moe::compress(&options).unwrap();
+    out
+}
+
+#[test]
+fn an_unknown_compression_method_or_storage_is_refused() {
+    let (tmp, model) = common::copy_fixture("tiny-olmoe");
+    let out = int8_output(tmp.path(), &model);
+    for (key, value) in [("method", "other-tool"), ("factor_storage", "int4-row64")] {
+        let copy = tmp.path().join(format!("copy-{key}"));
+        common::copy_dir(&out, &copy);
+        common::edit_config(&copy, |c| c["compression"][key] = value.into());
+        let message = load_error(&copy);
+        assert!(
+            message.contains(&format!("`compression.{key}` is `{value}`")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn zero_negative_and_overflowing_int8_scales_are_refused_at_load_by_name() {
+    let (tmp, model) = common::copy_fixture("tiny-olmoe");
+    let out = int8_output(tmp.path(), &model);
+    let shard = common::shard_holding(&out, |name| name.ends_with("_scale"));
+    let (header, _) = common::read_safetensors_raw(&out.join(&shard));
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|n| n.ends_with("_scale"))
+        .unwrap()
+        .clone();
+    for value in [0.0f32, -0.5, 1e30] {
+        let copy = tmp.path().join("bad-scales");
+        let _ = std::fs::remove_dir_all(&copy);
+        common::copy_dir(&out, &copy);
+        let path = copy.join(&shard);
+        let (header, mut data) = common::read_safetensors_raw(&path);
+        let begin = header[&name]["data_offsets"][0].as_u64().unwrap() as usize;
+        data[begin..begin + 4].copy_from_slice(&value.to_le_bytes());
+        common::write_safetensors_raw(&path, &header, &data);
+        let message = load_error(&copy);
+        assert!(
+            message.contains(&format!("`{name}`"))
+                && message.contains(&format!("hold {value} at row 0, block 0"))
+                && message.contains("expected positive scales"),
+            "{value}: {message}"
+        );
+    }
+}
+
 fn text_calibration_error(calibration: &Path) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let mut options = compress_options(&common::mini_model(), calibration, &tmp.path().join("out"));

@@ -37,7 +37,8 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Checks one quantised matrix against its input: codes in range, each block's scale its absmax
-/// / 127 with a ±127 code at the absmax, every element within half a step, zeros exact.
+/// / 127 with a ±127 code at the absmax (an all-zero block: scale 1, codes 0), every element
+/// within half a step, zeros exact.
 fn check_quantised(x: &[f32], rows: usize, cols: usize) {
     let q = int8::quantise(x, rows, cols);
     let blocks = cols.div_ceil(BLOCK);
@@ -50,7 +51,11 @@ fn check_quantised(x: &[f32], rows: usize, cols: usize) {
             let at = |c: usize| row * cols + c;
             let absmax = columns.clone().map(|c| x[at(c)].abs()).fold(0f32, f32::max);
             let scale = q.scales[row * blocks + block];
-            assert_eq!(scale, absmax / 127.0, "row {row} block {block}");
+            let expected = match absmax {
+                0.0 => int8::ZERO_BLOCK_SCALE,
+                _ => absmax / 127.0,
+            };
+            assert_eq!(scale, expected, "row {row} block {block}");
             if absmax > 0.0 {
                 let top = columns.clone().map(|c| q.codes[at(c)].unsigned_abs()).max();
                 assert_eq!(
@@ -93,9 +98,10 @@ fn quantise_then_dequantise_is_within_half_a_step_of_each_block() {
         let q = int8::quantise(&x, rows, cols);
         let last = &q.scales[(rows - 1) * cols.div_ceil(BLOCK)..];
         assert!(
-            last.iter().all(|&s| s == 0.0),
-            "an all-zero row has scale 0"
+            last.iter().all(|&s| s == int8::ZERO_BLOCK_SCALE),
+            "an all-zero row has the zero-block scale, which load accepts"
         );
+        assert_eq!(int8::first_bad_scale(&q.scales), None);
         // A block that is one outlier among small values still keeps the outlier exactly.
         let mut spike = vec![1e-3f32; cols.max(2)];
         spike[1] = -50.0;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use rfid_moe::progress::{Progress, Silent};
+use rfid_moe::progress::Progress;
 
 /// Draws a progress bar with an ETA on stderr for every running task; a message about a running
 /// task becomes its bar's label, any other message is printed above the bars. Bars disappear when
@@ -74,10 +74,31 @@ impl Progress for Bars {
     }
 }
 
-/// The observer for a command: [`Silent`] with `--quiet`, bars otherwise.
+/// Tasks whose messages are warnings about the result, printed even under `--quiet` (`resume`:
+/// work of an interrupted run that is recomputed, and why).
+const WARNING_TASKS: &[&str] = &["resume"];
+
+/// The `--quiet` observer: no bars and no news, only the warnings of [`WARNING_TASKS`].
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _task: &str, _total: u64) {}
+
+    fn advance(&self, _task: &str, _by: u64) {}
+
+    fn message(&self, task: &str, text: &str) {
+        if WARNING_TASKS.contains(&task) {
+            eprintln!("{text}");
+        }
+    }
+
+    fn finish(&self, _task: &str) {}
+}
+
+/// The observer for a command: [`Quiet`] with `--quiet`, bars otherwise.
 pub fn observer(quiet: bool) -> Box<dyn Progress> {
     if quiet {
-        Box::new(Silent)
+        Box::new(Quiet)
     } else {
         Box::new(Bars::new())
     }

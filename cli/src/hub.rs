@@ -17,11 +17,13 @@ pub fn resolve_model(arg: &Path, quiet: bool) -> Result<PathBuf> {
         ModelSource::Hub(repo) => {
             let config = HubConfig::from_env()?;
             let progress = bars::observer(quiet);
-            Ok(rfid_moe::hub::download_model(
-                &config,
-                &repo,
-                progress.as_ref(),
-            )?)
+            rfid_moe::hub::download_model(&config, &repo, progress.as_ref()).map_err(|error| {
+                // The user may have meant a local directory that is not there.
+                anyhow::anyhow!(
+                    "{}: no such local file or directory, and as a Hub repository id: {error}",
+                    arg.display()
+                )
+            })
         }
     }
 }

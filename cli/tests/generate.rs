@@ -260,3 +260,82 @@ fn compressed_models_generate_and_a_residual_needs_consent() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `generate --ids` of the bundled model with prompt arguments `prompt_args` and `stdin`.
+fn ids_with(prompt_args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let model = common::mini_model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+        .args(["generate", "--model", model.to_str().unwrap()])
+        .args(prompt_args)
+        .args(["--max-new-tokens", "6", "--ignore-eos", "--ids"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A run refused before it reads stdin closes the pipe first: that is not this test's error.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn prompts_may_start_with_a_hyphen_and_come_from_a_file_or_stdin() {
+    let prompt = "--ours:: a prompt that looks like a flag";
+    let given = ids_with(&["--prompt", prompt], "");
+    assert!(
+        given.status.success(),
+        "{}",
+        String::from_utf8_lossy(&given.stderr)
+    );
+    let tokenizer = rfid_moe::text::load_tokenizer(&common::mini_model()).unwrap();
+    let prompt_ids = tokenizer.encode(prompt, true).unwrap().get_ids().to_vec();
+    let checkpoint = Checkpoint::open(common::mini_model()).unwrap();
+    let loaded = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: Sampling::greedy(),
+        stop_tokens: Vec::new(),
+    };
+    let expected = generate(&loaded, &prompt_ids, &options, &mut |_| Ok(true)).unwrap();
+    assert_eq!(ids_of(&given), expected.tokens);
+
+    let from_stdin = ids_with(&["--prompt-file", "-"], prompt);
+    assert!(from_stdin.status.success());
+    assert_eq!(ids_of(&from_stdin), expected.tokens);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let from_file = ids_with(&["--prompt-file", file.to_str().unwrap()], "");
+    assert!(from_file.status.success());
+    assert_eq!(ids_of(&from_file), expected.tokens);
+}
+
+#[test]
+fn a_prompt_is_required_once() {
+    let both = ids_with(&["--prompt", "hi", "--prompt-file", "-"], "hi");
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert_eq!(both.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--prompt")
+            && stderr.contains("--prompt-file")
+            && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
+    let neither = ids_with(&[], "");
+    let stderr = String::from_utf8_lossy(&neither.stderr);
+    assert!(
+        !neither.status.success() && neither.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no prompt: give --prompt TEXT, or --prompt-file PATH"),
+        "{stderr}"
+    );
+    let missing = ids_with(&["--prompt-file", "/nonexistent/prompt.txt"], "");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("/nonexistent/prompt.txt"),
+        "{stderr}"
+    );
+}

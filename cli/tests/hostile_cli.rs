@@ -457,3 +457,425 @@ fn a_stale_staging_directory_of_a_dead_run_is_removed_by_the_next_run() {
     );
     assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
 }
+
+// ---- 9. silently wrong results and leftovers of issue 28 -----------------------------------
+
+/// `eval` of `model` on one window of its test text; the JSON report goes to `json`.
+fn eval_once(model: &Path, json: &Path) -> Output {
+    run(args![
+        "eval",
+        "--model",
+        model,
+        "--text",
+        common::mini_model().join("test.txt"),
+        "--seq-len",
+        "64",
+        "--max-windows",
+        "1",
+        "--quiet",
+        "--json",
+        json
+    ])
+}
+
+#[test]
+fn a_negative_rope_theta_is_refused_by_eval_and_compress_without_output() {
+    let (tmp, model) = mini_copy();
+    common::edit_config(&model, |c| {
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rope_theta"] = (-5.0).into();
+    });
+    let before = common::snapshot(&model);
+    let culprits = ["config.json", "`rope_theta` = -5 is out of range"];
+    let json = tmp.path().join("eval.json");
+    assert_refused(&eval_once(&model, &json), &culprits);
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    assert_refused(&run(&small_compress(&model, &calibration, &out)), &culprits);
+    assert!(!out.exists() && !json.exists());
+    assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
+    assert_eq!(common::snapshot(&model), before);
+}
+
+/// A compressed copy of the bundled model (int8 factors, the default method) at `tmp/name`.
+fn compressed_mini(tmp: &Path, model: &Path, name: &str) -> PathBuf {
+    let out = tmp.join(name);
+    let calibration = model.join("calibration.txt");
+    let output = run(&small_compress(model, &calibration, &out));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+/// Sets every scale of the int8 tensors of `dir` named by `pick` to `value`.
+fn set_scales(dir: &Path, pick: impl Fn(&str) -> bool, value: f32) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let (header, mut data) = common::read_safetensors_raw(&path);
+        for (name, info) in header.as_object().unwrap() {
+            let Some(matrix) = name.strip_suffix("_scale").filter(|m| pick(m)) else {
+                continue;
+            };
+            assert_eq!(header[matrix]["dtype"], "I8", "{matrix}");
+            let [begin, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().unwrap() as usize);
+            for chunk in data[begin..end].chunks_exact_mut(4) {
+                chunk.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        common::write_safetensors_raw(&path, &header, &data);
+    }
+}
+
+#[test]
+fn bad_int8_scales_never_give_a_perplexity() {
+    let (tmp, model) = mini_copy();
+    let out = compressed_mini(tmp.path(), &model, "out");
+    let config = common::read_config(&out);
+    assert_eq!(config["compression"]["factor_storage"], "int8-row128");
+    // Layer 1's gate projections, whichever experts the window routes to.
+    let pick = |name: &str| name.starts_with("model.layers.1.") && name.contains("gate_proj");
+    let json = tmp.path().join("eval.json");
+    for (value, culprits) in [
+        (
+            0.0f32,
+            vec![
+                "model.layers.1.",
+                "gate_proj",
+                "hold 0 at row 0",
+                "expected positive scales",
+            ],
+        ),
+        (
+            -1.0,
+            vec![
+                "model.layers.1.",
+                "gate_proj",
+                "hold -1 at row 0",
+                "expected positive scales",
+            ],
+        ),
+        (
+            1e30,
+            vec![
+                "model.layers.1.",
+                "gate_proj",
+                "hold 1000000000000000000000000000000 at row 0",
+            ],
+        ),
+    ] {
+        let copy = tmp.path().join("bad");
+        let _ = std::fs::remove_dir_all(&copy);
+        common::copy_dir(&out, &copy);
+        set_scales(&copy, pick, value);
+        let stderr = assert_refused(&eval_once(&copy, &json), &culprits);
+        assert!(!stderr.contains("PPL") && !json.exists(), "{stderr}");
+    }
+}
+
+#[test]
+fn weights_that_overflow_give_an_error_naming_the_layer_not_a_perplexity() {
+    let (tmp, model) = mini_copy();
+    let name = "model.layers.2.input_layernorm.weight";
+    let path = model.join("model.safetensors");
+    let (header, mut data) = common::read_safetensors_raw(&path);
+    assert_eq!(header[name]["dtype"], "BF16");
+    let begin = header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    for element in 0..4 {
+        let at = begin + 2 * element;
+        data[at..at + 2].copy_from_slice(&half::bf16::from_f32(3e38).to_le_bytes());
+    }
+    common::write_safetensors_raw(&path, &header, &data);
+    let json = tmp.path().join("eval.json");
+    let culprits = [
+        "logits hold",
+        "expected finite values",
+        "decoder layer 2 (`model.layers.2.*`)",
+    ];
+    let stderr = assert_refused(&eval_once(&model, &json), &culprits);
+    assert!(!stderr.contains("PPL") && !json.exists(), "{stderr}");
+    let tokens = tmp.path().join("ids.safetensors");
+    common::write_input_ids(&tokens, Tensor::new(&[[1i64, 2, 3]], &Device::Cpu).unwrap());
+    let out = tmp.path().join("logits.safetensors");
+    let logits = run(args![
+        "logits", "--model", model, "--tokens", tokens, "--out", out
+    ]);
+    assert_refused(&logits, &culprits);
+    assert!(!out.exists());
+    assert_eq!(write_leftovers(&out), Vec::<String>::new());
+    let generate = run(args![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "2",
+        "--ids"
+    ]);
+    assert_refused(&generate, &culprits);
+    assert!(generate.stdout.is_empty());
+}
+
+/// Leftovers of a write of `out` next to it: its staging entries and the temporaries of any
+/// writer (`.tmpXXXXXX`).
+fn write_leftovers(out: &Path) -> Vec<String> {
+    let mut left = common::staging_leftovers(out);
+    left.extend(
+        common::hidden_entries(out.parent().unwrap())
+            .into_iter()
+            .filter(|n| n.starts_with(".tmp")),
+    );
+    left
+}
+
+#[cfg(unix)]
+#[test]
+fn a_killed_logits_write_leaves_nothing_and_the_next_run_cleans_up() {
+    let (tmp, model) = mini_copy();
+    let tokens = tmp.path().join("ids.safetensors");
+    common::write_input_ids(
+        &tokens,
+        Tensor::new(&[[1i64, 2, 3, 4]], &Device::Cpu).unwrap(),
+    );
+    let reference = tmp.path().join("reference.safetensors");
+    let logits = |out: &Path| -> Vec<PathBuf> {
+        let flags = ["logits", "--model", "--tokens", "--out"].map(PathBuf::from);
+        let [command, model_flag, tokens_flag, out_flag] = flags;
+        vec![
+            command,
+            model_flag,
+            model.clone(),
+            tokens_flag,
+            tokens.clone(),
+            out_flag,
+            out.into(),
+        ]
+    };
+    let run_logits = |out: &Path| binary().args(logits(out)).output().unwrap();
+    assert!(run_logits(&reference).status.success());
+    let out_dir = tmp.path().join("logits");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("out.safetensors");
+    for (signal, code) in [
+        (libc::SIGTERM, Some(143)),
+        (libc::SIGINT, Some(130)),
+        (libc::SIGKILL, None),
+    ] {
+        let mut child = binary()
+            .args(logits(&out))
+            .env(
+                "RFID_MOE_FAULT_INJECT",
+                "pause-ms:20000@tmp-written:out.safetensors",
+            )
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        // The whole output is written into its temporary before the pause.
+        let written = |dir: &Path| {
+            common::hidden_entries(dir)
+                .iter()
+                .any(|n| dir.join(n).join("out.safetensors").is_file())
+        };
+        while !written(&out_dir) {
+            assert!(child.try_wait().unwrap().is_none(), "logits ended early");
+            assert!(started.elapsed() < Duration::from_secs(120), "no temporary");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // SAFETY: sends a signal to the child we spawned.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(!out.exists());
+        match code {
+            Some(_) => assert_eq!(write_leftovers(&out), Vec::<String>::new()),
+            // Nothing runs on SIGKILL: the next writer of the output removes the temporary.
+            None => assert_eq!(write_leftovers(&out).len(), 1),
+        }
+    }
+    assert!(run_logits(&out).status.success());
+    assert_eq!(write_leftovers(&out), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&reference).unwrap()
+    );
+}
+
+/// Every file of directory `dir` with a hash of its bytes.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    use std::hash::{Hash, Hasher};
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(e.path()).unwrap().hash(&mut hasher);
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                hasher.finish(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_force_run_killed_before_its_model_card_leaves_the_old_output_whole() {
+    use std::os::unix::process::ExitStatusExt;
+    let (tmp, model) = mini_copy();
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    let mut args = small_compress(&model, &calibration, &out);
+    args.push(Path::new("--force"));
+    let first = run(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let uninterrupted = files_of(&out);
+    assert!(uninterrupted.contains_key("README.md"));
+    let killed = binary()
+        .args(&args)
+        .env("RFID_MOE_FAULT_INJECT", "finish:card")
+        .output()
+        .unwrap();
+    assert_eq!(killed.status.signal(), Some(libc::SIGABRT), "{killed:?}");
+    assert_eq!(files_of(&out), uninterrupted, "the old output stays whole");
+    // The same command finishes the replacement: complete, card included, nothing left over.
+    let output = run(&args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(files_of(&out), uninterrupted);
+    assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
+}
+
+/// Rewrites the JSON file `path` through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn plot_refuses_ranks_that_contradict_the_weights() {
+    let (tmp, model) = mini_copy();
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    let mut args = small_compress(&model, &calibration, &out);
+    args.extend(["--preset", "paper"].map(Path::new));
+    assert!(run(&args).status.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+            .unwrap();
+    let group = &report["layers"][1]["matrices"]["gate_proj"][1];
+    let rank = group["rank"].as_u64().unwrap();
+    assert!(rank > 1 && group["dense"] == false, "{group}");
+    let charts = tmp.path().join("charts");
+    let plot = || run(args!["plot", "--compressed", out, "--out", charts]);
+    // The report alone says another rank.
+    edit_json(&out.join("compression_report.json"), |r| {
+        r["layers"][1]["matrices"]["gate_proj"][1]["rank"] = (rank - 1).into();
+    });
+    let expected = format!(
+        "layer 1 `gate_proj` group 1 is reported with rank {}",
+        rank - 1
+    );
+    assert_refused(
+        &plot(),
+        &[
+            &expected,
+            "config.json records rank",
+            "contradicts the weights",
+        ],
+    );
+    assert!(!charts.exists());
+    // The report and config.json agree, the stored basis does not.
+    edit_json(&out.join("config.json"), |c| {
+        let layers = c["compression"]["layers"].as_array_mut().unwrap();
+        let layer = layers.iter_mut().find(|l| l["layer"] == 1).unwrap();
+        layer["matrices"]["gate_proj"]["groups"][1]["rank"] = (rank - 1).into();
+    });
+    let basis = "model.layers.1.mlp.expert_groups.1.gate_proj.basis";
+    let expected = format!("rank {}", rank - 1);
+    assert_refused(&plot(), &[basis, &format!("shape [{rank}, "), &expected]);
+    assert!(!charts.exists());
+}
+
+// ---- 10. messages that name the real cause -------------------------------------------------
+
+#[test]
+fn calibration_sizes_the_text_cannot_give_and_a_zero_batch_are_refused_by_name() {
+    let (tmp, model) = mini_copy();
+    let out = tmp.path().join("out");
+    let calibration = model.join("calibration.txt");
+    let mut many = small_compress(&model, &calibration, &out);
+    many[3] = Path::new("100000"); // --samples
+    assert_refused(
+        &run(&many),
+        &[
+            "calibration.txt",
+            "fewer than --samples 100000",
+            "lower --samples",
+        ],
+    );
+    let mut zero_batch = small_compress(&model, &calibration, &out);
+    zero_batch.extend(["--batch-size", "0"].map(Path::new));
+    assert_refused(&run(&zero_batch), &["--batch-size must be at least 1"]);
+    assert!(!out.exists());
+    assert_eq!(common::staging_leftovers(&out), Vec::<String>::new());
+}
+
+#[test]
+fn sweep_with_zero_samples_fails_before_evaluating_anything() {
+    let (tmp, model) = mini_copy();
+    let work = tmp.path().join("work");
+    let started = Instant::now();
+    let output = run(args![
+        "sweep",
+        "--quiet",
+        "--model",
+        model,
+        "--calibration",
+        model.join("calibration.txt"),
+        "--text",
+        model.join("test.txt"),
+        "--work-dir",
+        work,
+        "--samples",
+        "0"
+    ]);
+    assert_refused(&output, &["--samples must be ≥ 1"]);
+    assert!(!work.exists(), "nothing was evaluated or written");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_missing_local_path_shaped_like_a_hub_id_says_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = binary()
+        .args(["inspect", "no-such-org/no-such-model"])
+        .current_dir(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert_refused(
+        &output,
+        &[
+            "no-such-org/no-such-model: no such local file or directory",
+            "as a Hub repository id",
+        ],
+    );
+}

@@ -174,15 +174,42 @@ fn assert_identical(reference: &Path, out: &Path) {
 /// `reference`, the finished layers' shards were adopted (same inodes in the output: not
 /// rewritten) and nothing is left next to the output.
 fn resume_and_check(setup: &Setup, extra: &[&str], reference: &Path, resumed_at: usize) {
-    let finished = setup.finished_shards();
-    assert_eq!(finished.len(), resumed_at, "finished layers in the journal");
+    assert_eq!(
+        setup.finished_shards().len(),
+        resumed_at,
+        "finished layers in the journal"
+    );
+    resume_and_check_after(setup, extra, reference, resumed_at, &[]);
+}
+
+/// [`resume_and_check`] where the journal holds more layers than are kept (some of its work was
+/// damaged): the run must say so on stderr, naming each of `culprits`, and redo them.
+fn resume_and_check_after(
+    setup: &Setup,
+    extra: &[&str],
+    reference: &Path,
+    resumed_at: usize,
+    culprits: &[&str],
+) {
+    let mut finished = setup.finished_shards();
+    finished.retain(|&layer, _| layer < resumed_at);
     let output = setup.run(extra, None);
     assert_success(&output);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        stdout.contains(&format!("resumed at layer {resumed_at}:")),
-        "{stdout}"
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    match resumed_at {
+        0 => assert!(!stdout.contains("resumed at"), "{stdout}"),
+        _ => assert!(
+            stdout.contains(&format!("resumed at layer {resumed_at}:")),
+            "{stdout}"
+        ),
+    }
+    for culprit in culprits {
+        assert!(
+            stderr.contains(culprit),
+            "should name `{culprit}`: {stderr}"
+        );
+    }
     assert_identical(reference, &setup.out);
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(setup.out.join("model.safetensors.index.json")).unwrap(),
@@ -414,4 +441,136 @@ fn int8_factors_resume_with_identical_output() {
     let reference = setup.reference(&int8);
     setup.killed_at(&int8, "layer-committed:1");
     resume_and_check(&setup, &int8, &reference, 2);
+}
+
+/// Kills a run after layer 2 was committed, so that the journal holds layers 0–2.
+fn three_finished_layers(setup: &Setup) {
+    setup.killed_at(&[], "layer-committed:2");
+    assert_eq!(setup.finished_shards().len(), 3);
+}
+
+#[test]
+fn an_edited_journal_entry_is_not_trusted_and_its_layer_is_redone() {
+    let setup = Setup::new();
+    let reference = setup.reference(&[]);
+    three_finished_layers(&setup);
+    // Drop a tensor from layer 1's list: adopted as it stands, the index would miss it.
+    let path = setup.journal_entry(1);
+    let mut entry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let names = entry["shards"]["compressed"]["names"]
+        .as_array_mut()
+        .unwrap();
+    let removed = names.remove(0);
+    std::fs::write(&path, serde_json::to_vec(&entry).unwrap()).unwrap();
+    assert!(!std::fs::read_to_string(&path)
+        .unwrap()
+        .contains(removed.as_str().unwrap()));
+    resume_and_check_after(
+        &setup,
+        &[],
+        &reference,
+        1,
+        &[
+            "finished layer 1",
+            "layer-00001.json was changed after it was written",
+            "it is recomputed with finished layer 2",
+        ],
+    );
+}
+
+/// Overwrites the last `count` bytes of `path` with zeros, keeping its size.
+fn zero_tail(path: &Path, count: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let len = bytes.len();
+    assert!(bytes[len - count..].iter().any(|&b| b != 0));
+    bytes[len - count..].fill(0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_zeroed_staged_shard_is_not_adopted_and_its_layer_is_redone() {
+    let setup = Setup::new();
+    let reference = setup.reference(&[]);
+    three_finished_layers(&setup);
+    zero_tail(&setup.staging().join("layer-00002.safetensors"), 64);
+    resume_and_check_after(
+        &setup,
+        &[],
+        &reference,
+        2,
+        &[
+            "finished layer 2",
+            "layer-00002.safetensors does not hold the bytes that were written",
+        ],
+    );
+}
+
+#[test]
+fn a_truncated_staged_shard_is_redone_at_once_and_never_fails_a_rerun() {
+    let setup = Setup::new();
+    let reference = setup.reference(&[]);
+    three_finished_layers(&setup);
+    let shard = setup.staging().join("layer-00001.safetensors");
+    let size = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let truncated = format!("is {} bytes, but {size} were written", size / 2);
+    resume_and_check_after(
+        &setup,
+        &[],
+        &reference,
+        1,
+        &["finished layer 1", truncated.as_str()],
+    );
+    // A damaged ends shard (embedding, norm, head) takes every layer with it.
+    std::fs::remove_dir_all(&setup.out).unwrap();
+    three_finished_layers(&setup);
+    let ends = setup.staging().join("ends.safetensors");
+    let size = std::fs::metadata(&ends).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ends)
+        .unwrap()
+        .set_len(size - 1)
+        .unwrap();
+    resume_and_check_after(
+        &setup,
+        &[],
+        &reference,
+        0,
+        &["(ends)", "it is recomputed with finished layers 0–2"],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_second_signal_stops_at_once_and_says_so() {
+    let setup = Setup::new();
+    let reference = setup.reference(&[]);
+    let mut child = setup.spawn(&[], "pause-ms:20000@layer-committed:0");
+    wait_for(&mut child, &setup.journal_entry(0));
+    // Two different signals, so that the second is not merged into the first (the kernel may
+    // deliver them in either order).
+    send(&child, libc::SIGINT);
+    send(&child, libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let second = match output.status.code() {
+        Some(130) => 2,
+        Some(143) => 15,
+        other => panic!("{other:?}: {stderr}"),
+    };
+    assert!(
+        stderr.contains(&format!(
+            "interrupted again (signal {second}): stopping at once"
+        )),
+        "{stderr}"
+    );
+    assert!(!setup.out.exists());
+    resume_and_check(&setup, &[], &reference, 1);
 }

@@ -1,8 +1,10 @@
 //! Int8 storage of the compressor's own tensors (`--factor-dtype int8`, docs/FORMAT.md "Int8
 //! factors"): a matrix `T` [rows, cols] is stored as `T` in `I8` plus `T_scale` in `F32`
-//! [rows, ⌈cols/128⌉]: symmetric blocks of 128 columns of one row, `scale = absmax / 127` (0 for
-//! an all-zero block), `code = round(x / scale)` clamped to [−127, 127]. The dequantised value is
-//! `code · scale` of its block, computed in f32.
+//! [rows, ⌈cols/128⌉]: symmetric blocks of 128 columns of one row, `scale = absmax / 127` (1 for
+//! an all-zero block, whose codes are all 0, so that every scale is positive), `code = round(x /
+//! scale)` clamped to [−127, 127]. The dequantised value is `code · scale` of its block, computed
+//! in f32. A scale that is zero, negative, not finite, or so large that the square of `127 ·
+//! scale` overflows f32 is refused at load ([`first_bad_scale`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,7 +55,10 @@ pub fn quantise(values: &[f32], rows: usize, cols: usize) -> Int8Matrix {
     for row in values.chunks(cols.max(1)).take(rows) {
         for block in row.chunks(BLOCK) {
             let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = absmax / MAX_CODE;
+            let scale = match absmax {
+                0.0 => ZERO_BLOCK_SCALE,
+                _ => absmax / MAX_CODE,
+            };
             scales.push(scale);
             codes.extend(block.iter().map(|&v| code(v, scale)));
         }
@@ -66,12 +71,26 @@ pub fn quantise(values: &[f32], rows: usize, cols: usize) -> Int8Matrix {
     }
 }
 
-/// The code of `value` in a block of scale `scale` (0 when the scale is 0).
+/// The scale of a block whose values are all zero (any positive scale gives codes of 0).
+pub const ZERO_BLOCK_SCALE: f32 = 1.0;
+
+/// The code of `value` in a block of scale `scale`.
 fn code(value: f32, scale: f32) -> i8 {
-    if scale == 0.0 {
-        return 0;
-    }
     (value / scale).round().clamp(-MAX_CODE, MAX_CODE) as i8
+}
+
+/// The largest scale accepted: `127 · scale` squared stays a finite f32. A weight beyond that
+/// overflows the products and norms of any computation in f32 or bf16, so no factor of a working
+/// model is quantised to it.
+pub const MAX_SCALE: f32 = 1.8e19 / MAX_CODE;
+
+/// The index and value of the first scale that no quantiser of a working model writes: zero,
+/// negative, NaN, ±Inf, or above [`MAX_SCALE`].
+pub fn first_bad_scale(scales: &[f32]) -> Option<(usize, f32)> {
+    scales
+        .iter()
+        .position(|&s| !(s > 0.0 && s <= MAX_SCALE))
+        .map(|i| (i, scales[i]))
 }
 
 /// Dequantises `codes` [rows, cols] with their block `scales` [rows, ⌈cols/128⌉] to f32.
@@ -201,6 +220,21 @@ mod tests {
                 };
                 assert_eq!(as_f32(&got), as_f32(&want), "[{rows}, {cols}] {dtype:?}");
             }
+        }
+    }
+
+    #[test]
+    fn every_written_scale_is_positive_and_bad_ones_are_found() {
+        let mut values = vec![0.0f32; 2 * 130];
+        values[129] = -3.0;
+        let q = quantise(&values, 2, 130);
+        assert_eq!(q.scales, vec![ZERO_BLOCK_SCALE, 3.0 / 127.0, 1.0, 1.0]);
+        assert_eq!(q.dequantise(), values);
+        assert_eq!(first_bad_scale(&q.scales), None);
+        assert!(((MAX_SCALE * MAX_CODE) * (MAX_SCALE * MAX_CODE)).is_finite());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY, 1e30] {
+            let found = first_bad_scale(&[1.0, bad]).map(|(i, _)| i);
+            assert_eq!(found, Some(1), "{bad}");
         }
     }
 

@@ -628,6 +628,20 @@ impl Checkpoint {
             &Device::Cpu,
             &format!("I8 tensor `{name}`"),
         )?;
+        let values = scales.flatten_all()?.to_vec1::<f32>()?;
+        if let Some((index, value)) = int8::first_bad_scale(&values) {
+            let blocks = expected[1].max(1);
+            return Err(Error::Safetensors {
+                path: scale_path.to_path_buf(),
+                message: format!(
+                    "row-block scales `{scale_name}` of I8 tensor `{name}` hold {value} at row {}, \
+                     block {} (expected positive scales `absmax / 127` of at most {:e})",
+                    index / blocks,
+                    index % blocks,
+                    int8::MAX_SCALE
+                ),
+            });
+        }
         Ok(([rows, cols], scales))
     }
 

@@ -14,11 +14,24 @@ use super::INDEX_FILE;
 use crate::error::{Error, Result};
 use crate::safety::staging::{self, lock_registry};
 
-/// Writes a single safetensors file atomically (temporary file in the same directory, then rename).
+/// Writes a single safetensors file atomically (temporary file in the same directory, then
+/// rename); a float tensor holding NaN or ±Inf is refused by name and nothing is written.
 pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    write_via_temporary(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp).map_err(Error::from)
-    })
+    check_finite_tensors(tensors, path)?;
+    write_via_temporary(path, |tmp| save_with_int8(tensors, &HashSet::new(), tmp))
+}
+
+/// Refuses to write a float tensor holding NaN or ±Inf: the error names the tensor and the file
+/// it was meant for.
+fn check_finite_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        crate::safety::finite::check_tensor(&tensors[name], || {
+            format!("tensor `{name}` to be written to {}", path.display())
+        })?;
+    }
+    Ok(())
 }
 
 /// A tensor as the safetensors writer sees it: its own dtype, or `I8` for int8 codes held in a
@@ -50,15 +63,12 @@ impl safetensors::View for ShardTensor<'_> {
 }
 
 /// Saves `tensors` as one safetensors file at `path`, the `U8` tensors named in `int8` as `I8`
-/// (the same bytes as candle's writer otherwise).
+/// (the same bytes as candle's writer otherwise); errors name `path`.
 fn save_with_int8(
     tensors: &HashMap<String, Tensor>,
     int8: &HashSet<String>,
     path: &Path,
 ) -> Result<()> {
-    if int8.is_empty() {
-        return Ok(candle_core::safetensors::save(tensors, path)?);
-    }
     let mut views = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let is_int8 = int8.contains(name);
@@ -77,9 +87,12 @@ fn save_with_int8(
             },
         ));
     }
-    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        message: format!("writing the shard: {e}"),
+    safetensors::serialize_to_file(views, None, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => Error::io(path, source),
+        other => Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("writing the shard: {other}"),
+        },
     })
 }
 
@@ -90,8 +103,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Writes `path` through a registered temporary sibling `.NAME.tmp-PID` renamed into place;
-/// temporaries of dead processes are removed first, and a failed write removes its own.
+/// Writes `path` through a registered private directory `.NAME.tmp-PID` next to it: the file is
+/// written inside it (with any temporary the writer makes of its own) and renamed into place, and
+/// the directory removed. A signal removes the directory, the next writer of `path` removes those
+/// of dead processes, and a failed write removes its own, so no temporary outlives its run.
 fn write_via_temporary(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path
         .file_name()
@@ -99,21 +114,26 @@ fn write_via_temporary(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
         .ok_or_else(|| Error::InvalidArgument(format!("invalid output path {}", path.display())))?;
     let parent = parent_dir(path);
     staging::remove_stale_staging(&parent, &name, "tmp");
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    staging::register_staging(&tmp);
-    let written = write(&tmp)
+    let tmp_dir = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    staging::register_staging(&tmp_dir);
+    staging::remove_path(&tmp_dir);
+    let tmp = tmp_dir.join(&name);
+    let written = std::fs::create_dir(&tmp_dir)
+        .map_err(|e| Error::io(&tmp_dir, e))
+        .and_then(|()| write(&tmp))
         .and_then(|()| readable_like_new_files(&tmp))
         .and_then(|()| {
-            let mut registry = lock_registry();
-            let renamed = std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e));
-            registry.retain(|p| p != &tmp);
-            renamed
+            staging::fault_point(&format!("tmp-written:{name}"));
+            let _registry = lock_registry();
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
         });
-    if written.is_err() {
-        staging::remove_path(&tmp);
-        staging::unregister_staging(&tmp);
-    }
-    written
+    staging::remove_path(&tmp_dir);
+    staging::unregister_staging(&tmp_dir);
+    // The temporary is ours; the path the caller asked for is what the user knows.
+    written.map_err(|error| match error {
+        Error::Io { path: at, source } if at.starts_with(&tmp_dir) => Error::io(path, source),
+        other => other,
+    })
 }
 
 /// Gives `path` the permissions a newly created file gets (`0666` less the umask): the
@@ -161,8 +181,9 @@ fn parent_dir(path: &Path) -> PathBuf {
 /// directory is moved into place.
 pub const JOURNAL_DIR: &str = ".resume";
 
-/// A shard written into a staging directory: its file name there, its tensor names (sorted) and
-/// the bytes of its tensor data.
+/// A shard written into a staging directory: its file name there, its tensor names (sorted), the
+/// bytes of its tensor data, and the size and checksum of the file as written (what a resumed run
+/// checks before adopting it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardEntry {
     /// File name inside the staging directory.
@@ -171,6 +192,10 @@ pub struct ShardEntry {
     pub names: Vec<String>,
     /// Bytes of tensor data (for the index's `total_size`).
     pub bytes: u64,
+    /// Size of the file in bytes.
+    pub file_bytes: u64,
+    /// Checksum of the file ([`crate::safety::checksum::file_checksum`]).
+    pub checksum: String,
 }
 
 /// What to do with the staging directory an earlier, dead run left for the same output.
@@ -294,6 +319,7 @@ impl CheckpointWriter {
             return Ok(None);
         }
         let path = self.tmp_dir.join(file);
+        check_finite_tensors(&tensors, &path)?;
         let tmp = staging::temporary_sibling(&path);
         let bytes = tensors
             .values()
@@ -302,6 +328,7 @@ impl CheckpointWriter {
         save_with_int8(&tensors, int8, &tmp)?;
         readable_like_new_files(&tmp)?;
         staging::sync_file(&tmp)?;
+        let (file_bytes, checksum) = crate::safety::checksum::file_checksum(&tmp)?;
         staging::fault_point(&format!(
             "shard-write:{}",
             file.trim_end_matches(".safetensors")
@@ -313,9 +340,60 @@ impl CheckpointWriter {
             file: file.to_string(),
             names,
             bytes,
+            file_bytes,
+            checksum,
         };
         self.adopt_shard(&entry);
         Ok(Some(entry))
+    }
+
+    /// Checks that the staging directory holds the shard `entry` describes, as it was written:
+    /// the file (under its step name, or under the final name of shard `k` of `count` that an
+    /// interrupted finish gave it, which is renamed back), its size, its checksum and the tensor
+    /// names of its header. `Err` says what differs.
+    pub fn check_staged_shard(
+        &self,
+        entry: &ShardEntry,
+        k: usize,
+        count: usize,
+    ) -> std::result::Result<(), String> {
+        let path = self.tmp_dir.join(&entry.file);
+        let renamed = self.tmp_dir.join(final_shard_name(k, count));
+        if !path.is_file() && renamed.is_file() {
+            std::fs::rename(&renamed, &path)
+                .map_err(|e| format!("cannot rename {} back: {e}", renamed.display()))?;
+        }
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| format!("its shard {} cannot be read ({e})", entry.file))?;
+        if meta.len() != entry.file_bytes {
+            return Err(format!(
+                "its shard {} is {} bytes, but {} were written (truncated or replaced)",
+                entry.file,
+                meta.len(),
+                entry.file_bytes
+            ));
+        }
+        let (_, checksum) = crate::safety::checksum::file_checksum(&path)
+            .map_err(|e| format!("its shard {} cannot be read ({e})", entry.file))?;
+        if checksum != entry.checksum {
+            return Err(format!(
+                "its shard {} does not hold the bytes that were written (checksum {checksum}, \
+                 expected {})",
+                entry.file, entry.checksum
+            ));
+        }
+        let names = shard_tensor_names(&path).map_err(|e| e.to_string())?;
+        if names != entry.names {
+            return Err(format!(
+                "its shard {} holds {} tensors but its journal entry lists {} (first difference: \
+                 {})",
+                entry.file,
+                names.len(),
+                entry.names.len(),
+                first_difference(&names, &entry.names)
+            ));
+        }
+        Ok(())
     }
 
     /// Counts a shard an earlier run wrote into this staging directory as written by this one.
@@ -446,6 +524,26 @@ impl CheckpointWriter {
     }
 }
 
+/// The sorted tensor names in the header of the safetensors file at `path`.
+fn shard_tensor_names(path: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is only read, and only while this function runs.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header = super::header::parse(path, &map)?;
+    Ok(header.tensors.into_keys().collect())
+}
+
+/// The first name that is in one sorted list and not the other, quoted, saying which.
+fn first_difference(found: &[String], listed: &[String]) -> String {
+    let extra = found.iter().find(|n| listed.binary_search(n).is_err());
+    let missing = listed.iter().find(|n| found.binary_search(n).is_err());
+    match (extra, missing) {
+        (Some(name), _) => format!("`{name}` is not in the entry"),
+        (None, Some(name)) => format!("`{name}` is not in the shard"),
+        (None, None) => "the order".to_string(),
+    }
+}
+
 /// The name of shard `k` of `count` in a finished checkpoint.
 fn final_shard_name(k: usize, count: usize) -> String {
     if count == 1 {
@@ -489,5 +587,97 @@ impl Drop for CheckpointWriter {
         // The lock goes last, so no other run can take the staging directory before this one
         // is done with it.
         self.lock.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn one_shard(dir: &Path) -> (CheckpointWriter, ShardEntry) {
+        let mut writer =
+            CheckpointWriter::open(&dir.join("out"), false, StagingMode::Resume).unwrap();
+        let tensors = HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let entry = writer
+            .write_shard_as("layer-00000.safetensors", tensors)
+            .unwrap()
+            .unwrap();
+        (writer, entry)
+    }
+
+    #[test]
+    fn a_staged_shard_is_checked_against_its_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (writer, entry) = one_shard(tmp.path());
+        assert_eq!(writer.check_staged_shard(&entry, 0, 1), Ok(()));
+        let mut fewer = entry.clone();
+        fewer.names.remove(0);
+        let problem = writer.check_staged_shard(&fewer, 0, 1).unwrap_err();
+        assert!(problem.contains("`a` is not in the entry"), "{problem}");
+        let mut other = entry.clone();
+        other.checksum = "0000000000000000".into();
+        let problem = writer.check_staged_shard(&other, 0, 1).unwrap_err();
+        assert!(problem.contains("does not hold the bytes"), "{problem}");
+        std::fs::remove_file(writer.staging_dir().join(&entry.file)).unwrap();
+        let problem = writer.check_staged_shard(&entry, 0, 1).unwrap_err();
+        assert!(problem.contains("cannot be read"), "{problem}");
+    }
+
+    #[test]
+    fn a_failed_write_names_the_output_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("report.json");
+        let full = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let message = write_via_temporary(&out, |at| Err(Error::io(at, full())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with(&format!("{}: ", out.display()))
+                && message.contains("No space left on device"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn non_finite_tensors_are_never_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut writer =
+            CheckpointWriter::open(&tmp.path().join("out"), false, StagingMode::Fresh).unwrap();
+        let tensors = HashMap::from([(
+            "model.layers.0.mlp.experts.0.gate_proj.lowrank_a".to_string(),
+            Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap(),
+        )]);
+        let message = writer
+            .write_shard_as("layer-00000.safetensors", tensors.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`model.layers.0.mlp.experts.0.gate_proj.lowrank_a`")
+                && message.contains("NaN at element 1"),
+            "{message}"
+        );
+        assert!(!writer
+            .staging_dir()
+            .join("layer-00000.safetensors")
+            .exists());
+        let file = tmp.path().join("logits.safetensors");
+        assert!(save_safetensors_atomic(&file, &tensors).is_err());
+        let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("logits") || name.starts_with(".tmp"))
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new());
     }
 }

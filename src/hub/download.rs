@@ -12,6 +12,7 @@ use super::{HubConfig, RepoRef};
 use crate::checkpoint::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Task};
+use crate::safety::staging;
 
 /// Files fetched when the repository has them, besides `config.json` and the weights: what
 /// generation, chat templates, tokenisation and the compressed-model charts read.
@@ -337,9 +338,10 @@ impl HubHeaders {
     }
 }
 
-/// Streams `body` into `blob` through a temporary `.incomplete` file that is renamed into place
-/// only when the length (and, for LFS files, whose ETag is their SHA-256, the hash) matches; on
-/// any failure the temporary file is removed, so nothing that looks complete is left behind.
+/// Streams `body` into `blob` through a temporary `ETAG.PID.incomplete` file that is renamed into
+/// place only when the length (and, for LFS files, whose ETag is their SHA-256, the hash)
+/// matches; on any failure or signal the temporary file is removed, and those of dead processes
+/// are removed before, so nothing that looks complete, and no partial download, is left behind.
 fn receive(
     body: ureq::Response,
     blob: &Path,
@@ -350,16 +352,39 @@ fn receive(
 ) -> Result<()> {
     let dir = blob.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    remove_dead_downloads(dir);
     let partial = dir.join(format!("{etag}.{}.incomplete", std::process::id()));
-    let result = write_checked(body, &partial, expected, etag, url, task);
-    if let Err(error) = result {
+    staging::register_staging(&partial);
+    let result = write_checked(body, &partial, expected, etag, url, task).and_then(|()| {
+        let _registry = staging::lock_registry();
+        std::fs::rename(&partial, blob).map_err(|e| Error::io(blob, e))
+    });
+    if result.is_err() {
         let _ = std::fs::remove_file(&partial);
-        return Err(error);
     }
-    std::fs::rename(&partial, blob).map_err(|e| {
-        let _ = std::fs::remove_file(&partial);
-        Error::io(blob, e)
-    })
+    staging::unregister_staging(&partial);
+    result
+}
+
+/// Removes the `ETAG.PID.incomplete` files in `dir` of processes that are no longer alive.
+fn remove_dead_downloads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".incomplete"))
+            .and_then(|n| n.rsplit('.').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let dead = pid.is_some_and(|pid| {
+            pid != std::process::id() && staging::process_alive(pid) == Some(false)
+        });
+        if dead {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn write_checked(
@@ -425,6 +450,22 @@ fn write_checked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn partial_downloads_of_dead_processes_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join("0a1b.999999999.incomplete");
+        let live = tmp
+            .path()
+            .join(format!("0a1b.{}.incomplete", std::process::id()));
+        let blob = tmp.path().join("0a1b");
+        for path in [&dead, &live, &blob] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_dead_downloads(tmp.path());
+        assert!(!dead.exists() && live.exists() && blob.exists());
+    }
 
     #[test]
     fn a_run_needs_config_weights_and_the_auxiliary_files_present() {

@@ -217,58 +217,49 @@ impl Yarn {
 }
 
 impl RopeParameters {
-    /// Parses the rope settings of `config` (a `config.json`), with `default_theta` when absent.
+    /// Parses the rope settings of `config` (a `config.json`), with `default_theta` when no
+    /// `rope_theta` is given. Malformed settings are refused with the key named, never replaced
+    /// by defaults: `rope_parameters`/`rope_scaling` that are not objects (or null), numbers given
+    /// as strings, a base θ not above 1, YaRN lengths, factors and boundaries not above 0.
     pub fn from_config(
         config: &serde_json::Value,
         path: &std::path::Path,
         default_theta: f64,
     ) -> Result<Self> {
-        let params = config.get("rope_parameters").filter(|v| v.is_object());
-        let scaling = config.get("rope_scaling").filter(|v| v.is_object());
-        let theta = params
-            .and_then(|p| p.get("rope_theta"))
-            .or_else(|| config.get("rope_theta"))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(default_theta);
+        let read = RopeKeys { path };
+        let params = read.object(config, "rope_parameters")?;
+        let scaling = read.object(config, "rope_scaling")?;
+        let from_params = match params {
+            Some(p) => read.number(p, "rope_parameters", "rope_theta")?,
+            None => None,
+        };
+        let theta = match from_params {
+            Some(theta) => read.above(theta, "rope_parameters.rope_theta", 1.0)?,
+            None => match read.number(config, "", "rope_theta")? {
+                Some(theta) => read.above(theta, "rope_theta", 1.0)?,
+                None => default_theta,
+            },
+        };
         let mut yarn = None;
-        for p in [params, scaling].into_iter().flatten() {
-            let kind = p
-                .get("rope_type")
-                .or_else(|| p.get("type"))
-                .and_then(|v| v.as_str());
+        for (p, name) in [(params, "rope_parameters"), (scaling, "rope_scaling")] {
+            let Some(p) = p else { continue };
+            let kind = match p.get("rope_type").or_else(|| p.get("type")) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(kind)) => Some(kind.as_str()),
+                Some(other) => {
+                    return Err(read.bad(format!(
+                        "`{name}.rope_type` is {other} (expected a string such as \"default\" or \
+                         \"yarn\")"
+                    )))
+                }
+            };
             match kind {
                 None | Some("default") => {}
-                Some("yarn") => {
-                    let number = |key: &str| p.get(key).and_then(|v| v.as_f64());
-                    let factor = number("factor").ok_or_else(|| Error::Config {
-                        path: path.to_path_buf(),
-                        message: "yarn rope scaling needs `factor`".into(),
-                    })?;
-                    let max_positions = config
-                        .get("max_position_embeddings")
-                        .and_then(|v| v.as_f64());
-                    yarn = Some(Yarn {
-                        factor,
-                        original_max_position_embeddings: number(
-                            "original_max_position_embeddings",
-                        )
-                        .or(max_positions)
-                        .unwrap_or(4096.0),
-                        beta_fast: number("beta_fast").unwrap_or(32.0),
-                        beta_slow: number("beta_slow").unwrap_or(1.0),
-                        mscale: number("mscale"),
-                        mscale_all_dim: number("mscale_all_dim"),
-                        attention_factor: number("attention_factor"),
-                        truncate: p.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
-                    });
-                }
+                Some("yarn") => yarn = Some(read.yarn(config, p, name)?),
                 Some(other) => {
-                    return Err(Error::Config {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "rope type `{other}` is not supported yet (implemented: default, yarn)"
-                        ),
-                    })
+                    return Err(read.bad(format!(
+                        "rope type `{other}` is not supported yet (implemented: default, yarn)"
+                    )))
                 }
             }
         }
@@ -284,6 +275,102 @@ impl RopeParameters {
             },
             None => 1.0,
         }
+    }
+}
+
+/// Reads the rotary keys of one `config.json`, naming the key and the file in every error.
+struct RopeKeys<'a> {
+    path: &'a std::path::Path,
+}
+
+impl RopeKeys<'_> {
+    fn bad(&self, message: String) -> Error {
+        Error::Config {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    /// The object under `key` of `config`; `None` when absent or null.
+    fn object<'v>(
+        &self,
+        config: &'v serde_json::Value,
+        key: &str,
+    ) -> Result<Option<&'v serde_json::Value>> {
+        match config.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(value @ serde_json::Value::Object(_)) => Ok(Some(value)),
+            Some(other) => Err(self.bad(format!(
+                "`{key}` is {other} (expected an object such as {{\"rope_type\": \"default\", \
+                 \"rope_theta\": 10000.0}}, or null)"
+            ))),
+        }
+    }
+
+    /// The finite number under `key` of `object` (named `parent.key` in errors); `None` when
+    /// absent or null.
+    fn number(&self, object: &serde_json::Value, parent: &str, key: &str) -> Result<Option<f64>> {
+        let name = match parent {
+            "" => key.to_string(),
+            _ => format!("{parent}.{key}"),
+        };
+        match object.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Number(n)) => match n.as_f64().filter(|v| v.is_finite()) {
+                Some(value) => Ok(Some(value)),
+                None => Err(self.bad(format!("`{name}` = {n} is not a finite number"))),
+            },
+            Some(other) => Err(self.bad(format!("`{name}` is {other} (expected a number)"))),
+        }
+    }
+
+    /// `value` of key `name` when it is greater than `floor`.
+    fn above(&self, value: f64, name: &str, floor: f64) -> Result<f64> {
+        match value > floor {
+            true => Ok(value),
+            false => Err(self.bad(format!(
+                "`{name}` = {value} is out of range (expected a number greater than {floor})"
+            ))),
+        }
+    }
+
+    /// The YaRN settings of the rope object `p` (named `name`) of `config`.
+    fn yarn(&self, config: &serde_json::Value, p: &serde_json::Value, name: &str) -> Result<Yarn> {
+        let number = |key: &str| self.number(p, name, key);
+        let positive = |key: &str| -> Result<Option<f64>> {
+            number(key)?
+                .map(|v| self.above(v, &format!("{name}.{key}"), 0.0))
+                .transpose()
+        };
+        let factor = positive("factor")?.ok_or_else(|| {
+            self.bad(format!(
+                "yarn rope scaling needs `{name}.factor` (a number above 0)"
+            ))
+        })?;
+        let max_positions = self
+            .number(config, "", "max_position_embeddings")?
+            .filter(|&v| v > 0.0);
+        let truncate = match p.get("truncate") {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(self.bad(format!(
+                    "`{name}.truncate` is {other} (expected true or false)"
+                )))
+            }
+        };
+        Ok(Yarn {
+            factor,
+            original_max_position_embeddings: positive("original_max_position_embeddings")?
+                .or(max_positions)
+                .unwrap_or(4096.0),
+            beta_fast: positive("beta_fast")?.unwrap_or(32.0),
+            beta_slow: positive("beta_slow")?.unwrap_or(1.0),
+            mscale: number("mscale")?,
+            mscale_all_dim: number("mscale_all_dim")?,
+            attention_factor: positive("attention_factor")?,
+            truncate,
+        })
     }
 }
 
@@ -696,6 +783,59 @@ mod tests {
             .iter()
             .zip(&plain)
             .all(|(s, p)| *s <= *p + 1e-15 && *s >= p / 4.0 - 1e-15));
+    }
+
+    #[test]
+    fn malformed_rotary_settings_are_refused_with_the_key_named() {
+        let cases = [
+            (
+                serde_json::json!({"rope_parameters": 5}),
+                "`rope_parameters` is 5",
+            ),
+            (
+                serde_json::json!({"rope_parameters": [1, 2, 3]}),
+                "`rope_parameters` is [1,2,3]",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_theta": "1e6"}}),
+                "`rope_parameters.rope_theta` is \"1e6\" (expected a number)",
+            ),
+            (
+                serde_json::json!({"rope_theta": -5.0}),
+                "`rope_theta` = -5 is out of range",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_theta": 0.0}}),
+                "`rope_parameters.rope_theta` = 0 is out of range",
+            ),
+            (
+                serde_json::json!({"rope_scaling": "yarn"}),
+                "`rope_scaling` is \"yarn\"",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"type": "yarn", "factor": "4"}}),
+                "`rope_scaling.factor` is \"4\"",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "yarn", "factor": -4.0}}),
+                "`rope_parameters.factor` = -4 is out of range",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": 3}}),
+                "`rope_parameters.rope_type` is 3",
+            ),
+        ];
+        for (config, expected) in cases {
+            let error =
+                RopeParameters::from_config(&config, std::path::Path::new("config.json"), 1e4)
+                    .unwrap_err()
+                    .to_string();
+            assert!(error.contains(expected), "{config}: {error}");
+        }
+        let absent = serde_json::json!({"rope_scaling": null});
+        let rope =
+            RopeParameters::from_config(&absent, std::path::Path::new("c.json"), 1e4).unwrap();
+        assert_eq!((rope.theta, rope.yarn), (1e4, None));
     }
 
     #[test]

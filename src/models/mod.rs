@@ -245,9 +245,29 @@ pub enum ArchConfig {
 }
 
 fn parse_config<T: serde::de::DeserializeOwned>(checkpoint: &Checkpoint) -> Result<T> {
-    serde_json::from_value(checkpoint.config().clone()).map_err(|e| Error::Config {
+    let config = checkpoint.config();
+    serde_json::from_value(config.clone()).map_err(|e| Error::Config {
         path: checkpoint.config_path(),
-        message: format!("does not describe the model as expected: {e}"),
+        message: match culprit_key::<T>(config) {
+            Some(key) => format!("key `{key}` = {}: {e}", config[&key]),
+            None => format!("does not describe the model as expected: {e}"),
+        },
+    })
+}
+
+/// The top-level key of `config` that makes it fail to parse as `T` (serde's errors for a value
+/// of the wrong type do not say which key held it): the one whose removal lets it parse, or
+/// turns the error into that key missing.
+fn culprit_key<T: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Option<String> {
+    let fields = config.as_object()?;
+    fields.keys().find_map(|key| {
+        let mut without = fields.clone();
+        without.remove(key);
+        let culprit = match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
+            Ok(_) => true,
+            Err(e) => e.to_string().starts_with(&format!("missing field `{key}`")),
+        };
+        culprit.then(|| key.clone())
     })
 }
 
@@ -278,7 +298,11 @@ impl ArchConfig {
             Family::DeepseekV3 => Self::DeepseekV3(parse_config(checkpoint)?),
         };
         config.validate(&path)?;
-        validate::check_expert_tensors(checkpoint, &config.spec(), config.experts_key())?;
+        validate::check_float_keys(checkpoint.config(), &path)?;
+        let spec = config.spec();
+        common::rope_parameters(checkpoint.config(), &path, spec.rotary.default_theta)?;
+        validate::check_layer_tensors(checkpoint, &spec)?;
+        validate::check_expert_tensors(checkpoint, &spec, config.experts_key())?;
         Ok(config)
     }
 
@@ -386,17 +410,38 @@ impl ArchConfig {
     }
 }
 
-/// Reads the compression record from a checkpoint's `config.json`, if it has one.
+/// Reads the compression record from a checkpoint's `config.json`, if it has one; a record of
+/// another method or an unknown factor storage is refused (its tensors would be misread).
 pub fn compression_record(checkpoint: &Checkpoint) -> Result<Option<CompressionRecord>> {
-    match checkpoint.config().get(COMPRESSION_KEY) {
-        None | Some(serde_json::Value::Null) => Ok(None),
+    let bad = |message: String| Error::Config {
+        path: checkpoint.config_path(),
+        message,
+    };
+    let record: CompressionRecord = match checkpoint.config().get(COMPRESSION_KEY) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
         Some(value) => serde_json::from_value(value.clone())
-            .map(Some)
-            .map_err(|e| Error::Config {
-                path: checkpoint.config_path(),
-                message: format!("invalid `{COMPRESSION_KEY}` section: {e}"),
-            }),
+            .map_err(|e| bad(format!("invalid `{COMPRESSION_KEY}` section: {e}")))?,
+    };
+    if record.method != crate::format::METHOD {
+        return Err(bad(format!(
+            "`{COMPRESSION_KEY}.method` is `{}`, a compression this version cannot read \
+             (expected `{}`)",
+            record.method,
+            crate::format::METHOD
+        )));
     }
+    if let Some(storage) = record
+        .factor_storage
+        .as_deref()
+        .filter(|&s| s != crate::checkpoint::int8::STORAGE_NAME)
+    {
+        return Err(bad(format!(
+            "`{COMPRESSION_KEY}.factor_storage` is `{storage}`, a storage this version cannot \
+             read (expected `{}` or none)",
+            crate::checkpoint::int8::STORAGE_NAME
+        )));
+    }
+    Ok(Some(record))
 }
 
 /// Embedding, final norm and output head: the parts of a model outside the decoder layers.
@@ -534,6 +579,7 @@ impl Model {
     ) -> Result<ForwardOutput> {
         let mut hidden = self.ends.embed(input_ids)?;
         let mut router_logits = Vec::new();
+        let mut sums = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let layer_observer: Option<&mut dyn MoeObserver> = match observer.as_mut() {
                 Some(o) => Some(&mut **o),
@@ -541,12 +587,15 @@ impl Model {
             };
             let (next, logits) = layer.forward(&hidden, &self.rotary, layer_observer)?;
             hidden = next;
+            sums.push(hidden_sum(&hidden)?);
             if let Some(logits) = logits {
                 router_logits.push((layer.index, logits));
             }
         }
+        let logits = self.ends.logits(&hidden)?;
+        check_finite_logits(&logits, &sums)?;
         Ok(ForwardOutput {
-            logits: self.ends.logits(&hidden)?,
+            logits,
             router_logits,
         })
     }
@@ -568,13 +617,17 @@ impl Model {
             ));
         }
         let mut hidden = self.ends.embed(input_ids)?;
+        let mut sums = Vec::with_capacity(self.layers.len());
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             hidden = layer
                 .forward_cached(&hidden, &self.rotary, None, Some(layer_cache))?
                 .0;
+            sums.push(hidden_sum(&hidden)?);
         }
         let last = hidden.narrow(1, seq - 1, 1)?;
-        Ok(self.ends.logits(&last)?.squeeze(1)?)
+        let logits = self.ends.logits(&last)?.squeeze(1)?;
+        check_finite_logits(&logits, &sums)?;
+        Ok(logits)
     }
 
     /// Bytes held by the routed experts of every layer ([`RoutedExperts::resident_bytes`]).
@@ -594,6 +647,40 @@ impl Model {
             layers: self.layers.iter().map(|_| new_layer_cache()).collect(),
         }
     }
+}
+
+/// The sum of a layer's output in f32, a scalar on its device: finite exactly when the output is
+/// (barring an overflow of the sum), and read only when the logits turn out not to be.
+fn hidden_sum(hidden: &Tensor) -> Result<Tensor> {
+    Ok(hidden.to_dtype(DType::F32)?.sum_all()?)
+}
+
+/// Refuses logits holding NaN or ±Inf, naming the first decoder layer whose output was not finite
+/// (`sums`: each layer's [`hidden_sum`], in order), or the final norm and head when none was.
+fn check_finite_logits(logits: &Tensor, sums: &[Tensor]) -> Result<()> {
+    let Some((index, value)) = crate::safety::finite::first_non_finite(logits)? else {
+        return Ok(());
+    };
+    let mut first_bad = None;
+    for (layer, sum) in sums.iter().enumerate() {
+        if !sum.to_scalar::<f32>()?.is_finite() {
+            first_bad = Some(layer);
+            break;
+        }
+    }
+    let source = match first_bad {
+        Some(layer) => format!(
+            "the hidden states first stop being finite at the output of decoder layer {layer} \
+             (`model.layers.{layer}.*`): check its weights and scales, and config.json's rotary \
+             and norm settings"
+        ),
+        None => "every decoder layer's output is finite, so the final norm or the head \
+                 (`model.norm`, `lm_head`) produced them"
+            .to_string(),
+    };
+    Err(Error::Numerical(format!(
+        "the model's logits hold {value} at element {index} (expected finite values); {source}"
+    )))
 }
 
 /// Keys and values of the positions a model has already processed, one cache per layer (not

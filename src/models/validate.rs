@@ -309,6 +309,44 @@ fn check_deepseek_layout(path: &Path, c: &deepseek_v2::Config) -> Result<()> {
     Ok(())
 }
 
+/// Checks the float settings that would make every forward pass non-finite: `rms_norm_eps` must
+/// not be negative (the family's own parse has checked it is a number).
+pub fn check_float_keys(config: &serde_json::Value, path: &Path) -> Result<()> {
+    match config.get("rms_norm_eps").and_then(|v| v.as_f64()) {
+        Some(eps) if eps < 0.0 => Err(Error::Config {
+            path: path.to_path_buf(),
+            message: format!("rms_norm_eps = {eps} is negative (expected a number ≥ 0)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that every decoder layer `0..num_hidden_layers` has tensors, so that a config claiming
+/// more layers than were stored is blamed on `num_hidden_layers`, not on what a layer lacks.
+pub fn check_layer_tensors(checkpoint: &Checkpoint, spec: &ModelSpec) -> Result<()> {
+    let names = checkpoint.tensor_names();
+    let has_layer = |layer: usize| {
+        let prefix = format!("model.layers.{layer}.");
+        let at = names.partition_point(|name| *name < prefix.as_str());
+        names.get(at).is_some_and(|name| name.starts_with(&prefix))
+    };
+    let Some(missing) = (0..spec.num_layers).find(|&layer| !has_layer(layer)) else {
+        return Ok(());
+    };
+    let stored = (0..MAX_LAYERS)
+        .take_while(|&layer| has_layer(layer))
+        .count();
+    Err(Error::Config {
+        path: checkpoint.config_path(),
+        message: format!(
+            "num_hidden_layers = {} but the checkpoint has no tensors for layer {missing} \
+             (`model.layers.{missing}.*`; it stores {stored} layer(s)); expected the config to \
+             match the tensors",
+            spec.num_layers
+        ),
+    })
+}
+
 /// Checks that each MoE layer's routed-expert tensors match the configured count: the last
 /// expert exists (per-expert keys, or fused tensors whose first dimension is the count) and no
 /// expert beyond the count does.

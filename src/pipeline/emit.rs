@@ -16,7 +16,7 @@ use super::options::OutputOptions;
 use super::plan::LayerPlan;
 use super::report::LayerReport;
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
-use crate::checkpoint::writer::{CheckpointWriter, ShardEntry, StagingMode};
+use crate::checkpoint::writer::{CheckpointWriter, StagingMode};
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::format::{self, LayerRecord};
@@ -34,6 +34,9 @@ pub struct RunFiles<'a> {
     pub options_toml: &'a str,
     /// With experts removed: the expert count and `pruning` section of `config.json`.
     pub pruning: Option<&'a super::removal::PrunedConfig>,
+    /// Renders the model card (`README.md`) of an output with a compression record from its
+    /// staged files; written before the output is moved into place. `None`: no card.
+    pub model_card: Option<fn(&std::path::Path) -> Result<String>>,
 }
 
 /// The writers of one run: the compressed checkpoint and, optionally, the dense export, with the
@@ -111,24 +114,27 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
-    /// Counts the shards of the steps the journal holds as written, then removes whatever else
-    /// the staging directories hold (steps an interrupted run did not finish).
+    /// Counts the shards of the steps the journal holds as written once they pass its checks (a
+    /// damaged step is dropped with every later one), then removes whatever else the staging
+    /// directories hold (steps an interrupted run did not finish or that were dropped).
     fn adopt_finished_steps(&mut self) -> Result<()> {
-        let Some(journal) = &self.journal else {
+        let Some(journal) = self.journal.as_mut() else {
             return Ok(());
         };
-        let steps = journal
-            .ends()
-            .into_iter()
-            .chain(journal.layers().map(|l| &l.shards));
-        for shards in steps {
-            adopt(&mut self.compressed, &shards.compressed);
-            adopt(&mut self.dense, &shards.dense);
-        }
+        journal.adopt_verified(
+            self.checkpoint,
+            self.compressed.as_mut(),
+            self.dense.as_mut(),
+        )?;
         for writer in self.compressed.iter().chain(self.dense.iter()) {
             writer.retain_adopted()?;
         }
         Ok(())
+    }
+
+    /// What was found wrong with an interrupted run's work and is recomputed, one line each.
+    pub fn resume_notes(&self) -> &[String] {
+        self.journal.as_ref().map_or(&[], |j| j.notes())
     }
 
     /// The layers an interrupted run finished (an unbroken run from layer 0), in order.
@@ -294,9 +300,9 @@ impl<'a> Emitter<'a> {
         self.write_both(&layer_step(index), (compressed, int8), dense)
     }
 
-    /// Writes `config.json` (with the compression record), the report, the options and the
-    /// tokenizer files, and moves the outputs into place; returns where the compressed
-    /// checkpoint went (None for a dry run).
+    /// Writes `config.json` (with the compression record), the report, the options, the model
+    /// card and the tokenizer files, and moves the outputs into place; returns where the
+    /// compressed checkpoint went (None for a dry run).
     pub fn finish(self, files: &RunFiles) -> Result<Option<PathBuf>> {
         let mut output = None;
         if let Some(w) = self.compressed {
@@ -319,6 +325,14 @@ impl<'a> Emitter<'a> {
             write_common_files(&w, self.checkpoint, &config)?;
             w.write_file("compression_report.json", files.report_json.as_bytes())?;
             w.write_file("compress.toml", files.options_toml.as_bytes())?;
+            let card = files
+                .model_card
+                .filter(|_| config.get(format::COMPRESSION_KEY).is_some());
+            if let Some(render) = card {
+                crate::safety::staging::fault_point("finish:card");
+                let text = render(w.staging_dir())?;
+                w.write_file(crate::model_card::CARD_FILE, text.as_bytes())?;
+            }
             output = Some(w.finish()?);
         }
         if let Some(w) = self.dense {
@@ -336,13 +350,6 @@ impl<'a> Emitter<'a> {
 /// The shard name stem of decoder layer `index` in the staging directory.
 fn layer_step(index: usize) -> String {
     format!("layer-{index:05}")
-}
-
-/// Counts `entry` (if any) as written by `writer` (if any).
-fn adopt(writer: &mut Option<CheckpointWriter>, entry: &Option<ShardEntry>) {
-    if let (Some(w), Some(entry)) = (writer.as_mut(), entry) {
-        w.adopt_shard(entry);
-    }
 }
 
 /// The decoder layer a tensor name belongs to (`model.layers.{i}.…`).

@@ -121,6 +121,9 @@ pub fn compress_with(
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
     let mut emitter = Emitter::create(&checkpoint, &options.output, &manifest)?;
+    for note in emitter.resume_notes() {
+        progress.message("resume", note);
+    }
     if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress) {
         return Err(stopped(emitter, error));
     }
@@ -746,6 +749,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             report_json: &report_json,
             options_toml: &options_toml,
             pruning: pruned_config.as_ref(),
+            model_card: Some(crate::model_card::render_output_card),
         })?;
         Ok(report)
     }

@@ -329,6 +329,9 @@ impl CalibrationOptions {
         if self.group_size == 0 {
             return invalid("--group-size must be at least 1".into());
         }
+        if self.batch_size == 0 {
+            return invalid("--batch-size must be at least 1".into());
+        }
         Ok(())
     }
 }

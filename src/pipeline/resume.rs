@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use super::options::CompressOptions;
 use super::plan::LayerPlan;
 use super::report::LayerReport;
-use crate::checkpoint::writer::ShardEntry;
+use crate::checkpoint::writer::{CheckpointWriter, ShardEntry};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::LayerRecord;
-use crate::safety::staging;
+use crate::safety::{checksum, staging};
 
 /// The journal's manifest file.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -195,7 +195,7 @@ pub fn model_identity(dir: &Path) -> Result<ModelIdentity> {
             FileStamp {
                 bytes: meta.len(),
                 modified_ns: None,
-                hash: Some(format!("{:016x}", fnv1a(&bytes))),
+                hash: Some(checksum::hex(checksum::fnv1a(&bytes))),
             }
         } else {
             let modified = meta
@@ -214,12 +214,6 @@ pub fn model_identity(dir: &Path) -> Result<ModelIdentity> {
     Ok(ModelIdentity {
         dir: canonical,
         files,
-    })
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
-        (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
@@ -251,6 +245,8 @@ pub struct Journal {
     dir: PathBuf,
     ends: Option<CommittedShards>,
     layers: BTreeMap<usize, CommittedLayer>,
+    /// What was found wrong with the interrupted run's work and is recomputed, one line each.
+    notes: Vec<String>,
 }
 
 /// The file of the ends' entry (embedding, final norm, head, layers past `num_hidden_layers`).
@@ -264,10 +260,64 @@ fn layer_file(layer: usize) -> String {
     format!("layer-{layer:05}.json")
 }
 
+/// The decoder layer of a journal file name `layer-NNNNN.json`.
+fn layer_of_file(name: &str) -> Option<usize> {
+    name.strip_prefix("layer-")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+/// A journal entry as stored: its fields and a checksum over them, so that an entry that was
+/// edited, torn or written by another layout is recognised instead of trusted.
+#[derive(Serialize)]
+struct SealedRef<'a, T> {
+    #[serde(flatten)]
+    entry: &'a T,
+    entry_checksum: String,
+}
+
+/// [`SealedRef`] as read back.
+#[derive(Deserialize)]
+struct Sealed<T> {
+    #[serde(flatten)]
+    entry: T,
+    entry_checksum: String,
+}
+
+/// The checksum of an entry: FNV-1a over its JSON serialisation.
+fn entry_checksum<T: Serialize>(entry: &T) -> std::result::Result<String, serde_json::Error> {
+    Ok(checksum::hex(checksum::fnv1a(&serde_json::to_vec(entry)?)))
+}
+
+/// The model-wide plans as the journal stores them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedPlans {
+    plans: Vec<LayerPlan>,
+}
+
+/// A finished step of the journal: the ends, or a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Ends,
+    Layer(usize),
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Ends => write!(f, "the embedding, final norm and head (ends)"),
+            Step::Layer(layer) => write!(f, "finished layer {layer}"),
+        }
+    }
+}
+
 impl Journal {
     /// Opens the journal at `dir` for `manifest`. A journal with another manifest is refused with
     /// what differs ([`Error::ResumeMismatch`], naming `staging`); one without a readable
-    /// manifest (the run died before writing it) is started afresh, as is a missing one.
+    /// manifest (the run died before writing it) is started afresh, as is a missing one. Entries
+    /// that cannot be read or whose checksum fails are dropped with every later one (see
+    /// [`Self::notes`]).
     pub fn open(dir: &Path, staging: &Path, manifest: &Manifest) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let saved = std::fs::read(&manifest_path)
@@ -277,6 +327,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             ends: None,
             layers: BTreeMap::new(),
+            notes: Vec::new(),
         };
         match saved {
             Some(saved) => {
@@ -287,7 +338,7 @@ impl Journal {
                         differences: differences.join(", "),
                     });
                 }
-                journal.load()?;
+                journal.load();
             }
             None => {
                 staging::remove_path(dir);
@@ -303,43 +354,187 @@ impl Journal {
     }
 
     /// Reads the entries: the ends and the layers `0..k` that form an unbroken run (a layer is
-    /// only ever committed after all earlier ones).
-    fn load(&mut self) -> Result<()> {
-        self.ends = self.read_entry(ENDS_FILE)?;
-        if self.ends.is_none() {
-            return Ok(());
+    /// only ever committed after all earlier ones). The first entry that cannot be trusted ends
+    /// the run and is dropped with everything after it.
+    fn load(&mut self) {
+        match self.read_entry::<CommittedShards>(ENDS_FILE) {
+            None => return self.drop_from(Step::Ends, None),
+            Some(Ok(ends)) => self.ends = Some(ends),
+            Some(Err(reason)) => return self.drop_from(Step::Ends, Some(reason)),
+        }
+        if let Some(Err(reason)) = self.read_entry::<SavedPlans>(PLANS_FILE) {
+            // Every finished layer was factored by that plan.
+            staging::remove_path(&self.dir.join(PLANS_FILE));
+            self.drop_from(Step::Layer(0), None);
+            return self.notes.push(format!(
+                "resume: the interrupted run's model-wide rank plan cannot be trusted ({reason}); \
+                 it is computed again and every layer recomputed"
+            ));
         }
         for layer in 0.. {
-            match self.read_entry::<CommittedLayer>(&layer_file(layer))? {
-                Some(entry) if entry.layer == layer => {
+            match self.read_entry::<CommittedLayer>(&layer_file(layer)) {
+                Some(Ok(entry)) if entry.layer == layer => {
                     self.layers.insert(layer, entry);
                 }
-                _ => break,
+                Some(Ok(entry)) => {
+                    let reason = format!("its entry describes layer {}", entry.layer);
+                    return self.drop_from(Step::Layer(layer), Some(reason));
+                }
+                Some(Err(reason)) => return self.drop_from(Step::Layer(layer), Some(reason)),
+                None => return self.drop_from(Step::Layer(layer), None),
+            }
+        }
+    }
+
+    /// Forgets `step` and every later step and removes their entries; `reason` (what was wrong)
+    /// becomes a note, while a step that was simply never finished needs none.
+    fn drop_from(&mut self, step: Step, reason: Option<String>) {
+        let first_layer = match step {
+            Step::Ends => {
+                self.ends = None;
+                staging::remove_path(&self.dir.join(ENDS_FILE));
+                0
+            }
+            Step::Layer(layer) => layer,
+        };
+        let mut dropped: std::collections::BTreeSet<usize> =
+            self.layers.range(first_layer..).map(|(&l, _)| l).collect();
+        self.layers.retain(|&layer, _| layer < first_layer);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let stale = name.to_str().and_then(layer_of_file);
+                if let Some(layer) = stale.filter(|&layer| layer >= first_layer) {
+                    staging::remove_path(&entry.path());
+                    dropped.insert(layer);
+                }
+            }
+        }
+        let Some(reason) = reason else {
+            return;
+        };
+        if let Step::Layer(layer) = step {
+            dropped.remove(&layer);
+        }
+        let also = match (dropped.first(), dropped.last()) {
+            (Some(first), Some(last)) if first == last => format!(" with finished layer {first}"),
+            (Some(first), Some(last)) => format!(" with finished layers {first}–{last}"),
+            _ => String::new(),
+        };
+        self.notes.push(format!(
+            "resume: {step} of the interrupted run cannot be trusted ({reason}); it is recomputed{also}"
+        ));
+    }
+
+    /// The entry in `file`: `None` when there is none, `Err` (why) when it cannot be read or its
+    /// checksum does not match its contents.
+    fn read_entry<T>(&self, file: &str) -> Option<std::result::Result<T, String>>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let bytes = std::fs::read(self.dir.join(file)).ok()?;
+        let sealed = match serde_json::from_slice::<Sealed<T>>(&bytes) {
+            Ok(sealed) => sealed,
+            Err(e) => return Some(Err(format!("its journal entry {file} is unreadable: {e}"))),
+        };
+        Some(match entry_checksum(&sealed.entry) {
+            Ok(sum) if sum == sealed.entry_checksum => Ok(sealed.entry),
+            Ok(sum) => Err(format!(
+                "its journal entry {file} was changed after it was written (checksum {sum}, \
+                 expected {})",
+                sealed.entry_checksum
+            )),
+            Err(e) => Err(format!("its journal entry {file} is unreadable: {e}")),
+        })
+    }
+
+    fn write_entry<T: Serialize>(&self, file: &str, entry: &T) -> Result<()> {
+        let path = self.dir.join(file);
+        let json_error = |e: serde_json::Error| Error::Json {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let sealed = SealedRef {
+            entry,
+            entry_checksum: entry_checksum(entry).map_err(json_error)?,
+        };
+        let text = serde_json::to_vec(&sealed).map_err(json_error)?;
+        staging::write_durable(&path, &text)
+    }
+
+    /// Checks every finished step before anything of it is used: its entry names only tensors of
+    /// its own step and every tensor it copies unchanged from `checkpoint`, and each of its shards
+    /// is in the staging directory as written ([`CheckpointWriter::check_staged_shard`]). Adopts
+    /// the shards of the steps that pass into the writers, in order; the first step that fails is
+    /// dropped with every later one and recomputed, with a note saying which and why.
+    pub fn adopt_verified(
+        &mut self,
+        checkpoint: &Checkpoint,
+        mut compressed: Option<&mut CheckpointWriter>,
+        mut dense: Option<&mut CheckpointWriter>,
+    ) -> Result<()> {
+        let num_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
+            .spec()
+            .num_layers;
+        let steps: Vec<(Step, CommittedShards)> = self
+            .ends
+            .iter()
+            .map(|shards| (Step::Ends, shards.clone()))
+            .chain(
+                self.layers
+                    .values()
+                    .map(|l| (Step::Layer(l.layer), l.shards.clone())),
+            )
+            .collect();
+        let count = |pick: fn(&CommittedShards) -> &Option<ShardEntry>| {
+            steps.iter().filter(|(_, s)| pick(s).is_some()).count()
+        };
+        let counts = [count(|s| &s.compressed), count(|s| &s.dense)];
+        let mut positions = [0, 0];
+        let mut failure = None;
+        'steps: for (step, shards) in &steps {
+            let pairs = [
+                (compressed.as_deref(), &shards.compressed),
+                (dense.as_deref(), &shards.dense),
+            ];
+            for (which, (writer, entry)) in pairs.into_iter().enumerate() {
+                let Some(entry) = entry else { continue };
+                let checked = match writer {
+                    Some(w) => step_tensor_problem(checkpoint, num_layers, *step, entry)
+                        .map_or(Ok(()), Err)
+                        .and_then(|()| {
+                            w.check_staged_shard(entry, positions[which], counts[which])
+                        }),
+                    None => Err(format!("it names shard {} of no output", entry.file)),
+                };
+                if let Err(reason) = checked {
+                    failure = Some((*step, reason));
+                    break 'steps;
+                }
+                positions[which] += 1;
+            }
+        }
+        if let Some((step, reason)) = failure {
+            self.drop_from(step, Some(reason));
+        }
+        let kept = self
+            .ends
+            .iter()
+            .chain(self.layers.values().map(|l| &l.shards));
+        for shards in kept {
+            if let (Some(w), Some(entry)) = (compressed.as_deref_mut(), &shards.compressed) {
+                w.adopt_shard(entry);
+            }
+            if let (Some(w), Some(entry)) = (dense.as_deref_mut(), &shards.dense) {
+                w.adopt_shard(entry);
             }
         }
         Ok(())
     }
 
-    fn read_entry<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<Option<T>> {
-        let path = self.dir.join(file);
-        let Ok(bytes) = std::fs::read(&path) else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Json {
-                path,
-                message: format!("unreadable resume journal entry ({e}); pass --restart"),
-            })
-    }
-
-    fn write_entry<T: Serialize>(&self, file: &str, entry: &T) -> Result<()> {
-        let path = self.dir.join(file);
-        let text = serde_json::to_vec(entry).map_err(|e| Error::Json {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        staging::write_durable(&path, &text)
+    /// What was found wrong with the interrupted run's work (and is recomputed), one line each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The ends' shards, when an earlier run finished them.
@@ -368,7 +563,12 @@ impl Journal {
 
     /// The model-wide plans an earlier run saved (`--budget-scope model`).
     pub fn plans(&self) -> Result<Option<Vec<LayerPlan>>> {
-        self.read_entry::<Vec<LayerPlan>>(PLANS_FILE)
+        let path = self.dir.join(PLANS_FILE);
+        match self.read_entry::<SavedPlans>(PLANS_FILE) {
+            None => Ok(None),
+            Some(Ok(saved)) => Ok(Some(saved.plans)),
+            Some(Err(message)) => Err(Error::Json { path, message }),
+        }
     }
 
     /// Saves the model-wide plans, so that a resumed run needs no planning pass. Every number
@@ -387,8 +587,51 @@ impl Journal {
                 "a plan holds a non-finite number and cannot be saved for resuming".into(),
             ));
         }
-        self.write_entry(PLANS_FILE, &plans)
+        let plans = plans.to_vec();
+        self.write_entry(PLANS_FILE, &SavedPlans { plans })
     }
+}
+
+/// What is wrong with the tensor names a step's shard `entry` lists, if anything: each must belong
+/// to the step (a decoder layer's own prefix; for the ends, no decoder layer below `num_layers`),
+/// and every tensor the step copies unchanged from `checkpoint` must be there (all of the ends';
+/// a layer's, except its routed experts, which the step rewrites).
+fn step_tensor_problem(
+    checkpoint: &Checkpoint,
+    num_layers: usize,
+    step: Step,
+    entry: &ShardEntry,
+) -> Option<String> {
+    let layer_of = |name: &str| -> Option<usize> {
+        name.strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let belongs = |name: &str| match step {
+        Step::Ends => layer_of(name).is_none_or(|layer| layer >= num_layers),
+        Step::Layer(layer) => layer_of(name) == Some(layer),
+    };
+    if let Some(stray) = entry.names.iter().find(|n| !belongs(n)) {
+        return Some(format!(
+            "its journal entry lists tensor `{stray}`, which is not part of it"
+        ));
+    }
+    let copied = |name: &str| match step {
+        Step::Ends => belongs(name),
+        Step::Layer(_) => belongs(name) && !name.contains(".experts."),
+    };
+    let missing = checkpoint.tensor_names().into_iter().find(|name| {
+        copied(name)
+            && entry
+                .names
+                .binary_search_by(|n| n.as_str().cmp(name))
+                .is_err()
+    });
+    missing.map(|name| {
+        format!("its journal entry lacks tensor `{name}`, which is copied from the model unchanged")
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! a model confined to its directory, bounded reads, and staging paths that interruptions and dead
 //! runs do not leave behind.
 
+pub mod checksum;
 pub mod commands;
+pub mod finite;
 pub mod paths;
 pub mod staging;
 

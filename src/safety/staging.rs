@@ -490,7 +490,7 @@ mod signals {
 
     fn wait_and_clean(read_end: libc::c_int) {
         let mut byte = 0u8;
-        loop {
+        let second = loop {
             // SAFETY: reads at most one byte into `byte`, which lives across the call.
             let n = unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) };
             if n == 0 {
@@ -506,11 +506,18 @@ mod signals {
                 super::request_interrupt(byte as i32);
                 continue;
             }
-            break;
-        }
+            break cooperative;
+        };
         // Held until exit, so no writer can move its staging path into place meanwhile.
         let mut registry = super::lock_registry();
         super::remove_registered(&mut registry);
+        if second {
+            // The run was already stopping at its next safe point; say why it ends sooner.
+            eprintln!(
+                "interrupted again (signal {byte}): stopping at once; what was finished is kept \
+                 for the same command to resume"
+            );
+        }
         std::process::exit(128 + byte as i32);
     }
 }

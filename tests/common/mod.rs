@@ -219,6 +219,37 @@ pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 }
 
+/// `dir/config.json` as JSON.
+pub fn read_config(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// Copies the files of directory `from` (not recursively) into a new directory `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The safetensors file of checkpoint `dir` holding a tensor whose name satisfies `pick`.
+pub fn shard_holding(dir: &Path, pick: impl Fn(&str) -> bool) -> String {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .find(|file| {
+            let (header, _) = read_safetensors_raw(&dir.join(file));
+            header.as_object().unwrap().keys().any(|name| pick(name))
+        })
+        .expect("a shard holding the tensor")
+}
+
 /// Writes a safetensors file holding one tensor `input_ids`.
 pub fn write_input_ids(path: &Path, ids: candle_core::Tensor) {
     candle_core::safetensors::save(

@@ -338,15 +338,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         super::write_json(path, &report)?;
     }
     match &report.output {
-        Some(out) => {
-            println!("wrote {} in {:.1}s", out.display(), report.seconds);
-            // An output without compressed experts (only removal) is a normal checkpoint, which
-            // the card does not describe.
-            let config = rfid_moe::checkpoint::read_json(&out.join("config.json"))?;
-            if config.get(rfid_moe::format::COMPRESSION_KEY).is_some() {
-                super::upload::write_card_after_compress(out);
-            }
-        }
+        Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
     Ok(())

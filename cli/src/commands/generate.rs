@@ -20,9 +20,12 @@ pub struct GenerateArgs {
     /// `org/name[@revision]` (an existing local path wins).
     #[arg(long)]
     model: PathBuf,
-    /// The prompt (for `--chat`, the user's message).
-    #[arg(long)]
-    prompt: String,
+    /// The prompt (for `--chat`, the user's message); it may start with `-`.
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this UTF-8 file (`-`: from standard input) instead of --prompt.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template (tokenizer_config.json / chat_template.jinja).
     #[arg(long)]
     chat: bool,
@@ -75,6 +78,41 @@ fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType> {
     })
 }
 
+/// Largest prompt read from --prompt-file: 64 MiB.
+const MAX_PROMPT_BYTES: u64 = 64 << 20;
+
+/// The prompt: --prompt as given, or the contents of --prompt-file (standard input for `-`).
+fn read_prompt(args: &GenerateArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(prompt), _) => Ok(prompt.clone()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .take(MAX_PROMPT_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .context("--prompt-file -: reading the prompt from standard input")?;
+            if bytes.len() as u64 > MAX_PROMPT_BYTES {
+                bail!("--prompt-file -: the prompt on standard input is larger than {MAX_PROMPT_BYTES} bytes");
+            }
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "--prompt-file -: the prompt on standard input is not UTF-8 (invalid byte at offset {})",
+                    e.utf8_error().valid_up_to()
+                )
+            })
+        }
+        (None, Some(path)) => Ok(rfid_moe::safety::read_text_bounded(
+            path,
+            MAX_PROMPT_BYTES,
+            "a UTF-8 prompt",
+        )?),
+        (None, None) => {
+            bail!("no prompt: give --prompt TEXT, or --prompt-file PATH (`-` reads standard input)")
+        }
+    }
+}
+
 /// Refuses a checkpoint whose residual would be expanded to dense matrices, unless asked to.
 fn check_residual(checkpoint: &Checkpoint, expand: bool) -> Result<()> {
     let Some(record) = rfid_moe::models::compression_record(checkpoint)? else {
@@ -97,6 +135,7 @@ fn check_residual(checkpoint: &Checkpoint, expand: bool) -> Result<()> {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let device = args.device.device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let prompt_text = read_prompt(args)?;
     let model_dir = crate::hub::resolve_model(&args.model, false)?;
     let tokenizer = rfid_moe::text::load_tokenizer(&model_dir)?;
     let text = if args.chat {
@@ -110,10 +149,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system));
         }
-        messages.push(ChatMessage::new("user", &args.prompt));
+        messages.push(ChatMessage::new("user", &prompt_text));
         template.render(&messages, true)?
     } else {
-        args.prompt.clone()
+        prompt_text
     };
     // transformers adds the tokenizer's special tokens to a plain prompt but not to a rendered
     // chat template, which already holds them.

@@ -94,6 +94,8 @@ pub fn plot_compression(model: &Path, dir: &Path) -> Result<()> {
         );
     }
     let layers = rfid_moe::pipeline::read_layer_reports(model)?;
+    let checkpoint = rfid_moe::checkpoint::Checkpoint::open(model)?;
+    rfid_moe::inspect::check_layer_reports(&checkpoint, &layers)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let frequency = dir.join("routing_frequency.png");
     plot::routing_frequency_heatmap(&frequency, &layers)?;

@@ -44,14 +44,6 @@ pub struct UploadArgs {
     quiet: bool,
 }
 
-/// Writes the model card into a finished `compress` output; a failure is only a warning (the
-/// output itself is complete).
-pub fn write_card_after_compress(out: &Path) {
-    if let Err(error) = model_card::write_model_card(out, &CardInputs::default()) {
-        eprintln!("warning: no model card written: {error}");
-    }
-}
-
 /// Checks the directory, builds the card and uploads everything as one commit.
 pub fn run(args: &UploadArgs) -> Result<()> {
     let Some(mut repo) = RepoRef::parse(&args.repo).filter(|_| !args.repo.contains('@')) else {
@@ -65,6 +57,8 @@ pub fn run(args: &UploadArgs) -> Result<()> {
     let config = HubConfig::from_env()?;
     let progress = bars::observer(args.quiet);
     let charts_dir = std::env::temp_dir().join(format!("rfid-moe-charts-{}", std::process::id()));
+    // A signal during the upload removes the charts with the other temporaries.
+    rfid_moe::safety::staging::register_staging(&charts_dir);
     let result = (|| {
         let mut options = UploadOptions {
             repo: repo.clone(),
@@ -96,6 +90,7 @@ pub fn run(args: &UploadArgs) -> Result<()> {
         )?)
     })();
     let _ = std::fs::remove_dir_all(&charts_dir);
+    rfid_moe::safety::staging::unregister_staging(&charts_dir);
     let summary = result?;
     println!(
         "uploaded {} files ({} through LFS, {} bytes sent) to {}@{}",

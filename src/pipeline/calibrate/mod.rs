@@ -72,6 +72,17 @@ pub fn calibration_windows(
             options.seq_len
         )));
     }
+    if windows.len() < options.samples {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {} tokens make {} windows of --seq-len {}, fewer than --samples {} (lower \
+             --samples or --seq-len, or give more calibration text)",
+            path.display(),
+            stream.len(),
+            windows.len(),
+            options.seq_len,
+            options.samples
+        )));
+    }
     Ok(windows)
 }
 
