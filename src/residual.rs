@@ -1,4 +1,4 @@
-//! The residual of paper §3.4 (`method.md` §5): a fixed random one-hot sparse projection `P`
+//! The residual of the paper's §3.4 (docs/METHOD.md §1): a fixed random one-hot sparse projection `P`
 //! (D×a, columns scaled by `1/√n_q` so that `PᵀP = I`) and per-group coefficients `η = Pᵀ vec(R)`.
 //! Only the seed and `η` are stored; `P` is regenerated from the seed.
 

@@ -159,7 +159,8 @@ pub fn grid(ratios: &[f64], columns: &[(Allocation, usize, bool, bool)]) -> Vec<
         .collect()
 }
 
-/// The columns of `method.md` §8's reference table, in its order.
+/// The columns of the reference table of docs/RESULTS.md §1 (an independent PyTorch
+/// implementation of the paper), in its order.
 pub fn reference_columns() -> Vec<(Allocation, usize, bool, bool)> {
     use Allocation::*;
     vec![

@@ -309,7 +309,7 @@ pub use crate::rng::SplitMix64;
 /// Up to `samples` non-overlapping windows of `seq_len` tokens for calibration.
 ///
 /// With `seed` = [`FIRST_WINDOWS`] (0) these are the first `samples` consecutive windows (what
-/// method.md §8's reference used: the first 128 windows of 512 tokens of `calibration.txt`);
+/// the reference of docs/RESULTS.md §1 used: the first 128 windows of 512 tokens of `calibration.txt`);
 /// otherwise `samples` distinct windows chosen by a Fisher–Yates shuffle driven by
 /// [`SplitMix64`]`(seed)`, returned in stream order. Fewer are returned when the stream has
 /// fewer windows.

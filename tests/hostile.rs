@@ -1,4 +1,4 @@
-//! Hostile inputs at the library level, one test per class of issue 11: inputs destroyed, reads
+//! Hostile inputs at the library level, one test per class: inputs destroyed, reads
 //! outside the model, inputs accepted silently, panics and aborts, leftovers. Each gives an error
 //! that names the culprit and what was expected, writes nothing and leaves the inputs unchanged.
 //! (`tests/errors.rs` covers the plainer malformed checkpoints.)

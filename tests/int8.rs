@@ -1,4 +1,4 @@
-//! `--factor-dtype int8` (issue 16, docs/FORMAT.md "Int8 factors"): the quantiser's error bound,
+//! `--factor-dtype int8` (docs/FORMAT.md "Int8 factors"): the quantiser's error bound,
 //! an int8 checkpoint read back against the same run with f32 factors (tensors and logits), the
 //! bytes it saves, and the named errors of a missing or misshapen scale; int8 factors stay int8
 //! in memory: exactly the logits of dequantising at load, in their stored bytes.

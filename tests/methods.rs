@@ -63,7 +63,10 @@ impl<B: LinalgBackend> Method<B> for KeepBf16 {
                     unreachable!("bf16 offers expert matrices only");
                 };
                 let mut tensors = StoredTensors::default();
-                let w = layer.experts.matrix(expert, matrix)?.to_dtype(DType::BF16)?;
+                let w = layer
+                    .experts
+                    .matrix(expert, matrix)?
+                    .to_dtype(DType::BF16)?;
                 tensors.insert(layer.experts.layout.dense_name(expert, matrix), w);
                 Ok(UnitOutput {
                     unit: candidate.unit,
@@ -102,8 +105,8 @@ fn a_method_from_outside_the_crate_is_offered_and_chosen_where_it_is_the_better_
         let mut options: CompressOptions =
             common::small_default_options(&source, &calibration, &out, 0.4);
         options.methods = methods.iter().map(|m| m.to_string()).collect();
-        let report = rfid_moe::pipeline::compress_with(&options, &registry, &rfid_moe::Silent)
-            .unwrap();
+        let report =
+            rfid_moe::pipeline::compress_with(&options, &registry, &rfid_moe::Silent).unwrap();
         let error = common::mean_abs_diff(&common::logits_of(&out, &ids), &original);
         (report, out, error)
     };
@@ -116,7 +119,11 @@ fn a_method_from_outside_the_crate_is_offered_and_chosen_where_it_is_the_better_
         .filter(|(kind, _)| kind.as_str() == "bf16")
         .map(|(_, count)| count)
         .sum();
-    assert!(chosen > 0, "the solver never chose bf16: {:?}", report.layers[0].plan);
+    assert!(
+        chosen > 0,
+        "the solver never chose bf16: {:?}",
+        report.layers[0].plan
+    );
     // Its tensors are written as it stored them, and the record says so.
     let checkpoint = rfid_moe::checkpoint::Checkpoint::open(&out).unwrap();
     let bf16_tensors = checkpoint
@@ -135,7 +142,10 @@ fn a_method_from_outside_the_crate_is_offered_and_chosen_where_it_is_the_better_
     assert!(kept <= 0.6 + 0.005, "kept {kept}");
     let (_, _, without) = run("int8", &["int8", "keep"]);
     eprintln!("mean |Δ logit| with bf16 {with_bf16}, without {without}; {chosen} bf16 matrices");
-    assert!(with_bf16 < without, "with bf16 {with_bf16}, without {without}");
+    assert!(
+        with_bf16 < without,
+        "with bf16 {with_bf16}, without {without}"
+    );
 }
 
 #[test]

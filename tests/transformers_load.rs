@@ -1,4 +1,4 @@
-//! transformers loads what `compress` writes (issue 14, docs/FORMAT.md "Loading in
+//! transformers loads what `compress` writes (docs/FORMAT.md "Loading in
 //! transformers"): the factored checkpoint of every family builds through our modelling file
 //! (`trust_remote_code=True`) with our logits and exactly the factored parameter count (so no
 //! dense copy of an expert), loading it without remote code raises, a checkpoint missing a
@@ -30,7 +30,7 @@ const SKIP_VAR: &str = "RFID_MOE_SKIP_PYTHON_TESTS";
 const PYTHON_VAR: &str = "RFID_MOE_PYTHON";
 /// The path the README's example loads; the test substitutes its own output.
 const README_PATH: &str = "\"/tmp/mini-rfid\"";
-/// The logits tolerance of issue 14 (f32 on the CPU in both runtimes).
+/// The logits tolerance (f32 on the CPU in both runtimes).
 const TOLERANCE: f32 = 1e-4;
 
 /// The Python to use, or None when the user opted out.
@@ -472,7 +472,7 @@ fn add_fused_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     });
 }
 
-/// Expert pruning (issue 16): a pruned checkpoint is a normal one that the family's own class
+/// Expert pruning: a pruned checkpoint is a normal one that the family's own class
 /// loads without remote code (a fused input stays fused, cut to the kept experts); pruning plus
 /// low-rank loads through our modelling file. Parameter counts are those stored in the output.
 fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
@@ -532,7 +532,7 @@ fn add_pruned_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
     });
 }
 
-/// `--factor-dtype int8` (issue 16): int8 factors with row-block scales load through our
+/// `--factor-dtype int8`: int8 factors with row-block scales load through our
 /// modelling file and stay int8 in memory (dequantised per use, [`check_int8_residency`]), with
 /// our logits and the parameter count of the report (the scales are storage, not parameters);
 /// Mixtral with a residual (η stays a float); Qwen3-MoE with a SiLU basis (`--factorizer

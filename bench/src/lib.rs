@@ -1,7 +1,7 @@
 //! Benchmarks of rfid-moe on random checkpoints with the exact shapes of real MoE models: the
-//! `decode` binary times the runtime (issue 13) against candle-transformers' own `qwen3_moe` on
+//! `decode` binary times the runtime against candle-transformers' own `qwen3_moe` on
 //! the same weights; the `compress` binary times compression per stage and layer, with its peak
-//! memory and a LAPACK reference of the same matrices (issue 12).
+//! memory and a LAPACK reference of the same matrices.
 
 pub mod compressed;
 pub mod device_memory;

@@ -1,4 +1,4 @@
-//! Hostile inputs through the `rfid-moe` binary, one test per class of issue 11. Each refused
+//! Hostile inputs through the `rfid-moe` binary, one test per class. Each refused
 //! run must exit non-zero without panicking, name the culprit on stderr, leave its output path
 //! absent and every input byte-identical.
 
@@ -458,7 +458,7 @@ fn a_stale_staging_directory_of_a_dead_run_is_removed_by_the_next_run() {
     assert_eq!(common::hidden_entries(tmp.path()), Vec::<String>::new());
 }
 
-// ---- 9. silently wrong results and leftovers of issue 28 -----------------------------------
+// ---- 9. silently wrong results and leftovers ----------------------------------------------
 
 /// `eval` of `model` on one window of its test text; the JSON report goes to `json`.
 fn eval_once(model: &Path, json: &Path) -> Output {

@@ -439,7 +439,13 @@ fn compress_writes_a_card_and_upload_commits_everything() {
     assert!(!printed.contains(TOKEN), "{printed}");
     assert!(printed.contains("uploaded"), "{printed}");
 
-    let requests = &hub.requests()[requests_before..];
+    check_upload_requests(&hub.requests()[requests_before..]);
+    check_committed_files(&hub, target, &out, &card);
+}
+
+/// The upload's requests: the repository created private, every API call with the token, the
+/// LFS upload with the action's headers and never the token.
+fn check_upload_requests(requests: &[hub_server::Recorded]) {
     let step = |method: &str, part: &str| {
         requests
             .iter()
@@ -477,9 +483,13 @@ fn compress_writes_a_card_and_upload_commits_everything() {
         !put.headers.contains_key("authorization"),
         "the token never goes to the storage"
     );
+}
 
+/// Every file of `out` committed byte for byte, the card regenerated for the repository with
+/// the quality table and the charts, and `out` itself unchanged.
+fn check_committed_files(hub: &FakeHub, target: &str, out: &Path, card: &str) {
     let committed = hub.branch_files(target, "main").unwrap();
-    for entry in std::fs::read_dir(&out).unwrap() {
+    for entry in std::fs::read_dir(out).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().into_owned();
         if name == "README.md" {

@@ -1,4 +1,4 @@
-//! Resume of `compress` after a kill (issue 15, point 4), through the `rfid-moe` binary: runs are
+//! Resume of `compress` after a kill, through the `rfid-moe` binary: runs are
 //! killed at chosen points (`RFID_MOE_FAULT_INJECT` makes the library abort there, as a kill
 //! would), by SIGTERM and by SIGKILL; the same command then continues from the first unfinished
 //! layer and must produce an output identical to an uninterrupted run's, without redoing the

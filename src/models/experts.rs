@@ -7,7 +7,7 @@
 //! - [`RoutedExperts::Factored`]: rfid-moe's compressed groups. For gate and up, whose input is
 //!   the layer input, `act(B_g)·x` is computed once for all tokens routed to any member of group
 //!   `g`, then each member applies its `A_i` to its own rows. Experts the record keeps dense stay
-//!   dense. A residual is still expanded to a dense `[out, in]` per member at load; issue 13
+//!   dense. A residual is expanded to a dense `[out, in]` per member at load; a compact form
 //!   replaces that with the compact form. Factors and dense members stored as int8 stay int8
 //!   codes in memory ([`Weight`]) and are dequantised each time they are used (a SiLU-activated
 //!   basis is held activated, dense).
@@ -169,7 +169,7 @@ pub struct FactorGroup {
     pub basis: Weight,
     /// Per member: `A_i` [out, rank] (input side) or `C_i` [rank, in] (output side).
     pub coefficients: Vec<Weight>,
-    /// Dense residual per member, [out, in] (expanded at load; issue 13 keeps it compact).
+    /// Dense residual per member, [out, in] (expanded at load).
     pub residuals: Option<Vec<Tensor>>,
     /// Which side the basis is shared on.
     pub side: BasisSide,

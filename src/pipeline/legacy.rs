@@ -274,6 +274,7 @@ impl LegacyOptions {
                 matrices,
                 scope: allocation.budget_scope,
                 granularity: Granularity::Expert,
+                layer_floor: 0.0,
             },
             output: self.output.clone(),
             ..CompressOptions::default()

@@ -407,12 +407,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             method.settle(&mut offers)?;
         }
         let before: f64 = offers.iter().map(|o| o.target.before).sum();
-        let (plans, _) = solver::solve(
-            &offers,
-            self.budget.unit,
-            self.options.budget.granularity,
-            tolerance(before),
-        )?;
+        let spending = solver::Spending {
+            unit: self.budget.unit,
+            granularity: self.options.budget.granularity,
+            tolerance: tolerance(before),
+            layer_floor: self.options.budget.layer_floor,
+        };
+        let (plans, _) = solver::solve(&offers, spending)?;
         emitter.save_plans(&plans)?;
         Ok(plans)
     }
@@ -469,6 +470,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             layer: observations.layer,
             routing_counts: &observations.routing_counts,
             saliency: observations.saliency.as_deref(),
+            expert_output_energy: observations.expert_output_energy.as_deref(),
+            output_energy: observations.output_energy,
         };
         let mut pruning = None;
         for method in &self.methods {
@@ -633,13 +636,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 for method in &self.methods {
                     method.settle(&mut offers)?;
                 }
-                let tolerance = tolerance(context.target.before);
-                let (mut plans, _) = solver::solve(
-                    &offers,
-                    self.budget.unit,
-                    self.options.budget.granularity,
-                    tolerance,
-                )?;
+                let spending = solver::Spending {
+                    unit: self.budget.unit,
+                    granularity: self.options.budget.granularity,
+                    tolerance: tolerance(context.target.before),
+                    layer_floor: 0.0,
+                };
+                let (mut plans, _) = solver::solve(&offers, spending)?;
                 seconds.solve = lap();
                 plans.remove(0)
             }
@@ -775,11 +778,16 @@ fn plan_summary(plan: &LayerPlan, unit: BudgetUnit) -> PlanSummary {
             .entry(kind)
             .or_default() += 1;
     }
+    let removal = plan
+        .pruning
+        .as_ref()
+        .and_then(|p| p.estimated_error)
+        .unwrap_or(0.0);
     PlanSummary {
         before: plan.target.before,
         target: plan.target.target,
         planned: plan.size(unit),
-        estimated_error: plan.error(),
+        estimated_error: plan.error() + removal,
         choices,
     }
 }

@@ -116,6 +116,8 @@ pub struct BudgetOptions {
     pub scope: BudgetScope,
     /// How finely the solver may mix per-expert choices.
     pub granularity: Granularity,
+    /// With a model-wide budget, the fraction of its own share each layer keeps at least.
+    pub layer_floor: f64,
 }
 
 impl Default for BudgetOptions {
@@ -126,6 +128,7 @@ impl Default for BudgetOptions {
             matrices: DEFAULT_MATRICES.to_vec(),
             scope: BudgetScope::Model,
             granularity: Granularity::Expert,
+            layer_floor: 0.0,
         }
     }
 }
@@ -166,6 +169,12 @@ impl BudgetOptions {
         }
         if !(0.0..1.0).contains(&self.ratio) {
             return invalid(format!("--ratio {} must be in [0, 1)", self.ratio));
+        }
+        if !(0.0..=1.0).contains(&self.layer_floor) {
+            return invalid(format!(
+                "--layer-floor {} must be in [0, 1]",
+                self.layer_floor
+            ));
         }
         Ok(())
     }

@@ -176,6 +176,7 @@ mod tests {
             removed: vec![12, 13, 14, 15],
             scores: vec![1.0; 16],
             routing_counts: vec![1; 16],
+            estimated_error: None,
         };
         let edit = PrunedConfig::new(&[(0, &pruning)], false).unwrap().unwrap();
         let mut config = serde_json::json!({"num_local_experts": 16, "compression": {}});

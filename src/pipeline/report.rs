@@ -128,6 +128,11 @@ pub struct LayerPruning {
     pub scores: Vec<f64>,
     /// Top-k hits of every original expert.
     pub routing_counts: Vec<u64>,
+    /// The estimated output error of removing them: the energy their weighted outputs added
+    /// to the layer's over the calibration tokens, relative to the layer output's (their
+    /// tokens' weights are taken up by the next experts, so this bounds it from above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_error: Option<f64>,
 }
 
 /// One candidate ξ's measurement (`--xi auto`).

@@ -111,8 +111,14 @@ fn decide(decision: &Decision, price: f64) -> Pick {
     }
 }
 
-fn size_at(decisions: &[Decision], price: f64) -> (f64, Vec<Pick>) {
-    let picks: Vec<Pick> = decisions.iter().map(|d| decide(d, price)).collect();
+/// Every decision's choice at `price`, each capped at its own `caps` entry (a layer held at its
+/// floor stops getting cheaper), and their total size.
+fn size_at(decisions: &[Decision], caps: &[f64], price: f64) -> (f64, Vec<Pick>) {
+    let picks: Vec<Pick> = decisions
+        .iter()
+        .zip(caps)
+        .map(|(d, &cap)| decide(d, price.min(cap)))
+        .collect();
     let size = decisions
         .iter()
         .zip(&picks)
@@ -337,26 +343,49 @@ pub struct Solution {
     pub price: f64,
 }
 
-/// Chooses one candidate per unit of every layer of `offers` so that their total size (in
-/// `unit`) fits the sum of the layers' targets with the least summed error. The smallest choice
-/// may exceed the budget by `tolerance` (the methods' step, e.g. a whole expert removed); beyond
-/// that the budget is refused as unreachable.
-pub fn solve(
-    offers: &[LayerOffer],
-    unit: BudgetUnit,
-    granularity: Granularity,
-    tolerance: f64,
-) -> Result<(Vec<LayerPlan>, Solution)> {
+/// How the solver spends a budget over several layers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spending {
+    /// What the budget is counted in.
+    pub unit: BudgetUnit,
+    /// How finely choices may mix.
+    pub granularity: Granularity,
+    /// How far the smallest choice may exceed the budget (the methods' step, e.g. a whole
+    /// expert removed); beyond it the budget is refused as unreachable.
+    pub tolerance: f64,
+    /// Each layer keeps at least this fraction of its own target, whatever the others save
+    /// (0: no floor).
+    pub layer_floor: f64,
+}
+
+/// Chooses one candidate per unit of every layer of `offers` so that their total size fits the
+/// sum of the layers' targets with the least summed error.
+pub fn solve(offers: &[LayerOffer], spending: Spending) -> Result<(Vec<LayerPlan>, Solution)> {
+    let Spending {
+        unit,
+        granularity,
+        tolerance,
+        layer_floor,
+    } = spending;
     let mut decisions = Vec::new();
+    let mut layer_of = Vec::new();
     for (layer, offer) in offers.iter().enumerate() {
-        decisions.extend(layer_decisions(layer, offer, unit, granularity)?);
+        let layer_decisions = layer_decisions(layer, offer, unit, granularity)?;
+        layer_of.extend(std::iter::repeat_n(layer, layer_decisions.len()));
+        decisions.extend(layer_decisions);
     }
     let target: f64 = offers.iter().map(|o| o.target.target).sum();
-    let (free_size, free) = size_at(&decisions, 0.0);
+    let layer_caps = floor_prices(offers, &decisions, &layer_of, layer_floor);
+    let mut caps: Vec<f64> = layer_of.iter().map(|&l| layer_caps[l]).collect();
+    // The floors are a preference: where honouring them cannot meet the budget, they go.
+    if size_at(&decisions, &caps, f64::MAX / 1e10).0 > target {
+        caps = vec![f64::INFINITY; decisions.len()];
+    }
+    let (free_size, free) = size_at(&decisions, &caps, 0.0);
     let (picks, price) = if free_size <= target {
         (free, 0.0)
     } else {
-        let (least_size, least) = size_at(&decisions, f64::MAX / 1e10);
+        let (least_size, least) = size_at(&decisions, &caps, f64::MAX / 1e10);
         if least_size > target + tolerance {
             let before: f64 = offers.iter().map(|o| o.target.before).sum();
             return Err(Error::InvalidArgument(format!(
@@ -368,7 +397,7 @@ pub fn solve(
                 100.0 * target / before.max(1.0)
             )));
         }
-        bisect(&decisions, target).unwrap_or((least, f64::MAX / 1e10))
+        bisect(&decisions, &caps, target).unwrap_or((least, f64::MAX / 1e10))
     };
     let mut plans: Vec<LayerPlan> = offers
         .iter()
@@ -400,13 +429,63 @@ pub fn solve(
     Ok((plans, solution))
 }
 
+/// Per layer, the highest price at which it still keeps `floor` of its target (infinite when
+/// it does at any price, or without a floor): past it the layer's price stops rising.
+fn floor_prices(
+    offers: &[LayerOffer],
+    decisions: &[Decision],
+    layer_of: &[usize],
+    floor: f64,
+) -> Vec<f64> {
+    offers
+        .iter()
+        .enumerate()
+        .map(|(layer, offer)| {
+            let own: Vec<Decision> = decisions
+                .iter()
+                .zip(layer_of)
+                .filter(|(_, &l)| l == layer)
+                .map(|(d, _)| d.clone())
+                .collect();
+            let uncapped = vec![f64::INFINITY; own.len()];
+            let minimum = floor * offer.target.target;
+            let size = |price: f64| size_at(&own, &uncapped, price).0;
+            if floor <= 0.0 || size(f64::MAX / 1e10) >= minimum {
+                return f64::INFINITY;
+            }
+            if size(0.0) < minimum {
+                return 0.0;
+            }
+            let (mut low, mut high) = (0.0f64, 1e-30f64);
+            while size(high) >= minimum && high < 1e30 {
+                low = high;
+                high *= 10.0;
+            }
+            for _ in 0..100 {
+                let middle = match low > 0.0 {
+                    true => (low * high).sqrt(),
+                    false => high / 2.0,
+                };
+                if middle <= low || middle >= high {
+                    break;
+                }
+                match size(middle) >= minimum {
+                    true => low = middle,
+                    false => high = middle,
+                }
+            }
+            low
+        })
+        .collect()
+}
+
 /// Bisects the price between an infeasible and a feasible one and fills the gap; None when no
 /// finite price is feasible.
-fn bisect(decisions: &[Decision], target: f64) -> Option<(Vec<Pick>, f64)> {
+fn bisect(decisions: &[Decision], caps: &[f64], target: f64) -> Option<(Vec<Pick>, f64)> {
     let mut high = 1e-30;
     let mut low = 0.0;
     loop {
-        if size_at(decisions, high).0 <= target {
+        if size_at(decisions, caps, high).0 <= target {
             break;
         }
         low = high;
@@ -423,13 +502,13 @@ fn bisect(decisions: &[Decision], target: f64) -> Option<(Vec<Pick>, f64)> {
         if middle <= low || middle >= high {
             break;
         }
-        match size_at(decisions, middle).0 <= target {
+        match size_at(decisions, caps, middle).0 <= target {
             true => high = middle,
             false => low = middle,
         }
     }
-    let (mut size, mut picks) = size_at(decisions, high);
-    let (_, infeasible) = size_at(decisions, low);
+    let (mut size, mut picks) = size_at(decisions, caps, high);
+    let (_, infeasible) = size_at(decisions, caps, low);
     let mut candidates = moves(decisions, &picks, &infeasible);
     candidates.sort_by(|a, b| {
         let ratio = |m: &Move| match m.cost > 0.0 {
@@ -590,22 +669,30 @@ mod tests {
         }
     }
 
+    fn spend(granularity: Granularity, tolerance: f64) -> Spending {
+        Spending {
+            unit: BudgetUnit::Bytes,
+            granularity,
+            tolerance,
+            layer_floor: 0.0,
+        }
+    }
+
     fn labels(plan: &LayerPlan) -> Vec<String> {
         plan.chosen.iter().map(|c| c.label.clone()).collect()
     }
 
     #[test]
     fn an_ample_budget_keeps_everything_and_a_tight_one_quantises_the_cheaper_loss_first() {
-        let unit = BudgetUnit::Bytes;
-        let g = Granularity::Expert;
-        let (plans, s) = solve(&[offer(200.0, [1.0, 2.0], vec![])], unit, g, 0.0).unwrap();
+        let g = spend(Granularity::Expert, 0.0);
+        let (plans, s) = solve(&[offer(200.0, [1.0, 2.0], vec![])], g).unwrap();
         assert_eq!(labels(&plans[0]), ["keep", "keep"]);
         assert_eq!((s.size, s.error, s.price), (200.0, 0.0, 0.0));
         // 150 bytes: one expert goes int8, the one that loses less.
-        let (plans, s) = solve(&[offer(150.0, [1.0, 2.0], vec![])], unit, g, 0.0).unwrap();
+        let (plans, s) = solve(&[offer(150.0, [1.0, 2.0], vec![])], g).unwrap();
         assert_eq!(labels(&plans[0]), ["int8", "keep"]);
         assert_eq!((s.size, s.error), (150.0, 1.0));
-        let (plans, _) = solve(&[offer(150.0, [3.0, 2.0], vec![])], unit, g, 0.0).unwrap();
+        let (plans, _) = solve(&[offer(150.0, [3.0, 2.0], vec![])], g).unwrap();
         assert_eq!(labels(&plans[0]), ["keep", "int8"]);
     }
 
@@ -616,9 +703,7 @@ mod tests {
         // 120 bytes: int8 both costs 100 bytes and 3.0 error; rank 8 fits with 0.1.
         let (plans, s) = solve(
             &[offer(120.0, [1.0, 2.0], ranks.clone())],
-            BudgetUnit::Bytes,
-            Granularity::Expert,
-            0.0,
+            spend(Granularity::Expert, 0.0),
         )
         .unwrap();
         assert_eq!(labels(&plans[0]), ["rank 8"]);
@@ -626,9 +711,7 @@ mod tests {
         // 70 bytes: only rank 4 fits.
         let (plans, _) = solve(
             &[offer(70.0, [1.0, 2.0], ranks)],
-            BudgetUnit::Bytes,
-            Granularity::Expert,
-            0.0,
+            spend(Granularity::Expert, 0.0),
         )
         .unwrap();
         assert_eq!(labels(&plans[0]), ["rank 4"]);
@@ -638,9 +721,7 @@ mod tests {
     fn an_unreachable_budget_is_refused_with_the_smallest_size_offered() {
         let error = solve(
             &[offer(60.0, [1.0, 2.0], vec![])],
-            BudgetUnit::Bytes,
-            Granularity::Expert,
-            0.0,
+            spend(Granularity::Expert, 0.0),
         )
         .unwrap_err()
         .to_string();
@@ -651,9 +732,7 @@ mod tests {
         // Within the tolerance, the smallest choice is taken.
         let (plans, _) = solve(
             &[offer(95.0, [1.0, 2.0], vec![])],
-            BudgetUnit::Bytes,
-            Granularity::Expert,
-            10.0,
+            spend(Granularity::Expert, 10.0),
         )
         .unwrap();
         assert_eq!(labels(&plans[0]), ["int8", "int8"]);
@@ -668,19 +747,50 @@ mod tests {
         b.layer = 1;
         a.target.target = 150.0;
         b.target.target = 150.0;
-        let (plans, s) = solve(&[a, b], BudgetUnit::Bytes, Granularity::Expert, 0.0).unwrap();
+        let (plans, s) = solve(&[a, b], spend(Granularity::Expert, 0.0)).unwrap();
         assert_eq!(labels(&plans[0]), ["keep", "keep"]);
         assert_eq!(labels(&plans[1]), ["int8", "int8"]);
         assert_eq!(s.size, 300.0);
     }
 
     #[test]
+    fn a_layer_floor_keeps_a_layer_from_giving_up_more_than_its_share() {
+        // As above, but each layer must keep at least 90% of its own 150 bytes: layer 1 may
+        // quantise only one slot, so layer 0 quantises one too, though it loses more.
+        let mut a = offer(200.0, [10.0, 12.0], vec![]);
+        let mut b = offer(100.0, [1.0, 1.5], vec![]);
+        b.layer = 1;
+        a.target.target = 150.0;
+        b.target.target = 150.0;
+        let floored = Spending {
+            layer_floor: 0.9,
+            ..spend(Granularity::Expert, 0.0)
+        };
+        let (plans, s) = solve(&[a.clone(), b.clone()], floored).unwrap();
+        assert_eq!(
+            plans[1].size(BudgetUnit::Bytes),
+            150.0,
+            "{:?}",
+            labels(&plans[1])
+        );
+        assert_eq!(
+            plans[0].size(BudgetUnit::Bytes),
+            150.0,
+            "{:?}",
+            labels(&plans[0])
+        );
+        assert_eq!((s.size, s.error), (300.0, 11.0));
+        assert_eq!(labels(&plans[0]), ["int8", "keep"]);
+        // Without the floor layer 0 gives up nothing and layer 1 everything.
+        let (plans, _) = solve(&[a, b], spend(Granularity::Expert, 0.0)).unwrap();
+        assert_eq!(labels(&plans[0]), ["keep", "keep"]);
+    }
+
+    #[test]
     fn a_matrix_granularity_gives_every_expert_the_same_kind() {
         let (plans, _) = solve(
             &[offer(150.0, [1.0, 2.0], vec![])],
-            BudgetUnit::Bytes,
-            Granularity::Matrix,
-            0.0,
+            spend(Granularity::Matrix, 0.0),
         )
         .unwrap();
         assert_eq!(labels(&plans[0]), ["int8", "int8"]);
@@ -743,7 +853,7 @@ mod tests {
                 pruning: None,
             };
             let best = exact_optimum(&slots, target as usize);
-            match solve(&[offer], BudgetUnit::Bytes, Granularity::Expert, 0.0) {
+            match solve(&[offer], spend(Granularity::Expert, 0.0)) {
                 Ok((_, s)) => {
                     assert!(s.size <= target, "{} > {target}", s.size);
                     assert!(

@@ -1,4 +1,4 @@
-//! Compression benchmark (issue 12): writes (or reuses) a random checkpoint with the exact
+//! Compression benchmark: writes (or reuses) a random checkpoint with the exact
 //! names and shapes of a real MoE model for N layers, compresses it with `rfid_moe::compress`
 //! (SVD factoriser, whitening: the defaults) on random calibration windows, and prints per MoE
 //! layer and on average the seconds of each stage, the peak host (and, on CUDA, device)

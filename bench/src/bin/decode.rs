@@ -1,4 +1,4 @@
-//! Decode benchmark (issue 13): prefill and per-token decode time per layer, and routed-expert
+//! Decode benchmark: prefill and per-token decode time per layer, and routed-expert
 //! memory, of rfid-moe's runtime on an original and compressed random checkpoints with
 //! Qwen3-30B-A3B's layer shapes, against candle-transformers' `qwen3_moe` on the same weights.
 //!

@@ -1,4 +1,4 @@
-//! Quantisation frame for the quality table (issue 16): round-trips a checkpoint's routed-expert
+//! Quantisation frame for the quality table: round-trips a checkpoint's routed-expert
 //! weights through one of ggml's block quantisers (candle's port: `Q4_0`, `Q4_1`, `Q5_0`,
 //! `Q8_0`, `Q4K`, ...; round-to-nearest per block, no calibration) and writes the dequantised
 //! weights in the checkpoint's own dtype, so that `rfid-moe eval` measures the quantised model's

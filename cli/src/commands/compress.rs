@@ -52,6 +52,9 @@ pub struct CompressArgs {
     /// How finely the solver may mix choices: per expert, per layer and matrix, per layer.
     #[arg(long, value_parser = choice::<Granularity>())]
     granularity: Option<Granularity>,
+    /// With --budget-scope model: the fraction of its own share every layer keeps at least.
+    #[arg(long)]
+    layer_floor: Option<f64>,
     /// The routed-expert matrices the budget covers, comma separated (default gate,up,down;
     /// those left out stay as they are stored).
     #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
@@ -199,6 +202,7 @@ impl CompressArgs {
         set(&mut budget.ratio, &self.ratio);
         set(&mut budget.scope, &self.budget_scope);
         set(&mut budget.granularity, &self.granularity);
+        set(&mut budget.layer_floor, &self.layer_floor);
         let output = &mut options.output;
         if self.out.is_some() {
             output.out = self.out.clone();

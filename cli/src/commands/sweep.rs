@@ -30,7 +30,7 @@ pub struct SweepArgs {
     /// Ratios, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "0.2,0.4,0.6")]
     ratios: Vec<f64>,
-    /// `reference`: the ten columns of method.md §8; `full`: every allocation × residual ×
+    /// `reference`: the ten columns of docs/RESULTS.md §1; `full`: every allocation × residual ×
     /// whitening, plus k=1; `rfid-whiten`: the default method alone (for tuning ξ and friends).
     #[arg(long, default_value = "reference")]
     grid: String,
@@ -49,7 +49,7 @@ pub struct SweepArgs {
     /// Calibration window length.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Fused-score weight ξ (0.2: our measured default; method.md §8's reference used 0.8), or
+    /// Fused-score weight ξ (0.2: our measured default; the reference of docs/RESULTS.md §1 used 0.8), or
     /// `auto` (chosen per layer on held-out calibration windows; statistics are not cached then).
     #[arg(long, value_parser = parse_xi, default_value = "0.2")]
     xi: XiSetting,

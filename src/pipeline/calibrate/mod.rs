@@ -421,11 +421,13 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         drop(layer);
         let data = recorder.map(|r| {
             let saliency = r.saliency.as_ref().map(SaliencyAccumulator::saliency);
+            let energy = r.saliency.as_ref().map(SaliencyAccumulator::output_energy);
             let mut observations = LayerObservations {
                 layer: index,
                 routing_counts: Vec::new(),
                 tokens: 0,
                 saliency,
+                expert_output_energy: energy,
                 output_energy,
                 batches: r.batches,
                 down_grams: r.down_gram.map(|down| down.grams),

@@ -19,11 +19,14 @@ pub(crate) struct RoutedBatch {
     pub routes: Vec<(Vec<u32>, Vec<f32>)>,
 }
 
-/// Per expert, the sum of `g_j(x)·‖f_j(x)‖₂` and the number of routed tokens (REAP).
+/// Per expert, the sum of `g_j(x)·‖f_j(x)‖₂` and the number of routed tokens (REAP), and the
+/// energy `Σ ‖w_j(x)·f_j(x)‖²` its weighted output adds to the layer's (`w_j` the routing weight
+/// the layer combines with): the output error of removing it.
 #[derive(Debug, Clone)]
 pub struct SaliencyAccumulator {
     weighted_norms: Vec<f64>,
     routed: Vec<u64>,
+    output_energy: Vec<f64>,
 }
 
 impl SaliencyAccumulator {
@@ -32,6 +35,7 @@ impl SaliencyAccumulator {
         Self {
             weighted_norms: vec![0.0; num_experts],
             routed: vec![0; num_experts],
+            output_energy: vec![0.0; num_experts],
         }
     }
 
@@ -42,9 +46,13 @@ impl SaliencyAccumulator {
             let (Some(output), Some(route)) = (output, trace.dispatch.route(expert)) else {
                 continue;
             };
-            let norms = output.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?.sqrt()?;
+            let squared = output.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?;
+            let weights = route.weights.to_dtype(DType::F32)?.reshape(((), 1))?;
+            let energy: f32 = (&squared * weights.sqr()?)?.sum_all()?.to_scalar()?;
+            let norms = squared.sqrt()?;
             let gate = gates.index_select(&route.tokens, 0)?.narrow(1, expert, 1)?;
             let sum: f32 = (norms * gate)?.sum_all()?.to_scalar()?;
+            self.output_energy[expert] += f64::from(energy);
             let slot = self.weighted_norms.get_mut(expert).ok_or_else(|| {
                 Error::InvalidArgument(format!("expert {expert} outside the saliency table"))
             })?;
@@ -52,6 +60,11 @@ impl SaliencyAccumulator {
             self.routed[expert] += route.count as u64;
         }
         Ok(())
+    }
+
+    /// Per expert, `Σ ‖w_j(x)·f_j(x)‖²` over its routed tokens.
+    pub fn output_energy(&self) -> Vec<f64> {
+        self.output_energy.clone()
     }
 
     /// `S_j`: the mean over routed tokens (0 for experts without tokens).

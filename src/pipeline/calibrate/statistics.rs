@@ -205,6 +205,8 @@ pub struct LayerObservations<M> {
     pub tokens: u64,
     /// REAP saliency per expert, when asked for.
     pub saliency: Option<Vec<f64>>,
+    /// Per expert, the energy its weighted output adds to the layer's (with the saliency).
+    pub expert_output_energy: Option<Vec<f64>>,
     /// `Σ ‖y‖²` of the layer's output over the calibration tokens.
     pub output_energy: f64,
     pub(crate) batches: Vec<RoutedBatch>,
@@ -293,6 +295,10 @@ impl<M> LayerObservations<M> {
         }
         self.saliency = self
             .saliency
+            .take()
+            .map(|s| kept.iter().map(|&e| s[e]).collect());
+        self.expert_output_energy = self
+            .expert_output_energy
             .take()
             .map(|s| kept.iter().map(|&e| s[e]).collect());
     }

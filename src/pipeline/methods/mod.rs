@@ -64,6 +64,10 @@ pub struct ObservedLayer<'a> {
     pub routing_counts: &'a [u64],
     /// REAP saliency per expert (when a method asked for it).
     pub saliency: Option<&'a [f64]>,
+    /// Per expert, the energy its weighted output adds to the layer's (with the saliency).
+    pub expert_output_energy: Option<&'a [f64]>,
+    /// `Σ ‖y‖²` of the layer's output over the calibration tokens.
+    pub output_energy: f64,
 }
 
 /// One layer as the methods see it once its experts are final.

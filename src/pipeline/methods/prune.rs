@@ -128,6 +128,7 @@ impl PruneRule {
             removed,
             scores,
             routing_counts: counts.to_vec(),
+            estimated_error: None,
         })
     }
 }
@@ -320,7 +321,8 @@ impl<B: LinalgBackend> Method<B> for Prune {
 
     fn needs(&self) -> Needs {
         Needs {
-            saliency: self.rule.is_some_and(|r| r.saliency == Saliency::Reap),
+            // The experts' outputs give REAP's saliency and the removal's estimated error.
+            saliency: self.rule.is_some(),
             ..Needs::default()
         }
     }
@@ -330,9 +332,15 @@ impl<B: LinalgBackend> Method<B> for Prune {
     }
 
     fn remove(&self, layer: &ObservedLayer) -> Result<Option<LayerPruning>> {
-        self.rule
-            .map(|rule| rule.select(layer.routing_counts, layer.saliency.map(<[f64]>::to_vec)))
-            .transpose()
+        let Some(rule) = self.rule else {
+            return Ok(None);
+        };
+        let mut pruning = rule.select(layer.routing_counts, layer.saliency.map(<[f64]>::to_vec))?;
+        if let (Some(energy), true) = (layer.expert_output_energy, layer.output_energy > 0.0) {
+            let removed: f64 = pruning.removed.iter().map(|&e| energy[e]).sum();
+            pruning.estimated_error = Some(removed / layer.output_energy);
+        }
+        Ok(Some(pruning))
     }
 
     fn offer(&self, _layer: &super::LayerContext<B>) -> Result<Vec<Candidate>> {

@@ -221,7 +221,7 @@ pub fn budget_for_ratio(groups: &[GroupShape], ratio: f64) -> f64 {
     (1.0 - ratio) * dense as f64
 }
 
-/// Allocate ranks to groups under a parameter `budget` (method.md §3).
+/// Allocate ranks to groups under a parameter `budget` (docs/METHOD.md §1).
 ///
 /// `scores` (one per group, finite, ≥ 0) set the proportions: `K_g = t·C_g`, clamped to
 /// `[1, max_rank]`, with `t` chosen so the clamped ranks spend `budget − Σ reserved`

@@ -301,7 +301,7 @@ impl<B: LinalgBackend> Factorizer<B> for SvdFactorizer {
     }
 }
 
-/// MoBE-style factoriser `Ŵ_i = A_i · SiLU(B_g)` fitted with Adam (method.md §4, `basis`).
+/// MoBE-style factoriser `Ŵ_i = A_i · SiLU(B_g)` fitted with Adam (docs/METHOD.md §1, `basis`).
 ///
 /// Gradients are hand-coded in `f64` on top of faer matmuls (no autograd): with
 /// `R = A·SiLU(B) − W` the loss is `‖R‖²_F` (or `‖R S‖²_F` with whitening, computed as
