@@ -193,25 +193,16 @@ fn member_units<M>(
         layer.compressed.extend(unit.tensors);
     }
     let methods: Vec<&str> = chosen.iter().map(|c| c.method.as_str()).collect();
+    let after = chosen.iter().map(|c| c.parameters).sum();
     let report = GroupReport {
-        experts: members.to_vec(),
-        frequency,
-        effective_rank: 0.0,
-        density: 0.0,
-        score: 0.0,
-        rank: 0,
-        dense: true,
-        residual_size: 0,
-        relative_error: 0.0,
-        activation_error: None,
-        residual_energy_recovered: None,
-        residual_energy_per_parameter: None,
-        rank_energy_per_parameter: None,
-        parameters_before: (members.len() * rows * cols) as u64,
-        parameters_after: chosen.iter().map(|c| c.parameters).sum(),
         method: Some(methods.join(",")),
         storage: storage.clone(),
         estimated_error: Some(chosen.iter().map(|c| c.error).sum()),
+        ..GroupReport::new(
+            members.to_vec(),
+            frequency,
+            ((members.len() * rows * cols) as u64, after),
+        )
     };
     let record = GroupRecord {
         experts: members.to_vec(),
@@ -250,31 +241,20 @@ pub fn planned_reports<M>(parts: &LayerParts<M>) -> BTreeMap<String, Vec<GroupRe
                 true if chosen[0].label != "dense" => chosen[0].variant as usize,
                 _ => 0,
             };
+            let before = (members.len() * rows * cols) as u64;
+            let after = chosen.iter().map(|c| c.parameters).sum();
+            let methods: Vec<&str> = chosen.iter().map(|c| c.method.as_str()).collect();
             groups.push(GroupReport {
-                experts: members.clone(),
-                frequency: frequencies[g],
                 effective_rank: signals.effective_rank,
                 density: signals.density,
                 score: signals.score,
                 rank,
                 dense: rank == 0,
                 residual_size: signals.reserved,
-                relative_error: 0.0,
-                activation_error: None,
-                residual_energy_recovered: None,
-                residual_energy_per_parameter: None,
-                rank_energy_per_parameter: None,
-                parameters_before: (members.len() * rows * cols) as u64,
-                parameters_after: chosen.iter().map(|c| c.parameters).sum(),
-                method: Some(
-                    chosen
-                        .iter()
-                        .map(|c| c.method.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                method: Some(methods.join(",")),
                 storage: chosen.iter().map(|c| c.label.clone()).collect(),
                 estimated_error: Some(chosen.iter().map(|c| c.error).sum()),
+                ..GroupReport::new(members.clone(), frequencies[g], (before, after))
             });
         }
         reports.insert(layout.name(matrix).to_string(), groups);

@@ -60,6 +60,33 @@ pub struct GroupReport {
     pub estimated_error: Option<f64>,
 }
 
+impl GroupReport {
+    /// The report of a group of `experts` with routing frequency `frequency`, `before` and
+    /// `after` parameters, and nothing measured yet (no rank: members stored on their own).
+    pub fn new(experts: Vec<usize>, frequency: f64, (before, after): (u64, u64)) -> Self {
+        Self {
+            experts,
+            frequency,
+            effective_rank: 0.0,
+            density: 0.0,
+            score: 0.0,
+            rank: 0,
+            dense: true,
+            residual_size: 0,
+            relative_error: 0.0,
+            activation_error: None,
+            residual_energy_recovered: None,
+            residual_energy_per_parameter: None,
+            rank_energy_per_parameter: None,
+            parameters_before: before,
+            parameters_after: after,
+            method: None,
+            storage: Vec::new(),
+            estimated_error: None,
+        }
+    }
+}
+
 /// One layer's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerReport {

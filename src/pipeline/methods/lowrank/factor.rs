@@ -16,8 +16,8 @@ use crate::{Error, Result};
 mod layer;
 
 pub use layer::{
-    factor_groups, factor_layer, FactorSettings, FactoredGroup, FactoredLayer, FactoredMatrix,
-    GroupJob,
+    factor_groups, factor_layer, input_gram, member_grams, FactorSettings, FactoredGroup,
+    FactoredLayer, FactoredMatrix, GroupJob,
 };
 
 /// Factors of one group: `Ŵ_g = coefficients · act(basis)`, in a backend's matrix type.

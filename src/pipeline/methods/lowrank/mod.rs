@@ -703,44 +703,27 @@ impl<B: LinalgBackend> LowRank<B> {
                 let members = &statistics.groups[group];
                 let shape = group_shape(layer.experts.layout, matrix, members.len());
                 let rank = c.variant as usize;
-                let down = matrix == ExpertMatrix::Down;
+                let report = GroupReport {
+                    rank,
+                    dense: false,
+                    method: Some(NAME.into()),
+                    storage: vec![self.storage_name()],
+                    estimated_error: Some(c.error),
+                    ..GroupReport::new(
+                        members.clone(),
+                        frequencies[group],
+                        (shape.dense_params() as u64, c.parameters),
+                    )
+                };
                 Ok(GroupJob {
                     matrix,
                     experts: members,
                     shape,
                     allocation: GroupAllocation { rank, dense: false },
                     residual_size: 0,
-                    report: GroupReport {
-                        experts: members.clone(),
-                        frequency: frequencies[group],
-                        effective_rank: 0.0,
-                        density: 0.0,
-                        score: 0.0,
-                        rank,
-                        dense: false,
-                        residual_size: 0,
-                        relative_error: 0.0,
-                        activation_error: None,
-                        residual_energy_recovered: None,
-                        residual_energy_per_parameter: None,
-                        rank_energy_per_parameter: None,
-                        parameters_before: shape.dense_params() as u64,
-                        parameters_after: c.parameters,
-                        method: Some(NAME.into()),
-                        storage: vec![self.storage_name()],
-                        estimated_error: Some(c.error),
-                    },
-                    gram: match down {
-                        true => None,
-                        false => statistics.group_gram.as_ref().map(|grams| &grams[group]),
-                    },
-                    member_grams: match down {
-                        true => statistics
-                            .expert_down_gram
-                            .as_ref()
-                            .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
-                        false => None,
-                    },
+                    report,
+                    gram: factor::input_gram(statistics, matrix, group),
+                    member_grams: factor::member_grams(statistics, matrix, members),
                     weights: statistics.group_weights(matrix, members),
                 })
             })

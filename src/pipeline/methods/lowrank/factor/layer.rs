@@ -145,7 +145,6 @@ impl<'a, M> GroupJob<'a, M> {
         g: usize,
     ) -> Self {
         let members = &analysis.groups[g];
-        let down = matrix_analysis.matrix == ExpertMatrix::Down;
         let shape = matrix_analysis.shapes[g];
         let GroupAllocation { rank, dense } = plan.allocations[g];
         let residual_size = if dense { 0 } else { plan.reserved[g] };
@@ -180,19 +179,39 @@ impl<'a, M> GroupJob<'a, M> {
             allocation: plan.allocations[g],
             residual_size,
             report,
-            gram: match down {
-                true => None,
-                false => statistics.group_gram.as_ref().map(|grams| &grams[g]),
-            },
-            member_grams: match down {
-                true => statistics
-                    .expert_down_gram
-                    .as_ref()
-                    .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
-                false => None,
-            },
+            gram: input_gram(statistics, matrix_analysis.matrix, g),
+            member_grams: member_grams(statistics, matrix_analysis.matrix, members),
             weights: None,
         }
+    }
+}
+
+/// Group `g`'s input Gram matrix, for a matrix whose basis is on the input side (gate, up).
+pub fn input_gram<M>(
+    statistics: &LayerStatistics<M>,
+    matrix: ExpertMatrix,
+    g: usize,
+) -> Option<&M> {
+    match matrix {
+        ExpertMatrix::Down => None,
+        ExpertMatrix::Gate | ExpertMatrix::Up => {
+            statistics.group_gram.as_ref().map(|grams| &grams[g])
+        }
+    }
+}
+
+/// Each member's intermediate Gram matrix, for `down_proj` (its basis on the output side).
+pub fn member_grams<'a, M>(
+    statistics: &'a LayerStatistics<M>,
+    matrix: ExpertMatrix,
+    members: &[usize],
+) -> Option<Vec<&'a M>> {
+    match matrix {
+        ExpertMatrix::Down => statistics
+            .expert_down_gram
+            .as_ref()
+            .map(|grams| members.iter().map(|&e| &grams[e]).collect()),
+        ExpertMatrix::Gate | ExpertMatrix::Up => None,
     }
 }
 
