@@ -15,6 +15,7 @@ pub mod models;
 pub mod named;
 pub mod pipeline;
 pub mod progress;
+pub mod quant;
 pub mod residual;
 pub mod rng;
 pub mod safety;
