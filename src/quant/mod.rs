@@ -83,7 +83,7 @@ impl Scheme {
 
     /// Whether a matrix with `cols` columns can be stored (whole blocks only).
     pub fn supports(&self, cols: usize) -> bool {
-        cols > 0 && cols % self.block_columns() == 0
+        cols > 0 && cols.is_multiple_of(self.block_columns())
     }
 
     /// Bytes of one stored row of `cols` columns.
@@ -145,7 +145,7 @@ impl Scheme {
         cols: usize,
         importance: Option<&[f32]>,
     ) -> Result<Vec<u8>> {
-        if !self.supports(cols) || values.len() % cols != 0 {
+        if !self.supports(cols) || !values.len().is_multiple_of(cols) {
             return Err(Error::InvalidArgument(format!(
                 "{} needs whole blocks of {} columns; the matrix has {} columns",
                 self.name(),
@@ -176,7 +176,7 @@ impl Scheme {
     /// Dequantises a stored `[rows, cols]` matrix (`rows · row_bytes(cols)` bytes), row-major.
     pub fn dequantise(&self, bytes: &[u8], cols: usize) -> Result<Vec<f32>> {
         let row_bytes = self.row_bytes(cols);
-        if row_bytes == 0 || bytes.len() % row_bytes != 0 {
+        if row_bytes == 0 || !bytes.len().is_multiple_of(row_bytes) {
             return Err(Error::InvalidArgument(format!(
                 "{}: {} bytes are not whole rows of {} columns ({} bytes each)",
                 self.name(),
