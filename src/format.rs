@@ -71,6 +71,16 @@ impl GroupRecord {
             members => members.get(slot).is_some_and(|s| s == int8),
         }
     }
+
+    /// Whether member `slot` of this dense group is stored packed in a block format
+    /// ([`crate::quant::Scheme`]).
+    pub fn is_packed(&self, slot: usize) -> bool {
+        self.dense
+            && self
+                .storage
+                .get(slot)
+                .is_some_and(|s| crate::quant::Scheme::parse(s).is_ok())
+    }
 }
 
 /// Compression of one matrix type (e.g. `gate_proj`) in one layer.

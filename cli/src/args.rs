@@ -76,6 +76,8 @@ choice!(Granularity);
 choice!(FactorizerKind);
 choice!(Saliency);
 choice!(TuneMetric);
+choice!(rfid_moe::pipeline::methods::quantise::Algorithm);
+choice!(rfid_moe::pipeline::methods::quantise::HessianSource);
 
 impl Choice for rfid_moe::checkpoint::experts::ExpertMatrix {
     fn all() -> &'static [Self] {

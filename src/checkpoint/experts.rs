@@ -370,7 +370,7 @@ impl ExpertLayout {
     ) -> Result<Weight> {
         self.check_expert(expert)?;
         let per_expert = self.dense_name(expert, matrix);
-        if checkpoint.is_int8(&per_expert) {
+        if checkpoint.is_int8(&per_expert) || checkpoint.packed(&per_expert).is_some() {
             let by = self.expected_by(&format!("routed expert {expert}"));
             let shape = self.shape(matrix);
             return Weight::load(

@@ -9,6 +9,7 @@ pub mod experts;
 pub mod fp8;
 pub mod header;
 pub mod int8;
+pub mod packed;
 pub mod storage;
 pub mod weight;
 pub mod writer;
@@ -333,6 +334,8 @@ pub struct Checkpoint {
     config: serde_json::Value,
     shards: Vec<SafetensorsFile>,
     location: HashMap<String, usize>,
+    /// Packed matrices by the name of the matrix they stand for.
+    packed: HashMap<String, packed::PackedInfo>,
 }
 
 impl Checkpoint {
@@ -366,12 +369,25 @@ impl Checkpoint {
                 ),
             ));
         };
+        let packed = packed_matrices(&shards, &location)?;
         Ok(Self {
             dir,
             config,
             shards,
             location,
+            packed,
         })
+    }
+
+    /// The packed matrix standing for `name` (None when `name` is not stored packed).
+    pub fn packed(&self, name: &str) -> Option<&packed::PackedInfo> {
+        self.packed.get(name)
+    }
+
+    /// The packed matrix standing for `name` and its stored bytes.
+    pub fn packed_bytes(&self, name: &str) -> Option<(&packed::PackedInfo, &[u8])> {
+        let info = self.packed.get(name)?;
+        Some((info, self.raw_bytes(&info.stored)?))
     }
 
     /// The checkpoint directory.
@@ -396,9 +412,9 @@ impl Checkpoint {
         names
     }
 
-    /// Whether the checkpoint holds `name`.
+    /// Whether the checkpoint holds `name` (stored as it is, or packed).
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        self.location.contains_key(name) || self.packed.contains_key(name)
     }
 
     /// Header entry of `name` and the shard file holding it.
@@ -434,6 +450,12 @@ impl Checkpoint {
         device: &Device,
         expected_by: &str,
     ) -> Result<Tensor> {
+        if let Some((info, bytes)) = self.packed_bytes(name) {
+            let values = packed::dequantise(info, bytes)?;
+            return Ok(Tensor::from_vec(values, (info.rows, info.cols), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?);
+        }
         let shard = self
             .location
             .get(name)
@@ -769,7 +791,16 @@ impl Checkpoint {
         device: &Device,
         expected_by: &str,
     ) -> Result<Tensor> {
-        if let Some((info, path)) = self.info(name) {
+        if let Some(packed) = self.packed(name) {
+            if packed.shape() != expected {
+                return Err(Error::ShapeMismatch {
+                    name: packed.stored.clone(),
+                    path: self.info(&packed.stored).map_or_else(|| self.dir.clone(), |(_, p)| p.to_path_buf()),
+                    expected: expected.to_vec(),
+                    found: packed.shape().to_vec(),
+                });
+            }
+        } else if let Some((info, path)) = self.info(name) {
             if info.shape != expected {
                 return Err(Error::ShapeMismatch {
                     name: name.to_string(),
@@ -866,6 +897,44 @@ struct BlockScales {
 
 /// Shards and tensor locations of a sharded checkpoint: every `weight_map` entry must name a file
 /// inside `dir` that holds the tensor, and a tensor stored in several shards must be listed.
+/// The packed matrices among the stored tensors, by the name of the matrix each stands for.
+fn packed_matrices(
+    shards: &[SafetensorsFile],
+    location: &HashMap<String, usize>,
+) -> Result<HashMap<String, packed::PackedInfo>> {
+    let mut packed = HashMap::new();
+    for (stored, &shard) in location {
+        let Some((name, scheme)) = packed::parse_packed_name(stored) else {
+            continue;
+        };
+        let shard = &shards[shard];
+        let info = &shard.tensors[stored];
+        let bad = |message: String| Error::Safetensors {
+            path: shard.path.clone(),
+            message,
+        };
+        if info.dtype != StoredDType::U8 {
+            return Err(bad(format!(
+                "tensor `{stored}` is named as a {scheme} matrix but is {}, not U8 blocks",
+                info.dtype.name()
+            )));
+        }
+        let matrix = packed::PackedInfo::new(stored, scheme, &info.shape).map_err(bad)?;
+        if location.contains_key(name) {
+            return Err(bad(format!(
+                "`{name}` is stored both as it is and packed as `{stored}`"
+            )));
+        }
+        if let Some(other) = packed.insert(name.to_string(), matrix) {
+            return Err(bad(format!(
+                "`{name}` is packed twice: `{}` and `{stored}`",
+                other.stored
+            )));
+        }
+    }
+    Ok(packed)
+}
+
 fn open_indexed_shards(
     dir: &Path,
     index_path: &Path,

@@ -47,14 +47,15 @@ impl ExpertsForm {
         compression: Option<&CompressionRecord>,
         device: &Device,
     ) -> Self {
-        // Factored groups, or members stored as int8 codes, need the factored form (the only
-        // one holding int8 weights resident).
+        // Factored groups, or members stored as int8 codes or packed blocks, need the factored
+        // form (the only one holding such weights resident).
         let factored = compression.is_some_and(|c| {
             c.layer(layer).is_some_and(|l| {
                 l.matrices.values().flat_map(|m| &m.groups).any(|g| {
                     !g.dense
-                        || (0..g.experts.len())
-                            .any(|slot| g.is_int8(slot, c.factor_storage.as_deref()))
+                        || (0..g.experts.len()).any(|slot| {
+                            g.is_int8(slot, c.factor_storage.as_deref()) || g.is_packed(slot)
+                        })
                 })
             })
         });
@@ -385,7 +386,7 @@ impl FactoredProjection {
     /// Applies `expert`'s matrix to its own input rows `x` [count, in].
     pub fn forward_expert(&self, expert: usize, x: &Tensor) -> Result<Tensor> {
         match self.member(expert)? {
-            Member::Dense(i) => matmul_transposed(x, &self.dense[i].matrix()?),
+            Member::Dense(i) => self.dense[i].forward(x),
             Member::Group { group, slot } => self.groups[group].forward_member(slot, x),
         }
     }
@@ -416,7 +417,7 @@ impl FactoredProjection {
                 continue;
             };
             let y = match *member {
-                Member::Dense(i) => matmul_transposed(h, &self.dense[i].matrix()?)?,
+                Member::Dense(i) => self.dense[i].forward(h)?,
                 Member::Group { group, slot } => match &self.groups[group] {
                     g if g.side == BasisSide::Output => continue,
                     g => g.forward_member(slot, h)?,
@@ -466,7 +467,7 @@ impl FactoredProjection {
         let mut out: Vec<Option<Tensor>> = vec![None; self.members.len()];
         for (expert, member) in self.members.iter().enumerate() {
             if let (Member::Dense(i), Some(x_e)) = (member, rows(expert)?) {
-                out[expert] = Some(matmul_transposed(&x_e, &self.dense[*i].matrix()?)?);
+                out[expert] = Some(self.dense[*i].forward(&x_e)?);
             }
         }
         for group in &self.groups {

@@ -92,6 +92,18 @@ pub fn compress_with(
     let device = parse_device(&options.device)?;
     let checkpoint = Checkpoint::open(&options.model)?;
     let backend = CpuBackend;
+    let with_bits;
+    let options = match options.budget.bits_per_weight {
+        Some(_) => {
+            let bytes_per_parameter = budget::input_bytes_per_parameter(&checkpoint)?;
+            with_bits = CompressOptions {
+                budget: options.budget.resolve_bits(bytes_per_parameter)?,
+                ..options.clone()
+            };
+            &with_bits
+        }
+        None => options,
+    };
     let inputs = MethodInputs {
         options,
         checkpoint: &checkpoint,
@@ -429,7 +441,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         let needs = self.needs;
         let want_gram = needs.group_gram || self.options.calibration.activation_statistics;
         let cached = match self.options.calibration.statistics_cache.as_deref() {
-            Some(path) if path.exists() => {
+            // A replay has no routed inputs to give a method that computes its own statistics.
+            Some(path) if path.exists() && !needs.routed_inputs => {
                 calibrate::load_statistics(path, &self.statistics_key, self.backend)?
                     .filter(|layers| !want_gram || layers.iter().all(|l| l.group_gram.is_some()))
             }
@@ -446,7 +459,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 [windows, held_out],
                 &self.options.calibration,
                 Recording {
-                    inputs: want_gram || needs.expert_statistics,
+                    inputs: want_gram || needs.expert_statistics || needs.routed_inputs,
                     down_gram: needs.down_gram && (want_gram || needs.expert_statistics),
                     saliency: needs.saliency,
                 },
@@ -489,6 +502,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             group_size: self.options.calibration.group_size,
             group_gram: self.needs.group_gram || self.options.calibration.activation_statistics,
             expert_statistics: self.needs.expert_statistics,
+            routed_inputs: self.needs.routed_inputs,
         };
         let layer = observations.layer;
         let statistics = self.with_experts(layer, pruning.as_ref(), |experts| {

@@ -118,6 +118,10 @@ pub struct BudgetOptions {
     pub granularity: Granularity,
     /// With a model-wide budget, the fraction of its own share each layer keeps at least.
     pub layer_floor: f64,
+    /// Bits per routed-expert weight the output stores, scales included (`--bpw`), in place of
+    /// `ratio` (which a run derives from it: [`BudgetOptions::resolve_bits`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_weight: Option<f64>,
 }
 
 impl Default for BudgetOptions {
@@ -129,6 +133,7 @@ impl Default for BudgetOptions {
             scope: BudgetScope::Model,
             granularity: Granularity::Expert,
             layer_floor: 0.0,
+            bits_per_weight: None,
         }
     }
 }
@@ -142,6 +147,27 @@ impl BudgetOptions {
             scope: BudgetScope::Layer,
             ..Self::default()
         }
+    }
+
+    /// These options with `ratio` derived from `bits_per_weight` for an input that stores
+    /// `input_bytes_per_parameter` bytes per routed-expert parameter (unchanged without it).
+    pub fn resolve_bits(&self, input_bytes_per_parameter: f64) -> Result<Self> {
+        let Some(bits) = self.bits_per_weight else {
+            return Ok(self.clone());
+        };
+        if self.unit != BudgetUnit::Bytes {
+            return invalid("--bpw sizes the stored bytes: it needs --budget bytes".into());
+        }
+        let input_bits = 8.0 * input_bytes_per_parameter;
+        if !(bits > 0.0 && bits < input_bits) {
+            return invalid(format!(
+                "--bpw {bits} must be above 0 and below the input's {input_bits:.3} bits per weight"
+            ));
+        }
+        Ok(Self {
+            ratio: 1.0 - bits / input_bits,
+            ..self.clone()
+        })
     }
 
     /// Whether `matrix` is under the budget.

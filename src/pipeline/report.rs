@@ -113,6 +113,21 @@ pub struct LayerReport {
     /// What the solver planned for the layer (absent for the paper's allocation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanSummary>,
+    /// `quantise`: whose statistics the experts were quantised under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantisation: Option<LayerQuantisation>,
+}
+
+/// Whose calibration statistics `quantise` used in one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerQuantisation {
+    /// `expert` (each expert's routed tokens) or `layer` (every token of the layer).
+    pub hessian: String,
+    /// Experts with fewer routed tokens were filled in with the layer's statistics.
+    pub min_tokens: usize,
+    /// The experts filled in (numbered as the layer's report numbers them) and their routed
+    /// tokens.
+    pub filled_in: Vec<(usize, usize)>,
 }
 
 /// What the solver planned for one layer, in the budget's unit.
@@ -516,6 +531,7 @@ pub fn layer_report<M>(
         pruning: statistics.pruning.clone(),
         xi_search: None,
         plan: None,
+        quantisation: None,
     }
 }
 

@@ -9,6 +9,8 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::pipeline::methods::lowrank::tune::{TuneMetric, XiSetting};
 use rfid_moe::pipeline::methods::lowrank::{self, FactorizerKind, LowRankSettings, RankAllocation};
 use rfid_moe::pipeline::methods::prune::{self, PruneSettings, Saliency};
+use rfid_moe::pipeline::methods::quantise::{self, Algorithm, HessianSource, QuantiseSettings};
+use rfid_moe::quant::Scheme;
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 
@@ -43,6 +45,11 @@ pub struct CompressArgs {
     /// The output stores 1 − ratio of it, whatever the methods.
     #[arg(long)]
     ratio: Option<f64>,
+    /// Bits per routed-expert weight the output stores, scales included (as exllamav2/v3 and
+    /// llama.cpp users size models), in place of --ratio: 4.5 on a bf16 model is --ratio
+    /// 0.71875.
+    #[arg(long, conflicts_with = "ratio")]
+    bpw: Option<f64>,
     /// What --ratio is a fraction of.
     #[arg(long, value_parser = choice::<BudgetUnit>())]
     budget: Option<BudgetUnit>,
@@ -68,6 +75,24 @@ pub struct CompressArgs {
     /// as stored), prune+lowrank (the default set).
     #[arg(long, value_parser = ["lowrank", "prune", "prune+lowrank"], conflicts_with = "methods")]
     method: Option<String>,
+    /// quantise: the formats offered, comma separated (int<bits>-g<group>-<sym|asym> with bits
+    /// 2, 3, 4, 5, 6, 8 and group 32, 64, 128, 256; ggml's q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+    /// q3_k, q4_k, q5_k, q6_k); each is offered where a matrix's columns are whole blocks of it.
+    #[arg(long, value_delimiter = ',', value_parser = parse_scheme)]
+    schemes: Option<Vec<Scheme>>,
+    /// quantise: how codes are chosen.
+    #[arg(long, value_parser = choice::<Algorithm>())]
+    quant_algorithm: Option<Algorithm>,
+    /// quantise: GPTQ's column order, descending Gram diagonal (on) or as stored (off).
+    #[arg(long, value_parser = parse_on_off)]
+    act_order: Option<bool>,
+    /// quantise: whose calibration inputs each expert is quantised under.
+    #[arg(long, value_parser = choice::<HessianSource>())]
+    quant_hessian: Option<HessianSource>,
+    /// quantise: experts with fewer routed calibration tokens are filled in with the layer's
+    /// statistics.
+    #[arg(long)]
+    quant_min_tokens: Option<usize>,
     /// prune: how experts are ranked.
     #[arg(long, value_parser = choice::<Saliency>())]
     prune_saliency: Option<Saliency>,
@@ -200,6 +225,11 @@ impl CompressArgs {
         set(&mut budget.matrices, &self.matrices);
         set(&mut budget.unit, &self.budget);
         set(&mut budget.ratio, &self.ratio);
+        if self.bpw.is_some() {
+            budget.bits_per_weight = self.bpw;
+        } else if self.ratio.is_some() {
+            budget.bits_per_weight = None;
+        }
         set(&mut budget.scope, &self.budget_scope);
         set(&mut budget.granularity, &self.granularity);
         set(&mut budget.layer_floor, &self.layer_floor);
@@ -252,6 +282,13 @@ impl CompressArgs {
             ("--dense-fallback", self.dense_fallback.is_some()),
             ("--factor-dtype", self.factor_dtype.is_some()),
         ];
+        let quantise_flags = [
+            ("--schemes", self.schemes.is_some()),
+            ("--quant-algorithm", self.quant_algorithm.is_some()),
+            ("--act-order", self.act_order.is_some()),
+            ("--quant-hessian", self.quant_hessian.is_some()),
+            ("--quant-min-tokens", self.quant_min_tokens.is_some()),
+        ];
         let prune_flags = [
             ("--prune-saliency", self.prune_saliency.is_some()),
             ("--prune-fraction", self.prune_fraction.is_some()),
@@ -259,6 +296,7 @@ impl CompressArgs {
         for (method, flags) in [
             (lowrank::NAME, &lowrank_flags[..]),
             (prune::NAME, &prune_flags[..]),
+            (quantise::NAME, &quantise_flags[..]),
         ] {
             if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
                 if !options.uses(method) {
@@ -300,11 +338,25 @@ impl CompressArgs {
                 }
             })?;
         }
+        if options.uses(quantise::NAME) && quantise_flags.iter().any(|(_, given)| *given) {
+            options.update_settings::<QuantiseSettings>(|s| {
+                set(&mut s.schemes, &self.schemes);
+                set(&mut s.algorithm, &self.quant_algorithm);
+                set(&mut s.act_order, &self.act_order);
+                set(&mut s.hessian, &self.quant_hessian);
+                set(&mut s.min_tokens, &self.quant_min_tokens);
+            })?;
+        }
         // Settings of methods no longer enabled mean nothing: drop them.
         let methods = options.methods.clone();
         options.settings.retain(|name, _| methods.contains(name));
         Ok(())
     }
+}
+
+/// A `--schemes` entry.
+fn parse_scheme(text: &str) -> std::result::Result<Scheme, String> {
+    Scheme::parse(text).map_err(|e| e.to_string())
 }
 
 /// Compresses the model, prints the report table and says what was written.

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 pub use record::{ExpertRoutes, HeldOutActivations, HeldOutRecorder, SaliencyAccumulator};
 pub use statistics::{
     frequency_groups, group_frequencies, routing_frequency, ErrorWeights, ExpertStatistics,
-    LayerObservations, LayerStatistics, StatisticsWanted,
+    LayerObservations, LayerStatistics, RoutedInputs, StatisticsWanted,
 };
 
 use super::experts::LayerExperts;
@@ -619,6 +619,7 @@ pub fn load_statistics<B: LinalgBackend>(
             experts: None,
             output_energy: 0.0,
             pruning: None,
+            routed_inputs: None,
         });
     }
     layers.sort_by_key(|l| l.layer);

@@ -10,6 +10,7 @@ use crate::models::moe::{MoeObserver, MoeTrace};
 
 /// One calibration batch's MoE input and the tokens routed to each expert, kept until the
 /// layer's routing is complete (the groups, and so the Gram matrices, depend on every batch).
+#[derive(Clone)]
 pub(crate) struct RoutedBatch {
     /// Tokens in the batch.
     pub tokens: usize,

@@ -93,6 +93,82 @@ pub struct LayerStatistics<M> {
     /// With removal: which experts were kept. Everything above then covers the kept experts
     /// only, numbered `0..n'` in the order of `kept`.
     pub pruning: Option<LayerPruning>,
+    /// The layer's calibration inputs and their routing, when a method computes its own
+    /// statistics from them (one expert at a time, so that memory stays at one expert's).
+    pub routed_inputs: Option<RoutedInputs>,
+}
+
+/// A layer's calibration inputs and, per expert, the rows routed to it.
+#[derive(Clone)]
+pub struct RoutedInputs {
+    batches: Vec<RoutedBatch>,
+}
+
+impl std::fmt::Debug for RoutedInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutedInputs")
+            .field("batches", &self.batches.len())
+            .finish()
+    }
+}
+
+impl RoutedInputs {
+    /// Expert `expert`'s routed inputs [n, d] (f32, CPU) and routing weights [n] (None when
+    /// no calibration token reached it).
+    pub fn expert_rows(&self, expert: usize) -> Result<Option<(Tensor, Tensor)>> {
+        Self::expert_rows_of(&self.batches, expert)
+    }
+
+    fn expert_rows_of(batches: &[RoutedBatch], expert: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for batch in batches {
+            let Some((tokens, w)) = batch.routes.get(expert) else {
+                continue;
+            };
+            let Some(input) = batch.input.as_ref().filter(|_| !tokens.is_empty()) else {
+                continue;
+            };
+            let index = Tensor::from_slice(tokens, tokens.len(), input.device())?;
+            rows.push(
+                input
+                    .index_select(&index, 0)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            );
+            weights.extend_from_slice(w);
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let n = weights.len();
+        Ok(Some((
+            Tensor::cat(&rows, 0)?,
+            Tensor::from_vec(weights, n, &Device::Cpu)?,
+        )))
+    }
+
+    /// Tokens routed to expert `expert`.
+    pub fn expert_tokens(&self, expert: usize) -> usize {
+        self.batches
+            .iter()
+            .filter_map(|b| b.routes.get(expert))
+            .map(|(tokens, _)| tokens.len())
+            .sum()
+    }
+
+    /// Every calibration input of the layer [tokens, d] (f32, CPU).
+    pub fn all_rows(&self) -> Result<Option<Tensor>> {
+        let rows = self
+            .batches
+            .iter()
+            .filter_map(|b| b.input.as_ref())
+            .map(|t| Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+            .collect::<Result<Vec<_>>>()?;
+        match rows.is_empty() {
+            true => Ok(None),
+            false => Ok(Some(Tensor::cat(&rows, 0)?)),
+        }
+    }
 }
 
 impl<M> LayerStatistics<M> {
@@ -222,6 +298,8 @@ pub struct StatisticsWanted {
     pub group_gram: bool,
     /// Each expert's output sensitivities.
     pub expert_statistics: bool,
+    /// The layer's routed inputs themselves.
+    pub routed_inputs: bool,
 }
 
 impl<M> LayerObservations<M> {
@@ -256,6 +334,12 @@ impl<M> LayerObservations<M> {
             ),
             false => None,
         };
+        let routed_inputs = match wanted.routed_inputs && has_inputs {
+            true => Some(RoutedInputs {
+                batches: std::mem::take(&mut self.batches),
+            }),
+            false => None,
+        };
         Ok(LayerStatistics {
             layer: self.layer,
             routing_counts,
@@ -266,6 +350,7 @@ impl<M> LayerObservations<M> {
             experts: expert_statistics,
             output_energy: self.output_energy,
             pruning,
+            routed_inputs,
         })
     }
 
@@ -326,40 +411,13 @@ impl<M> LayerObservations<M> {
         Ok(sum)
     }
 
-    /// One expert's routed inputs [n, d] (f32, CPU) and routing weights [n].
-    fn routed_rows(&self, expert: usize) -> Result<Option<(Tensor, Tensor)>> {
-        let (mut rows, mut weights) = (Vec::new(), Vec::new());
-        for batch in &self.batches {
-            let (tokens, w) = &batch.routes[expert];
-            let Some(input) = batch.input.as_ref().filter(|_| !tokens.is_empty()) else {
-                continue;
-            };
-            let index = Tensor::from_slice(tokens, tokens.len(), input.device())?;
-            rows.push(
-                input
-                    .index_select(&index, 0)?
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-            );
-            weights.extend_from_slice(w);
-        }
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let n = weights.len();
-        Ok(Some((
-            Tensor::cat(&rows, 0)?,
-            Tensor::from_vec(weights, n, &Device::Cpu)?,
-        )))
-    }
-
     /// Expert `expert`'s output sensitivities from its routed calibration tokens.
     fn expert_statistics(&self, expert: usize, experts: &LayerExperts) -> Result<ExpertStatistics> {
         let down = experts.matrix(expert, ExpertMatrix::Down)?;
         let down_column_energy = column_energy(&down)?;
         let p = down_column_energy.len();
         let d = down.dim(0)?;
-        let Some((x, g)) = self.routed_rows(expert)? else {
+        let Some((x, g)) = RoutedInputs::expert_rows_of(&self.batches, expert)? else {
             return Ok(ExpertStatistics {
                 tokens: 0,
                 weight_energy: 0.0,

@@ -12,6 +12,7 @@ pub mod int8;
 pub mod keep;
 pub mod lowrank;
 pub mod prune;
+pub mod quantise;
 
 use candle_core::DType;
 
@@ -37,6 +38,9 @@ pub struct Needs {
     pub expert_statistics: bool,
     /// Each expert's REAP saliency (its outputs on the calibration tokens).
     pub saliency: bool,
+    /// The layer's calibration inputs and their routing themselves (for statistics a method
+    /// computes one expert at a time).
+    pub routed_inputs: bool,
     /// The fraction of the calibration windows held out from every statistic, whose MoE inputs
     /// are kept for measuring candidates.
     pub held_out: Option<f64>,
@@ -50,6 +54,7 @@ impl Needs {
             down_gram: self.down_gram || other.down_gram,
             expert_statistics: self.expert_statistics || other.expert_statistics,
             saliency: self.saliency || other.saliency,
+            routed_inputs: self.routed_inputs || other.routed_inputs,
             held_out: self.held_out.or(other.held_out),
         }
     }
@@ -175,6 +180,7 @@ impl<B: LinalgBackend + 'static> Registry<B> {
         let mut registry = Self::empty();
         registry.register(prune::NAME, prune::DESCRIPTION, prune::create);
         registry.register(lowrank::NAME, lowrank::DESCRIPTION, lowrank::create);
+        registry.register(quantise::NAME, quantise::DESCRIPTION, quantise::create);
         registry.register(int8::NAME, int8::DESCRIPTION, int8::create);
         registry.register(keep::NAME, keep::DESCRIPTION, keep::create);
         registry

@@ -1007,6 +1007,7 @@ impl<B: LinalgBackend> Method<B> for LowRank<B> {
             down_gram: self.down,
             expert_statistics: solver,
             saliency: false,
+            routed_inputs: false,
             held_out: self
                 .settings
                 .xi_auto

@@ -1,0 +1,501 @@
+//! `quantise`: an expert's matrix in a 2–8-bit block format ([`Scheme`]: rfid-moe's integer
+//! groups or ggml's block types), codes chosen by GPTQ under the expert's own calibration
+//! statistics, one candidate per format, so that the solver picks each expert's bit-width by
+//! estimated output error per byte.
+//!
+//! Statistics. gate and up are quantised under the Gram matrix of the inputs routed to the
+//! expert, `H = Σ x xᵀ`; down under the Gram matrix of the expert's intermediate activations
+//! `h = act(gate·x) ⊙ (up·x)` on the same tokens (`hessian = "expert"`). Routing frequency is
+//! in `H` itself (an expert's Gram sums over its tokens), and information density in what GPTQ
+//! can recover inside it. An expert with fewer than `min_tokens` routed tokens (none at all,
+//! or too few for a full-rank Gram matrix) is filled in with the layer's: `H` gets
+//! `(min_tokens − n)` tokens' worth of the Gram of the layer's calibration inputs (the
+//! intermediate activations of the expert on them, for down), and the experts that needed it
+//! are reported by name. `hessian = "layer"` quantises every expert under the layer's inputs
+//! alone (scaled to the expert's tokens), as calibrating every expert on every token does.
+//!
+//! Errors. GPTQ's loss per row is exactly `Δw·H·Δwᵀ` over the calibration tokens (damping
+//! included); each row is weighted by how its error reaches the layer's output (the experts'
+//! routing weights and, for gate and up, the activation and down_proj behind it:
+//! [`ErrorWeights`](crate::pipeline::calibrate::ErrorWeights) rows), as every method's
+//! estimates are.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{LayerContext, Method, MethodInputs, Needs};
+use crate::checkpoint::experts::ExpertMatrix;
+use crate::checkpoint::packed::packed_name;
+use crate::error::{Error, Result};
+use crate::linalg::LinalgBackend;
+use crate::pipeline::calibrate::{LayerStatistics, RoutedInputs};
+use crate::pipeline::experts::LayerExperts;
+use crate::pipeline::options::MethodSettings;
+use crate::pipeline::plan::{Candidate, StoredTensors, Unit, UnitOutput};
+use crate::pipeline::report::{LayerQuantisation, LayerReport};
+use crate::quant::gptq::{round_to_nearest, GptqHessian, GptqOptions, Quantised};
+use crate::quant::Scheme;
+
+/// The registry name.
+pub const NAME: &str = "quantise";
+
+/// One line for help texts.
+pub const DESCRIPTION: &str =
+    "Store an expert's matrix in a 2-8-bit block format, codes chosen by GPTQ";
+
+/// Layer inputs sampled for the fill-in Gram matrices of experts with few tokens.
+const PRIOR_ROWS: usize = 4096;
+
+crate::named_enum! {
+    /// How codes are chosen.
+    pub enum Algorithm ("quantisation algorithm") {
+        /// GPTQ.
+        Gptq = "gptq": "GPTQ: column by column, each rounding error fed back through the inverse Gram matrix",
+        /// Round to nearest.
+        Nearest = "nearest": "Round to nearest on the fitted grids (no error feedback)",
+    }
+}
+
+crate::named_enum! {
+    /// Whose calibration inputs an expert is quantised under.
+    pub enum HessianSource ("quantisation statistics") {
+        /// The expert's own tokens.
+        Expert = "expert": "The tokens routed to the expert (filled in with the layer's below min_tokens)",
+        /// The layer's tokens.
+        Layer = "layer": "Every token of the layer, scaled to the expert's share",
+    }
+}
+
+/// The formats offered by default: chosen on held-out calibration text (docs/RESULTS.md).
+pub fn default_schemes() -> Vec<Scheme> {
+    [
+        "int2-g64-asym",
+        "int3-g128-asym",
+        "int4-g128-asym",
+        "int5-g128-asym",
+        "int8-g128-sym",
+        "q2_k",
+        "q3_k",
+        "q4_k",
+        "q5_k",
+        "q6_k",
+    ]
+    .iter()
+    .filter_map(|s| Scheme::parse(s).ok())
+    .collect()
+}
+
+/// `[settings.quantise]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantiseSettings {
+    /// The formats offered, each where a matrix's columns are whole blocks of it.
+    pub schemes: Vec<Scheme>,
+    /// How codes are chosen.
+    pub algorithm: Algorithm,
+    /// GPTQ: columns in descending order of the Gram matrix's diagonal.
+    pub act_order: bool,
+    /// GPTQ: damping added to the Gram matrix's diagonal, relative to its mean.
+    pub damp: f64,
+    /// Whose calibration inputs an expert is quantised under.
+    pub hessian: HessianSource,
+    /// Experts with fewer routed tokens are filled in with the layer's statistics.
+    pub min_tokens: usize,
+}
+
+impl Default for QuantiseSettings {
+    fn default() -> Self {
+        Self {
+            schemes: default_schemes(),
+            algorithm: Algorithm::Gptq,
+            act_order: true,
+            damp: 0.01,
+            hessian: HessianSource::Expert,
+            min_tokens: 128,
+        }
+    }
+}
+
+impl MethodSettings for QuantiseSettings {
+    const METHOD: &'static str = NAME;
+}
+
+impl QuantiseSettings {
+    fn validate(&self) -> Result<()> {
+        if self.schemes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "[settings.quantise] schemes must name at least one format".into(),
+            ));
+        }
+        if !(self.damp >= 0.0 && self.damp.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "[settings.quantise] damp {} must be a finite number ≥ 0",
+                self.damp
+            )));
+        }
+        Ok(())
+    }
+
+    fn gptq(&self) -> GptqOptions {
+        GptqOptions {
+            damp: self.damp,
+            act_order: self.act_order,
+            ..GptqOptions::default()
+        }
+    }
+}
+
+/// The `quantise` method.
+pub struct Quantise {
+    settings: QuantiseSettings,
+    /// Per layer, the experts whose statistics were filled in (and their tokens).
+    filled_in: Mutex<BTreeMap<usize, BTreeMap<usize, usize>>>,
+}
+
+/// Builds the method from the run's options.
+pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<B>>> {
+    let settings = inputs.options.settings_of::<QuantiseSettings>()?;
+    settings.validate()?;
+    Ok(Box::new(Quantise {
+        settings,
+        filled_in: Mutex::new(BTreeMap::new()),
+    }))
+}
+
+/// One expert's Gram matrices: of its inputs (gate, up) and of its intermediate activations
+/// (down), `[n, n]` row-major, and the tokens behind them.
+struct ExpertGrams {
+    input: Vec<f64>,
+    intermediate: Option<Vec<f64>>,
+    tokens: usize,
+    filled_in: bool,
+}
+
+impl Quantise {
+    /// Expert `expert`'s Gram matrices under the settings' source.
+    fn grams(
+        &self,
+        experts: &LayerExperts,
+        inputs: &RoutedInputs,
+        prior: Option<&Tensor>,
+        expert: usize,
+        with_down: bool,
+    ) -> Result<ExpertGrams> {
+        let tokens = inputs.expert_tokens(expert);
+        let own = match self.settings.hessian {
+            HessianSource::Expert => inputs.expert_rows(expert)?.map(|(x, _)| x),
+            HessianSource::Layer => None,
+        };
+        // The layer's rows stand for `weight` tokens each.
+        let (prior_weight, filled_in) = match (self.settings.hessian, prior) {
+            (HessianSource::Layer, Some(p)) => (tokens.max(1) as f64 / p.dim(0)? as f64, false),
+            (HessianSource::Expert, Some(p)) if tokens < self.settings.min_tokens => (
+                (self.settings.min_tokens - tokens) as f64 / p.dim(0)? as f64,
+                true,
+            ),
+            _ => (0.0, false),
+        };
+        let intermediate = |x: &Tensor| -> Result<Tensor> {
+            let gate = experts.matrix(expert, ExpertMatrix::Gate)?;
+            let up = experts.matrix(expert, ExpertMatrix::Up)?;
+            let a = x.matmul(&gate.t()?)?;
+            let u = x.matmul(&up.t()?)?;
+            Ok((candle_nn::ops::silu(&a)? * u)?)
+        };
+        let mut input = None;
+        let mut inter = None;
+        for (rows, weight) in [(own.as_ref(), 1.0), (prior.filter(|_| prior_weight > 0.0), prior_weight)] {
+            let Some(rows) = rows else { continue };
+            add_gram(&mut input, rows, weight)?;
+            if with_down {
+                add_gram(&mut inter, &intermediate(rows)?, weight)?;
+            }
+        }
+        let d = experts.layout.hidden_size;
+        let p = experts.layout.intermediate_size;
+        Ok(ExpertGrams {
+            input: input.unwrap_or_else(|| vec![0.0; d * d]),
+            intermediate: with_down.then(|| inter.unwrap_or_else(|| vec![0.0; p * p])),
+            tokens,
+            filled_in,
+        })
+    }
+
+    /// Quantises `w` [rows, cols] in `scheme` under `hessian` (None: round to nearest).
+    fn quantise(
+        &self,
+        w: &[f32],
+        rows: usize,
+        hessian: &Prepared,
+        scheme: Scheme,
+    ) -> Result<Quantised> {
+        match hessian {
+            Prepared::Gptq(h) => h.quantise(w, rows, scheme),
+            Prepared::Nearest(gram) => {
+                round_to_nearest(w, rows, w.len() / rows, Some(gram), scheme, &self.settings.gptq())
+            }
+        }
+    }
+
+    /// The schemes that can store a matrix of `cols` columns, with their variant numbers.
+    fn schemes_for(&self, cols: usize) -> Vec<(u64, Scheme)> {
+        self.settings
+            .schemes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.supports(cols))
+            .map(|(i, s)| (i as u64, *s))
+            .collect()
+    }
+
+    /// Runs `each` on every (expert, matrix, scheme) the layer's `wanted` slots ask for, one
+    /// expert at a time per worker (its Gram matrices are the memory that matters).
+    fn for_each_quantised<B: LinalgBackend, T: Send>(
+        &self,
+        layer: &LayerContext<B>,
+        wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
+        each: impl Fn(usize, ExpertMatrix, u64, &[f32], Quantised) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let statistics = layer.statistics;
+        let inputs = statistics.routed_inputs.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "quantise needs the layer's calibration inputs (a saved statistics cache has \
+                 none)"
+                    .into(),
+            )
+        })?;
+        let prior = prior_rows(inputs)?;
+        let results: Vec<Vec<T>> = wanted
+            .par_iter()
+            .map(|(&expert, matrices)| {
+                let with_down = matrices.iter().any(|(m, _)| *m == ExpertMatrix::Down);
+                let grams = self.grams(
+                    layer.experts,
+                    inputs,
+                    prior.as_ref(),
+                    expert,
+                    with_down,
+                )?;
+                if grams.filled_in {
+                    lock(&self.filled_in)?
+                        .entry(statistics.layer)
+                        .or_default()
+                        .insert(expert, grams.tokens);
+                }
+                let mut out = Vec::new();
+                let mut input_hessian = None;
+                for (matrix, schemes) in matrices {
+                    let gram = match matrix {
+                        ExpertMatrix::Down => grams.intermediate.as_deref().unwrap_or(&[]),
+                        _ => &grams.input,
+                    };
+                    let own;
+                    let hessian = match matrix {
+                        ExpertMatrix::Down => {
+                            own = self.prepare(gram)?;
+                            &own
+                        }
+                        _ => {
+                            if input_hessian.is_none() {
+                                input_hessian = Some(self.prepare(gram)?);
+                            }
+                            input_hessian.as_ref().ok_or_else(|| {
+                                Error::InvalidArgument("input Gram matrix missing".into())
+                            })?
+                        }
+                    };
+                    let w = layer.experts.matrix(expert, *matrix)?;
+                    let (rows, _) = w.dims2()?;
+                    let values = w.flatten_all()?.to_vec1::<f32>()?;
+                    for &(variant, scheme) in schemes {
+                        let q = self.quantise(&values, rows, hessian, scheme)?;
+                        out.push(each(expert, *matrix, variant, &values, q)?);
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// The Gram matrix made ready for the settings' algorithm.
+    fn prepare(&self, gram: &[f64]) -> Result<Prepared> {
+        let cols = (gram.len() as f64).sqrt().round() as usize;
+        Ok(match self.settings.algorithm {
+            Algorithm::Gptq => Prepared::Gptq(GptqHessian::new(gram, cols, &self.settings.gptq())?),
+            Algorithm::Nearest => Prepared::Nearest(gram.to_vec()),
+        })
+    }
+}
+
+/// A Gram matrix ready to quantise under.
+enum Prepared {
+    Gptq(GptqHessian),
+    Nearest(Vec<f64>),
+}
+
+/// Adds `weight · rowsᵀ·rows` to `gram` (created on first use).
+fn add_gram(gram: &mut Option<Vec<f64>>, rows: &Tensor, weight: f64) -> Result<()> {
+    let rows = rows.to_dtype(DType::F32)?;
+    let product = rows.t()?.matmul(&rows)?;
+    let values = product.flatten_all()?.to_vec1::<f32>()?;
+    match gram {
+        Some(g) => g
+            .iter_mut()
+            .zip(values)
+            .for_each(|(g, v)| *g += weight * v as f64),
+        None => *gram = Some(values.into_iter().map(|v| weight * v as f64).collect()),
+    }
+    Ok(())
+}
+
+/// Up to [`PRIOR_ROWS`] of the layer's calibration inputs, evenly spaced.
+fn prior_rows(inputs: &RoutedInputs) -> Result<Option<Tensor>> {
+    let Some(all) = inputs.all_rows()? else {
+        return Ok(None);
+    };
+    let n = all.dim(0)?;
+    if n <= PRIOR_ROWS {
+        return Ok(Some(all));
+    }
+    let index: Vec<u32> = (0..PRIOR_ROWS).map(|i| (i * n / PRIOR_ROWS) as u32).collect();
+    let index = Tensor::from_vec(index, PRIOR_ROWS, &Device::Cpu)?;
+    Ok(Some(all.index_select(&index, 0)?))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| Error::InvalidArgument("a worker thread panicked".into()))
+}
+
+/// The estimated output error of a quantised matrix: its rows' losses weighted by how each
+/// row's error reaches the layer's output.
+fn estimated_error<M>(
+    statistics: &LayerStatistics<M>,
+    matrix: ExpertMatrix,
+    expert: usize,
+    q: &Quantised,
+) -> Result<f64> {
+    let weights = statistics
+        .error_weights(matrix, expert)
+        .ok_or_else(|| Error::InvalidArgument("quantise needs the experts' statistics".into()))?;
+    Ok(weights
+        .rows
+        .iter()
+        .zip(&q.row_loss)
+        .map(|(w, loss)| w * loss)
+        .sum())
+}
+
+impl<B: LinalgBackend> Method<B> for Quantise {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            expert_statistics: true,
+            routed_inputs: true,
+            ..Needs::default()
+        }
+    }
+
+    fn offer(&self, layer: &LayerContext<B>) -> Result<Vec<Candidate>> {
+        let layout = layer.experts.layout;
+        let mut wanted: BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>> = BTreeMap::new();
+        for expert in 0..layout.num_experts {
+            for &matrix in layer.matrices {
+                let [_, cols] = layout.shape(matrix);
+                let schemes = self.schemes_for(cols);
+                if !schemes.is_empty() {
+                    wanted.entry(expert).or_default().push((matrix, schemes));
+                }
+            }
+        }
+        let statistics = layer.statistics;
+        self.for_each_quantised(layer, &wanted, |expert, matrix, variant, _, q| {
+            Ok(Candidate {
+                method: NAME.into(),
+                unit: Unit::Slot { matrix, expert },
+                variant,
+                label: q.scheme.name(),
+                bytes: q.scheme.stored_bytes(q.rows, q.cols),
+                parameters: (q.rows * q.cols) as u64,
+                error: estimated_error(statistics, matrix, expert, &q)?,
+                signals: None,
+            })
+        })
+    }
+
+    fn apply(&self, layer: &LayerContext<B>, chosen: &[Candidate]) -> Result<Vec<UnitOutput>> {
+        let mut wanted: BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>> = BTreeMap::new();
+        for candidate in chosen {
+            let Unit::Slot { matrix, expert } = candidate.unit else {
+                return Err(Error::InvalidArgument(format!(
+                    "quantise offers expert matrices, not {:?}",
+                    candidate.unit
+                )));
+            };
+            let scheme = usize::try_from(candidate.variant)
+                .ok()
+                .and_then(|i| self.settings.schemes.get(i))
+                .copied()
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "quantise has no format number {} ({} offered)",
+                        candidate.variant,
+                        self.settings.schemes.len()
+                    ))
+                })?;
+            wanted
+                .entry(expert)
+                .or_default()
+                .push((matrix, vec![(candidate.variant, scheme)]));
+        }
+        let layout = layer.experts.layout;
+        self.for_each_quantised(layer, &wanted, |expert, matrix, _, _, q| {
+            let name = packed_name(&layout.dense_name(expert, matrix), q.scheme);
+            let row_bytes = q.scheme.row_bytes(q.cols);
+            let mut tensors = StoredTensors::default();
+            let reconstruction = match layer.export_dense {
+                true => vec![Tensor::from_vec(q.dequantised.clone(), (q.rows, q.cols), &Device::Cpu)?
+                    .to_dtype(layer.stored_dtype)?],
+                false => Vec::new(),
+            };
+            tensors.insert(
+                name,
+                Tensor::from_vec(q.bytes, (q.rows, row_bytes), &Device::Cpu)?,
+            );
+            Ok(UnitOutput {
+                unit: Unit::Slot { matrix, expert },
+                tensors,
+                reconstruction,
+                rank: 0,
+                residual_size: 0,
+                storage: q.scheme.name(),
+                as_stored: false,
+                report: None,
+            })
+        })
+    }
+
+    fn resolved_settings(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.settings).ok()
+    }
+
+    fn describe_layer(&self, layer: usize, report: &mut LayerReport) {
+        if let Ok(mut filled) = lock(&self.filled_in) {
+            let experts = filled.remove(&layer).unwrap_or_default();
+            report.quantisation = Some(LayerQuantisation {
+                hessian: self.settings.hessian.to_string(),
+                filled_in: experts.into_iter().collect(),
+                min_tokens: self.settings.min_tokens,
+            });
+        }
+    }
+}
