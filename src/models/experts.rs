@@ -360,6 +360,11 @@ impl FactoredProjection {
         &self.groups
     }
 
+    /// The experts held on their own (not in a factored group).
+    pub fn dense_members(&self) -> impl Iterator<Item = &Weight> {
+        self.dense.iter()
+    }
+
     /// Bytes held by this projection's tensors: groups and dense experts.
     pub fn resident_bytes(&self) -> u64 {
         let groups: u64 = self.groups.iter().map(FactorGroup::resident_bytes).sum();

@@ -104,10 +104,7 @@ pub fn compress_with(
         }
         None => options,
     };
-    let inputs = MethodInputs {
-        options,
-        checkpoint: &checkpoint,
-    };
+    let inputs = MethodInputs::new(options, &checkpoint);
     let methods = registry.build(&inputs)?;
     // What is saved (settings file, report, resume manifest) states every method's settings.
     let mut resolved = options.clone();

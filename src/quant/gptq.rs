@@ -158,6 +158,35 @@ pub fn round_to_nearest(
     })
 }
 
+/// Quantises `w` [rows, cols] by rounding to nearest on grids fitted to the weights alone (no
+/// calibration: the plain round-to-nearest baseline), with `row_loss` measured under the damped
+/// `hessian` as [`round_to_nearest`] measures it (dead columns, whose inputs are always zero,
+/// cost nothing).
+pub fn round_to_nearest_uncalibrated(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &[f64],
+    scheme: Scheme,
+    options: &GptqOptions,
+) -> Result<Quantised> {
+    let mut quantised = round_to_nearest(w, rows, cols, None, scheme, options)?;
+    let (diagonal, dead) = inspect_hessian(hessian, cols)?;
+    let damping = options.damp * mean(&diagonal);
+    let damped: Vec<f64> = diagonal.iter().map(|d| d + damping).collect();
+    let delta: Vec<f64> = w
+        .iter()
+        .zip(&quantised.dequantised)
+        .enumerate()
+        .map(|(i, (&v, &q))| match dead[i % cols] {
+            true => 0.0,
+            false => v as f64 - q as f64,
+        })
+        .collect();
+    quantised.row_loss = quadratic_forms(&delta, rows, cols, hessian, &damped);
+    Ok(quantised)
+}
+
 /// A Hessian factored for GPTQ, shared by the matrices that read the same inputs and by one
 /// matrix quantised in several schemes.
 #[derive(Debug, Clone)]

@@ -13,9 +13,10 @@ pub const BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// Group lengths the format offers.
 pub const GROUPS: [usize; 4] = [32, 64, 128, 256];
 
-/// Fractions of the full range tried as clipping ranges when fitting a grid.
-const CLIP_STEPS: usize = 20;
-const CLIP_LOWEST: f32 = 0.6;
+/// Clipping ranges tried when fitting a grid, as fractions of the full range: a coarse pass,
+/// then the neighbours of its best at a quarter of its spacing.
+const COARSE_CLIPS: [f32; 6] = [1.0, 0.92, 0.84, 0.76, 0.68, 0.6];
+const FINE_SPACING: f32 = 0.02;
 
 /// One integer-group format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,17 +72,27 @@ impl IntScheme {
     /// The grid of one group minimising the importance-weighted rounding error over clipped
     /// ranges (the full range first, so ties keep it).
     pub fn fit(&self, values: &[f32], importance: Option<&[f32]>) -> Grid {
-        let mut best: Option<(f64, Grid)> = None;
-        for step in 0..CLIP_STEPS {
-            let clip = 1.0 - (1.0 - CLIP_LOWEST) * step as f32 / (CLIP_STEPS - 1) as f32;
+        let mut best: Option<(f64, f32, Grid)> = None;
+        let mut consider = |clip: f32, best: &mut Option<(f64, f32, Grid)>| {
             for grid in self.candidates(values, clip) {
-                let error = weighted_error(&grid, values, importance);
-                if best.as_ref().is_none_or(|(e, _)| error < *e) {
-                    best = Some((error, grid));
+                let error = grid.weighted_error(values, importance);
+                if best.as_ref().is_none_or(|(e, _, _)| error < *e) {
+                    *best = Some((error, clip, grid));
+                }
+            }
+        };
+        for clip in COARSE_CLIPS {
+            consider(clip, &mut best);
+        }
+        if let Some(centre) = best.as_ref().map(|(_, c, _)| *c) {
+            for k in [-3.0, -2.0, -1.0, 1.0, 2.0, 3.0] {
+                let clip = centre + k * FINE_SPACING;
+                if clip > 0.0 && clip <= 1.0 {
+                    consider(clip, &mut best);
                 }
             }
         }
-        best.map(|(_, g)| g).unwrap_or_else(|| self.grid(0.0, 0))
+        best.map(|(_, _, g)| g).unwrap_or_else(|| self.grid(0.0, 0))
     }
 
     /// The grids of clipping range `clip` (a fraction of the block's range).
@@ -179,17 +190,6 @@ impl IntScheme {
     }
 }
 
-/// `Σ importance · (value − grid value)²` of rounding `values` to `grid`.
-fn weighted_error(grid: &Grid, values: &[f32], importance: Option<&[f32]>) -> f64 {
-    values
-        .iter()
-        .enumerate()
-        .map(|(c, &v)| {
-            let d = (grid.round(c, v).1 - v) as f64;
-            importance.map_or(1.0, |w| w[c] as f64) * d * d
-        })
-        .sum()
-}
 
 #[cfg(test)]
 mod tests {
@@ -285,7 +285,7 @@ mod tests {
         importance[..4].iter_mut().for_each(|x| *x = 1000.0);
         let plain = scheme.fit(&w, None);
         let weighted = scheme.fit(&w, Some(&importance));
-        let err = |g: &Grid| weighted_error(g, &w, Some(&importance));
+        let err = |g: &Grid| g.weighted_error(&w, Some(&importance));
         assert!(err(&weighted) <= err(&plain));
     }
 }

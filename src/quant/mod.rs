@@ -193,6 +193,13 @@ impl Scheme {
     }
 }
 
+/// The code nearest `x` (a position on the code scale), clamped to `0..=max_code`: halves go up.
+#[inline]
+fn nearest_code(x: f32, max_code: u8) -> u8 {
+    // Clamping first keeps the cast exact; `as` truncates, so + 0.5 rounds (NaN gives 0).
+    (x.clamp(0.0, max_code as f32) + 0.5) as u8
+}
+
 impl std::fmt::Display for Scheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
@@ -238,12 +245,33 @@ impl Grid {
         let sub = column / self.sub_columns;
         let (step, bias, offset) = (self.steps[sub], self.biases[sub], self.offsets[sub]);
         let code = match step != 0.0 && step.is_finite() {
-            true => ((value - offset) / step + bias)
-                .round()
-                .clamp(0.0, self.max_code as f32) as u8,
+            true => nearest_code((value - offset) / step + bias, self.max_code),
             false => bias.clamp(0.0, self.max_code as f32) as u8,
         };
         (code, self.value(column, code))
+    }
+
+    /// `Σ importance · (value − grid value)²` of rounding `values` (the block's columns) to
+    /// this grid.
+    pub fn weighted_error(&self, values: &[f32], importance: Option<&[f32]>) -> f64 {
+        let mut total = 0f64;
+        for (sub, chunk) in values.chunks(self.sub_columns).enumerate() {
+            let (step, bias, offset) = (self.steps[sub], self.biases[sub], self.offsets[sub]);
+            let usable = step != 0.0 && step.is_finite();
+            let inverse = 1.0 / step;
+            let mut sum = 0f32;
+            for (i, &v) in chunk.iter().enumerate() {
+                let code = match usable {
+                    true => nearest_code((v - offset) * inverse + bias, self.max_code),
+                    false => bias.clamp(0.0, self.max_code as f32) as u8,
+                };
+                let d = step * (code as f32 - bias) + offset - v;
+                let w = importance.map_or(1.0, |w| w[sub * self.sub_columns + i]);
+                sum += w * d * d;
+            }
+            total += sum as f64;
+        }
+        total
     }
 
     /// The value code `code` stands for at column `column`.

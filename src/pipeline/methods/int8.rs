@@ -25,6 +25,11 @@ pub fn create<B: LinalgBackend>(_inputs: &MethodInputs) -> Result<Box<dyn Method
     Ok(Box::new(Int8))
 }
 
+/// The method's smallest storage: about 1.03 bytes per parameter.
+pub fn smallest_storage(_options: &crate::pipeline::options::CompressOptions) -> Option<f64> {
+    Some(1.0 + 4.0 / int8::BLOCK as f64)
+}
+
 /// The stored bytes of a `[rows, cols]` matrix in int8 with its scales.
 pub fn stored_bytes(rows: usize, cols: usize) -> u64 {
     let [scale_rows, scale_cols] = int8::scale_shape(rows, cols);

@@ -147,7 +147,26 @@ pub struct MethodInputs<'a> {
     pub options: &'a CompressOptions,
     /// The input checkpoint.
     pub checkpoint: &'a Checkpoint,
+    /// The fewest stored bytes per parameter any enabled method can keep an expert's matrix
+    /// in (None when none says): what removing experts competes with.
+    pub smallest_bytes_per_parameter: Option<f64>,
 }
+
+impl<'a> MethodInputs<'a> {
+    /// The inputs of a run of `options` on `checkpoint` (the smallest storage unknown until
+    /// [`Registry::build`] asks the enabled methods).
+    pub fn new(options: &'a CompressOptions, checkpoint: &'a Checkpoint) -> Self {
+        Self {
+            options,
+            checkpoint,
+            smallest_bytes_per_parameter: None,
+        }
+    }
+}
+
+/// The fewest stored bytes per parameter a method can keep an expert's matrix in, for the
+/// run's options (None: it does not store matrices, or the size varies).
+pub type SmallestStorage = fn(&CompressOptions) -> Option<f64>;
 
 /// Builds a method from the run's options.
 pub type Constructor<B> = fn(&MethodInputs) -> Result<Box<dyn Method<B>>>;
@@ -160,6 +179,8 @@ pub struct Registered<B> {
     pub description: &'static str,
     /// Its constructor.
     pub construct: Constructor<B>,
+    /// Its smallest storage, when it stores expert matrices at a fixed size per parameter.
+    pub smallest_storage: Option<SmallestStorage>,
 }
 
 /// The methods a run can use, by name.
@@ -183,7 +204,17 @@ impl<B: LinalgBackend + 'static> Registry<B> {
         registry.register(quantise::NAME, quantise::DESCRIPTION, quantise::create);
         registry.register(int8::NAME, int8::DESCRIPTION, int8::create);
         registry.register(keep::NAME, keep::DESCRIPTION, keep::create);
+        registry.set_smallest_storage(lowrank::NAME, lowrank::smallest_storage);
+        registry.set_smallest_storage(quantise::NAME, quantise::smallest_storage);
+        registry.set_smallest_storage(int8::NAME, int8::smallest_storage);
         registry
+    }
+
+    /// Says how small method `name` can store an expert's matrix (what removal competes with).
+    pub fn set_smallest_storage(&mut self, name: &str, smallest: SmallestStorage) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
+            entry.smallest_storage = Some(smallest);
+        }
     }
 
     /// Adds a method (a later registration of the same name replaces the earlier one).
@@ -198,6 +229,7 @@ impl<B: LinalgBackend + 'static> Registry<B> {
             name,
             description,
             construct,
+            smallest_storage: None,
         });
     }
 
@@ -209,6 +241,16 @@ impl<B: LinalgBackend + 'static> Registry<B> {
     /// The methods `inputs.options.methods` names, in that order; an unknown name is refused
     /// with the known ones listed.
     pub fn build(&self, inputs: &MethodInputs) -> Result<Vec<Box<dyn Method<B>>>> {
+        let smallest = self
+            .entries
+            .iter()
+            .filter(|e| inputs.options.methods.iter().any(|m| m == e.name))
+            .filter_map(|e| e.smallest_storage.and_then(|f| f(inputs.options)))
+            .reduce(f64::min);
+        let inputs = &MethodInputs {
+            smallest_bytes_per_parameter: smallest,
+            ..*inputs
+        };
         let mut methods = Vec::new();
         for name in &inputs.options.methods {
             if inputs.options.methods.iter().filter(|m| *m == name).count() > 1 {

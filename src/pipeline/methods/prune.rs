@@ -30,7 +30,7 @@ use super::{Method, MethodInputs, Needs, ObservedLayer};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::linalg::LinalgBackend;
-use crate::pipeline::options::{BudgetUnit, CompressOptions, MethodSettings};
+use crate::pipeline::options::{BudgetUnit, MethodSettings};
 use crate::pipeline::plan::{Candidate, UnitOutput};
 use crate::pipeline::report::LayerPruning;
 pub use crate::pipeline::report::Saliency;
@@ -47,8 +47,6 @@ pub const DESCRIPTION: &str =
 /// (docs/RESULTS.md).
 pub const DEFAULT_MAX_PRUNED_FRACTION: f64 = 0.125;
 
-/// Stored bytes per parameter of 8-bit storage with its scales (one f32 per 128 values).
-const EIGHT_BIT_BYTES_PER_PARAMETER: f64 = 1.0 + 4.0 / 128.0;
 
 /// `[settings.prune]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,16 +243,16 @@ impl RoutingLimits {
 
 /// The experts (before rounding) removed from `experts` when no `fraction` is given: half of a
 /// parameter budget `ratio` over `targeted` of the 3 matrices, or what a byte budget asks
-/// beyond 8-bit storage of weights stored at `input_bytes_per_parameter`; at most
-/// [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts.
+/// beyond the smallest storage the other methods offer (`smallest` bytes per parameter, of
+/// weights stored at `input`); at most [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts.
 pub fn default_removal(
     unit: BudgetUnit,
     ratio: f64,
     (experts, targeted): (usize, usize),
-    input_bytes_per_parameter: f64,
+    (input, smallest): (f64, Option<f64>),
 ) -> f64 {
     let n = experts as f64;
-    let free = (1.0 - EIGHT_BIT_BYTES_PER_PARAMETER / input_bytes_per_parameter).max(0.0);
+    let free = smallest.map_or(0.0, |s| (1.0 - s / input).max(0.0));
     let wanted = match unit {
         BudgetUnit::Parameters => ratio * n * targeted as f64 / 6.0,
         BudgetUnit::Bytes => (ratio - free).max(0.0) * n,
@@ -263,7 +261,8 @@ pub fn default_removal(
 }
 
 /// The rule `options` asks for (None when it removes nothing), checked against the routing.
-pub fn rule(options: &CompressOptions, checkpoint: &Checkpoint) -> Result<Option<PruneRule>> {
+pub fn rule(inputs: &MethodInputs) -> Result<Option<PruneRule>> {
+    let (options, checkpoint) = (inputs.options, inputs.checkpoint);
     let settings = options.settings_of::<PruneSettings>()?;
     let limits = RoutingLimits::of(checkpoint)?;
     let budget = &options.budget;
@@ -290,7 +289,10 @@ pub fn rule(options: &CompressOptions, checkpoint: &Checkpoint) -> Result<Option
             budget.unit,
             budget.ratio,
             (limits.experts, budget.targeted().len()),
-            crate::pipeline::budget::input_bytes_per_parameter(checkpoint)?,
+            (
+                crate::pipeline::budget::input_bytes_per_parameter(checkpoint)?,
+                inputs.smallest_bytes_per_parameter,
+            ),
         )),
     };
     Ok((remove > 0).then_some(PruneRule {
@@ -310,7 +312,7 @@ pub struct Prune {
 pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<B>>> {
     Ok(Box::new(Prune {
         settings: inputs.options.settings_of::<PruneSettings>()?,
-        rule: rule(inputs.options, inputs.checkpoint)?,
+        rule: rule(inputs)?,
     }))
 }
 
@@ -456,23 +458,30 @@ mod tests {
             .is_err());
     }
 
+    /// bf16 weights, int8 storage enabled.
+    const EIGHT_BIT: (f64, Option<f64>) = (2.0, Some(1.0 + 4.0 / 128.0));
+
     #[test]
     fn the_default_removal_is_a_share_of_the_budget_up_to_an_eighth_of_the_experts() {
         let params = BudgetUnit::Parameters;
         // Half of ρ·n·t/3: 0.24·16·3/6 = 1.92 of 16 (under the cap of 2).
-        assert!((default_removal(params, 0.24, (16, 3), 2.0) - 1.92).abs() < 1e-12);
+        assert!((default_removal(params, 0.24, (16, 3), EIGHT_BIT) - 1.92).abs() < 1e-12);
         // 0.44·32·3/6 = 7.04 of 32 is capped at 4; gate/up only counts 2 of 3 matrices.
-        assert_eq!(default_removal(params, 0.44, (32, 3), 2.0), 4.0);
-        assert!((default_removal(params, 0.3, (16, 2), 2.0) - 1.6).abs() < 1e-12);
+        assert_eq!(default_removal(params, 0.44, (32, 3), EIGHT_BIT), 4.0);
+        assert!((default_removal(params, 0.3, (16, 2), EIGHT_BIT) - 1.6).abs() < 1e-12);
         // Bytes of bf16 weights: nothing below what int8 gives (0.484), then what is asked
         // beyond it, capped at an eighth.
         let bytes = BudgetUnit::Bytes;
-        assert_eq!(default_removal(bytes, 0.4, (16, 3), 2.0), 0.0);
+        assert_eq!(default_removal(bytes, 0.4, (16, 3), EIGHT_BIT), 0.0);
         let free = 1.0 - (1.0 + 4.0 / 128.0) / 2.0;
-        assert!((default_removal(bytes, 0.55, (32, 3), 2.0) - (0.55 - free) * 32.0).abs() < 1e-9);
-        assert_eq!(default_removal(bytes, 0.74, (16, 3), 2.0), 2.0);
+        assert!((default_removal(bytes, 0.55, (32, 3), EIGHT_BIT) - (0.55 - free) * 32.0).abs() < 1e-9);
+        assert_eq!(default_removal(bytes, 0.74, (16, 3), EIGHT_BIT), 2.0);
+        // With 2-bit storage on offer, removal starts only beyond what 2 bits give.
+        let two_bit = (2.0, Some(2.375 / 8.0));
+        assert_eq!(default_removal(bytes, 0.8, (16, 3), two_bit), 0.0);
+        assert!((default_removal(bytes, 0.88, (64, 3), two_bit) - 64.0 * (0.88 - (1.0 - 2.375 / 16.0))).abs() < 1e-9);
         // FP8 weights gain nothing from 8 bits: removal starts at once.
-        assert!(default_removal(bytes, 0.05, (32, 3), 1.0) > 1.0);
+        assert!(default_removal(bytes, 0.05, (32, 3), (1.0, Some(1.03125))) > 1.0);
     }
 
     #[test]

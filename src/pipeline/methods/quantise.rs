@@ -37,7 +37,7 @@ use crate::pipeline::experts::LayerExperts;
 use crate::pipeline::options::MethodSettings;
 use crate::pipeline::plan::{Candidate, StoredTensors, Unit, UnitOutput};
 use crate::pipeline::report::{LayerQuantisation, LayerReport};
-use crate::quant::gptq::{round_to_nearest, GptqHessian, GptqOptions, Quantised};
+use crate::quant::gptq::{round_to_nearest_uncalibrated, GptqHessian, GptqOptions, Quantised};
 use crate::quant::Scheme;
 
 /// The registry name.
@@ -55,8 +55,8 @@ crate::named_enum! {
     pub enum Algorithm ("quantisation algorithm") {
         /// GPTQ.
         Gptq = "gptq": "GPTQ: column by column, each rounding error fed back through the inverse Gram matrix",
-        /// Round to nearest.
-        Nearest = "nearest": "Round to nearest on the fitted grids (no error feedback)",
+        /// Round to nearest, uncalibrated.
+        Rtn = "rtn": "Round to nearest on grids fitted to the weights alone (no calibration; the plain baseline)",
     }
 }
 
@@ -149,6 +149,16 @@ impl QuantiseSettings {
     }
 }
 
+/// The method's smallest storage: the bytes per parameter of the smallest offered format.
+pub fn smallest_storage(options: &crate::pipeline::options::CompressOptions) -> Option<f64> {
+    let settings = options.settings_of::<QuantiseSettings>().ok()?;
+    settings
+        .schemes
+        .iter()
+        .map(|s| s.bits_per_weight() / 8.0)
+        .reduce(f64::min)
+}
+
 /// The `quantise` method.
 pub struct Quantise {
     settings: QuantiseSettings,
@@ -235,9 +245,14 @@ impl Quantise {
     ) -> Result<Quantised> {
         match hessian {
             Prepared::Gptq(h) => h.quantise(w, rows, scheme),
-            Prepared::Nearest(gram) => {
-                round_to_nearest(w, rows, w.len() / rows, Some(gram), scheme, &self.settings.gptq())
-            }
+            Prepared::Rtn(gram) => round_to_nearest_uncalibrated(
+                w,
+                rows,
+                w.len() / rows,
+                gram,
+                scheme,
+                &self.settings.gptq(),
+            ),
         }
     }
 
@@ -327,7 +342,7 @@ impl Quantise {
         let cols = (gram.len() as f64).sqrt().round() as usize;
         Ok(match self.settings.algorithm {
             Algorithm::Gptq => Prepared::Gptq(GptqHessian::new(gram, cols, &self.settings.gptq())?),
-            Algorithm::Nearest => Prepared::Nearest(gram.to_vec()),
+            Algorithm::Rtn => Prepared::Rtn(gram.to_vec()),
         })
     }
 }
@@ -335,7 +350,7 @@ impl Quantise {
 /// A Gram matrix ready to quantise under.
 enum Prepared {
     Gptq(GptqHessian),
-    Nearest(Vec<f64>),
+    Rtn(Vec<f64>),
 }
 
 /// Adds `weight · rowsᵀ·rows` to `gram` (created on first use).

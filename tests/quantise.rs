@@ -1,0 +1,303 @@
+//! The `quantise` method: experts stored in 2–8-bit block formats with GPTQ codes, bit-widths
+//! chosen per expert by the solver. Outputs meet the budget (`--bpw` included), run with their
+//! blocks resident (giving the logits of dequantising them at load), beat round-to-nearest at
+//! the same bytes, and report the experts whose statistics were filled in.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rfid_moe::checkpoint::weight::Int8Holding;
+use rfid_moe::checkpoint::Checkpoint;
+use rfid_moe::models::moe::RoutedExperts;
+use rfid_moe::models::{ArchConfig, FeedForward, Model};
+use rfid_moe::pipeline::methods::quantise::{Algorithm, QuantiseSettings};
+use rfid_moe::pipeline::CompressOptions;
+use rfid_moe::quant::Scheme;
+
+/// Options for mini-moe-docs with `methods`, enough calibration text (32 windows of 128
+/// tokens) for per-expert statistics, writing `out`.
+fn mini_options(out: &Path, ratio: f64, methods: &[&str]) -> CompressOptions {
+    let model = common::mini_model();
+    let mut options =
+        common::small_default_options(&model, &model.join("calibration.txt"), out, ratio);
+    options.calibration.samples = 32;
+    options.calibration.seq_len = 128;
+    options.calibration.batch_size = 16;
+    options.methods = methods.iter().map(|m| m.to_string()).collect();
+    options
+}
+
+fn schemes(names: &[&str]) -> Vec<Scheme> {
+    names.iter().map(|n| Scheme::parse(n).unwrap()).collect()
+}
+
+fn compress(options: &CompressOptions) -> PathBuf {
+    rfid_moe::compress(options).unwrap();
+    options.output.out.clone().unwrap()
+}
+
+/// The routed experts' share of stored bytes the output keeps, measured on its files.
+fn kept_share(source: &Path, out: &Path) -> f64 {
+    let before = rfid_moe::sweep::tensor_bytes(source)
+        .unwrap()
+        .routed_experts;
+    let after = rfid_moe::sweep::tensor_bytes(out).unwrap().routed_experts;
+    after as f64 / before as f64
+}
+
+/// Every member storage the output's compression record names.
+fn storages(out: &Path) -> Vec<String> {
+    let config = common::read_config(out);
+    let mut found = Vec::new();
+    for layer in config["compression"]["layers"].as_array().unwrap() {
+        for matrix in layer["matrices"].as_object().unwrap().values() {
+            for group in matrix["groups"].as_array().unwrap() {
+                for s in group["storage"].as_array().into_iter().flatten() {
+                    found.push(s.as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Four windows of 128 tokens of mini-moe-docs' test text as `input_ids` [4, 128].
+fn mini_ids() -> Tensor {
+    let model = common::mini_model();
+    let tokenizer = rfid_moe::text::load_tokenizer(&model).unwrap();
+    let documents = rfid_moe::text::read_documents(&model.join("test.txt")).unwrap();
+    let config = rfid_moe::checkpoint::read_json(&model.join("config.json")).unwrap();
+    let eos = rfid_moe::text::end_of_text_id(&tokenizer, &config).unwrap();
+    let stream = rfid_moe::text::tokenize_documents(&tokenizer, &documents, eos).unwrap();
+    let ids: Vec<i64> = stream[..4 * 128].iter().map(|&t| t as i64).collect();
+    Tensor::from_vec(ids, (4, 128), &Device::Cpu).unwrap()
+}
+
+/// Mean KL(reference ‖ candidate) per token of two logits tensors [batch, seq, vocab].
+fn mean_kl(reference: &Tensor, candidate: &Tensor) -> f64 {
+    let p = candle_nn::ops::log_softmax(&reference.to_dtype(DType::F64).unwrap(), 2).unwrap();
+    let q = candle_nn::ops::log_softmax(&candidate.to_dtype(DType::F64).unwrap(), 2).unwrap();
+    let kl = (p.exp().unwrap() * (&p - &q).unwrap()).unwrap();
+    let tokens = (kl.dims()[0] * kl.dims()[1]) as f64;
+    kl.sum_all().unwrap().to_scalar::<f64>().unwrap() / tokens
+}
+
+/// `checkpoint`'s model in f32 with its experts loaded as `holding` says.
+fn model_holding(checkpoint: &Checkpoint, holding: Int8Holding) -> Model {
+    let spec = ArchConfig::from_checkpoint(checkpoint).unwrap().spec();
+    let compression = rfid_moe::models::compression_record(checkpoint).unwrap();
+    let mut model = Model::load(checkpoint, DType::F32, &Device::Cpu).unwrap();
+    for (layer, layout) in spec.moe_layers.iter().enumerate() {
+        let Some(layout) = layout else { continue };
+        let at = (DType::F32, &Device::Cpu);
+        let experts = RoutedExperts::load_holding_int8(
+            layout,
+            checkpoint,
+            layer,
+            compression.as_ref(),
+            at,
+            holding,
+        )
+        .unwrap();
+        let FeedForward::Moe(block) = &mut model.layers[layer].feed_forward else {
+            panic!("layer {layer} has no MoE block");
+        };
+        block.experts = experts;
+    }
+    model
+}
+
+/// How many routed-expert matrices of `model` are held as packed blocks.
+fn packed_members(model: &Model) -> usize {
+    model
+        .layers
+        .iter()
+        .filter_map(|layer| match &layer.feed_forward {
+            FeedForward::Moe(block) => Some(&block.experts),
+            _ => None,
+        })
+        .map(|experts| match experts {
+            RoutedExperts::Factored(f) => [&f.gate, &f.up, &f.down]
+                .iter()
+                .map(|p| p.dense_members().filter(|w| w.is_packed()).count())
+                .sum(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::mini_model();
+    let mut options = mini_options(&tmp.path().join("q"), 0.0, &["quantise", "keep"]);
+    options.budget.bits_per_weight = Some(4.0);
+    options
+        .update_settings::<QuantiseSettings>(|s| {
+            s.schemes = schemes(&["int2-g64-asym", "int3-g64-asym", "int4-g64-asym", "q4_0", "q8_0"])
+        })
+        .unwrap();
+    let out = compress(&options);
+    // 4 bits of the input's 16 per weight, within half a point.
+    let kept = kept_share(&model, &out);
+    assert!((kept - 0.25).abs() <= 0.005, "kept {kept}");
+    let used = storages(&out);
+    for scheme in ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym"] {
+        assert!(used.iter().any(|s| s == scheme), "{scheme} never chosen: {used:?}");
+    }
+    // The runtime keeps the blocks (ggml ones through candle's quantised matmul) and gives the
+    // logits of dequantising them at load: exactly for the integer groups, within the 8-bit
+    // activation rounding of ggml's kernels for its blocks.
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let resident = model_holding(&checkpoint, Int8Holding::Resident);
+    let reference = model_holding(&checkpoint, Int8Holding::Dequantised);
+    assert!(packed_members(&resident) > 0);
+    assert_eq!(packed_members(&reference), 0);
+    assert!(resident.routed_expert_bytes() < reference.routed_expert_bytes() / 6);
+    let ids = mini_ids();
+    let got = resident.forward(&ids, None).unwrap().logits;
+    let want = reference.forward(&ids, None).unwrap().logits;
+    let ggml = used.iter().any(|s| s.starts_with('q'));
+    let kl = mean_kl(&want, &got);
+    match ggml {
+        true => assert!(kl < 1e-3, "resident vs dequantised KL {kl}"),
+        false => assert!(common::max_abs_diff(&got, &want) < 1e-4),
+    }
+    // And close to the original model: 4 bits per weight costs little.
+    let original = common::logits_of(&model, &ids);
+    let kl = mean_kl(&original, &got);
+    assert!(kl < 0.05, "KL to the original {kl}");
+}
+
+#[test]
+fn integer_groups_are_held_resident_at_their_stored_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut options = mini_options(&tmp.path().join("q"), 0.7, &["quantise"]);
+    options
+        .update_settings::<QuantiseSettings>(|s| s.schemes = schemes(&["int4-g64-sym"]))
+        .unwrap();
+    let out = compress(&options);
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let stored: u64 = checkpoint
+        .tensor_names()
+        .iter()
+        .filter(|n| n.ends_with(".int4-g64-sym"))
+        .map(|n| checkpoint.raw_bytes(n).unwrap().len() as u64)
+        .sum();
+    assert!(stored > 0);
+    let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.routed_expert_bytes(), stored);
+    let ids = mini_ids();
+    let logits = model.forward(&ids, None).unwrap().logits;
+    let finite = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(finite.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn gptq_codes_beat_round_to_nearest_at_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::mini_model();
+    let ids = mini_ids();
+    let original = common::logits_of(&model, &ids);
+    let run = |name: &str, algorithm: Algorithm| {
+        let mut options = mini_options(&tmp.path().join(name), 0.7, &["quantise"]);
+        options
+            .update_settings::<QuantiseSettings>(|s| {
+                s.schemes = schemes(&["int3-g64-asym"]);
+                s.algorithm = algorithm;
+            })
+            .unwrap();
+        let out = compress(&options);
+        let report = rfid_moe::checkpoint::read_json(&out.join("compression_report.json")).unwrap();
+        let estimated = report["budget"]["estimated_error"].as_f64().unwrap();
+        let kl = mean_kl(&original, &common::logits_of(&out, &ids));
+        (kept_share(&model, &out), estimated, kl)
+    };
+    let (gptq_kept, gptq_estimate, gptq_kl) = run("gptq", Algorithm::Gptq);
+    let (rtn_kept, rtn_estimate, rtn_kl) = run("rtn", Algorithm::Rtn);
+    assert_eq!(gptq_kept, rtn_kept);
+    assert!(
+        gptq_estimate < 0.8 * rtn_estimate,
+        "estimated {gptq_estimate} vs {rtn_estimate}"
+    );
+    assert!(gptq_kl < 0.9 * rtn_kl, "measured KL {gptq_kl} vs {rtn_kl}");
+}
+
+#[test]
+fn experts_with_few_tokens_are_filled_in_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let filled = |name: &str, min_tokens: usize| {
+        let mut options = mini_options(&tmp.path().join(name), 0.7, &["quantise"]);
+        options
+            .update_settings::<QuantiseSettings>(|s| {
+                s.schemes = schemes(&["int4-g64-asym"]);
+                s.min_tokens = min_tokens;
+            })
+            .unwrap();
+        let out = compress(&options);
+        let report = rfid_moe::checkpoint::read_json(&out.join("compression_report.json")).unwrap();
+        report["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|layer| {
+                let q = &layer["quantisation"];
+                let counts: Vec<u64> = layer["routing_counts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_u64().unwrap())
+                    .collect();
+                let named: Vec<(usize, u64)> = q["filled_in"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| (e[0].as_u64().unwrap() as usize, e[1].as_u64().unwrap()))
+                    .collect();
+                (counts, named)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Every expert below the threshold is named with its routed tokens, and no other.
+    let threshold = 400;
+    for (counts, named) in filled("some", threshold) {
+        let below: Vec<(usize, u64)> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| (c as usize) < threshold)
+            .map(|(e, &c)| (e, c))
+            .collect();
+        assert_eq!(named, below);
+    }
+    assert!(filled("none", 0).iter().all(|(_, named)| named.is_empty()));
+}
+
+#[test]
+fn a_packed_tensor_that_is_not_blocks_of_bytes_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut options = mini_options(&tmp.path().join("q"), 0.7, &["quantise"]);
+    options
+        .update_settings::<QuantiseSettings>(|s| s.schemes = schemes(&["int4-g64-asym"]))
+        .unwrap();
+    let out = compress(&options);
+    let shard = common::shard_holding(&out, |n| n.ends_with(".int4-g64-asym"));
+    let path = out.join(&shard);
+    let (mut header, data) = common::read_safetensors_raw(&path);
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| k.ends_with(".int4-g64-asym"))
+        .unwrap()
+        .clone();
+    // The same bytes read as f16: a float tensor under a packed name.
+    let shape = header[&name]["shape"].as_array().unwrap().clone();
+    let (rows, row_bytes) = (shape[0].as_u64().unwrap(), shape[1].as_u64().unwrap());
+    header[&name]["shape"] = serde_json::json!([rows, row_bytes / 2]);
+    header[&name]["dtype"] = serde_json::json!("F16");
+    common::write_safetensors_raw(&path, &header, &data);
+    let error = Checkpoint::open(&out).unwrap_err().to_string();
+    assert!(error.contains(&name) && error.contains("F16"), "{error}");
+}
