@@ -3,7 +3,9 @@
 //! (`trust_remote_code=True`) with our logits and exactly the factored parameter count (so no
 //! dense copy of an expert), loading it without remote code raises, a checkpoint missing a
 //! factor is refused instead of initialised at random, the dense export of a fused input keeps
-//! the fused layout and loads as a plain model, and the README's Python example runs.
+//! the fused layout and loads as a plain model, and the README's Python example runs. Packed
+//! block formats (`quantise`) load as their blocks with our logits, and the modelling file's
+//! dequantiser gives rfid-moe's values bit for bit for every format.
 //!
 //! Needs the pinned torch + transformers environment of `scripts/python-env.sh` (installed on
 //! first use, cached outside the clone) or `RFID_MOE_PYTHON=/path/to/python`; fails when it
@@ -18,10 +20,15 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::experts::ExpertMatrix;
+use rfid_moe::checkpoint::packed::parse_packed_name;
+use rfid_moe::checkpoint::weight::Int8Holding;
 use rfid_moe::checkpoint::Checkpoint;
-use rfid_moe::models::ArchConfig;
+use rfid_moe::models::moe::RoutedExperts;
+use rfid_moe::models::{ArchConfig, FeedForward, Model};
 use rfid_moe::pipeline::methods::lowrank::FactorizerKind;
+use rfid_moe::pipeline::methods::quantise::QuantiseSettings;
 use rfid_moe::pipeline::CompressOptions;
+use rfid_moe::quant::{int, GgmlKind, IntScheme, Scheme};
 use serde_json::{json, Value};
 
 /// Set to `1` to skip this test (loudly) where the Python environment cannot be installed.
@@ -33,13 +40,13 @@ const README_PATH: &str = "\"/tmp/mini-rfid\"";
 /// The logits tolerance (f32 on the CPU in both runtimes).
 const TOLERANCE: f32 = 1e-4;
 
-/// The Python to use, or None when the user opted out.
-fn pinned_python() -> Option<PathBuf> {
+/// The Python to use, or None when the user opted out (`test` names the test skipped).
+fn pinned_python(test: &str) -> Option<PathBuf> {
     if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
         // Written to the process's stderr directly: the harness hides `eprintln!` of passing tests.
         let warning = format!(
-            "\n!!! {SKIP_VAR}=1: SKIPPING the transformers loading test; nothing about \
-             loading our outputs in transformers was checked !!!\n"
+            "\n!!! {SKIP_VAR}=1: SKIPPING the transformers test `{test}`; nothing it covers \
+             about reading our outputs in transformers was checked !!!\n"
         );
         std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
         return None;
@@ -196,7 +203,7 @@ struct Case {
 
 enum Expect {
     Loads { class: String, stored_values: u64 },
-    Fails(&'static str),
+    Fails(String),
 }
 
 /// Runs the driver once for every case; returns its results and logits.
@@ -216,8 +223,16 @@ fn run_python(
         })).collect::<Vec<_>>(),
         "snippet": {"code": snippet},
     });
+    run_driver(python, work, &job);
+    let results = serde_json::from_slice(&std::fs::read(work.join("py-results.json")).unwrap());
+    let logits = candle_core::safetensors::load(work.join("py-logits.safetensors"), &Device::Cpu);
+    (results.unwrap(), logits.unwrap())
+}
+
+/// Runs the driver on `job` (written to `work`), failing with its stderr if it fails.
+fn run_driver(python: &Path, work: &Path, job: &Value) {
     let job_path = work.join("job.json");
-    std::fs::write(&job_path, serde_json::to_vec(&job).unwrap()).unwrap();
+    std::fs::write(&job_path, serde_json::to_vec(job).unwrap()).unwrap();
     let driver = common::repo_root().join("tests/transformers_load.py");
     let output = Command::new(python)
         .arg(&driver)
@@ -233,9 +248,6 @@ fn run_python(
         driver.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let results = serde_json::from_slice(&std::fs::read(work.join("py-results.json")).unwrap());
-    let logits = candle_core::safetensors::load(work.join("py-logits.safetensors"), &Device::Cpu);
-    (results.unwrap(), logits.unwrap())
 }
 
 fn check_case(case: &Case, result: &Value, python_logits: Option<&Tensor>, ids: &Tensor) {
@@ -260,36 +272,98 @@ fn check_case(case: &Case, result: &Value, python_logits: Option<&Tensor>, ids: 
                 Some(*stored_values),
                 "{name}: parameter count"
             );
-            let ours = common::logits_of(&case.ours, ids);
-            let diff = common::max_abs_diff(python_logits.unwrap(), &ours);
+            let python_logits = python_logits.unwrap();
+            let ours = reference_logits(&case.ours, ids);
+            let diff = common::max_abs_diff(python_logits, &ours);
             println!("{name}: max |Δlogit| {diff:.2e}, {stored_values} parameters");
             assert!(diff <= TOLERANCE, "{name}: logits differ by {diff}");
+            if holds_ggml_blocks(&Checkpoint::open(&case.ours).unwrap()) {
+                let runtime =
+                    common::max_abs_diff(python_logits, &common::logits_of(&case.ours, ids));
+                println!(
+                    "{name}: max |Δlogit| {runtime:.2e} against rfid-moe's quantised matmul \
+                     (8-bit activations, as llama.cpp)"
+                );
+            }
             check_int8_residency(case, result);
         }
     }
 }
 
-/// An int8 checkpoint stays int8 in transformers: every `I8` tensor is a `torch.int8`
-/// parameter after `from_pretrained`, and the routed experts' tensors hold exactly their stored
-/// bytes (codes and scales; loaded in the checkpoint's dtype). Float checkpoints report nothing.
+/// Whether `checkpoint` holds any matrix packed in one of ggml's block formats.
+fn holds_ggml_blocks(checkpoint: &Checkpoint) -> bool {
+    checkpoint
+        .tensor_names()
+        .into_iter()
+        .any(|n| matches!(parse_packed_name(n), Some((_, Scheme::Ggml(_)))))
+}
+
+/// rfid-moe's logits of `dir` (f32, CPU). Where it holds ggml blocks, their matrices are
+/// dequantised at load (rfid-moe's own dequantiser): the runtime's default multiplies them by
+/// activations quantised to 8 bits, as llama.cpp does, which a transformers forward on
+/// dequantised weights does not reproduce.
+fn reference_logits(dir: &Path, ids: &Tensor) -> Tensor {
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    if !holds_ggml_blocks(&checkpoint) {
+        return common::logits_of(dir, ids);
+    }
+    let mut model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let spec = ArchConfig::from_checkpoint(&checkpoint).unwrap().spec();
+    let compression = rfid_moe::models::compression_record(&checkpoint).unwrap();
+    for (layer, layout) in spec.moe_layers.iter().enumerate() {
+        let Some(layout) = layout else { continue };
+        let FeedForward::Moe(block) = &mut model.layers[layer].feed_forward else {
+            panic!("layer {layer} has no MoE block");
+        };
+        block.experts = RoutedExperts::load_holding_int8(
+            layout,
+            &checkpoint,
+            layer,
+            compression.as_ref(),
+            (DType::F32, &Device::Cpu),
+            Int8Holding::Dequantised,
+        )
+        .unwrap();
+    }
+    model.forward(ids, None).unwrap().logits
+}
+
+/// An int8 or packed checkpoint stays so in transformers: every `I8` tensor is a `torch.int8`
+/// parameter after `from_pretrained`, every packed matrix `torch.uint8` blocks, and the routed
+/// experts' tensors hold exactly their stored bytes (codes, scales and blocks; loaded in the
+/// checkpoint's dtype). Float checkpoints report nothing.
 fn check_int8_residency(case: &Case, result: &Value) {
     let name = case.name;
     let checkpoint = Checkpoint::open(&case.dir).unwrap();
-    if checkpoint.config()["compression"]["factor_storage"].is_null() {
+    let names = checkpoint.tensor_names();
+    let count = |pick: &dyn Fn(&str) -> bool| names.iter().filter(|n| pick(n)).count();
+    let int8_tensors = count(&|n| checkpoint.is_int8(n));
+    let packed_tensors = count(&|n| parse_packed_name(n).is_some());
+    if checkpoint.config()["compression"]["factor_storage"].is_null() && packed_tensors == 0 {
         assert!(result.get("resident").is_none(), "{name}: {result}");
         return;
     }
-    let int8_tensors = checkpoint
-        .tensor_names()
-        .into_iter()
-        .filter(|n| checkpoint.is_int8(n))
-        .count();
-    assert!(int8_tensors > 0, "{name}: no int8 tensor");
+    assert!(
+        int8_tensors + packed_tensors > 0,
+        "{name}: no int8 or packed tensor"
+    );
+    if !checkpoint.config()["compression"]["factor_storage"].is_null() {
+        assert!(int8_tensors > 0, "{name}: no int8 tensor");
+    }
     let resident = &result["resident"];
+    let by_dtype = |dtype: &str, n: usize| match n {
+        0 => json!({}),
+        n => json!({ dtype: n }),
+    };
     assert_eq!(
         resident["int8_parameters"],
-        json!({"torch.int8": int8_tensors}),
+        by_dtype("torch.int8", int8_tensors),
         "{name}: int8 parameters after from_pretrained"
+    );
+    assert_eq!(
+        resident["packed_blocks"],
+        by_dtype("torch.uint8", packed_tensors),
+        "{name}: packed blocks after from_pretrained"
     );
     let stored = rfid_moe::sweep::tensor_bytes(&case.dir).unwrap();
     println!(
@@ -310,7 +384,8 @@ fn factored_class(stem: &str) -> String {
 
 #[test]
 fn transformers_loads_every_compressed_family_with_our_logits() {
-    let Some(python) = pinned_python() else {
+    let Some(python) = pinned_python("transformers_loads_every_compressed_family_with_our_logits")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -392,6 +467,7 @@ fn transformers_loads_every_compressed_family_with_our_logits() {
     add_pruned_cases(&mut cases, work, &calibration);
     add_int8_cases(&mut cases, work, &calibration);
     add_down_proj_cases(&mut cases, work, &calibration);
+    add_quantised_cases(&mut cases, work, &calibration);
     let snippet = readme_example(&work.join("mini-moe-docs"));
     let (results, logits) = run_python(&python, work, &ids_path, &cases, snippet);
     let ids = candle_core::safetensors::load(&ids_path, &Device::Cpu).unwrap()["input_ids"].clone();
@@ -413,7 +489,7 @@ fn add_refusal_cases(cases: &mut Vec<Case>, work: &Path) {
         name: "without trust_remote_code",
         dir: factored.clone(),
         trust_remote_code: false,
-        expect: Expect::Fails("trust_remote_code=True"),
+        expect: Expect::Fails("trust_remote_code=True".into()),
         ours: factored,
     });
     let incomplete = copy_without_a_factor(&work.join("mixtral"), &work.join("incomplete"));
@@ -421,7 +497,7 @@ fn add_refusal_cases(cases: &mut Vec<Case>, work: &Path) {
         name: "missing factor",
         dir: incomplete.clone(),
         trust_remote_code: true,
-        expect: Expect::Fails("refusing to initialise them at random"),
+        expect: Expect::Fails("refusing to initialise them at random".into()),
         ours: incomplete,
     });
 }
@@ -595,7 +671,7 @@ fn add_int8_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
         name: "int8 missing scale",
         dir: incomplete.clone(),
         trust_remote_code: true,
-        expect: Expect::Fails("refusing to initialise them at random"),
+        expect: Expect::Fails("refusing to initialise them at random".into()),
         ours: incomplete,
     });
 }
@@ -719,4 +795,272 @@ fn stem_of(source: &Path) -> String {
         other => panic!("no transformers class for {other}"),
     }
     .into()
+}
+
+/// One `quantise` output of [`add_quantised_cases`].
+struct QuantisedRun {
+    name: &'static str,
+    source: PathBuf,
+    /// The transformers class stem.
+    stem: &'static str,
+    ratio: f64,
+    /// The formats offered.
+    offered: &'static [&'static str],
+    /// The formats the output must hold, so that the case covers them.
+    wanted: &'static [&'static str],
+}
+
+/// `quantise`: experts stored in packed block formats load through our modelling file as their
+/// uint8 blocks (dequantised per use), with our logits and the stored values of the output
+/// (blocks counted as their bytes): integer groups only (against the runtime, which dequantises
+/// them per use too), integer groups of several widths mixed with ggml's 32-column kinds on
+/// every matrix, Mixtral's `w1`/`w3` under `block_sparse_moe`; a storage name the modelling file
+/// does not know is refused, naming the tensor.
+fn add_quantised_cases(cases: &mut Vec<Case>, work: &Path, calibration: &Path) {
+    let runs = [
+        QuantisedRun {
+            name: "quantised int mini-moe-docs",
+            source: common::mini_model(),
+            stem: "Qwen3Moe",
+            ratio: 0.6,
+            offered: &[
+                "int2-g64-asym",
+                "int3-g32-sym",
+                "int4-g128-asym",
+                "int5-g64-asym",
+                "int8-g64-sym",
+            ],
+            wanted: &[
+                "int2-g64-asym",
+                "int3-g32-sym",
+                "int5-g64-asym",
+                "int8-g64-sym",
+            ],
+        },
+        QuantisedRun {
+            name: "quantised mini-moe-docs",
+            source: common::mini_model(),
+            stem: "Qwen3Moe",
+            ratio: 0.5,
+            offered: &[
+                "int2-g64-asym",
+                "int3-g64-sym",
+                "int4-g128-asym",
+                "int6-g32-sym",
+                "q4_0",
+                "q8_0",
+            ],
+            wanted: &["int4-g128-asym", "int6-g32-sym", "q4_0", "q8_0"],
+        },
+        // w2 (48 columns) takes no block format and stays f32 beside packed w1 and w3.
+        QuantisedRun {
+            name: "quantised mixtral",
+            source: common::fixture("tiny-mixtral"),
+            stem: "Mixtral",
+            ratio: 0.4,
+            offered: &["int4-g32-sym", "int3-g64-asym", "q4_1", "q5_0", "q8_0"],
+            wanted: &["q8_0"],
+        },
+    ];
+    for QuantisedRun {
+        name,
+        source,
+        stem,
+        ratio,
+        offered,
+        wanted,
+    } in runs
+    {
+        let out = work.join(name.replace(' ', "-"));
+        let mut options = common::small_default_options(&source, calibration, &out, ratio);
+        options.methods = vec!["quantise".into(), "keep".into()];
+        options
+            .update_settings(|s: &mut QuantiseSettings| {
+                s.schemes = offered.iter().map(|n| Scheme::parse(n).unwrap()).collect();
+            })
+            .unwrap();
+        rfid_moe::compress(&options).unwrap();
+        let stored = Checkpoint::open(&out).unwrap();
+        let held: std::collections::BTreeSet<String> = stored
+            .tensor_names()
+            .into_iter()
+            .filter_map(|n| parse_packed_name(n).map(|(_, s)| s.name()))
+            .collect();
+        for scheme in wanted {
+            assert!(
+                held.contains(*scheme),
+                "{name}: no {scheme} matrix among {held:?}"
+            );
+        }
+        cases.push(Case {
+            name,
+            dir: out.clone(),
+            trust_remote_code: true,
+            expect: Expect::Loads {
+                class: factored_class(stem),
+                stored_values: rfid_moe::inspect::parameter_counts(&stored).total,
+            },
+            ours: out,
+        });
+    }
+    let unknown = work.join("quantised-unknown-storage");
+    common::copy_dir(&work.join("quantised-mini-moe-docs"), &unknown);
+    let mut expert = 0;
+    common::edit_config(&unknown, |config| {
+        let groups = &mut config["compression"]["layers"][0]["matrices"]["up_proj"]["groups"];
+        expert = groups[0]["experts"][0].as_u64().unwrap();
+        groups[0]["storage"][0] = json!("int7-g64-sym");
+    });
+    let tensor = format!("model.layers.0.mlp.experts.{expert}.up_proj.weight");
+    cases.push(Case {
+        name: "quantised unknown storage",
+        dir: unknown.clone(),
+        trust_remote_code: true,
+        expect: Expect::Fails(format!("{tensor}: storage 'int7-g64-sym'")),
+        ours: unknown,
+    });
+}
+
+/// Every block format rfid-moe writes (each integer group, each ggml kind, K-quants included):
+/// the modelling file's dequantiser gives exactly rfid-moe's values (and, for ggml's kinds,
+/// candle's), bit for bit, on blocks rounded from random matrices, on random bytes (every code
+/// and scale pattern) and, for ggml's kinds, on blocks from candle's quantisers; it reads the
+/// same storage names as block formats that rfid-moe does.
+#[test]
+fn transformers_dequantises_every_block_format_as_rfid_moe() {
+    let Some(python) = pinned_python("transformers_dequantises_every_block_format_as_rfid_moe")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let mut schemes: Vec<Scheme> = GgmlKind::ALL.into_iter().map(Scheme::Ggml).collect();
+    for bits in int::BITS {
+        for group in int::GROUPS {
+            for symmetric in [true, false] {
+                let scheme = IntScheme {
+                    bits,
+                    group,
+                    symmetric,
+                };
+                schemes.push(Scheme::Int(scheme));
+            }
+        }
+    }
+    let (rows, cols) = (6, 512);
+    let values = test_matrix(rows, cols, 0x5eed);
+    let mut rng = rfid_moe::rng::SplitMix64::new(0xb10c);
+    let mut tensors = HashMap::new();
+    let mut expected = Vec::new();
+    for &scheme in &schemes {
+        let row_bytes = scheme.row_bytes(cols);
+        let random: Vec<u8> = (0..rows * row_bytes)
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let mut sources = vec![
+            (
+                "nearest",
+                scheme.quantise_nearest(&values, cols, None).unwrap(),
+            ),
+            ("random", random),
+        ];
+        if let Scheme::Ggml(kind) = scheme {
+            let t = Tensor::from_slice(&values, (rows, cols), &Device::Cpu).unwrap();
+            let q = candle_core::quantized::QTensor::quantize(&t, kind.to_candle()).unwrap();
+            sources.push(("candle", q.data().unwrap().into_owned()));
+        }
+        for (source, bytes) in sources {
+            let key = format!("{source}.{scheme}");
+            let ours = scheme.dequantise(&bytes, cols).unwrap();
+            let mut readers = vec![("rfid-moe", ours)];
+            if let (Scheme::Ggml(kind), false) = (scheme, source == "random") {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    kind.to_candle(),
+                    &bytes,
+                    vec![rows, cols],
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+                readers.push(("candle", theirs.to_vec1::<f32>().unwrap()));
+            }
+            for (reader, values) in readers {
+                let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+                tensors.insert(format!("{key}.{reader}"), t);
+                expected.push(format!("{key}.{reader}"));
+            }
+            let blocks = Tensor::from_vec(bytes, (rows, row_bytes), &Device::Cpu).unwrap();
+            tensors.insert(key, blocks);
+        }
+    }
+    let blocks = work.join("blocks.safetensors");
+    candle_core::safetensors::save(&tensors, &blocks).unwrap();
+    let modeling = work.join(rfid_moe::pipeline::hf_compat::MODELING_FILE);
+    std::fs::write(&modeling, rfid_moe::pipeline::hf_compat::MODELING_SOURCE).unwrap();
+    // Every format's name, and names that are none (or are one only in another spelling).
+    let mut names: Vec<String> = schemes.iter().map(Scheme::name).collect();
+    names.extend(
+        [
+            "Q4_K",
+            "q4_K",
+            "int4-g064-sym",
+            "int7-g64-sym",
+            "int4-g48-sym",
+            "int4-g64",
+            "int4-g64-sym-x",
+            "INT4-G64-SYM",
+            "q4_2",
+            "q4_k_m",
+            "int8-row128",
+            "bf16",
+            "",
+        ]
+        .map(String::from),
+    );
+    let results_out = work.join("py-dequantise.json");
+    let job = json!({
+        "dequantise": {"modeling": modeling, "blocks": blocks, "names": names},
+        "results_out": results_out,
+    });
+    run_driver(&python, work, &job);
+    let results: Value = serde_json::from_slice(&std::fs::read(&results_out).unwrap()).unwrap();
+    let checks = results["checks"].as_object().unwrap();
+    assert_eq!(checks.len(), expected.len(), "checked: {:?}", checks.keys());
+    for key in &expected {
+        assert_eq!(
+            checks[key]["mismatches"],
+            json!(0),
+            "{key}: {}",
+            checks[key]
+        );
+    }
+    for name in &names {
+        let ours = Scheme::parse(name).ok().map(|s| s.name());
+        assert_eq!(results["names"][name], json!(ours), "storage name {name:?}");
+    }
+    println!(
+        "{} expectations over {} formats agree bit for bit",
+        expected.len(),
+        schemes.len()
+    );
+}
+
+/// A `[rows, cols]` test matrix, row-major: rows of Gaussian values at several scales, a
+/// heavy-tailed row, a row of positive values, a constant row and a zero row.
+fn test_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rfid_moe::rng::SplitMix64::new(seed);
+    (0..rows)
+        .flat_map(|r| (0..cols).map(move |c| (r, c)))
+        .map(|(r, _)| {
+            let z = rng.normal() as f32;
+            match r % 6 {
+                0 => 0.02 * z,
+                1 => 3.0 * z,
+                2 => 0.05 * z * z * z,
+                3 => 0.1 + 0.01 * z.abs(),
+                4 => 0.25,
+                _ => 0.0,
+            }
+        })
+        .collect()
 }
