@@ -231,7 +231,7 @@ pub trait MethodSettings: Serialize + DeserializeOwned + Default {
 }
 
 /// The methods the default run lets the solver choose from.
-pub const DEFAULT_METHODS: [&str; 4] = ["prune", "lowrank", "int8", "keep"];
+pub const DEFAULT_METHODS: [&str; 5] = ["prune", "lowrank", "quantise", "int8", "keep"];
 
 /// Every setting of a compression run. `Default` is the recommended method, and a key a
 /// settings file leaves out means its default too.

@@ -16,8 +16,10 @@
 //! kept as stored), enough experts to meet the whole budget. Otherwise a share of the budget:
 //! with a parameter budget, half of it (`round(ρ·n·t/6)` experts, `t` the covered matrices of
 //! 3, as the paper-era `prune+lowrank`); with a byte budget, `round(n·(ρ − 0.5))` experts, what
-//! the byte ratio asks beyond what 8-bit storage gives for free from 16-bit weights; both at
-//! most [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts, and lowered until routing still works.
+//! the byte ratio asks beyond what 8-bit storage gives for free from 16-bit weights, or, when a
+//! method offers sub-byte storage, an eighth once the budget leaves fewer than
+//! [`REMOVAL_BELOW_BITS`] per weight; both at most [`DEFAULT_MAX_PRUNED_FRACTION`] of the
+//! experts, and lowered until routing still works.
 //!
 //! DeepSeek's experts come in `n_group` equal groups (group-limited routing): the same number is
 //! removed from every group, so the count is rounded to a multiple of `n_group`; a layer keeps at
@@ -46,6 +48,11 @@ pub const DESCRIPTION: &str =
 /// chosen on held-out calibration text, where removing more lost on both trained models
 /// (docs/RESULTS.md).
 pub const DEFAULT_MAX_PRUNED_FRACTION: f64 = 0.125;
+
+/// With sub-byte quantisation on offer, experts are removed by default only where a byte budget
+/// leaves fewer bits than this per routed weight: chosen on held-out calibration text, where
+/// removing an eighth of the experts lost at 4.2 bits and won at 3.1 (docs/RESULTS.md).
+pub const REMOVAL_BELOW_BITS: f64 = 3.5;
 
 
 /// `[settings.prune]`.
@@ -242,9 +249,11 @@ impl RoutingLimits {
 }
 
 /// The experts (before rounding) removed from `experts` when no `fraction` is given: half of a
-/// parameter budget `ratio` over `targeted` of the 3 matrices, or what a byte budget asks
-/// beyond the smallest storage the other methods offer (`smallest` bytes per parameter, of
-/// weights stored at `input`); at most [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts.
+/// parameter budget `ratio` over `targeted` of the 3 matrices; under a byte budget, the most
+/// allowed when sub-byte storage is offered and the budget leaves fewer than
+/// [`REMOVAL_BELOW_BITS`] per routed weight, else what it asks beyond the smallest storage the
+/// other methods offer (`smallest` bytes per parameter, of weights stored at `input`); at most
+/// [`DEFAULT_MAX_PRUNED_FRACTION`] of the experts.
 pub fn default_removal(
     unit: BudgetUnit,
     ratio: f64,
@@ -255,7 +264,15 @@ pub fn default_removal(
     let free = smallest.map_or(0.0, |s| (1.0 - s / input).max(0.0));
     let wanted = match unit {
         BudgetUnit::Parameters => ratio * n * targeted as f64 / 6.0,
-        BudgetUnit::Bytes => (ratio - free).max(0.0) * n,
+        BudgetUnit::Bytes => {
+            let below_one_byte = smallest.is_some_and(|s| s < 1.0);
+            let bits_left = (1.0 - ratio) * input * 8.0;
+            if below_one_byte && bits_left < REMOVAL_BELOW_BITS {
+                n
+            } else {
+                (ratio - free).max(0.0) * n
+            }
+        }
     };
     wanted.min(n * DEFAULT_MAX_PRUNED_FRACTION)
 }
@@ -476,10 +493,13 @@ mod tests {
         let free = 1.0 - (1.0 + 4.0 / 128.0) / 2.0;
         assert!((default_removal(bytes, 0.55, (32, 3), EIGHT_BIT) - (0.55 - free) * 32.0).abs() < 1e-9);
         assert_eq!(default_removal(bytes, 0.74, (16, 3), EIGHT_BIT), 2.0);
-        // With 2-bit storage on offer, removal starts only beyond what 2 bits give.
+        // With 2-bit storage on offer, nothing is removed while 3.5 bits per weight or more
+        // are left (0.78 of bf16 removed), then an eighth.
         let two_bit = (2.0, Some(2.375 / 8.0));
-        assert_eq!(default_removal(bytes, 0.8, (16, 3), two_bit), 0.0);
-        assert!((default_removal(bytes, 0.88, (64, 3), two_bit) - 64.0 * (0.88 - (1.0 - 2.375 / 16.0))).abs() < 1e-9);
+        assert_eq!(default_removal(bytes, 0.74, (16, 3), two_bit), 0.0);
+        assert_eq!(default_removal(bytes, 0.78, (16, 3), two_bit), 0.0);
+        assert_eq!(default_removal(bytes, 0.79, (16, 3), two_bit), 2.0);
+        assert_eq!(default_removal(bytes, 0.88, (64, 3), two_bit), 8.0);
         // FP8 weights gain nothing from 8 bits: removal starts at once.
         assert!(default_removal(bytes, 0.05, (32, 3), (1.0, Some(1.03125))) > 1.0);
     }

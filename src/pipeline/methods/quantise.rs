@@ -73,10 +73,15 @@ crate::named_enum! {
 /// The formats offered by default: chosen on held-out calibration text (docs/RESULTS.md).
 pub fn default_schemes() -> Vec<Scheme> {
     [
+        "int2-g32-asym",
         "int2-g64-asym",
+        "int3-g64-asym",
         "int3-g128-asym",
+        "int4-g64-asym",
         "int4-g128-asym",
+        "int5-g64-asym",
         "int5-g128-asym",
+        "int6-g128-asym",
         "int8-g128-sym",
         "q2_k",
         "q3_k",
