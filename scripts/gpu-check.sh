@@ -104,9 +104,12 @@ pack() {
   }
   local repo
   repo=$(cd "$HERE/.." && pwd)
-  DIR=${DIR:-$repo/.device/gpu-check$([ "$MODE" = cpu ] && echo -cpu)}
-  local level=-6
-  [ "$MODE" = cpu ] && level=-0 # CI packs to test the packing, not to carry anything
+  local level=-6 suffix=""
+  if [ "$MODE" = cpu ]; then
+    level=-0 # CI packs to test the packing, not to carry anything
+    suffix=-cpu
+  fi
+  DIR=${DIR:-$repo/.device/gpu-check$suffix}
   local built
   built=$(build "$repo")
   for name in rfid-moe test-device decode compress; do
@@ -309,7 +312,7 @@ run_step() {
   echo "== $name (limit ${limit} s)"
   local start end rc=0 status reason=""
   start=$(date +%s.%N)
-  timeout -k 10 "$limit" "$SELF" _step "$@" >"$log" 2>&1 || rc=$?
+  timeout -k 10 "$limit" bash "$SELF" _step "$@" >"$log" 2>&1 || rc=$?
   end=$(date +%s.%N)
   case "$rc" in
     0) status=ok ;;
