@@ -74,9 +74,26 @@ def figures_of(name, log_path, figures_path):
     return figures, tail
 
 
+def first_error(tail_lines, log_path):
+    """The first line that says what went wrong: `Error: ...` (anyhow), `error...`, or a panic
+    with its message; else the last non-empty line."""
+    lines = []
+    if log_path and os.path.exists(log_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = [l.rstrip() for l in f]
+    for i, line in enumerate(lines):
+        if "panicked at" in line:
+            return " ".join(l.strip() for l in lines[i:i + 2])
+        if line.startswith("Error: ") or re.match(r"error(\[|:)", line):
+            return line.strip()
+    return next((l.strip() for l in reversed(tail_lines) if l.strip()), "")
+
+
 def record(results, name, status, limit, seconds, rc, reason, log_path, figures_path=None):
     run = load(results)
     figures, tail = figures_of(name, log_path, figures_path)
+    if status == "failed":
+        reason = f"{reason}: {first_error(tail, log_path)[:300]}"
     step = {
         "name": name,
         "status": status,

@@ -318,7 +318,7 @@ run_step() {
     0) status=ok ;;
     124 | 137) status=timeout reason="stopped at its limit of ${limit} s" ;;
     "$SKIP") status=skipped reason=$(cat "$STEP_REASON") ;;
-    *) status=failed reason="exit status $rc: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-300)" ;;
+    *) status=failed reason="exit status $rc" ;;
   esac
   if [ "$status" != ok ] && ! { [ "$status" = skipped ] && [[ " $MAY_SKIP " == *" $name "* ]]; }; then
     FAILED+=("$name")
