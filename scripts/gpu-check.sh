@@ -20,8 +20,7 @@
 #
 # Environment: GPU_CHECK_BUDGET_S (overall limit, default 450 s on a device), CUDA_LIB_DIR (the
 # CUDA 13 runtime libraries; default: the PyTorch virtualenv's), GPU_CHECK_4BIT_METHOD (the
-# registry name of the 4-bit method, when detection does not find it), GPU_CHECK_PROFILE
-# (cargo profile of the CPU build, default dev).
+# registry name of the 4-bit method, when detection does not find it).
 set -euo pipefail
 
 SELF=$(readlink -f "$0")
@@ -81,12 +80,12 @@ build() {
       -p rfid-moe -p rfid-moe-cli -p rfid-moe-bench --bins --test device \
       --message-format=json-render-diagnostics)
   else
-    local profile=${GPU_CHECK_PROFILE:-dev}
-    # The CLI and the test as `cargo test` at the root builds them (fresh after it in CI), the
-    # benchmarks in their own package (candle-transformers is outside the root's build).
-    json=$(cd "$repo" && cargo build --profile "$profile" --bin rfid-moe --test device \
-      --message-format=json-render-diagnostics &&
-      cargo build --profile "$profile" -p rfid-moe-bench --bin decode --bin compress \
+    # The test and the CLI exactly as `cargo test` at the root builds them (so in CI they are
+    # already built), the benchmarks in their own package (candle-transformers is outside the
+    # root's build).
+    json=$(cd "$repo" && cargo test --no-run --test device --message-format=json-render-diagnostics &&
+      cargo build --bin rfid-moe --message-format=json-render-diagnostics &&
+      cargo build -p rfid-moe-bench --bin decode --bin compress \
         --message-format=json-render-diagnostics)
   fi
   printf '%s\n' "$json" | executables | while read -r name test path; do
