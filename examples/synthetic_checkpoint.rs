@@ -26,7 +26,6 @@ mod synthetic;
 
 use std::path::PathBuf;
 
-use safetensors::tensor::{Dtype, TensorView};
 use synthetic::{CheckpointPlan, Overrides, Shape, SHAPE_NAMES};
 
 /// The optional flags after the three arguments: overrides and the vocabulary.
@@ -43,6 +42,7 @@ fn parse_flags(flags: &[String]) -> anyhow::Result<(Overrides, Option<usize>)> {
         match flag.as_str() {
             "--experts" => overrides.experts = Some(number()?),
             "--dense-layers" => overrides.dense_layers = Some(number()?),
+            "--expert-intermediate" => overrides.expert_intermediate = Some(number()?),
             "--vocab" => vocab = Some(number()?),
             "--mtp" => overrides.mtp = true,
             other => anyhow::bail!("unknown flag `{other}`"),
@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     let [name, layers, out, flags @ ..] = args.as_slice() else {
         anyhow::bail!(
             "usage: synthetic_checkpoint SHAPE LAYERS OUT_DIR [--experts N] [--dense-layers N] \
-             [--vocab N] [--mtp] (shapes: {})",
+             [--expert-intermediate N] [--vocab N] [--mtp] (shapes: {})",
             SHAPE_NAMES.join(", ")
         );
     };
@@ -87,16 +87,7 @@ fn main() -> anyhow::Result<()> {
             verbose: true,
         },
     )?;
-    // 128 windows of 512 random token ids, i64.
-    let ids: Vec<u8> = (0..128 * 512u64)
-        .flat_map(|t| ((rfid_moe::rng::splitmix64(t) % vocab as u64) as i64).to_le_bytes())
-        .collect();
-    let view = TensorView::new(Dtype::I64, vec![128, 512], &ids)?;
-    safetensors::serialize_to_file(
-        [("input_ids", view)],
-        None,
-        &out.join("calibration.safetensors"),
-    )?;
+    synthetic::write_token_windows(&out.join("calibration.safetensors"), 128, 512, vocab)?;
     println!(
         "wrote {} ({name}, {layers} of the real model's {} layers, {} of them MoE)",
         out.display(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds `rfid-moe` with the `cuda` feature on a machine without a GPU or CUDA toolkit
 # (docs/CUDA.md explains every step). Output: target/release/rfid-moe, and with --pack a
-# compressed copy in .device/rfid-moe.xz for carrying to a GPU machine. With --pack-all, also
-# the CUDA test binaries (parity, generate) and the decode/compress benchmarks, each
-# stripped and xz-compressed into .device/ (run tests there with RFID_MOE_REPO_ROOT=$PWD).
+# compressed copy in .device/rfid-moe.xz for carrying to a GPU machine.
+# `--run COMMAND...` runs COMMAND (a cargo build with `--features cuda`) in the same build
+# environment instead; scripts/gpu-check.sh builds everything a device check needs that way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.cuda-venv
@@ -24,45 +24,35 @@ for lib in cudart cublas cublasLt curand nvrtc; do
 done
 export PATH=$CU/bin:$PATH CUDA_ROOT=$CU CUDA_PATH=$CU CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH=$PWD/$LINK${LIBRARY_PATH:+:$LIBRARY_PATH}
+TARGET=${CARGO_TARGET_DIR:-target}
 make_stub() {
   # libcuda belongs to the driver: link against a stub exporting the symbols cudarc uses; the
   # real driver library is loaded at run time (soname libcuda.so.1).
   local rlibs
-  rlibs=$(ls target/release/deps/libcudarc-*.rlib)
+  rlibs=$(ls "$TARGET"/release/deps/libcudarc-*.rlib)
   nm -u $rlibs 2>/dev/null | awk '{print $2}' | grep -E '^cu[A-Z]' | sort -u \
     | awk '{print "void " $1 "(void) {}"}' > "$LINK/cuda-stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/cuda-stub.c"
 }
-if [ ! -f "$LINK/libcuda.so" ] && ls target/release/deps/libcudarc-*.rlib >/dev/null 2>&1; then
+if [ ! -f "$LINK/libcuda.so" ] && ls "$TARGET"/release/deps/libcudarc-*.rlib >/dev/null 2>&1; then
   make_stub
 fi
-if ! cargo build --release --features cuda --bin rfid-moe; then
+if [ "${1:-}" = --run ]; then
+  shift
+  if [ -f "$LINK/libcuda.so" ]; then
+    exec "$@"
+  fi
   # The very first build fails at the link step because the stub needs cudarc's rlib.
+  "$@" || { make_stub && "$@"; }
+  exit
+fi
+if ! cargo build --release --features cuda --bin rfid-moe; then
   make_stub
   cargo build --release --features cuda --bin rfid-moe
 fi
-TARGET=${CARGO_TARGET_DIR:-target}
-pack() { # pack NAME PATH
+if [ "${1:-}" = --pack ]; then
   mkdir -p .device
-  strip -o ".device/$1" "$2"
-  xz -T2 -6 -f ".device/$1"
-  ls -la ".device/$1.xz"
-}
-case "${1:-}" in
-  --pack) pack rfid-moe "$TARGET/release/rfid-moe" ;;
-  --pack-all)
-    pack rfid-moe "$TARGET/release/rfid-moe"
-    # Test binaries: cargo prints each executable it builds as JSON.
-    cargo test --release --features cuda -p rfid-moe --test parity --test generate --no-run \
-      --message-format=json \
-      | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("executable") and m.get("profile", {}).get("test"):
-        print(m["target"]["name"], m["executable"])' \
-      | while read -r name path; do pack "test-$name" "$path"; done
-    cargo build --release -p rfid-moe-bench --features cuda --bins
-    pack decode "$TARGET/release/decode"
-    [ -x "$TARGET/release/compress" ] && pack compress "$TARGET/release/compress"
-    ;;
-esac
+  strip -o .device/rfid-moe "$TARGET/release/rfid-moe"
+  xz -T2 -6 -f .device/rfid-moe
+  ls -la .device/rfid-moe.xz
+fi

@@ -143,36 +143,6 @@ fn bf16_checkpoint_loads_and_runs() {
     assert!(finite);
 }
 
-/// With `--features cuda` and a GPU present, every family also matches on CUDA; otherwise skips.
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_matches_transformers() {
-    let device = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            return;
-        }
-    };
-    for name in common::FAMILIES {
-        let dir = fixture(name);
-        let checkpoint = Checkpoint::open(&dir).unwrap();
-        let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
-        let reference =
-            checkpoint::load_all(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-        let ids = reference["input_ids"].to_device(&device).unwrap();
-        let logits = model
-            .forward(&ids, None)
-            .unwrap()
-            .logits
-            .to_device(&Device::Cpu)
-            .unwrap();
-        let diff = max_abs_diff(&logits, &reference["logits"]);
-        println!("{name} on CUDA: max |Δlogits| = {diff:.3e}");
-        assert!(diff <= TOLERANCE, "{name}: {diff}");
-    }
-}
-
 // YaRN rope scaling (factor 4, mscale = mscale_all_dim = 0.707: cos/sin unscaled, softmax scaled
 // by mscale²), fixtures written by transformers 5.17 with `scripts/make-yarn-fixtures.py`.
 parity_test!(

@@ -21,6 +21,7 @@ use rfid_moe::pipeline::options::CalibrationOptions;
 use serde_json::json;
 
 use crate::synthetic::{self, CheckpointPlan, RandomTensors, Shape};
+use crate::variants::PrunePlan;
 
 /// The groups and ranks of one compressed matrix type (the same in every layer).
 #[derive(Debug, Clone)]
@@ -182,8 +183,56 @@ pub fn write_compressed(
     vocab: usize,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let layers = s.config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
-    let mut extra_config = serde_json::Map::new();
+    write_with_config(s, plan, vocab, out, serde_json::Map::new())
+}
+
+/// Writes the pruned and compressed checkpoint of `prune` and `plan` into the new directory
+/// `out`: `kept` is the original shape with `prune.kept()` experts per layer (its router has
+/// that many rows), `plan` its factors, and `config.json` the `pruning` section of a
+/// `prune+lowrank` output (docs/FORMAT.md, "Pruned outputs"). With random weights no expert is
+/// more salient than another, so the first `prune.kept()` are the kept ones.
+pub fn write_pruned_compressed(
+    kept: &Shape,
+    plan: &UniformPlan,
+    prune: &PrunePlan,
+    vocab: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        kept.experts == prune.kept(),
+        "the pruned shape has {} experts, the plan keeps {}",
+        kept.experts,
+        prune.kept()
+    );
+    let kept_experts: serde_json::Map<String, serde_json::Value> = (0..kept.layers())
+        .map(|layer| {
+            (
+                layer.to_string(),
+                json!((0..prune.kept()).collect::<Vec<_>>()),
+            )
+        })
+        .collect();
+    let mut config = serde_json::Map::new();
+    config.insert(
+        "pruning".into(),
+        json!({
+            "saliency": "reap",
+            "original_num_experts": prune.experts,
+            "kept_experts": kept_experts,
+        }),
+    );
+    write_with_config(kept, plan, vocab, out, config)
+}
+
+/// [`write_compressed`] with `extra_config` added to `config.json`.
+fn write_with_config(
+    s: &Shape,
+    plan: &UniformPlan,
+    vocab: usize,
+    out: &Path,
+    mut extra_config: serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let layers = s.layers();
     extra_config.insert(
         rfid_moe::format::COMPRESSION_KEY.into(),
         serde_json::to_value(plan.record(s, layers))?,

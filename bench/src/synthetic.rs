@@ -135,6 +135,9 @@ pub struct Overrides {
     pub dense_layers: Option<usize>,
     /// Write the multi-token-prediction layer (DeepSeek-V3 only).
     pub mtp: bool,
+    /// Routed-expert intermediate size (shared experts scale with it), for reduced runs that
+    /// keep every other dimension real.
+    pub expert_intermediate: Option<usize>,
 }
 
 /// The config key holding the routed expert count in each family.
@@ -187,6 +190,25 @@ impl Overrides {
                 s.dense_layers
             ));
             s.dense_layers = dense;
+        }
+        if let Some(width) = self
+            .expert_intermediate
+            .filter(|&w| w != s.expert_intermediate)
+        {
+            anyhow::ensure!(width > 0, "--expert-intermediate must be at least 1");
+            // Mixtral has no separate MoE width: its experts are `intermediate_size` wide.
+            let key = if config.contains_key("moe_intermediate_size") {
+                "moe_intermediate_size"
+            } else {
+                "intermediate_size"
+            };
+            config.insert(key.into(), json!(width));
+            notes.push(format!(
+                "routed expert intermediate size: {width} (the real model has {})",
+                s.expert_intermediate
+            ));
+            s.shared_intermediate = s.shared_intermediate / s.expert_intermediate * width;
+            s.expert_intermediate = width;
         }
         if self.mtp {
             anyhow::ensure!(
@@ -692,6 +714,25 @@ pub fn ends_shard(s: &Shape, vocab: usize) -> Shard {
         Stored::bf16(vec![h], ones_bf16(h)),
     );
     ends
+}
+
+/// Writes `samples` windows of `seq_len` random token ids below `vocab` as `input_ids` (I64),
+/// the calibration file format `rfid_moe::compress` reads.
+pub fn write_token_windows(
+    path: &Path,
+    samples: usize,
+    seq_len: usize,
+    vocab: usize,
+) -> anyhow::Result<()> {
+    let ids: Vec<u8> = (0..(samples * seq_len) as u64)
+        .flat_map(|t| {
+            let id = rfid_moe::rng::splitmix64(t ^ 0xca11_b4a7) % vocab as u64;
+            (id as i64).to_le_bytes()
+        })
+        .collect();
+    let view = TensorView::new(Dtype::I64, vec![samples, seq_len], &ids)?;
+    safetensors::serialize_to_file([("input_ids", view)], None, path)?;
+    Ok(())
 }
 
 /// How [`write_checkpoint`] writes a checkpoint.

@@ -82,6 +82,7 @@ fn deepseek_v3_layers_have_the_release_names_dtypes_and_shapes() {
         experts: Some(16),
         dense_layers: Some(1),
         mtp: true,
+        ..Overrides::default()
     }
     .apply(&mut s)
     .unwrap();
@@ -216,4 +217,44 @@ fn overrides_refuse_expert_counts_the_router_cannot_use() {
     .unwrap();
     assert_eq!(qwen.config["num_experts"], 16);
     assert_eq!(notes.len(), 1);
+}
+
+#[test]
+fn a_narrower_expert_width_reaches_the_config_the_tensors_and_the_shared_experts() {
+    let narrow = Overrides {
+        expert_intermediate: Some(64),
+        ..Overrides::default()
+    };
+    let mut qwen = Shape::named("qwen3-30b-a3b", 1).unwrap();
+    let notes = narrow.apply(&mut qwen).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(qwen.config["moe_intermediate_size"], 64);
+    assert_eq!(
+        qwen.config["intermediate_size"], 6144,
+        "the dense width stays"
+    );
+    let shard = layer_shard(&qwen, 0, true);
+    let expert = "model.layers.0.mlp.experts.127";
+    expect(
+        &shard,
+        &format!("{expert}.gate_proj.weight"),
+        Dtype::BF16,
+        &[64, 2048],
+    );
+    expect(
+        &shard,
+        &format!("{expert}.down_proj.weight"),
+        Dtype::BF16,
+        &[2048, 64],
+    );
+    // Mixtral's experts are `intermediate_size` wide; DeepSeek's two shared experts follow.
+    let mut mixtral = Shape::named("mixtral-8x7b", 1).unwrap();
+    narrow.apply(&mut mixtral).unwrap();
+    assert_eq!(mixtral.config["intermediate_size"], 64);
+    let mut lite = Shape::named("deepseek-v2-lite", 1).unwrap();
+    narrow.apply(&mut lite).unwrap();
+    assert_eq!(
+        (lite.expert_intermediate, lite.shared_intermediate),
+        (64, 128)
+    );
 }

@@ -89,6 +89,17 @@ pub fn repo_root() -> PathBuf {
     }
 }
 
+/// The device the device checks (`tests/device.rs`) run on, with its name:
+/// `RFID_MOE_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`), the CPU when unset. A device that cannot
+/// be opened (a build without `cuda`, no GPU) fails the calling test with the reason, so a check
+/// asked to run on a GPU never passes on another device.
+pub fn test_device() -> (String, candle_core::Device) {
+    let name = std::env::var("RFID_MOE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = rfid_moe::pipeline::options::parse_device(&name)
+        .unwrap_or_else(|e| panic!("RFID_MOE_TEST_DEVICE={name}: {e}"));
+    (name, device)
+}
+
 /// A fixture directory under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)

@@ -21,7 +21,6 @@ use rfid_moe_bench::device_memory::{DeviceMemory, DeviceMemorySampler};
 use rfid_moe_bench::host_memory;
 use rfid_moe_bench::reference::ReferenceTiming;
 use rfid_moe_bench::synthetic::{self, CheckpointPlan, Overrides, Shape, SHAPE_NAMES};
-use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
 
 /// Compression benchmark on a random checkpoint with a real model's shapes.
@@ -47,6 +46,9 @@ struct Args {
     /// Also write DeepSeek-V3's multi-token-prediction layer.
     #[arg(long)]
     mtp: bool,
+    /// Routed-expert intermediate size instead of the real model's (reduced runs).
+    #[arg(long)]
+    expert_intermediate: Option<usize>,
     /// Fraction ρ of the gate/up expert parameters to remove.
     #[arg(long, default_value_t = 0.4)]
     ratio: f64,
@@ -130,10 +132,11 @@ struct Figures {
 /// The checkpoint's directory name: shape and every override.
 fn checkpoint_name(args: &Args, s: &Shape, vocab: usize) -> String {
     format!(
-        "{}-l{}-e{}-d{}-v{}{}",
+        "{}-l{}-e{}-p{}-d{}-v{}{}",
         args.shape,
         args.layers,
         s.experts,
+        s.expert_intermediate,
         s.dense_layers,
         vocab,
         if s.mtp { "-mtp" } else { "" }
@@ -163,24 +166,6 @@ fn ensure_checkpoint(s: &Shape, vocab: usize, dir: &Path) -> anyhow::Result<Opti
         },
     )?;
     Ok(Some(started.elapsed().as_secs_f64()))
-}
-
-/// Writes `samples` windows of `seq_len` random token ids below `vocab` as `input_ids` (I64).
-fn write_calibration(
-    path: &Path,
-    samples: usize,
-    seq_len: usize,
-    vocab: usize,
-) -> anyhow::Result<()> {
-    let ids: Vec<u8> = (0..(samples * seq_len) as u64)
-        .flat_map(|t| {
-            let id = rfid_moe::rng::splitmix64(t ^ 0xca11_b4a7) % vocab as u64;
-            (id as i64).to_le_bytes()
-        })
-        .collect();
-    let view = TensorView::new(Dtype::I64, vec![samples, seq_len], &ids)?;
-    safetensors::serialize_to_file([("input_ids", view)], None, path)?;
-    Ok(())
 }
 
 /// Loads the checkpoint in `dir` with rfid-moe's runtime (f32, CPU), runs 8 tokens through it
@@ -434,6 +419,7 @@ fn main() -> anyhow::Result<()> {
         experts: args.experts,
         dense_layers: args.dense_layers,
         mtp: args.mtp,
+        expert_intermediate: args.expert_intermediate,
     }
     .apply(&mut s)?;
     let vocab = args.vocab.unwrap_or(s.vocab);
@@ -458,7 +444,7 @@ fn main() -> anyhow::Result<()> {
         "calibration-v{vocab}-{}x{}.safetensors",
         args.samples, args.seq_len
     ));
-    write_calibration(&calibration, args.samples, args.seq_len, vocab)?;
+    synthetic::write_token_windows(&calibration, args.samples, args.seq_len, vocab)?;
     if args.check_forward {
         check_forward(&model, vocab)?;
     }

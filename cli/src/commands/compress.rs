@@ -59,7 +59,8 @@ pub struct CompressArgs {
     /// How finely the solver may mix choices: per expert, per layer and matrix, per layer.
     #[arg(long, value_parser = choice::<Granularity>())]
     granularity: Option<Granularity>,
-    /// With --budget-scope model: the fraction of its own share every layer keeps at least.
+    /// With --budget-scope model: the fraction of its own share every layer keeps at least
+    /// (default 0.75; 0 lets the solver move any amount between layers).
     #[arg(long)]
     layer_floor: Option<f64>,
     /// The routed-expert matrices the budget covers, comma separated (default gate,up,down;
