@@ -110,7 +110,7 @@ impl PrunePlan {
     pub fn new(original: &Checkpoint, ratio: f64) -> anyhow::Result<Self> {
         let limits = RoutingLimits::of(original)?;
         let n = limits.experts;
-        let wanted = default_removal(BudgetUnit::Parameters, ratio, (n, 2), 2.0);
+        let wanted = default_removal(BudgetUnit::Parameters, ratio, (n, 2), (2.0, None));
         let removed = limits.largest_valid_removal(wanted);
         anyhow::ensure!(
             removed > 0,

@@ -73,7 +73,7 @@ impl IntScheme {
     /// ranges (the full range first, so ties keep it).
     pub fn fit(&self, values: &[f32], importance: Option<&[f32]>) -> Grid {
         let mut best: Option<(f64, f32, Grid)> = None;
-        let mut consider = |clip: f32, best: &mut Option<(f64, f32, Grid)>| {
+        let consider = |clip: f32, best: &mut Option<(f64, f32, Grid)>| {
             for grid in self.candidates(values, clip) {
                 let error = grid.weighted_error(values, importance);
                 if best.as_ref().is_none_or(|(e, _, _)| error < *e) {
