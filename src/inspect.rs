@@ -42,7 +42,8 @@ pub fn tensor_role(name: &str) -> TensorRole {
 }
 
 /// Counts a checkpoint's parameters by role from the shard headers (no data is read); the
-/// block scales of an FP8 weight are part of its storage, not parameters.
+/// block scales of an FP8 weight are part of its storage, not parameters, and a packed matrix
+/// counts the parameters it stands for.
 pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
     let mut counts = ParameterCounts::default();
     for name in checkpoint.tensor_names() {
@@ -52,7 +53,12 @@ pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
         let Some((info, _)) = checkpoint.info(name) else {
             continue;
         };
-        let n = info.numel() as u64;
+        // A packed matrix's bytes stand for `rows × cols` parameters.
+        let n = crate::checkpoint::packed::parse_packed_name(name)
+            .and_then(|(_, scheme)| {
+                crate::checkpoint::packed::PackedInfo::new(name, scheme, &info.shape).ok()
+            })
+            .map_or(info.numel() as u64, |packed| (packed.rows * packed.cols) as u64);
         match tensor_role(name) {
             TensorRole::RoutedExpert => counts.routed_experts += n,
             TensorRole::SharedExpert => counts.shared_experts += n,

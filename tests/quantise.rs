@@ -147,6 +147,11 @@ fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
     for scheme in ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym"] {
         assert!(used.iter().any(|s| s == scheme), "{scheme} never chosen: {used:?}");
     }
+    // Packed matrices count the parameters they stand for: nothing was removed.
+    let counted = |dir: &Path| {
+        rfid_moe::inspect::parameter_counts(&Checkpoint::open(dir).unwrap()).routed_experts
+    };
+    assert_eq!(counted(&out), counted(&model));
     // The runtime keeps the blocks (ggml ones through candle's quantised matmul) and gives the
     // logits of dequantising them at load: exactly for the integer groups, within the 8-bit
     // activation rounding of ggml's kernels for its blocks.

@@ -287,7 +287,15 @@ pub fn expert_params(checkpoint: &Checkpoint, s: &Shape, layers: usize) -> Exper
             let Some((info, _)) = checkpoint.info(name) else {
                 continue;
             };
-            let elements: usize = info.shape.iter().product();
+            // A packed matrix (`….{matrix}.weight.{scheme}`) stands for `rows × cols`.
+            let packed = rfid_moe::checkpoint::packed::parse_packed_name(name).and_then(
+                |(matrix_name, scheme)| {
+                    let info =
+                        rfid_moe::checkpoint::packed::PackedInfo::new(name, scheme, &info.shape);
+                    info.ok().map(|p| (matrix_name, p.rows * p.cols))
+                },
+            );
+            let (name, elements) = packed.unwrap_or((name, info.shape.iter().product()));
             // `….{matrix}.weight`, `….{matrix}.lowrank_a`, `….{matrix}.basis`.
             let matrix = name.rsplit('.').nth(1).unwrap_or_default();
             if matrix == gate || matrix == up {

@@ -10,12 +10,15 @@
 //! - `method:NAME[:ρ]`: the original compressed by `rfid_moe::compress` with the one registered
 //!   method NAME at byte ratio ρ (default 0: every expert takes the method). Quantisers need no
 //!   SVD, so a real run is quick; a name this build's registry lacks is refused with the list.
+//! - `quantise:SCHEME`: every routed expert matrix in one block format (`int4-g128-sym`, `q4_k`,
+//!   ...; rounded to nearest: the decode speed does not depend on which codes are stored).
 
 use std::path::Path;
 use std::str::FromStr;
 
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::pipeline::methods::prune::{default_removal, RoutingLimits};
+use rfid_moe::pipeline::methods::quantise::{Algorithm, QuantiseSettings};
 use rfid_moe::pipeline::{BudgetUnit, CalibrationOptions, CompressOptions, OutputOptions};
 
 /// One entry of `decode --variants`.
@@ -36,6 +39,8 @@ pub enum VariantSpec {
         /// Fraction of the routed experts' bytes removed (0: no budget pressure).
         ratio: f64,
     },
+    /// Every routed expert matrix quantised to one block format.
+    Quantised(String),
 }
 
 /// Parses a ratio in [0, 1) for `spec`.
@@ -66,10 +71,14 @@ impl FromStr for VariantSpec {
                 name: name.to_string(),
                 ratio: ratio(r, spec)?,
             },
+            ["quantise", scheme] => match rfid_moe::quant::Scheme::parse(scheme) {
+                Ok(_) => Self::Quantised(scheme.to_string()),
+                Err(e) => return Err(format!("`{spec}`: {e}")),
+            },
             _ => {
                 return Err(format!(
                     "unknown variant `{spec}`: expected anchor, original, lowrank:RATIO, \
-                     prune-lowrank:RATIO or method:NAME[:RATIO]"
+                     prune-lowrank:RATIO, method:NAME[:RATIO] or quantise:SCHEME"
                 ))
             }
         })
@@ -85,6 +94,7 @@ impl VariantSpec {
             Self::PrunedLowRank(r) => format!("prune-rho-{r}"),
             Self::Method { name, ratio } if *ratio == 0.0 => name.clone(),
             Self::Method { name, ratio } => format!("{name}-rho-{ratio}"),
+            Self::Quantised(scheme) => scheme.clone(),
         }
     }
 }
@@ -145,12 +155,12 @@ pub fn registered_methods() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Compresses `original` into the new directory `out` with the single method `name` at byte
-/// ratio `ratio` over all three expert matrices, calibrating on `device` with a few random
-/// windows written to `calibration` (quantisers read few statistics; the decode speed does not
-/// depend on them).
+/// ratio `ratio` over all three expert matrices (with `scheme`, the quantiser in that one
+/// format, rounded to nearest), calibrating on `device` with a few random windows written to
+/// `calibration` (quantisers read few statistics; the decode speed does not depend on them).
 pub fn compress_with_method(
     original: &Path,
-    (name, ratio): (&str, f64),
+    (name, ratio, scheme): (&str, f64, Option<&str>),
     calibration: &Path,
     device: &str,
     out: &Path,
@@ -186,6 +196,13 @@ pub fn compress_with_method(
         ..CompressOptions::default()
     };
     options.budget.ratio = ratio;
+    if let Some(scheme) = scheme {
+        let scheme = rfid_moe::quant::Scheme::parse(scheme)?;
+        options.update_settings::<QuantiseSettings>(|s| {
+            s.schemes = vec![scheme];
+            s.algorithm = Algorithm::Rtn;
+        })?;
+    }
     rfid_moe::compress(&options)?;
     Ok(())
 }
@@ -207,6 +224,11 @@ mod tests {
             Ok("prune-rho-0.6".into())
         );
         assert_eq!(parse("method:int8").map(|v| v.label()), Ok("int8".into()));
+        assert_eq!(
+            parse("quantise:q4_k"),
+            Ok(VariantSpec::Quantised("q4_k".into()))
+        );
+        assert!(parse("quantise:int7-g100-sym").is_err());
         assert_eq!(
             parse("method:int8:0.2").map(|v| v.label()),
             Ok("int8-rho-0.2".into())

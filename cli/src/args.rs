@@ -78,6 +78,7 @@ choice!(Saliency);
 choice!(TuneMetric);
 choice!(rfid_moe::pipeline::methods::quantise::Algorithm);
 choice!(rfid_moe::pipeline::methods::quantise::HessianSource);
+choice!(rfid_moe::pipeline::methods::quantise::CandidateErrors);
 
 impl Choice for rfid_moe::checkpoint::experts::ExpertMatrix {
     fn all() -> &'static [Self] {

@@ -243,12 +243,17 @@ fn prepare(
             check_params(&variant, (expected, down), &plan, args.layers, o)?;
             Ok(variant)
         }
-        VariantSpec::Method { name, ratio } => {
+        VariantSpec::Method { .. } | VariantSpec::Quantised(_) => {
+            let (name, ratio, scheme) = match spec {
+                VariantSpec::Quantised(scheme) => ("quantise", 0.0, Some(scheme.as_str())),
+                VariantSpec::Method { name, ratio } => (name.as_str(), *ratio, None),
+                _ => unreachable!("matched above"),
+            };
             let calibration = work.join("calibration.safetensors");
             ensure_written(&dir, || {
                 variants::compress_with_method(
                     &original.dir,
-                    (name, *ratio),
+                    (name, ratio, scheme),
                     &calibration,
                     &args.device,
                     &dir,

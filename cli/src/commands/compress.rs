@@ -9,7 +9,9 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::pipeline::methods::lowrank::tune::{TuneMetric, XiSetting};
 use rfid_moe::pipeline::methods::lowrank::{self, FactorizerKind, LowRankSettings, RankAllocation};
 use rfid_moe::pipeline::methods::prune::{self, PruneSettings, Saliency};
-use rfid_moe::pipeline::methods::quantise::{self, Algorithm, HessianSource, QuantiseSettings};
+use rfid_moe::pipeline::methods::quantise::{
+    self, Algorithm, CandidateErrors, HessianSource, QuantiseSettings,
+};
 use rfid_moe::quant::Scheme;
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
@@ -94,6 +96,9 @@ pub struct CompressArgs {
     /// statistics.
     #[arg(long)]
     quant_min_tokens: Option<usize>,
+    /// quantise: how each format's error is found before the solver chooses.
+    #[arg(long, value_parser = choice::<CandidateErrors>())]
+    quant_errors: Option<CandidateErrors>,
     /// prune: how experts are ranked.
     #[arg(long, value_parser = choice::<Saliency>())]
     prune_saliency: Option<Saliency>,
@@ -289,6 +294,7 @@ impl CompressArgs {
             ("--act-order", self.act_order.is_some()),
             ("--quant-hessian", self.quant_hessian.is_some()),
             ("--quant-min-tokens", self.quant_min_tokens.is_some()),
+            ("--quant-errors", self.quant_errors.is_some()),
         ];
         let prune_flags = [
             ("--prune-saliency", self.prune_saliency.is_some()),
@@ -346,6 +352,7 @@ impl CompressArgs {
                 set(&mut s.act_order, &self.act_order);
                 set(&mut s.hessian, &self.quant_hessian);
                 set(&mut s.min_tokens, &self.quant_min_tokens);
+                set(&mut s.errors, &self.quant_errors);
             })?;
         }
         // Settings of methods no longer enabled mean nothing: drop them.

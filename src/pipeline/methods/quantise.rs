@@ -70,6 +70,19 @@ crate::named_enum! {
     }
 }
 
+crate::named_enum! {
+    /// How the error of each candidate format is found before the solver chooses.
+    pub enum CandidateErrors ("candidate errors") {
+        /// Every candidate quantised by GPTQ.
+        Gptq = "gptq": "Every expert matrix quantised by GPTQ in every format (exact, slow)",
+        /// Rounding estimates scaled by GPTQ on a few experts.
+        Sampled = "sampled": "Each format's rounding error through GPTQ's inverse-Hessian factor, scaled per matrix and format to GPTQ's own on a few experts",
+    }
+}
+
+/// Experts per layer quantised by GPTQ in every format to scale the other experts' estimates.
+pub const SAMPLED_EXPERTS: usize = 4;
+
 /// The formats offered by default: chosen on held-out calibration text (docs/RESULTS.md).
 pub fn default_schemes() -> Vec<Scheme> {
     [
@@ -110,6 +123,8 @@ pub struct QuantiseSettings {
     pub hessian: HessianSource,
     /// Experts with fewer routed tokens are filled in with the layer's statistics.
     pub min_tokens: usize,
+    /// How the candidates' errors are found.
+    pub errors: CandidateErrors,
 }
 
 impl Default for QuantiseSettings {
@@ -121,6 +136,7 @@ impl Default for QuantiseSettings {
             damp: 0.01,
             hessian: HessianSource::Expert,
             min_tokens: 128,
+            errors: CandidateErrors::Sampled,
         }
     }
 }
@@ -280,6 +296,20 @@ impl Quantise {
         wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
         each: impl Fn(usize, ExpertMatrix, u64, &[f32], Quantised) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
+        self.for_each_prepared(layer, wanted, |expert, matrix, variant, values, hessian, scheme| {
+            let rows = values.len() / layer.experts.layout.shape(matrix)[1];
+            each(expert, matrix, variant, values, self.quantise(values, rows, hessian, scheme)?)
+        })
+    }
+
+    /// Runs `each` on every (expert, matrix, scheme) of `wanted` with the matrix's values and
+    /// its prepared Gram matrix, one expert at a time per worker.
+    fn for_each_prepared<B: LinalgBackend, T: Send>(
+        &self,
+        layer: &LayerContext<B>,
+        wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
+        each: impl Fn(usize, ExpertMatrix, u64, &[f32], &Prepared, Scheme) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
         let statistics = layer.statistics;
         let inputs = statistics.routed_inputs.as_ref().ok_or_else(|| {
             Error::InvalidArgument(
@@ -329,11 +359,9 @@ impl Quantise {
                         }
                     };
                     let w = layer.experts.matrix(expert, *matrix)?;
-                    let (rows, _) = w.dims2()?;
                     let values = w.flatten_all()?.to_vec1::<f32>()?;
                     for &(variant, scheme) in schemes {
-                        let q = self.quantise(&values, rows, hessian, scheme)?;
-                        out.push(each(expert, *matrix, variant, &values, q)?);
+                        out.push(each(expert, *matrix, variant, &values, hessian, scheme)?);
                     }
                 }
                 Ok(out)
@@ -393,13 +421,13 @@ fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
         .map_err(|_| Error::InvalidArgument("a worker thread panicked".into()))
 }
 
-/// The estimated output error of a quantised matrix: its rows' losses weighted by how each
-/// row's error reaches the layer's output.
-fn estimated_error<M>(
+/// The estimated output error of a quantised matrix from its rows' losses, weighted by how
+/// each row's error reaches the layer's output.
+fn weighted_error<M>(
     statistics: &LayerStatistics<M>,
     matrix: ExpertMatrix,
     expert: usize,
-    q: &Quantised,
+    row_loss: &[f64],
 ) -> Result<f64> {
     let weights = statistics
         .error_weights(matrix, expert)
@@ -407,9 +435,47 @@ fn estimated_error<M>(
     Ok(weights
         .rows
         .iter()
-        .zip(&q.row_loss)
+        .zip(row_loss)
         .map(|(w, loss)| w * loss)
         .sum())
+}
+
+/// The experts quantised exactly in every format under [`CandidateErrors::Sampled`]: evenly
+/// spaced over the layer.
+fn sampled_experts(experts: usize) -> Vec<usize> {
+    let k = SAMPLED_EXPERTS.min(experts);
+    (0..k).map(|i| (2 * i + 1) * experts / (2 * k)).collect()
+}
+
+/// The candidates with the error of each one that was only estimated (error NaN) filled in:
+/// its estimate times Σ exact / Σ estimate over the candidates of the same matrix and format
+/// that have both.
+fn scale_estimates(candidates: Vec<(Candidate, Option<f64>)>) -> Vec<Candidate> {
+    let key = |c: &Candidate| match c.unit {
+        Unit::Slot { matrix, .. } => Some((matrix, c.variant)),
+        _ => None,
+    };
+    let mut sums: BTreeMap<(ExpertMatrix, u64), (f64, f64)> = BTreeMap::new();
+    for (c, estimate) in &candidates {
+        if let (Some(k), Some(estimate), false) = (key(c), estimate, c.error.is_nan()) {
+            let sum = sums.entry(k).or_default();
+            sum.0 += c.error;
+            sum.1 += estimate;
+        }
+    }
+    candidates
+        .into_iter()
+        .map(|(mut c, estimate)| {
+            if let (Some(k), Some(estimate), true) = (key(&c), estimate, c.error.is_nan()) {
+                let scale = match sums.get(&k) {
+                    Some(&(exact, est)) if est > 0.0 => exact / est,
+                    _ => 1.0,
+                };
+                c.error = estimate * scale;
+            }
+            c
+        })
+        .collect()
 }
 
 impl<B: LinalgBackend> Method<B> for Quantise {
@@ -438,18 +504,42 @@ impl<B: LinalgBackend> Method<B> for Quantise {
             }
         }
         let statistics = layer.statistics;
-        self.for_each_quantised(layer, &wanted, |expert, matrix, variant, _, q| {
-            Ok(Candidate {
-                method: NAME.into(),
-                unit: Unit::Slot { matrix, expert },
-                variant,
-                label: q.scheme.name(),
-                bytes: q.scheme.stored_bytes(q.rows, q.cols),
-                parameters: (q.rows * q.cols) as u64,
-                error: estimated_error(statistics, matrix, expert, &q)?,
-                signals: None,
-            })
-        })
+        let sampled = sampled_experts(layout.num_experts);
+        let exact_for = |expert: usize| match (self.settings.errors, self.settings.algorithm) {
+            (CandidateErrors::Gptq, _) | (_, Algorithm::Rtn) => true,
+            (CandidateErrors::Sampled, Algorithm::Gptq) => sampled.contains(&expert),
+        };
+        // Per (expert, matrix, format): the exact error where it was measured, the estimate.
+        let errors = self.for_each_prepared(
+            layer,
+            &wanted,
+            |expert, matrix, variant, values, hessian, scheme| {
+                let [rows, cols] = layout.shape(matrix);
+                let weighted = |row_loss: &[f64]| weighted_error(statistics, matrix, expert, row_loss);
+                let exact = match exact_for(expert) {
+                    true => Some(weighted(&self.quantise(values, rows, hessian, scheme)?.row_loss)?),
+                    false => None,
+                };
+                let estimate = match (hessian, self.settings.errors) {
+                    (Prepared::Gptq(h), CandidateErrors::Sampled) => {
+                        Some(weighted(&h.estimate_row_loss(values, rows, scheme)?)?)
+                    }
+                    _ => None,
+                };
+                let candidate = Candidate {
+                    method: NAME.into(),
+                    unit: Unit::Slot { matrix, expert },
+                    variant,
+                    label: scheme.name(),
+                    bytes: scheme.stored_bytes(rows, cols),
+                    parameters: (rows * cols) as u64,
+                    error: exact.unwrap_or(f64::NAN),
+                    signals: None,
+                };
+                Ok((candidate, estimate))
+            },
+        )?;
+        Ok(scale_estimates(errors))
     }
 
     fn apply(&self, layer: &LayerContext<B>, chosen: &[Candidate]) -> Result<Vec<UnitOutput>> {
@@ -517,5 +607,47 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                 min_tokens: self.settings.min_tokens,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(matrix: ExpertMatrix, expert: usize, variant: u64, error: f64) -> Candidate {
+        Candidate {
+            method: NAME.into(),
+            unit: Unit::Slot { matrix, expert },
+            variant,
+            label: String::new(),
+            bytes: 1,
+            parameters: 1,
+            error,
+            signals: None,
+        }
+    }
+
+    #[test]
+    fn sampled_experts_are_spread_over_the_layer() {
+        assert_eq!(sampled_experts(128), vec![16, 48, 80, 112]);
+        assert_eq!(sampled_experts(16), vec![2, 6, 10, 14]);
+        assert_eq!(sampled_experts(3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn estimates_are_scaled_by_the_exact_share_of_their_matrix_and_format() {
+        use ExpertMatrix::{Down, Gate};
+        let scaled = scale_estimates(vec![
+            // Gate, format 0: exact 3 against estimate 2 on the sample: scale 1.5.
+            (candidate(Gate, 0, 0, 3.0), Some(2.0)),
+            (candidate(Gate, 1, 0, f64::NAN), Some(4.0)),
+            // Gate, format 1 and down, format 0: their own scales.
+            (candidate(Gate, 0, 1, 1.0), Some(4.0)),
+            (candidate(Gate, 1, 1, f64::NAN), Some(8.0)),
+            (candidate(Down, 0, 0, 5.0), Some(5.0)),
+            (candidate(Down, 1, 0, f64::NAN), Some(7.0)),
+        ]);
+        let errors: Vec<f64> = scaled.iter().map(|c| c.error).collect();
+        assert_eq!(errors, vec![3.0, 6.0, 1.0, 2.0, 5.0, 7.0]);
     }
 }
