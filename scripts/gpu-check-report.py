@@ -8,7 +8,6 @@ network and the CI machine no extra packages).
       rewrites the summary next to it.
   start RESULTS JSON      writes RESULTS with the run's description (JSON object) and no steps.
   finish RESULTS          marks the run finished and rewrites the summary.
-  find-4bit               reads `decode --list-methods` on stdin, prints the first 4-bit method.
   cli-figures DIR OUT     gathers the CLI step's files in DIR into one JSON object in OUT.
 """
 
@@ -16,11 +15,6 @@ import json
 import os
 import re
 import sys
-
-# A registry entry counts as 4-bit when its name or description says so (q4_0, q4k, "4-bit",
-# int4, nf4); the first such entry is measured.
-FOUR_BIT = re.compile(r"(?<![0-9])4[- ]?bit|\bq4|\bint4\b|\bnf4\b", re.IGNORECASE)
-
 
 def load(path):
     with open(path, encoding="utf-8") as f:
@@ -218,11 +212,6 @@ def main(argv):
         run["finished"] = True
         save(args[0], run)
         write_summary(args[0], run)
-    elif command == "find-4bit":
-        for line in sys.stdin:
-            if FOUR_BIT.search(line):
-                print(line.split("\t")[0].strip())
-                return
     elif command == "cli-figures":
         cli_figures(*args)
     else:

@@ -15,12 +15,11 @@
 # DIR defaults to .device/gpu-check (.device/gpu-check-cpu with --cpu); OUT to $OUT, else
 # DIR/out. It receives gpu-check.json, summary.txt and logs/; large scratch files (checkpoints)
 # go to a temporary folder that is removed at the end. The fixtures and mini-moe-docs are read
-# from the repository around DIR (or RFID_MOE_REPO_ROOT). Exit status: 0 when every step passed
-# (the 4-bit entry may be skipped with its reason while no 4-bit method exists), 1 otherwise.
+# from the repository around DIR (or RFID_MOE_REPO_ROOT). Exit status: 0 when every step passed,
+# 1 otherwise.
 #
 # Environment: GPU_CHECK_BUDGET_S (overall limit, default 450 s on a device), CUDA_LIB_DIR (the
-# CUDA 13 runtime libraries; default: the PyTorch virtualenv's), GPU_CHECK_4BIT_METHOD (the
-# registry name of the 4-bit method, when detection does not find it).
+# CUDA 13 runtime libraries; default: the PyTorch virtualenv's).
 set -euo pipefail
 
 SELF=$(readlink -f "$0")
@@ -165,7 +164,8 @@ tests                  150 step_tests
 decode-anchor           60 step_decode anchor
 decode-original         45 step_decode original
 decode-pruned-lowrank   60 step_decode prune-lowrank:0.4
-decode-4bit             75 step_decode @4bit
+decode-4bit             75 step_decode quantise:q4_k
+decode-3bit             75 step_decode quantise:q3_k
 decode-int8             75 step_decode method:int8
 compress-bench         150 step_compress
 cli                     60 step_cli
@@ -173,7 +173,7 @@ cli                     60 step_cli
 # Exit status of a step that cannot apply to this build (it is recorded as skipped with the
 # reason it writes to $STEP_REASON); only the steps named here may skip.
 SKIP=77
-MAY_SKIP="decode-4bit"
+MAY_SKIP=""
 
 # The run's sizes: the real shapes on a device (or with --cpu alone), tiny ones with --quick.
 settings() {
@@ -183,7 +183,7 @@ settings() {
     DEVICE=cpu DTYPE=f32
   fi
   if [ "$QUICK" = 1 ]; then
-    SHAPE_ARGS="--layers 1 --experts 16 --expert-intermediate 64 --vocab 1024"
+    SHAPE_ARGS="--layers 1 --experts 16 --expert-intermediate 256 --vocab 1024"
     DECODE_ARGS="$SHAPE_ARGS --context 16 --batches 1,8 --prefill-repeats 1 --warmup 1 --steps 2"
     COMPRESS_ARGS="$SHAPE_ARGS --samples 2 --seq-len 32 --check-forward"
     CLI_EVAL_ARGS="--max-windows 4 --seq-len 128"
@@ -218,15 +218,7 @@ step_tests() {
 }
 
 step_decode() {
-  local variant=$1 methods
-  if [ "$variant" = @4bit ]; then
-    methods=$("$BIN/decode" --list-methods)
-    local name=${GPU_CHECK_4BIT_METHOD:-$("$PY" "$HELPER" find-4bit <<<"$methods")}
-    [ -n "$name" ] || skip "no 4-bit method in this build's registry ($(cut -f1 <<<"$methods" |
-      paste -sd' ' -)); this entry runs once \`rfid-moe compress --methods\` offers one"
-    echo "4-bit method: $name"
-    variant=method:$name
-  fi
+  local variant=$1
   # shellcheck disable=SC2086 # the argument lists are words
   "$BIN/decode" --device "$DEVICE" --dtype "$DTYPE" $DECODE_ARGS --variants "$variant" \
     --work "$SCRATCH/decode" --json "$STEP_FIGURES"

@@ -79,6 +79,7 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
         group_size: 3,
         group_gram: true,
         expert_statistics: false,
+        routed_inputs: false,
     };
 
     let model = Model::load(&checkpoint, DType::F32, &device).unwrap();
@@ -142,6 +143,7 @@ fn routing_counts_and_tokens_do_not_depend_on_collecting_gram_matrices() {
             group_size: options.group_size,
             group_gram: gram,
             expert_statistics: false,
+            routed_inputs: false,
         };
         let mut stream = CalibrationStream::new(
             &checkpoint,

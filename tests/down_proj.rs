@@ -261,7 +261,7 @@ fn prune_plus_lowrank_with_down_spends_the_budget_over_three_matrices() {
             rfid_moe::pipeline::BudgetUnit::Parameters,
             ratio,
             (experts, 3),
-            4.0,
+            (4.0, None),
         );
         assert_eq!(removed as f64, default.round());
         let layer = &report.layers[0];

@@ -12,12 +12,13 @@ use std::process::Command;
 use serde_json::Value;
 
 /// The steps of a run, in order.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "tests",
     "decode-anchor",
     "decode-original",
     "decode-pruned-lowrank",
     "decode-4bit",
+    "decode-3bit",
     "decode-int8",
     "compress-bench",
     "cli",
@@ -73,9 +74,10 @@ fn check_decode(run: &Value) {
             "candle-transformers original",
             "rfid-moe original",
             "rfid-moe prune-rho-0.4",
+            "rfid-moe q4_k",
+            "rfid-moe q3_k",
             "rfid-moe int8"
         ],
-        "the 4-bit entry measures nothing while it is skipped"
     );
     let bytes: Vec<f64> = rows
         .iter()
@@ -85,7 +87,9 @@ fn check_decode(run: &Value) {
         bytes[0], bytes[1],
         "both runtimes hold the original's experts"
     );
-    assert!(bytes[2] < bytes[1] && bytes[3] < bytes[1], "{bytes:?}");
+    assert!(bytes[2..].iter().all(|&b| b < bytes[1]), "{bytes:?}");
+    // 4.5 and 3.4375 bits per weight of the original's 32 (f32 on the CPU).
+    assert!(bytes[3] < bytes[5] && bytes[4] < bytes[3], "{bytes:?}");
     for row in &rows {
         let decode = row["decode_ms_per_layer"].as_array().unwrap();
         let batches: Vec<u64> = decode.iter().map(|d| d[0].as_u64().unwrap()).collect();
@@ -167,16 +171,6 @@ fn the_device_check_runs_every_step_on_the_cpu() {
     assert_eq!(names, STEPS);
     for name in STEPS {
         let s = step(&run, name);
-        if name == "decode-4bit" {
-            // Until a 4-bit method is registered, skipped with the reason; then measured.
-            let reason = s["reason"].as_str().unwrap_or_default();
-            assert!(
-                s["status"] == "ok"
-                    || (s["status"] == "skipped" && reason.contains("no 4-bit method")),
-                "{s:#}"
-            );
-            continue;
-        }
         assert_eq!(s["status"], "ok", "{s:#}");
         assert!(out.join(s["log"].as_str().unwrap()).is_file(), "{name} log");
     }

@@ -157,7 +157,7 @@ fn an_unknown_method_is_refused_with_the_known_ones_listed() {
     options.methods = vec!["lowrank".into(), "gptq9".into()];
     let message = rfid_moe::compress(&options).unwrap_err().to_string();
     assert!(
-        message.contains("gptq9") && message.contains("prune, lowrank, int8, keep"),
+        message.contains("gptq9") && message.contains("prune, lowrank, quantise, int8, keep"),
         "{message}"
     );
 }

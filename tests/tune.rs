@@ -249,6 +249,7 @@ fn held_out_windows_calibrate_nothing_and_candidate_errors_match_an_independent_
         group_size: 2,
         group_gram: true,
         expert_statistics: false,
+        routed_inputs: false,
     };
     let mut stream = CalibrationStream::with_held_out(
         &checkpoint,

@@ -443,6 +443,22 @@ fn int8_factors_resume_with_identical_output() {
     resume_and_check(&setup, &int8, &reference, 2);
 }
 
+#[test]
+fn quantised_experts_resume_with_identical_output() {
+    let setup = Setup::new();
+    let low_bit = ["--bpw", "3"];
+    let reference = setup.reference(&low_bit);
+    let index = std::fs::read_to_string(reference.join("model.safetensors.index.json"))
+        .or_else(|_| std::fs::read_to_string(reference.join("compression_report.json")))
+        .unwrap();
+    assert!(
+        ["int2-", "int3-", "int4-", "q3_k", "q4_k"].iter().any(|s| index.contains(s)),
+        "no packed matrix in the reference output"
+    );
+    setup.killed_at(&low_bit, "layer-committed:1");
+    resume_and_check(&setup, &low_bit, &reference, 2);
+}
+
 /// Kills a run after layer 2 was committed, so that the journal holds layers 0–2.
 fn three_finished_layers(setup: &Setup) {
     setup.killed_at(&[], "layer-committed:2");

@@ -49,7 +49,12 @@ struct Args {
     /// Routed-expert intermediate size instead of the real model's (reduced runs).
     #[arg(long)]
     expert_intermediate: Option<usize>,
-    /// Fraction ρ of the gate/up expert parameters to remove.
+    /// What runs: `paper` (the paper's low-rank preset) or `default` (the tool's default
+    /// methods under a byte budget).
+    #[arg(long, default_value = "paper", value_parser = clap::builder::PossibleValuesParser::new(["paper", "default"]))]
+    preset: String,
+    /// Fraction ρ removed: of the gate/up expert parameters (`paper`), of the routed experts'
+    /// bytes (`default`).
     #[arg(long, default_value_t = 0.4)]
     ratio: f64,
     /// Calibration windows.
@@ -201,11 +206,14 @@ fn check_forward(dir: &Path, vocab: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The compression options of the run: the paper's low-rank preset (the stages this benchmark
-/// times: SVD, whitening, gate and up at a parameter ratio), with the benchmark's model,
-/// calibration, ratio and device.
+/// The compression options of the run: the paper's low-rank preset (SVD, whitening, gate and
+/// up at a parameter ratio) or the default methods, with the benchmark's model, calibration,
+/// ratio and device.
 fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> CompressOptions {
-    let mut options = rfid_moe::pipeline::presets::paper();
+    let mut options = match args.preset.as_str() {
+        "default" => CompressOptions::default(),
+        _ => rfid_moe::pipeline::presets::paper(),
+    };
     options.model = model.to_path_buf();
     options.device = args.device.clone();
     options.calibration = CalibrationOptions {

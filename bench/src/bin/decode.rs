@@ -48,7 +48,8 @@ struct Args {
     expert_intermediate: Option<usize>,
     /// The checkpoints and runtimes measured, in order: anchor (candle-transformers on the
     /// original), original, lowrank:ρ, prune-lowrank:ρ, method:NAME[:ρ] (ρ as `compress
-    /// --ratio`; see `rfid_moe_bench::variants`).
+    /// --ratio`), quantise:SCHEME (every expert matrix in one block format); see
+    /// `rfid_moe_bench::variants`.
     #[arg(
         long,
         value_delimiter = ',',

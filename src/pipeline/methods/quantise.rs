@@ -198,12 +198,10 @@ pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<
 }
 
 /// One expert's Gram matrices: of its inputs (gate, up) and of its intermediate activations
-/// (down), `[n, n]` row-major, and the tokens behind them.
+/// (down), `[n, n]` row-major.
 struct ExpertGrams {
     input: Vec<f64>,
     intermediate: Option<Vec<f64>>,
-    tokens: usize,
-    filled_in: bool,
 }
 
 impl Quantise {
@@ -222,13 +220,12 @@ impl Quantise {
             HessianSource::Layer => None,
         };
         // The layer's rows stand for `weight` tokens each.
-        let (prior_weight, filled_in) = match (self.settings.hessian, prior) {
-            (HessianSource::Layer, Some(p)) => (tokens.max(1) as f64 / p.dim(0)? as f64, false),
-            (HessianSource::Expert, Some(p)) if tokens < self.settings.min_tokens => (
-                (self.settings.min_tokens - tokens) as f64 / p.dim(0)? as f64,
-                true,
-            ),
-            _ => (0.0, false),
+        let prior_weight = match (self.settings.hessian, prior) {
+            (HessianSource::Layer, Some(p)) => tokens.max(1) as f64 / p.dim(0)? as f64,
+            (HessianSource::Expert, Some(p)) if tokens < self.settings.min_tokens => {
+                (self.settings.min_tokens - tokens) as f64 / p.dim(0)? as f64
+            }
+            _ => 0.0,
         };
         let intermediate = |x: &Tensor| -> Result<Tensor> {
             let gate = experts.matrix(expert, ExpertMatrix::Gate)?;
@@ -251,8 +248,6 @@ impl Quantise {
         Ok(ExpertGrams {
             input: input.unwrap_or_else(|| vec![0.0; d * d]),
             intermediate: with_down.then(|| inter.unwrap_or_else(|| vec![0.0; p * p])),
-            tokens,
-            filled_in,
         })
     }
 
@@ -319,6 +314,16 @@ impl Quantise {
             )
         })?;
         let prior = prior_rows(inputs)?;
+        // Every expert the layer fills in, whichever of them this pass quantises, so that the
+        // report does not depend on which candidates were asked for (a resumed run applies a
+        // saved plan without offering).
+        if self.settings.hessian == HessianSource::Expert && prior.is_some() {
+            let filled: BTreeMap<usize, usize> = (0..layer.experts.layout.num_experts)
+                .map(|e| (e, inputs.expert_tokens(e)))
+                .filter(|&(_, tokens)| tokens < self.settings.min_tokens)
+                .collect();
+            lock(&self.filled_in)?.insert(statistics.layer, filled);
+        }
         let results: Vec<Vec<T>> = wanted
             .par_iter()
             .map(|(&expert, matrices)| {
@@ -330,12 +335,6 @@ impl Quantise {
                     expert,
                     with_down,
                 )?;
-                if grams.filled_in {
-                    lock(&self.filled_in)?
-                        .entry(statistics.layer)
-                        .or_default()
-                        .insert(expert, grams.tokens);
-                }
                 let mut out = Vec::new();
                 let mut input_hessian = None;
                 for (matrix, schemes) in matrices {
