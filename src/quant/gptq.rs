@@ -376,12 +376,14 @@ impl GptqHessian {
 impl GptqHessian {
     /// Per row, an estimate of the loss [`GptqHessian::quantise`] would report for `w` in
     /// `scheme`, at the cost of rounding once: each column's rounding error on grids fitted to
-    /// the original row, divided by `U_ii` as GPTQ divides the error of the updated weight.
+    /// the original row (in the scheme's [`Scheme::estimation_proxy`]), divided by `U_ii` as
+    /// GPTQ divides the error of the updated weight.
     /// Rounding errors are nearly independent of the small updates GPTQ makes, so the two agree
     /// in expectation wherever the grid covers the updated weights.
     pub fn estimate_row_loss(&self, w: &[f32], rows: usize, scheme: Scheme) -> Result<Vec<f64>> {
         let n = self.cols;
         check_matrix(w, rows, n, scheme)?;
+        let scheme = scheme.estimation_proxy();
         let bc = scheme.block_columns();
         let importance: Vec<f32> = self.diagonal.iter().map(|&d| d as f32).collect();
         // 1 / U_ii² by original column.
@@ -820,6 +822,21 @@ mod tests {
         assert!(lo > 0.5 && hi < 2.0, "GPTQ / estimate {ratios:?}\n{report}");
         assert!(hi / lo < 1.6, "GPTQ / estimate {ratios:?}\n{report}");
         assert!(exact_losses.windows(2).all(|w| w[0] > w[1]), "{report}");
+        // K kinds are estimated through integer groups of their sub-block length: the same
+        // order of magnitude, the rest corrected by the sampled scale.
+        let cols = 512;
+        let h = gram(&calibration(tokens, cols, 9));
+        let w = weights(rows, cols, 10);
+        let prepared = GptqHessian::new(&h, cols, &GptqOptions::default()).unwrap();
+        let mut report = String::new();
+        for kind in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+            let scheme = Scheme::parse(kind).unwrap();
+            let exact: f64 = prepared.quantise(&w, rows, scheme).unwrap().row_loss.iter().sum();
+            let estimate: f64 = prepared.estimate_row_loss(&w, rows, scheme).unwrap().iter().sum();
+            report += &format!("{kind}: GPTQ {exact:.4e}, estimate {estimate:.4e}\n");
+            assert!((0.33..3.0).contains(&(exact / estimate)), "{report}");
+        }
+        println!("{report}");
     }
 
     #[test]

@@ -111,6 +111,28 @@ impl Scheme {
         }
     }
 
+    /// The format whose round-to-nearest error stands in for this one's when candidate errors
+    /// are only estimated: for ggml's K kinds, whose two-level scale search is costly, integer
+    /// groups of their sub-block length and bits (their error is then scaled to the K kind's
+    /// own by exact runs on a few experts); every other format itself.
+    pub fn estimation_proxy(&self) -> Scheme {
+        let int = |bits, group, symmetric| {
+            Scheme::Int(IntScheme {
+                bits,
+                group,
+                symmetric,
+            })
+        };
+        match self {
+            Self::Ggml(GgmlKind::Q2_K) => int(2, 16, false),
+            Self::Ggml(GgmlKind::Q3_K) => int(3, 16, true),
+            Self::Ggml(GgmlKind::Q4_K) => int(4, 32, false),
+            Self::Ggml(GgmlKind::Q5_K) => int(5, 32, false),
+            Self::Ggml(GgmlKind::Q6_K) => int(6, 16, true),
+            other => *other,
+        }
+    }
+
     /// Writes one row: its blocks' grids (one per block) and codes (one per column, as
     /// [`Grid::round`] gave them), appended to `out`.
     pub fn pack_row(&self, grids: &[Grid], codes: &[u8], out: &mut Vec<u8>) {
