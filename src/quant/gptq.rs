@@ -400,7 +400,7 @@ impl GptqHessian {
                     .zip(importance.chunks(bc))
                     .zip(gain.chunks(bc))
                     .map(|((values, importance), gain)| {
-                        let grid = scheme.fit(values, Some(importance));
+                        let grid = scheme.fit_for_estimate(values, Some(importance));
                         values
                             .iter()
                             .zip(gain)

@@ -17,6 +17,8 @@ pub const GROUPS: [usize; 4] = [32, 64, 128, 256];
 /// then the neighbours of its best at a quarter of its spacing.
 const COARSE_CLIPS: [f32; 6] = [1.0, 0.92, 0.84, 0.76, 0.68, 0.6];
 const FINE_SPACING: f32 = 0.02;
+/// Clipping ranges of the quick fit.
+const QUICK_CLIPS: [f32; 3] = [1.0, 0.84, 0.68];
 
 /// One integer-group format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +69,21 @@ impl IntScheme {
 
     fn max_code(&self) -> u8 {
         ((1u32 << self.bits) - 1) as u8
+    }
+
+    /// [`IntScheme::fit`] over [`QUICK_CLIPS`] alone: for estimates that are rescaled by
+    /// exact fits elsewhere.
+    pub fn fit_quick(&self, values: &[f32], importance: Option<&[f32]>) -> Grid {
+        let mut best: Option<(f64, Grid)> = None;
+        for clip in QUICK_CLIPS {
+            for grid in self.candidates(values, clip) {
+                let error = grid.weighted_error(values, importance);
+                if best.as_ref().is_none_or(|(e, _)| error < *e) {
+                    best = Some((error, grid));
+                }
+            }
+        }
+        best.map(|(_, g)| g).unwrap_or_else(|| self.grid(0.0, 0))
     }
 
     /// The grid of one group minimising the importance-weighted rounding error over clipped

@@ -133,6 +133,15 @@ impl Scheme {
         }
     }
 
+    /// A grid for estimating this format's rounding error: integer groups' quick fit (fewer
+    /// clipping ranges), any other format's full fit.
+    pub fn fit_for_estimate(&self, values: &[f32], importance: Option<&[f32]>) -> Grid {
+        match self {
+            Self::Int(s) => s.fit_quick(values, importance),
+            Self::Ggml(k) => k.fit(values, importance),
+        }
+    }
+
     /// Writes one row: its blocks' grids (one per block) and codes (one per column, as
     /// [`Grid::round`] gave them), appended to `out`.
     pub fn pack_row(&self, grids: &[Grid], codes: &[u8], out: &mut Vec<u8>) {
