@@ -58,7 +58,9 @@ pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
             .and_then(|(_, scheme)| {
                 crate::checkpoint::packed::PackedInfo::new(name, scheme, &info.shape).ok()
             })
-            .map_or(info.numel() as u64, |packed| (packed.rows * packed.cols) as u64);
+            .map_or(info.numel() as u64, |packed| {
+                (packed.rows * packed.cols) as u64
+            });
         match tensor_role(name) {
             TensorRole::RoutedExpert => counts.routed_experts += n,
             TensorRole::SharedExpert => counts.shared_experts += n,

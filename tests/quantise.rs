@@ -136,7 +136,13 @@ fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
     options.budget.bits_per_weight = Some(4.0);
     options
         .update_settings::<QuantiseSettings>(|s| {
-            s.schemes = schemes(&["int2-g64-asym", "int3-g64-asym", "int4-g64-asym", "q4_0", "q8_0"])
+            s.schemes = schemes(&[
+                "int2-g64-asym",
+                "int3-g64-asym",
+                "int4-g64-asym",
+                "q4_0",
+                "q8_0",
+            ])
         })
         .unwrap();
     let out = compress(&options);
@@ -145,7 +151,10 @@ fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
     assert!((kept - 0.25).abs() <= 0.005, "kept {kept}");
     let used = storages(&out);
     for scheme in ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym"] {
-        assert!(used.iter().any(|s| s == scheme), "{scheme} never chosen: {used:?}");
+        assert!(
+            used.iter().any(|s| s == scheme),
+            "{scheme} never chosen: {used:?}"
+        );
     }
     // Packed matrices count the parameters they stand for: nothing was removed.
     let counted = |dir: &Path| {

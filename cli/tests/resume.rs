@@ -452,7 +452,9 @@ fn quantised_experts_resume_with_identical_output() {
         .or_else(|_| std::fs::read_to_string(reference.join("compression_report.json")))
         .unwrap();
     assert!(
-        ["int2-", "int3-", "int4-", "q3_k", "q4_k"].iter().any(|s| index.contains(s)),
+        ["int2-", "int3-", "int4-", "q3_k", "q4_k"]
+            .iter()
+            .any(|s| index.contains(s)),
         "no packed matrix in the reference output"
     );
     setup.killed_at(&low_bit, "layer-committed:1");

@@ -452,9 +452,11 @@ impl Checkpoint {
     ) -> Result<Tensor> {
         if let Some((info, bytes)) = self.packed_bytes(name) {
             let values = packed::dequantise(info, bytes)?;
-            return Ok(Tensor::from_vec(values, (info.rows, info.cols), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?);
+            return Ok(
+                Tensor::from_vec(values, (info.rows, info.cols), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?,
+            );
         }
         let shard = self
             .location
@@ -795,7 +797,9 @@ impl Checkpoint {
             if packed.shape() != expected {
                 return Err(Error::ShapeMismatch {
                     name: packed.stored.clone(),
-                    path: self.info(&packed.stored).map_or_else(|| self.dir.clone(), |(_, p)| p.to_path_buf()),
+                    path: self
+                        .info(&packed.stored)
+                        .map_or_else(|| self.dir.clone(), |(_, p)| p.to_path_buf()),
                     expected: expected.to_vec(),
                     found: packed.shape().to_vec(),
                 });

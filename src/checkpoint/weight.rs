@@ -119,7 +119,11 @@ impl PackedMatrix {
             Blocks::Ggml(q) => Ok(q.dequantize(&q.device())?),
             Blocks::Bytes(bytes) => {
                 let values = packed::dequantise(&self.info, bytes)?;
-                Ok(Tensor::from_vec(values, (self.info.rows, self.info.cols), &Device::Cpu)?)
+                Ok(Tensor::from_vec(
+                    values,
+                    (self.info.rows, self.info.cols),
+                    &Device::Cpu,
+                )?)
             }
         }
     }
@@ -180,8 +184,7 @@ impl Weight {
                     found: info.shape().to_vec(),
                 });
             }
-            if holding == Int8Holding::Resident && PackedMatrix::stays_packed(info.scheme, device)
-            {
+            if holding == Int8Holding::Resident && PackedMatrix::stays_packed(info.scheme, device) {
                 return Ok(Self::Packed {
                     matrix: PackedMatrix::new(info, bytes, device)?,
                     dtype,

@@ -283,6 +283,9 @@ struct RopeKeys<'a> {
     path: &'a std::path::Path,
 }
 
+/// A rotary settings object, quoted in errors.
+const ROPE_EXAMPLE: &str = r#"{"rope_type": "default", "rope_theta": 10000.0}"#;
+
 impl RopeKeys<'_> {
     fn bad(&self, message: String) -> Error {
         Error::Config {
@@ -301,8 +304,7 @@ impl RopeKeys<'_> {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(value @ serde_json::Value::Object(_)) => Ok(Some(value)),
             Some(other) => Err(self.bad(format!(
-                "`{key}` is {other} (expected an object such as {{\"rope_type\": \"default\", \
-                 \"rope_theta\": 10000.0}}, or null)"
+                "`{key}` is {other} (expected an object such as {ROPE_EXAMPLE}, or null)"
             ))),
         }
     }

@@ -275,7 +275,7 @@ impl LegacyOptions {
                 scope: allocation.budget_scope,
                 granularity: Granularity::Expert,
                 layer_floor: 0.0,
-            bits_per_weight: None,
+                bits_per_weight: None,
             },
             output: self.output.clone(),
             ..CompressOptions::default()

@@ -451,8 +451,16 @@ fn layer_rows(out: &mut String, layer: &LayerReport) {
             layer.unused_experts
         ));
     }
-    if let Some(q) = layer.quantisation.as_ref().filter(|q| !q.filled_in.is_empty()) {
-        let experts: Vec<String> = q.filled_in.iter().map(|(e, n)| format!("{e} ({n})")).collect();
+    if let Some(q) = layer
+        .quantisation
+        .as_ref()
+        .filter(|q| !q.filled_in.is_empty())
+    {
+        let experts: Vec<String> = q
+            .filled_in
+            .iter()
+            .map(|(e, n)| format!("{e} ({n})"))
+            .collect();
         out.push_str(&format!(
             "       quantised with the layer's inputs filled in (under {} routed tokens): experts {}\n",
             q.min_tokens,

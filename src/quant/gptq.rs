@@ -392,8 +392,7 @@ impl GptqHessian {
             let d = self.u[p * n + p];
             gain[c] = 1.0 / (d * d);
         }
-        Ok(w
-            .par_chunks(n)
+        Ok(w.par_chunks(n)
             .map(|row| {
                 let row = zero_dead(row, &self.dead);
                 row.chunks(bc)
@@ -808,9 +807,24 @@ mod tests {
         let mut ratios = Vec::new();
         let mut exact_losses = Vec::new();
         let mut report = String::new();
-        for scheme in [int(2, 64, false), int(3, 128, false), int(4, 64, true), int(5, 128, false), int(8, 128, true)] {
-            let exact: f64 = prepared.quantise(&w, rows, scheme).unwrap().row_loss.iter().sum();
-            let estimate: f64 = prepared.estimate_row_loss(&w, rows, scheme).unwrap().iter().sum();
+        for scheme in [
+            int(2, 64, false),
+            int(3, 128, false),
+            int(4, 64, true),
+            int(5, 128, false),
+            int(8, 128, true),
+        ] {
+            let exact: f64 = prepared
+                .quantise(&w, rows, scheme)
+                .unwrap()
+                .row_loss
+                .iter()
+                .sum();
+            let estimate: f64 = prepared
+                .estimate_row_loss(&w, rows, scheme)
+                .unwrap()
+                .iter()
+                .sum();
             report += &format!("{scheme:>16}: GPTQ {exact:.4e}, estimate {estimate:.4e}\n");
             ratios.push(exact / estimate);
             exact_losses.push(exact);
@@ -818,7 +832,9 @@ mod tests {
         // Within a factor of two of GPTQ's own loss at every width, and the ratio varies
         // little between widths, so scaling by a sampled ratio leaves the order of candidates
         // and their error per byte about right.
-        let (lo, hi) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
         assert!(lo > 0.5 && hi < 2.0, "GPTQ / estimate {ratios:?}\n{report}");
         assert!(hi / lo < 1.6, "GPTQ / estimate {ratios:?}\n{report}");
         assert!(exact_losses.windows(2).all(|w| w[0] > w[1]), "{report}");
@@ -831,8 +847,17 @@ mod tests {
         let mut report = String::new();
         for kind in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
             let scheme = Scheme::parse(kind).unwrap();
-            let exact: f64 = prepared.quantise(&w, rows, scheme).unwrap().row_loss.iter().sum();
-            let estimate: f64 = prepared.estimate_row_loss(&w, rows, scheme).unwrap().iter().sum();
+            let exact: f64 = prepared
+                .quantise(&w, rows, scheme)
+                .unwrap()
+                .row_loss
+                .iter()
+                .sum();
+            let estimate: f64 = prepared
+                .estimate_row_loss(&w, rows, scheme)
+                .unwrap()
+                .iter()
+                .sum();
             report += &format!("{kind}: GPTQ {exact:.4e}, estimate {estimate:.4e}\n");
             assert!((0.33..3.0).contains(&(exact / estimate)), "{report}");
         }

@@ -207,7 +207,6 @@ impl IntScheme {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +238,13 @@ mod tests {
                 }
             }
         }
-        for bad in ["int7-g128-sym", "int4-g100-sym", "int4-g128", "int4-g128-sym-x", "q4"] {
+        for bad in [
+            "int7-g128-sym",
+            "int4-g100-sym",
+            "int4-g128",
+            "int4-g128-sym-x",
+            "q4",
+        ] {
             assert_eq!(IntScheme::parse(bad), None, "{bad}");
         }
     }
@@ -268,10 +273,18 @@ mod tests {
                 }
                 // The rounding error is at most half a step (plus clipping, which the fit only
                 // accepts when it lowers the total).
-                let err: f64 = w.iter().zip(&back).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+                let err: f64 = w
+                    .iter()
+                    .zip(&back)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
                 let energy: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
                 let levels = (1u64 << bits) as f64;
-                assert!(err / energy < 4.0 / (levels * levels), "{scheme}: {}", err / energy);
+                assert!(
+                    err / energy < 4.0 / (levels * levels),
+                    "{scheme}: {}",
+                    err / energy
+                );
             }
         }
     }
@@ -285,7 +298,11 @@ mod tests {
         });
         let zeros = vec![0f32; 64];
         let bytes = scheme.quantise_nearest(&zeros, 64, None).unwrap();
-        assert!(scheme.dequantise(&bytes, 64).unwrap().iter().all(|&v| v == 0.0));
+        assert!(scheme
+            .dequantise(&bytes, 64)
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0));
         let grid = scheme.fit(&values(32, 9), None);
         assert_eq!(bf16::from_f32(grid.steps[0]).to_f32(), grid.steps[0]);
     }

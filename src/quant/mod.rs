@@ -238,13 +238,18 @@ impl std::fmt::Display for Scheme {
 }
 
 impl Serialize for Scheme {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.name())
     }
 }
 
 impl<'de> Deserialize<'de> for Scheme {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         Scheme::parse(&text).map_err(serde::de::Error::custom)
     }

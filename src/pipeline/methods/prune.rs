@@ -54,7 +54,6 @@ pub const DEFAULT_MAX_PRUNED_FRACTION: f64 = 0.125;
 /// removing an eighth of the experts lost at 4.2 bits and won at 3.1 (docs/RESULTS.md).
 pub const REMOVAL_BELOW_BITS: f64 = 3.5;
 
-
 /// `[settings.prune]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -491,7 +490,9 @@ mod tests {
         let bytes = BudgetUnit::Bytes;
         assert_eq!(default_removal(bytes, 0.4, (16, 3), EIGHT_BIT), 0.0);
         let free = 1.0 - (1.0 + 4.0 / 128.0) / 2.0;
-        assert!((default_removal(bytes, 0.55, (32, 3), EIGHT_BIT) - (0.55 - free) * 32.0).abs() < 1e-9);
+        assert!(
+            (default_removal(bytes, 0.55, (32, 3), EIGHT_BIT) - (0.55 - free) * 32.0).abs() < 1e-9
+        );
         assert_eq!(default_removal(bytes, 0.74, (16, 3), EIGHT_BIT), 2.0);
         // With 2-bit storage on offer, nothing is removed while 3.5 bits per weight or more
         // are left (0.78 of bf16 removed), then an eighth.

@@ -236,7 +236,10 @@ impl Quantise {
         };
         let mut input = None;
         let mut inter = None;
-        for (rows, weight) in [(own.as_ref(), 1.0), (prior.filter(|_| prior_weight > 0.0), prior_weight)] {
+        for (rows, weight) in [
+            (own.as_ref(), 1.0),
+            (prior.filter(|_| prior_weight > 0.0), prior_weight),
+        ] {
             let Some(rows) = rows else { continue };
             add_gram(&mut input, rows, weight)?;
             if with_down {
@@ -291,10 +294,20 @@ impl Quantise {
         wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
         each: impl Fn(usize, ExpertMatrix, u64, &[f32], Quantised) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        self.for_each_prepared(layer, wanted, |expert, matrix, variant, values, hessian, scheme| {
-            let rows = values.len() / layer.experts.layout.shape(matrix)[1];
-            each(expert, matrix, variant, values, self.quantise(values, rows, hessian, scheme)?)
-        })
+        self.for_each_prepared(
+            layer,
+            wanted,
+            |expert, matrix, variant, values, hessian, scheme| {
+                let rows = values.len() / layer.experts.layout.shape(matrix)[1];
+                each(
+                    expert,
+                    matrix,
+                    variant,
+                    values,
+                    self.quantise(values, rows, hessian, scheme)?,
+                )
+            },
+        )
     }
 
     /// Runs `each` on every (expert, matrix, scheme) of `wanted` with the matrix's values and
@@ -328,13 +341,7 @@ impl Quantise {
             .par_iter()
             .map(|(&expert, matrices)| {
                 let with_down = matrices.iter().any(|(m, _)| *m == ExpertMatrix::Down);
-                let grams = self.grams(
-                    layer.experts,
-                    inputs,
-                    prior.as_ref(),
-                    expert,
-                    with_down,
-                )?;
+                let grams = self.grams(layer.experts, inputs, prior.as_ref(), expert, with_down)?;
                 let mut out = Vec::new();
                 let mut input_hessian = None;
                 for (matrix, schemes) in matrices {
@@ -409,7 +416,9 @@ fn prior_rows(inputs: &RoutedInputs) -> Result<Option<Tensor>> {
     if n <= PRIOR_ROWS {
         return Ok(Some(all));
     }
-    let index: Vec<u32> = (0..PRIOR_ROWS).map(|i| (i * n / PRIOR_ROWS) as u32).collect();
+    let index: Vec<u32> = (0..PRIOR_ROWS)
+        .map(|i| (i * n / PRIOR_ROWS) as u32)
+        .collect();
     let index = Tensor::from_vec(index, PRIOR_ROWS, &Device::Cpu)?;
     Ok(Some(all.index_select(&index, 0)?))
 }
@@ -514,9 +523,12 @@ impl<B: LinalgBackend> Method<B> for Quantise {
             &wanted,
             |expert, matrix, variant, values, hessian, scheme| {
                 let [rows, cols] = layout.shape(matrix);
-                let weighted = |row_loss: &[f64]| weighted_error(statistics, matrix, expert, row_loss);
+                let weighted =
+                    |row_loss: &[f64]| weighted_error(statistics, matrix, expert, row_loss);
                 let exact = match exact_for(expert) {
-                    true => Some(weighted(&self.quantise(values, rows, hessian, scheme)?.row_loss)?),
+                    true => Some(weighted(
+                        &self.quantise(values, rows, hessian, scheme)?.row_loss,
+                    )?),
                     false => None,
                 };
                 let estimate = match (hessian, self.settings.errors) {
@@ -572,8 +584,12 @@ impl<B: LinalgBackend> Method<B> for Quantise {
             let row_bytes = q.scheme.row_bytes(q.cols);
             let mut tensors = StoredTensors::default();
             let reconstruction = match layer.export_dense {
-                true => vec![Tensor::from_vec(q.dequantised.clone(), (q.rows, q.cols), &Device::Cpu)?
-                    .to_dtype(layer.stored_dtype)?],
+                true => {
+                    vec![
+                        Tensor::from_vec(q.dequantised.clone(), (q.rows, q.cols), &Device::Cpu)?
+                            .to_dtype(layer.stored_dtype)?,
+                    ]
+                }
                 false => Vec::new(),
             };
             tensors.insert(
