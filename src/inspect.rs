@@ -54,13 +54,8 @@ pub fn parameter_counts(checkpoint: &Checkpoint) -> ParameterCounts {
             continue;
         };
         // A packed matrix's bytes stand for `rows × cols` parameters.
-        let n = crate::checkpoint::packed::parse_packed_name(name)
-            .and_then(|(_, scheme)| {
-                crate::checkpoint::packed::PackedInfo::new(name, scheme, &info.shape).ok()
-            })
-            .map_or(info.numel() as u64, |packed| {
-                (packed.rows * packed.cols) as u64
-            });
+        let n = crate::checkpoint::packed::packed_parameters(name, &info.shape)
+            .map_or(info.numel(), |(_, parameters)| parameters) as u64;
         match tensor_role(name) {
             TensorRole::RoutedExpert => counts.routed_experts += n,
             TensorRole::SharedExpert => counts.shared_experts += n,

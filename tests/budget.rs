@@ -10,27 +10,6 @@ use candle_core::{Device, Tensor};
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
 use rfid_moe::pipeline::{BudgetUnit, CompressOptions};
 
-/// The routed experts' share of stored bytes the output at `out` keeps, measured on its files.
-fn kept_share(source: &Path, out: &Path) -> f64 {
-    let before = rfid_moe::sweep::tensor_bytes(source)
-        .unwrap()
-        .routed_experts;
-    let after = rfid_moe::sweep::tensor_bytes(out).unwrap().routed_experts;
-    after as f64 / before as f64
-}
-
-/// Four windows of 128 tokens of mini-moe-docs' test text as `input_ids` [4, 128].
-fn mini_ids() -> Tensor {
-    let model = common::mini_model();
-    let tokenizer = rfid_moe::text::load_tokenizer(&model).unwrap();
-    let documents = rfid_moe::text::read_documents(&model.join("test.txt")).unwrap();
-    let config = rfid_moe::checkpoint::read_json(&model.join("config.json")).unwrap();
-    let eos = rfid_moe::text::end_of_text_id(&tokenizer, &config).unwrap();
-    let stream = rfid_moe::text::tokenize_documents(&tokenizer, &documents, eos).unwrap();
-    let ids: Vec<i64> = stream[..4 * 128].iter().map(|&t| t as i64).collect();
-    Tensor::from_vec(ids, (4, 128), &Device::Cpu).unwrap()
-}
-
 /// The default options for mini-moe-docs with enough calibration text (64 windows of 128
 /// tokens) for per-expert statistics.
 fn mini_default_options(out: &Path, ratio: f64) -> CompressOptions {
@@ -77,7 +56,7 @@ fn the_default_removes_the_asked_share_of_routed_bytes_on_every_family() {
             let out = tmp.path().join(format!("out-{ratio}"));
             let options = common::small_default_options(&source, &calibration, &out, ratio);
             let report = rfid_moe::compress(&options).unwrap();
-            let kept = kept_share(&source, &out);
+            let kept = common::kept_share(&source, &out);
             assert_eq!(report.routed_bytes_kept(), Some(kept), "{family}");
             eprintln!("{family} at {ratio}: kept {kept:.4}");
             // Never more than asked (within half a point); less by at most one expert matrix,
@@ -104,14 +83,14 @@ fn the_default_removes_the_asked_share_of_routed_bytes_on_every_family() {
 fn the_bundled_model_loses_the_asked_share_of_its_bytes_at_every_ratio() {
     let model = common::mini_model();
     let tmp = tempfile::tempdir().unwrap();
-    let ids = mini_ids();
+    let ids = common::mini_ids();
     let original = common::logits_of(&model, &ids);
     let mut last_error = 0.0;
     for ratio in [0.2, 0.4, 0.6] {
         let out = tmp.path().join(format!("out-{ratio}"));
         let options = mini_default_options(&out, ratio);
         let report = rfid_moe::compress(&options).unwrap();
-        let kept = kept_share(&model, &out);
+        let kept = common::kept_share(&model, &out);
         assert!(
             (kept - (1.0 - ratio)).abs() <= 0.005,
             "kept {kept:.4} of the routed bytes for --ratio {ratio}"
@@ -134,12 +113,15 @@ fn the_bundled_model_loses_the_asked_share_of_its_bytes_at_every_ratio() {
 fn the_default_beats_the_paper_at_equal_bytes() {
     let model = common::mini_model();
     let tmp = tempfile::tempdir().unwrap();
-    let ids = mini_ids();
+    let ids = common::mini_ids();
     let original = common::logits_of(&model, &ids);
     let run = |name: &str, options: CompressOptions| {
         rfid_moe::compress(&options).unwrap();
         let out = tmp.path().join(name);
-        (kept_share(&model, &out), common::logits_of(&out, &ids))
+        (
+            common::kept_share(&model, &out),
+            common::logits_of(&out, &ids),
+        )
     };
     // 40% of the routed bytes: the default's solver, against the paper's method removing 60%
     // of gate's and up's parameters (2/3 of the bytes), the same bytes.
@@ -180,7 +162,7 @@ fn a_large_byte_budget_removes_experts_and_factors_all_three_matrices() {
         .map(|m| ranks(m))
         .sum();
     assert!(factored > 0, "{:?}", layer.plan);
-    let kept = kept_share(&model, &out);
+    let kept = common::kept_share(&model, &out);
     assert!(
         (kept - (1.0 - ratio)).abs() <= 0.005,
         "kept {kept:.4} of the routed bytes for --ratio {ratio}"

@@ -38,15 +38,6 @@ fn compress(options: &CompressOptions) -> PathBuf {
     options.output.out.clone().unwrap()
 }
 
-/// The routed experts' share of stored bytes the output keeps, measured on its files.
-fn kept_share(source: &Path, out: &Path) -> f64 {
-    let before = rfid_moe::sweep::tensor_bytes(source)
-        .unwrap()
-        .routed_experts;
-    let after = rfid_moe::sweep::tensor_bytes(out).unwrap().routed_experts;
-    after as f64 / before as f64
-}
-
 /// Every member storage the output's compression record names.
 fn storages(out: &Path) -> Vec<String> {
     let config = common::read_config(out);
@@ -61,18 +52,6 @@ fn storages(out: &Path) -> Vec<String> {
         }
     }
     found
-}
-
-/// Four windows of 128 tokens of mini-moe-docs' test text as `input_ids` [4, 128].
-fn mini_ids() -> Tensor {
-    let model = common::mini_model();
-    let tokenizer = rfid_moe::text::load_tokenizer(&model).unwrap();
-    let documents = rfid_moe::text::read_documents(&model.join("test.txt")).unwrap();
-    let config = rfid_moe::checkpoint::read_json(&model.join("config.json")).unwrap();
-    let eos = rfid_moe::text::end_of_text_id(&tokenizer, &config).unwrap();
-    let stream = rfid_moe::text::tokenize_documents(&tokenizer, &documents, eos).unwrap();
-    let ids: Vec<i64> = stream[..4 * 128].iter().map(|&t| t as i64).collect();
-    Tensor::from_vec(ids, (4, 128), &Device::Cpu).unwrap()
 }
 
 /// Mean KL(reference ‖ candidate) per token of two logits tensors [batch, seq, vocab].
@@ -147,7 +126,7 @@ fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
         .unwrap();
     let out = compress(&options);
     // 4 bits of the input's 16 per weight, within half a point.
-    let kept = kept_share(&model, &out);
+    let kept = common::kept_share(&model, &out);
     assert!((kept - 0.25).abs() <= 0.005, "kept {kept}");
     let used = storages(&out);
     for scheme in ["int2-g64-asym", "int3-g64-asym", "int4-g64-asym"] {
@@ -170,7 +149,7 @@ fn bits_per_weight_sizes_the_output_and_its_blocks_run_as_stored() {
     assert!(packed_members(&resident) > 0);
     assert_eq!(packed_members(&reference), 0);
     assert!(resident.routed_expert_bytes() < reference.routed_expert_bytes() / 6);
-    let ids = mini_ids();
+    let ids = common::mini_ids();
     let got = resident.forward(&ids, None).unwrap().logits;
     let want = reference.forward(&ids, None).unwrap().logits;
     let ggml = used.iter().any(|s| s.starts_with('q'));
@@ -203,7 +182,7 @@ fn integer_groups_are_held_resident_at_their_stored_bytes() {
     assert!(stored > 0);
     let model = Model::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.routed_expert_bytes(), stored);
-    let ids = mini_ids();
+    let ids = common::mini_ids();
     let logits = model.forward(&ids, None).unwrap().logits;
     let finite = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(finite.iter().all(|v| v.is_finite()));
@@ -213,7 +192,7 @@ fn integer_groups_are_held_resident_at_their_stored_bytes() {
 fn gptq_codes_beat_round_to_nearest_at_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::mini_model();
-    let ids = mini_ids();
+    let ids = common::mini_ids();
     let original = common::logits_of(&model, &ids);
     let run = |name: &str, algorithm: Algorithm| {
         let mut options = mini_options(&tmp.path().join(name), 0.7, &["quantise"]);
@@ -227,7 +206,7 @@ fn gptq_codes_beat_round_to_nearest_at_the_same_bytes() {
         let report = rfid_moe::checkpoint::read_json(&out.join("compression_report.json")).unwrap();
         let estimated = report["budget"]["estimated_error"].as_f64().unwrap();
         let kl = mean_kl(&original, &common::logits_of(&out, &ids));
-        (kept_share(&model, &out), estimated, kl)
+        (common::kept_share(&model, &out), estimated, kl)
     };
     let (gptq_kept, gptq_estimate, gptq_kl) = run("gptq", Algorithm::Gptq);
     let (rtn_kept, rtn_estimate, rtn_kl) = run("rtn", Algorithm::Rtn);

@@ -288,14 +288,9 @@ pub fn expert_params(checkpoint: &Checkpoint, s: &Shape, layers: usize) -> Exper
                 continue;
             };
             // A packed matrix (`….{matrix}.weight.{scheme}`) stands for `rows × cols`.
-            let packed = rfid_moe::checkpoint::packed::parse_packed_name(name).and_then(
-                |(matrix_name, scheme)| {
-                    let info =
-                        rfid_moe::checkpoint::packed::PackedInfo::new(name, scheme, &info.shape);
-                    info.ok().map(|p| (matrix_name, p.rows * p.cols))
-                },
-            );
-            let (name, elements) = packed.unwrap_or((name, info.shape.iter().product()));
+            let (name, elements) =
+                rfid_moe::checkpoint::packed::packed_parameters(name, &info.shape)
+                    .unwrap_or((name, info.shape.iter().product()));
             // `….{matrix}.weight`, `….{matrix}.lowrank_a`, `….{matrix}.basis`.
             let matrix = name.rsplit('.').nth(1).unwrap_or_default();
             if matrix == gate || matrix == up {

@@ -18,6 +18,14 @@ pub fn parse_packed_name(stored: &str) -> Option<(&str, Scheme)> {
     Some((name, scheme))
 }
 
+/// The parameters the stored tensor `stored` of shape `shape` stands for when it is a packed
+/// matrix (`rows × cols`), with the matrix's name; None for any other tensor.
+pub fn packed_parameters<'a>(stored: &'a str, shape: &[usize]) -> Option<(&'a str, usize)> {
+    let (name, scheme) = parse_packed_name(stored)?;
+    let info = PackedInfo::new(stored, scheme, shape).ok()?;
+    Some((name, info.rows * info.cols))
+}
+
 /// One packed matrix of a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedInfo {

@@ -359,3 +359,24 @@ pub fn random_token_windows(
     );
     path.to_path_buf()
 }
+
+/// The routed experts' share of stored bytes the output at `out` keeps, measured on its files.
+pub fn kept_share(source: &Path, out: &Path) -> f64 {
+    let before = rfid_moe::sweep::tensor_bytes(source)
+        .unwrap()
+        .routed_experts;
+    let after = rfid_moe::sweep::tensor_bytes(out).unwrap().routed_experts;
+    after as f64 / before as f64
+}
+
+/// Four windows of 128 tokens of mini-moe-docs' test text as `input_ids` [4, 128].
+pub fn mini_ids() -> candle_core::Tensor {
+    let model = mini_model();
+    let tokenizer = rfid_moe::text::load_tokenizer(&model).unwrap();
+    let documents = rfid_moe::text::read_documents(&model.join("test.txt")).unwrap();
+    let config = rfid_moe::checkpoint::read_json(&model.join("config.json")).unwrap();
+    let eos = rfid_moe::text::end_of_text_id(&tokenizer, &config).unwrap();
+    let stream = rfid_moe::text::tokenize_documents(&tokenizer, &documents, eos).unwrap();
+    let ids: Vec<i64> = stream[..4 * 128].iter().map(|&t| t as i64).collect();
+    candle_core::Tensor::from_vec(ids, (4, 128), &candle_core::Device::Cpu).unwrap()
+}
