@@ -179,6 +179,39 @@ impl SafetensorsFile {
         })
     }
 
+    /// A tensor file assembled in memory or over another file format's mapping: `mmap`'s bytes
+    /// from `data_start` on hold `tensors` at their ranges, which the caller has checked lie
+    /// inside the mapping. `path` names where the bytes come from in messages.
+    pub fn from_parts(
+        path: PathBuf,
+        mmap: Mmap,
+        data_start: usize,
+        tensors: BTreeMap<String, TensorInfo>,
+    ) -> Result<Self> {
+        let available = mmap.len().saturating_sub(data_start);
+        if let Some((name, info)) = tensors.iter().find(|(_, info)| {
+            info.data_range.0 > info.data_range.1
+                || info.data_range.1 > available
+                || info.numel() * info.dtype.size_in_bytes()
+                    != info.data_range.1 - info.data_range.0
+        }) {
+            return Err(Error::Safetensors {
+                path,
+                message: format!(
+                    "tensor `{name}` ({:?} {:?}) does not fit its byte range {:?} of {available} \
+                     bytes",
+                    info.dtype, info.shape, info.data_range
+                ),
+            });
+        }
+        Ok(Self {
+            path,
+            mmap,
+            data_start,
+            tensors,
+        })
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -369,6 +402,40 @@ impl Checkpoint {
                 ),
             ));
         };
+        Self::assemble(dir, config, shards, location)
+    }
+
+    /// A checkpoint over tensor files already opened (see [`SafetensorsFile::from_parts`]),
+    /// as a reader of another format builds it; `dir` is where its auxiliary files live. A
+    /// tensor name may appear in one file only.
+    pub fn from_parts(
+        dir: PathBuf,
+        config: serde_json::Value,
+        shards: Vec<SafetensorsFile>,
+    ) -> Result<Self> {
+        let mut location = HashMap::new();
+        for (k, shard) in shards.iter().enumerate() {
+            for name in shard.tensors.keys() {
+                if let Some(first) = location.insert(name.clone(), k) {
+                    return Err(Error::Safetensors {
+                        path: shard.path.clone(),
+                        message: format!(
+                            "tensor `{name}` is also in {}",
+                            shards[first].path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Self::assemble(dir, config, shards, location)
+    }
+
+    fn assemble(
+        dir: PathBuf,
+        config: serde_json::Value,
+        shards: Vec<SafetensorsFile>,
+        location: HashMap<String, usize>,
+    ) -> Result<Self> {
         let packed = packed_matrices(&shards, &location)?;
         Ok(Self {
             dir,
