@@ -36,6 +36,9 @@ pub struct EvalOptions {
     /// Face sliding windows that advance by `s` tokens (1 ≤ s ≤ `seq_len`) and score only the
     /// tokens no earlier window scored.
     pub stride: Option<usize>,
+    /// Score only the second half of each non-overlapping window (each of those tokens sees at
+    /// least half a window of context), as llama.cpp's `llama-perplexity` does.
+    pub second_half: bool,
     /// Windows (or multiple-choice continuations) run per forward pass.
     pub batch_size: usize,
     /// Evaluate only the first this many windows of each text (quick runs).
@@ -50,6 +53,7 @@ impl Default for EvalOptions {
         Self {
             seq_len: 512,
             stride: None,
+            second_half: false,
             batch_size: 4,
             max_windows: None,
             target_delimiter: " ".into(),
@@ -74,6 +78,12 @@ impl EvalOptions {
         if self.batch_size == 0 {
             return Err(Error::InvalidArgument(
                 "batch_size must be at least 1".into(),
+            ));
+        }
+        if self.second_half && self.stride.is_some() {
+            return Err(Error::InvalidArgument(
+                "scoring the second half of each window needs non-overlapping windows (no stride)"
+                    .into(),
             ));
         }
         if let Some(stride) = self.stride {
@@ -240,6 +250,12 @@ pub fn perplexity(
 
 fn limited_windows(num_tokens: usize, options: &EvalOptions) -> Result<Vec<Window>> {
     let mut windows = plan_windows(num_tokens, options.seq_len, options.stride);
+    if options.second_half {
+        // llama-perplexity scores the predictions made from positions n/2 .. n-2.
+        windows
+            .iter_mut()
+            .for_each(|w| w.first_scored = options.seq_len / 2 + 1);
+    }
     if let Some(max) = options.max_windows {
         windows.truncate(max);
     }
@@ -886,6 +902,9 @@ impl fmt::Display for EvalReport {
             .unwrap_or(7);
         if !self.perplexity.is_empty() {
             let protocol = match self.options.stride {
+                None if self.options.second_half => {
+                    "non-overlapping, second halves scored".to_string()
+                }
                 None => "non-overlapping".to_string(),
                 Some(s) => format!("stride {s}"),
             };

@@ -204,6 +204,7 @@ fn point_options(
         force: true,
         dry_run: false,
         restart: false,
+        format: Default::default(),
     };
     options
 }

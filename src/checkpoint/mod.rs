@@ -7,6 +7,7 @@
 
 pub mod experts;
 pub mod fp8;
+pub mod gguf;
 pub mod header;
 pub mod int8;
 pub mod packed;
@@ -375,6 +376,9 @@ impl Checkpoint {
     /// Opens `dir`, reading `config.json` and validating every shard header (no tensor data is read).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
+        if let Some(file) = gguf_file_of(&dir) {
+            return gguf::open(&file, file.parent().unwrap_or(Path::new(".")));
+        }
         if !dir.is_dir() {
             return Err(Error::io(
                 &dir,
@@ -969,6 +973,16 @@ struct BlockScales {
 /// Shards and tensor locations of a sharded checkpoint: every `weight_map` entry must name a file
 /// inside `dir` that holds the tensor, and a tensor stored in several shards must be listed.
 /// The packed matrices among the stored tensors, by the name of the matrix each stands for.
+/// The GGUF file to read for `path`: `path` itself when it is one, or the
+/// [`gguf::names::GGUF_FILE`] of a directory without `config.json`.
+fn gguf_file_of(path: &Path) -> Option<PathBuf> {
+    if path.is_file() && gguf::is_gguf(path) {
+        return Some(path.to_path_buf());
+    }
+    let inside = path.join(gguf::names::GGUF_FILE);
+    (!path.join(CONFIG_FILE).exists() && inside.is_file()).then_some(inside)
+}
+
 fn packed_matrices(
     shards: &[SafetensorsFile],
     location: &HashMap<String, usize>,

@@ -445,7 +445,14 @@ impl CheckpointWriter {
     /// Names shards `model-XXXXX-of-NNNNN.safetensors` (a rename already done by an interrupted
     /// finish is accepted), writes the index, removes the journal and moves the directory into
     /// place.
-    pub fn finish(mut self) -> Result<PathBuf> {
+    pub fn finish(self) -> Result<PathBuf> {
+        self.finish_with(|_| Ok(()))
+    }
+
+    /// [`Self::finish`], with `convert` rewriting the complete staged checkpoint in its
+    /// directory (into another file format) before the journal is removed and the directory
+    /// moved into place; a failure or a kill inside it leaves the run resumable.
+    pub fn finish_with(mut self, convert: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let count = self.shard_files.len();
         let mut weight_map = BTreeMap::new();
         for (k, (file, names)) in self.shard_files.iter().enumerate() {
@@ -472,6 +479,7 @@ impl CheckpointWriter {
             self.write_file(INDEX_FILE, text.as_bytes())?;
         }
         staging::fault_point("finish:written");
+        convert(&self.tmp_dir)?;
         staging::remove_path(&self.journal_dir());
         staging::sync_parent(&self.tmp_dir.join(INDEX_FILE))?;
         self.move_into_place()?;

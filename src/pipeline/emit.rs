@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use super::assemble::AssembledLayer;
 use super::experts::LayerExperts;
 use super::options::OutputOptions;
+use super::output_format::OutputFormat;
 use super::plan::LayerPlan;
 use super::report::LayerReport;
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
@@ -43,6 +44,7 @@ pub struct RunFiles<'a> {
 /// resume journal of the compressed checkpoint's staging directory.
 pub struct Emitter<'a> {
     checkpoint: &'a Checkpoint,
+    format: super::output_format::OutputFormat,
     compressed: Option<CheckpointWriter>,
     dense: Option<CheckpointWriter>,
     journal: Option<Journal>,
@@ -70,6 +72,7 @@ impl<'a> Emitter<'a> {
         };
         let mut emitter = Self {
             checkpoint,
+            format: options.format,
             compressed: open(&options.out)?,
             dense: None,
             journal: None,
@@ -333,7 +336,12 @@ impl<'a> Emitter<'a> {
                 let text = render(w.staging_dir())?;
                 w.write_file(crate::model_card::CARD_FILE, text.as_bytes())?;
             }
-            output = Some(w.finish()?);
+            output = Some(match self.format {
+                OutputFormat::Safetensors => w.finish()?,
+                OutputFormat::Gguf => {
+                    w.finish_with(|dir| crate::export::gguf::convert_staged(dir).map(|_| ()))?
+                }
+            });
         }
         if let Some(w) = self.dense {
             let mut config = self.checkpoint.config().clone();

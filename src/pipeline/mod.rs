@@ -25,6 +25,7 @@ pub mod hf_compat;
 pub mod legacy;
 pub mod methods;
 pub mod options;
+pub mod output_format;
 pub mod plan;
 pub mod presets;
 pub mod removal;

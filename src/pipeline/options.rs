@@ -223,6 +223,10 @@ pub struct OutputOptions {
     pub force: bool,
     /// Only plan: print the choices, sizes and estimated errors, write nothing.
     pub dry_run: bool,
+    /// The file format of the output (left out of saved settings when it is the default, so
+    /// they read as before).
+    #[serde(skip_serializing_if = "crate::pipeline::output_format::OutputFormat::is_default")]
+    pub format: crate::pipeline::output_format::OutputFormat,
     /// Discard the finished layers an interrupted run of the same output left and start over
     /// (not saved: it does not change the output).
     #[serde(skip)]
@@ -286,6 +290,48 @@ impl CompressOptions {
         self.methods.iter().any(|m| m == name)
     }
 
+    /// Writes `format`: the default methods become those the format can hold, and the budget's
+    /// granularity no finer than the format mixes tensor types (what was set explicitly and
+    /// does not fit is refused by [`Self::validate`]).
+    pub fn set_format(&mut self, format: crate::pipeline::output_format::OutputFormat) {
+        self.output.format = format;
+        if self.methods == DEFAULT_METHODS {
+            self.methods.retain(|m| format.holds_method(m));
+        }
+        if self.budget.granularity == Granularity::Expert {
+            self.budget.granularity = format.finest_granularity();
+        }
+    }
+
+    fn validate_format(&self) -> Result<()> {
+        let format = self.output.format;
+        if let Some(method) = self.methods.iter().find(|m| !format.holds_method(m)) {
+            return invalid(format!(
+                "--format {format} cannot hold what method `{method}` stores; methods for it: \
+                 {}",
+                self.methods
+                    .iter()
+                    .filter(|m| format.holds_method(m))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
+        let finest = format.finest_granularity();
+        let rank = |g: Granularity| Granularity::ALL.iter().position(|x| *x == g);
+        if rank(self.budget.granularity) < rank(finest) {
+            return invalid(format!(
+                "--format {format} holds one tensor type per {}: --granularity {} is finer",
+                match finest {
+                    Granularity::Layer => "layer",
+                    _ => "layer and matrix",
+                },
+                self.budget.granularity
+            ));
+        }
+        Ok(())
+    }
+
     /// The settings of method `T::METHOD`: its table, keys left out taking their defaults.
     pub fn settings_of<T: MethodSettings>(&self) -> Result<T> {
         match self.settings.get(T::METHOD) {
@@ -326,6 +372,7 @@ impl CompressOptions {
         if self.methods.is_empty() {
             return invalid("--methods must name at least one method".into());
         }
+        self.validate_format()?;
         self.calibration.validate()?;
         self.budget.validate()?;
         let output = &self.output;

@@ -12,6 +12,7 @@ use rfid_moe::pipeline::methods::prune::{self, PruneSettings, Saliency};
 use rfid_moe::pipeline::methods::quantise::{
     self, Algorithm, CandidateErrors, HessianSource, QuantiseSettings,
 };
+use rfid_moe::pipeline::output_format::OutputFormat;
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 use rfid_moe::quant::Scheme;
@@ -42,6 +43,11 @@ pub struct CompressArgs {
     /// Output directory (written atomically; refused if it exists unless --force).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// What --out holds: safetensors (rfid-moe's checkpoint, every method), gguf (one
+    /// model.gguf for llama.cpp: removal and ggml block types, one per layer and matrix, the
+    /// solver offered nothing else).
+    #[arg(long, value_parser = choice::<OutputFormat>())]
+    format: Option<OutputFormat>,
     /// Fraction of the budget to remove (default 0.4): of the routed experts' stored bytes
     /// (--budget bytes, the default), or of the --matrices' parameters (--budget parameters).
     /// The output stores 1 − ratio of it, whatever the methods.
@@ -70,8 +76,9 @@ pub struct CompressArgs {
     #[arg(long, value_delimiter = ',', value_parser = choice::<ExpertMatrix>())]
     matrices: Option<Vec<ExpertMatrix>>,
     /// The methods the solver may choose from for each expert, comma separated (default
-    /// prune,lowrank,int8,keep): prune (remove experts), lowrank (shared-basis factors), int8
-    /// (8-bit experts), keep (as stored).
+    /// prune,lowrank,quantise,int8,keep, less those --format cannot hold): prune (remove
+    /// experts), lowrank (shared-basis factors), quantise (2-8-bit block formats), int8 (8-bit
+    /// experts), keep (as stored).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// The method sets of earlier versions: lowrank (no removal), prune (removal only, the rest
@@ -219,6 +226,9 @@ impl CompressArgs {
         };
         set(&mut options.model, &self.model);
         set(&mut options.device, &self.device);
+        if let Some(format) = self.format {
+            options.set_format(format);
+        }
         self.apply_method_flags(&mut options)?;
         let calibration = &mut options.calibration;
         set(&mut calibration.data, &self.calibration);

@@ -33,6 +33,10 @@ pub struct EvalArgs {
     /// Sliding-window stride (default: non-overlapping windows).
     #[arg(long)]
     stride: Option<usize>,
+    /// Score only the second half of each window, as llama.cpp's llama-perplexity does (with
+    /// the same --seq-len as its -c, the two perplexities compare directly).
+    #[arg(long, conflicts_with = "stride")]
+    second_half: bool,
     /// Windows per batch.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
@@ -80,6 +84,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         options: EvalOptions {
             seq_len: args.seq_len,
             stride: args.stride,
+            second_half: args.second_half,
             batch_size: args.batch_size,
             max_windows: args.max_windows,
             ..EvalOptions::default()

@@ -189,7 +189,18 @@ pub struct Quantise {
 
 /// Builds the method from the run's options.
 pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<B>>> {
-    let settings = inputs.options.settings_of::<QuantiseSettings>()?;
+    let mut settings = inputs.options.settings_of::<QuantiseSettings>()?;
+    let format = inputs.options.output.format;
+    if let Some(schemes) = format.default_schemes() {
+        if settings.schemes == default_schemes() {
+            settings.schemes = schemes;
+        }
+    }
+    if let Some(scheme) = settings.schemes.iter().find(|s| !format.holds_scheme(**s)) {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "--format {format} cannot hold quantisation scheme {scheme}"
+        )));
+    }
     settings.validate()?;
     Ok(Box::new(Quantise {
         settings,

@@ -1,0 +1,3 @@
+//! Outputs other engines load as they are: GGUF for llama.cpp ([`gguf`]).
+
+pub mod gguf;
