@@ -119,11 +119,15 @@ pub fn open(path: &Path, dir: &Path) -> Result<Checkpoint> {
         })?;
     let config: serde_json::Value = serde_json::from_str(config_text)
         .map_err(|e| invalid(path, format!("`{CONFIG_KEY}` is not JSON: {e}")))?;
-    // Mixtral keeps its experts and router under other names; the other families share theirs.
-    let mixtral = config
+    let model_type = config
         .get("model_type")
         .and_then(|v| v.as_str())
-        .is_some_and(|t| t.trim_start_matches("rfid_moe_") == "mixtral");
+        .map(|t| t.trim_start_matches("rfid_moe_").to_string())
+        .unwrap_or_default();
+    let naming = Naming {
+        mixtral: model_type == "mixtral",
+        deepseek: model_type.starts_with("deepseek"),
+    };
     let mut gathered = Gathered::default();
     let mut kv_b: BTreeMap<usize, [Option<Tensor>; 2]> = BTreeMap::new();
     for (name, info) in &content.tensor_infos {
@@ -157,7 +161,7 @@ pub fn open(path: &Path, dir: &Path) -> Result<Checkpoint> {
             path,
             &mmap,
             &config,
-            mixtral,
+            naming,
             name,
             stored,
             &mut gathered,
@@ -196,7 +200,7 @@ fn place(
     path: &Path,
     mmap: &Mmap,
     config: &serde_json::Value,
-    mixtral: bool,
+    naming: Naming,
     name: &str,
     stored: Stored,
     gathered: &mut Gathered,
@@ -209,7 +213,7 @@ fn place(
         bytes,
     } = stored;
     if let Some((layer, matrix)) = expert_stack(name) {
-        let (block, names) = match mixtral {
+        let (block, names) = match naming.mixtral {
             true => ("block_sparse_moe", ["w1", "w3", "w2"]),
             false => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         };
@@ -230,7 +234,7 @@ fn place(
         return Ok(());
     }
     let float = || -> Result<Tensor> { read_f32(path, mmap, name, kind, &shape, start, bytes) };
-    let hf = hf_tensor_name(mixtral, name).ok_or_else(|| {
+    let hf = hf_tensor_name(naming, name).ok_or_else(|| {
         invalid(
             path,
             format!("tensor `{name}` is not one rfid-moe maps to a Hugging Face name"),
@@ -241,7 +245,7 @@ fn place(
         return Ok(());
     }
     let heads = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let permuted = match mixtral {
+    let permuted = match naming.mixtral {
         true if hf.ends_with("self_attn.q_proj.weight") => heads("num_attention_heads"),
         true if hf.ends_with("self_attn.k_proj.weight") => {
             heads("num_key_value_heads").or_else(|| heads("num_attention_heads"))
@@ -280,12 +284,24 @@ fn kv_b_part(name: &str) -> Option<(usize, bool)> {
     Some((layer.parse().ok()?, key))
 }
 
-/// The Hugging Face name of a GGUF tensor (Mixtral's router under its own prefix).
-fn hf_tensor_name(mixtral: bool, name: &str) -> Option<String> {
+/// Where a family's Hugging Face names differ from the others' for the same GGUF tensor.
+#[derive(Debug, Clone, Copy)]
+struct Naming {
+    /// Mixtral: experts and router under `block_sparse_moe`, experts' matrices `w1`/`w3`/`w2`.
+    mixtral: bool,
+    /// DeepSeek: `shared_experts` (Qwen2-MoE says `shared_expert`).
+    deepseek: bool,
+}
+
+/// The Hugging Face name of a GGUF tensor in the family `naming` describes.
+fn hf_tensor_name(naming: Naming, name: &str) -> Option<String> {
     let hf = names::hf_name(name)?;
-    Some(match mixtral {
-        true => hf.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight"),
-        false => hf,
+    Some(if naming.mixtral {
+        hf.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+    } else if naming.deepseek {
+        hf.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+    } else {
+        hf
     })
 }
 
