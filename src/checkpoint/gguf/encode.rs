@@ -190,6 +190,13 @@ fn padding(offset: u64) -> u64 {
 /// Encodes the header (metadata and tensor descriptions, padded to [`ALIGNMENT`]); the tensors'
 /// data follow in `tensors`' order, each padded to [`ALIGNMENT`] ([`data_padding`]).
 pub fn header(metadata: &[(String, MetaValue)], tensors: &[TensorEntry]) -> Vec<u8> {
+    debug_assert!(
+        metadata
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| metadata[..i].iter().all(|(other, _)| other != k)),
+        "GGUF readers refuse a key written twice"
+    );
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&VERSION.to_le_bytes());

@@ -160,7 +160,20 @@ pub fn hyperparameters(family: Family, config: &Value) -> Result<Vec<(String, Me
         put("attention.value_length", u(d));
     }
     family_hyperparameters(&h, &mut put)?;
-    Ok(out)
+    Ok(last_value_per_key(out))
+}
+
+/// The pairs with each key once, at its first place, holding its last value (a family's own
+/// setting overrides the generic one: DeepSeek's key length is not its `head_dim`).
+fn last_value_per_key(pairs: Vec<(String, MetaValue)>) -> Vec<(String, MetaValue)> {
+    let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => out.push((key, value)),
+        }
+    }
+    out
 }
 
 fn rope_scaling(
@@ -240,6 +253,17 @@ fn check_routing(h: &Hparams) -> Result<()> {
             )));
         }
     }
+    if h.family == Family::Olmoe {
+        let heads = h.required_u32(&["num_attention_heads"])?;
+        let kv_heads = h.u32(&["num_key_value_heads"])?.unwrap_or(heads);
+        if heads != kv_heads {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF export of olmoe: llama.cpp's `olmoe` normalises keys over the width of \
+                 all {heads} heads, so it needs `num_key_value_heads` ({kv_heads}) equal to \
+                 `num_attention_heads`"
+            )));
+        }
+    }
     let sparse_step = h.u32(&["decoder_sparse_step"])?.unwrap_or(1);
     let dense_layers = h
         .find(&["mlp_only_layers"])
@@ -289,8 +313,20 @@ fn deepseek_hyperparameters(h: &Hparams, put: &mut impl FnMut(&str, MetaValue)) 
     let dense = h.u32(&["first_k_dense_replace"])?.unwrap_or(0).min(layers);
     put("leading_dense_block_count", u(dense));
     put("vocab_size", u(h.required_u32(&["vocab_size"])?));
-    if let Some(r) = h.u32(&["q_lora_rank"])? {
-        put("attention.q_lora_rank", u(r));
+    match h.u32(&["q_lora_rank"])? {
+        Some(r) => put("attention.q_lora_rank", u(r)),
+        // llama.cpp tells a model without the query's low-rank projection by its depth alone
+        // (DeepSeek-V2-Lite's 26 or 27 layers, and one 48-layer model), so any other depth
+        // would be read as having one.
+        None if !matches!(layers, 26 | 27) => {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF export of {}: `q_lora_rank` is null (full-rank query projections), which \
+                 llama.cpp's `deepseek2` accepts only at DeepSeek-V2-Lite's depth of 26 or 27 \
+                 layers, not {layers}",
+                h.family.model_type()
+            )))
+        }
+        None => {}
     }
     let kv_lora = h.required_u32(&["kv_lora_rank"])?;
     let rope = h.required_u32(&["qk_rope_head_dim"])?;

@@ -195,8 +195,17 @@ pub fn tokenizer_metadata(
                 .and_then(Value::as_u64)
                 .map(|v| v as u32)
         });
-        if let Some(id) = id {
-            specials.push((format!("tokenizer.ggml.{ggml}"), MetaValue::U32(id)));
+        match id {
+            Some(id) if id as usize >= tokens.len() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the {key} id {id} is outside the vocabulary of {} tokens (llama.cpp \
+                     refuses such a file)",
+                    dir.display(),
+                    tokens.len()
+                )))
+            }
+            Some(id) => specials.push((format!("tokenizer.ggml.{ggml}"), MetaValue::U32(id))),
+            None => {}
         }
     }
     out.push(("tokenizer.ggml.tokens".into(), MetaValue::Strings(tokens)));
