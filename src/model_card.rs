@@ -135,7 +135,13 @@ pub fn render_model_card(dir: &Path, inputs: &CardInputs) -> Result<String> {
         quality(&mut card, eval);
     }
     charts(&mut card, &inputs.charts);
-    usage(&mut card, repo);
+    match report
+        .pointer("/options/output/format")
+        .and_then(Value::as_str)
+    {
+        Some("gguf") => gguf_usage(&mut card, repo),
+        _ => usage(&mut card, repo),
+    }
     Ok(card)
 }
 
@@ -409,6 +415,18 @@ fn usage(card: &mut String, repo: &str) {
          ```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
          model = AutoModelForCausalLM.from_pretrained(\"{repo}\", trust_remote_code=True)\n\
          tokenizer = AutoTokenizer.from_pretrained(\"{repo}\", trust_remote_code=True)\n```"
+    );
+}
+
+fn gguf_usage(card: &mut String, repo: &str) {
+    let file = crate::checkpoint::gguf::names::GGUF_FILE;
+    let _ = writeln!(
+        card,
+        "## Use\n\nOne GGUF file in the layout llama.cpp's converter writes, the routed experts as \
+         ggml block types (one per layer and matrix), for llama.cpp, Ollama and LM Studio:\n\n\
+         ```sh\nllama-cli -hf {repo}\nllama-server -m {file}\n```\n\n\
+         With rfid-moe:\n\n\
+         ```sh\nrfid-moe generate --model {repo} --prompt \"The capital of France is\"\n```"
     );
 }
 

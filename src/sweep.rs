@@ -205,6 +205,7 @@ fn point_options(
         dry_run: false,
         restart: false,
         format: Default::default(),
+        other_type: None,
     };
     options
 }

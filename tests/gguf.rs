@@ -53,12 +53,14 @@ fn every_family_converts_to_gguf_and_reads_back_with_the_same_logits() {
             _ => None,
         };
         if let Some(key) = refused {
-            let e = gguf::write(&source, &file).unwrap_err().to_string();
+            let e = gguf::write(&source, &file, Default::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{name}: {e}");
             assert!(!file.exists());
             continue;
         }
-        let summary = gguf::write(&source, &file).unwrap();
+        let summary = gguf::write(&source, &file, Default::default()).unwrap();
         assert_eq!(
             summary.file_bytes,
             std::fs::metadata(&file).unwrap().len(),
@@ -104,7 +106,7 @@ fn mixtral_queries_and_keys_are_in_llama_cpp_rotary_order() {
     let (tmp, dir) = fixture_with_tokenizer("tiny-mixtral");
     let file = tmp.path().join("m.gguf");
     let source = Checkpoint::open(&dir).unwrap();
-    gguf::write(&source, &file).unwrap();
+    gguf::write(&source, &file, Default::default()).unwrap();
     let q = source
         .load_stored("model.layers.0.self_attn.q_proj.weight", "test")
         .unwrap();
@@ -237,6 +239,7 @@ fn what_gguf_cannot_hold_is_refused_by_name() {
     let e = gguf::write(
         &Checkpoint::open(&lowrank).unwrap(),
         &tmp.path().join("l.gguf"),
+        Default::default(),
     )
     .unwrap_err()
     .to_string();
@@ -249,9 +252,13 @@ fn what_gguf_cannot_hold_is_refused_by_name() {
 fn configurations_and_tokenizers_llama_cpp_would_run_differently_are_refused() {
     let (tmp, dir) = fixture_with_tokenizer("tiny-qwen3_moe");
     common::edit_config(&dir, |c| c["norm_topk_prob"] = false.into());
-    let e = gguf::write(&Checkpoint::open(&dir).unwrap(), &tmp.path().join("a.gguf"))
-        .unwrap_err()
-        .to_string();
+    let e = gguf::write(
+        &Checkpoint::open(&dir).unwrap(),
+        &tmp.path().join("a.gguf"),
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("norm_topk_prob"), "{e}");
 
     let (tmp, dir) = fixture_with_tokenizer("tiny-qwen2_moe");
@@ -260,17 +267,25 @@ fn configurations_and_tokenizers_llama_cpp_would_run_differently_are_refused() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     tokenizer["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁"});
     std::fs::write(&path, tokenizer.to_string()).unwrap();
-    let e = gguf::write(&Checkpoint::open(&dir).unwrap(), &tmp.path().join("b.gguf"))
-        .unwrap_err()
-        .to_string();
+    let e = gguf::write(
+        &Checkpoint::open(&dir).unwrap(),
+        &tmp.path().join("b.gguf"),
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("tokenizer.json") && e.contains("Metaspace"),
         "{e}"
     );
     std::fs::remove_file(&path).unwrap();
-    let e = gguf::write(&Checkpoint::open(&dir).unwrap(), &tmp.path().join("c.gguf"))
-        .unwrap_err()
-        .to_string();
+    let e = gguf::write(
+        &Checkpoint::open(&dir).unwrap(),
+        &tmp.path().join("c.gguf"),
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
 }
 

@@ -153,7 +153,8 @@ fn llama_cpp_gives_every_family_our_perplexity() {
         let (_keep, dir) = common::copy_fixture(name);
         gguf_common::write_byte_tokenizer(&dir);
         let file = dir.join("model.gguf");
-        rfid_moe::export::gguf::write(&Checkpoint::open(&dir).unwrap(), &file).unwrap();
+        rfid_moe::export::gguf::write(&Checkpoint::open(&dir).unwrap(), &file, Default::default())
+            .unwrap();
         let ctx = 128;
         let (theirs, chunks) = llama_perplexity(&bin, &file, &text_path, ctx);
         let ours = rfid_perplexity(&dir, &tokens_of(&dir, &text), ctx, chunks);

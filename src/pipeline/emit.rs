@@ -45,6 +45,7 @@ pub struct RunFiles<'a> {
 pub struct Emitter<'a> {
     checkpoint: &'a Checkpoint,
     format: super::output_format::OutputFormat,
+    gguf: crate::export::gguf::GgufOptions,
     compressed: Option<CheckpointWriter>,
     dense: Option<CheckpointWriter>,
     journal: Option<Journal>,
@@ -73,6 +74,12 @@ impl<'a> Emitter<'a> {
         let mut emitter = Self {
             checkpoint,
             format: options.format,
+            gguf: crate::export::gguf::GgufOptions {
+                other_type: match options.other_type {
+                    Some(crate::quant::Scheme::Ggml(kind)) => Some(kind),
+                    _ => None,
+                },
+            },
             compressed: open(&options.out)?,
             dense: None,
             journal: None,
@@ -338,9 +345,9 @@ impl<'a> Emitter<'a> {
             }
             output = Some(match self.format {
                 OutputFormat::Safetensors => w.finish()?,
-                OutputFormat::Gguf => {
-                    w.finish_with(|dir| crate::export::gguf::convert_staged(dir).map(|_| ()))?
-                }
+                OutputFormat::Gguf => w.finish_with(|dir| {
+                    crate::export::gguf::convert_staged(dir, self.gguf).map(|_| ())
+                })?,
             });
         }
         if let Some(w) = self.dense {

@@ -227,6 +227,9 @@ pub struct OutputOptions {
     /// they read as before).
     #[serde(skip_serializing_if = "crate::pipeline::output_format::OutputFormat::is_default")]
     pub format: crate::pipeline::output_format::OutputFormat,
+    /// GGUF: the ggml type of the weight matrices outside the routed experts (None: as stored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_type: Option<crate::quant::Scheme>,
     /// Discard the finished layers an interrupted run of the same output left and start over
     /// (not saved: it does not change the output).
     #[serde(skip)]
@@ -304,6 +307,7 @@ impl CompressOptions {
     }
 
     fn validate_format(&self) -> Result<()> {
+        use crate::pipeline::output_format::OutputFormat;
         let format = self.output.format;
         if let Some(method) = self.methods.iter().find(|m| !format.holds_method(m)) {
             return invalid(format!(
@@ -316,6 +320,15 @@ impl CompressOptions {
                     .collect::<Vec<_>>()
                     .join(",")
             ));
+        }
+        match (self.output.other_type, format) {
+            (None, _) | (Some(crate::quant::Scheme::Ggml(_)), OutputFormat::Gguf) => {}
+            (Some(other), _) => {
+                return invalid(format!(
+                    "--other-type {other} needs --format gguf and one of ggml's block types \
+                     (q8_0, q4_k, ...)"
+                ))
+            }
         }
         let finest = format.finest_granularity();
         let rank = |g: Granularity| Granularity::ALL.iter().position(|x| *x == g);

@@ -48,6 +48,11 @@ pub struct CompressArgs {
     /// solver offered nothing else).
     #[arg(long, value_parser = choice::<OutputFormat>())]
     format: Option<OutputFormat>,
+    /// With --format gguf: the ggml type (q8_0, q6_k, q4_k, ...) of the weight matrices outside
+    /// the routed experts (attention, shared experts, embeddings, head), rounded to nearest;
+    /// default: as stored. Norms, routers and biases stay F32.
+    #[arg(long, value_parser = parse_scheme)]
+    other_type: Option<Scheme>,
     /// Fraction of the budget to remove (default 0.4): of the routed experts' stored bytes
     /// (--budget bytes, the default), or of the --matrices' parameters (--budget parameters).
     /// The output stores 1 − ratio of it, whatever the methods.
@@ -255,6 +260,9 @@ impl CompressArgs {
         }
         if self.export_dense.is_some() {
             output.export_dense = self.export_dense.clone();
+        }
+        if self.other_type.is_some() {
+            output.other_type = self.other_type;
         }
         output.force |= self.force;
         output.restart |= self.restart;

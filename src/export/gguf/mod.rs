@@ -24,6 +24,16 @@ use crate::quant::Scheme;
 /// `general.quantization_version`: the ggml block layouts of this version.
 const QUANTIZATION_VERSION: u32 = 2;
 
+/// Choices of a GGUF output beyond what the compressed checkpoint holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GgufOptions {
+    /// The ggml type of the 2-D weights outside the routed experts (attention, shared experts,
+    /// embeddings, head), rounded to nearest; None keeps the input's precision. Norms, routers
+    /// and biases stay F32, and a matrix whose rows are not whole blocks of the type stays as
+    /// stored.
+    pub other_type: Option<crate::quant::GgmlKind>,
+}
+
 /// What [`write`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufSummary {
@@ -42,6 +52,8 @@ enum Source {
     Copy(String),
     /// A tensor converted to another float type.
     Convert(String),
+    /// A float tensor rounded to a ggml block type.
+    Rounded(String),
     /// Mixtral's query or key rows in llama.cpp's rotary order ([`permute_rows`]).
     Permuted { name: String, heads: usize },
     /// DeepSeek's `kv_b_proj` split per head: the key part (transposed) or the value part.
@@ -61,11 +73,11 @@ struct Planned {
 /// Writes `source` (a Hugging Face or rfid-moe checkpoint whose routed experts are ggml blocks
 /// or floats, one type per layer and matrix) to `path` as GGUF. The file appears complete or
 /// not at all (a temporary sibling renamed into place).
-pub fn write(source: &Checkpoint, path: &Path) -> Result<GgufSummary> {
+pub fn write(source: &Checkpoint, path: &Path, options: GgufOptions) -> Result<GgufSummary> {
     let arch = ArchConfig::from_checkpoint(source)?;
     let spec = arch.spec();
     refuse_factored(source)?;
-    let plan = plan_tensors(source, &arch)?;
+    let plan = plan_tensors(source, &arch, options)?;
     let metadata = metadata(source, spec.family, spec.vocab_size, &plan)?;
     let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
     let header = encode::header(&metadata, &entries);
@@ -131,10 +143,10 @@ fn replaced_by_gguf(name: &str) -> bool {
 
 /// Rewrites the complete rfid-moe checkpoint staged in `dir` as [`names::GGUF_FILE`] in the same
 /// directory, then removes what the GGUF replaces.
-pub fn convert_staged(dir: &Path) -> Result<GgufSummary> {
+pub fn convert_staged(dir: &Path, options: GgufOptions) -> Result<GgufSummary> {
     let summary = {
         let staged = Checkpoint::open(dir)?;
-        write(&staged, &dir.join(names::GGUF_FILE))?
+        write(&staged, &dir.join(names::GGUF_FILE), options)?
     };
     crate::safety::staging::fault_point("finish:gguf-written");
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -189,7 +201,11 @@ fn float_type(stored: StoredDType, gguf_name: &str, rank: usize) -> TensorType {
     }
 }
 
-fn plan_tensors(source: &Checkpoint, arch: &ArchConfig) -> Result<Vec<Planned>> {
+fn plan_tensors(
+    source: &Checkpoint,
+    arch: &ArchConfig,
+    options: GgufOptions,
+) -> Result<Vec<Planned>> {
     let spec = arch.spec();
     let expert_prefixes: Vec<String> = spec
         .moe_layers
@@ -223,9 +239,34 @@ fn plan_tensors(source: &Checkpoint, arch: &ArchConfig) -> Result<Vec<Planned>> 
         {
             continue;
         }
-        plan.extend(plan_tensor(source, spec.family, name, heads, kv_heads)?);
+        let mut planned = plan_tensor(source, spec.family, name, heads, kv_heads)?;
+        if let Some(kind) = options.other_type {
+            planned.iter_mut().for_each(|p| round_to(p, kind));
+        }
+        plan.extend(planned);
     }
     Ok(plan)
+}
+
+/// Plans a float weight matrix as `kind` where llama.cpp would quantise it and its rows are
+/// whole blocks (the rearranged ones, rebuilt in memory, stay float).
+fn round_to(planned: &mut Planned, kind: crate::quant::GgmlKind) {
+    let entry = &planned.entry;
+    let float_weight = matches!(entry.kind, TensorType::BF16 | TensorType::F16)
+        || (entry.kind == TensorType::F32 && entry.dims.len() == 2);
+    let cols = entry.dims.first().copied().unwrap_or(0) as usize;
+    let keeps_f32 = entry.dims.len() != 2
+        || entry.name.ends_with("_norm.weight")
+        || entry.name.contains(".ffn_gate_inp")
+        || !entry.name.ends_with(".weight");
+    let name = match &planned.source {
+        Source::Copy(n) | Source::Convert(n) => n.clone(),
+        _ => return,
+    };
+    if float_weight && !keeps_f32 && cols % kind.block_columns() == 0 {
+        planned.entry.kind = TensorType::Block(kind);
+        planned.source = Source::Rounded(name);
+    }
 }
 
 /// Layers past `num_hidden_layers` (DeepSeek-V3's multi-token-prediction layer), which
@@ -421,6 +462,17 @@ fn tensor_bytes(source: &Checkpoint, planned: &Planned) -> Result<Vec<u8>> {
         Source::Copy(name) => Ok(source.raw_bytes(name).unwrap_or_default().to_vec()),
         Source::Convert(name) => {
             float_bytes(&source.load(name, DType::F32, &Device::Cpu, by)?, kind)
+        }
+        Source::Rounded(name) => {
+            let TensorType::Block(block) = kind else {
+                return Err(Error::InvalidArgument(format!(
+                    "internal: `{name}` planned as a float type to round to"
+                )));
+            };
+            let values = source.load(name, DType::F32, &Device::Cpu, by)?;
+            let cols = values.dim(1)?;
+            let values = values.flatten_all()?.to_vec1::<f32>()?;
+            Scheme::Ggml(block).quantise_nearest(&values, cols, None)
         }
         Source::Permuted { name, heads } => {
             let t = source.load(name, DType::F32, &Device::Cpu, by)?;
