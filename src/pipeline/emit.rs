@@ -332,6 +332,7 @@ impl<'a> Emitter<'a> {
             if config.get(format::COMPRESSION_KEY).is_some() {
                 super::hf_compat::add_transformers_loader(&w, self.checkpoint, &mut config)?;
             }
+            super::hf_compat::name_architectures(&mut config);
             write_common_files(&w, self.checkpoint, &config)?;
             w.write_file("compression_report.json", files.report_json.as_bytes())?;
             w.write_file("compress.toml", files.options_toml.as_bytes())?;
@@ -355,6 +356,7 @@ impl<'a> Emitter<'a> {
             if let Some(pruning) = files.pruning {
                 pruning.edit(&mut config, false);
             }
+            super::hf_compat::name_architectures(&mut config);
             write_common_files(&w, self.checkpoint, &config)?;
             w.finish()?;
         }

@@ -37,6 +37,23 @@ fn class_stem(family: Family) -> &'static str {
     }
 }
 
+/// Names the family's transformers class in `config`'s `architectures` when it names none (the
+/// reference converters, llama.cpp's and vLLM's, pick the model by it); a config that names
+/// one, or of no supported family, is left as it is.
+pub fn name_architectures(config: &mut Value) {
+    let named = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    let family = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .and_then(Family::from_model_type);
+    if let (false, Some(family)) = (named, family) {
+        config["architectures"] = json!([format!("{}ForCausalLM", class_stem(family))]);
+    }
+}
+
 /// Rewrites a compressed checkpoint's `config` (which already holds its `compression` section)
 /// so that transformers builds our factored model from [`MODELING_FILE`]: `model_type`
 /// `rfid_moe_<family>` (so that loading without remote code fails instead of building the
@@ -137,6 +154,19 @@ pub fn fuse_like_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_without_architectures_gets_the_family_class() {
+        let mut config = json!({"model_type": "qwen3_moe"});
+        name_architectures(&mut config);
+        assert_eq!(config["architectures"], json!(["Qwen3MoeForCausalLM"]));
+        let mut named = json!({"model_type": "mixtral", "architectures": ["Custom"]});
+        name_architectures(&mut named);
+        assert_eq!(named["architectures"], json!(["Custom"]));
+        let mut unknown = json!({"model_type": "llama"});
+        name_architectures(&mut unknown);
+        assert!(unknown.get("architectures").is_none());
+    }
 
     #[test]
     fn factored_config_names_our_classes_and_keeps_the_family() {
