@@ -3,30 +3,33 @@
 # llama-quantize's own Q4_K_M / Q3_K_M / Q2_K of our bf16 GGUF export of the same model.
 # Perplexity is llama-perplexity's (-c 512, second half of each chunk scored) on TEXT.
 #
-# Usage: scripts/bench-gguf.sh MODEL CALIBRATION TEXT WORKDIR [OTHER_TYPE] [TYPES...]
+# Usage: scripts/bench-gguf.sh MODEL CALIBRATION TEXT WORKDIR [TYPE[:OTHER]...]
 #   MODEL        model directory (bf16 safetensors with tokenizer.json)
 #   CALIBRATION  calibration text for compress
 #   TEXT         the text perplexity is measured on (held-out, never the calibration windows)
 #   WORKDIR      where the files go (created)
-#   OTHER_TYPE   --other-type of our outputs (default q8_0): the ggml type of the weights
-#                outside the routed experts, which llama-quantize also quantises
-#   TYPES        llama-quantize types (default Q4_K_M Q3_K_M Q2_K)
+#   TYPE         a llama-quantize type (default Q4_K_M:q8_0 Q3_K_M:q5_0 Q2_K:q4_0); OTHER is
+#                the --other-type of our output at that size (default q8_0): the ggml type of
+#                the weights outside the routed experts, which llama-quantize quantises too
 # The rfid-moe binary is $RFID_MOE_BIN or target/release/rfid-moe; llama.cpp comes from
 # scripts/llama-cpp.sh. Each of our outputs gets the --ratio that makes its file as large as
 # llama-quantize's: the routed experts keep the file size less what the rest of the file takes.
 # Prints a markdown table and writes WORKDIR/gguf-bench.json.
 set -euo pipefail
-MODEL=$1; CALIBRATION=$2; TEXT=$3; WORK=$4; OTHER=${5:-q8_0}
-shift $(( $# < 5 ? $# : 5 ))
-TYPES=("$@"); [ ${#TYPES[@]} -gt 0 ] || TYPES=(Q4_K_M Q3_K_M Q2_K)
+MODEL=$1; CALIBRATION=$2; TEXT=$3; WORK=$4
+shift 4
+TYPES=("$@"); [ ${#TYPES[@]} -gt 0 ] || TYPES=(Q4_K_M:q8_0 Q3_K_M:q5_0 Q2_K:q4_0)
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 RFID=${RFID_MOE_BIN:-$HERE/target/release/rfid-moe}
 LLAMA=$("$HERE/scripts/llama-cpp.sh" | tail -n 1)
 mkdir -p "$WORK"
 
-ppl() { # llama-perplexity's running estimate after the last chunk it printed
-  "$LLAMA/llama-perplexity" -m "$1" -f "$TEXT" -c 512 -t 2 2>/dev/null \
-    | tr ',' '\n' | sed -n 's/^\[\([0-9]*\)\]\([0-9.]*\)$/\1 \2/p' | tail -n 1
+ppl() { # llama-perplexity's running estimate after the last chunk it printed: "CHUNKS PPL"
+  local last
+  last=$("$LLAMA/llama-perplexity" -m "$1" -f "$TEXT" -c 512 -t 2 2>"$1.ppl.log" \
+    | tr ',' '\n' | sed -n 's/^\[\([0-9]*\)\]\([0-9.]*\)$/\1 \2/p' | tail -n 1)
+  [ -n "$last" ] || { echo "llama-perplexity failed on $1 (see $1.ppl.log)" >&2; return 1; }
+  echo "$last"
 }
 compress() { # OUT ARGS...
   local out=$1; shift
@@ -36,33 +39,42 @@ compress() { # OUT ARGS...
 size() { stat -c %s "$1"; }
 
 compress "$WORK/bf16" --ratio 0
-compress "$WORK/other" --ratio 0 --other-type "$OTHER"
-ROUTED=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['stored_bytes']['routed_experts'])" "$WORK/other/compression_report.json")
-REST=$(( $(size "$WORK/other/model.gguf") - ROUTED ))
 read -r BASE_CHUNKS BASE <<< "$(ppl "$WORK/bf16/model.gguf")"
 ROWS=()
-for T in "${TYPES[@]}"; do
+for ENTRY in "${TYPES[@]}"; do
+  T=${ENTRY%%:*}; OTHER=q8_0; [ "$ENTRY" = "$T" ] || OTHER=${ENTRY#*:}
+  # What the file holds besides the routed experts with the other weights as OTHER.
+  compress "$WORK/other-$OTHER" --ratio 0 --other-type "$OTHER"
+  ROUTED=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['stored_bytes']['routed_experts'])" "$WORK/other-$OTHER/compression_report.json")
+  REST=$(( $(size "$WORK/other-$OTHER/model.gguf") - ROUTED ))
   THEIRS="$WORK/llama-$T.gguf"
   [ -f "$THEIRS" ] || "$LLAMA/llama-quantize" "$WORK/bf16/model.gguf" "$THEIRS" "$T" > "$THEIRS.log" 2>&1
   TARGET=$(size "$THEIRS")
   RATIO=$(python3 -c "print(f'{1 - ($TARGET - $REST) / $ROUTED:.6f}')")
-  compress "$WORK/ours-$T" --ratio "$RATIO" --other-type "$OTHER"
+  if compress "$WORK/ours-$T" --ratio "$RATIO" --other-type "$OTHER"; then
+    read -r _ P_OURS <<< "$(ppl "$WORK/ours-$T/model.gguf")"
+    OURS_SIZE=$(size "$WORK/ours-$T/model.gguf")
+  else
+    # The budget cannot be met at that size (see the log): no row of ours.
+    P_OURS=nan; OURS_SIZE=0
+  fi
   read -r _ P_THEIRS <<< "$(ppl "$THEIRS")"
-  read -r _ P_OURS <<< "$(ppl "$WORK/ours-$T/model.gguf")"
-  ROWS+=("$T $TARGET $P_THEIRS $(size "$WORK/ours-$T/model.gguf") $P_OURS $RATIO")
+  ROWS+=("$T $TARGET $P_THEIRS $OURS_SIZE $P_OURS $RATIO $OTHER")
 done
-python3 - "$WORK" "$BASE" "$BASE_CHUNKS" "$(size "$WORK/bf16/model.gguf")" "$OTHER" "${ROWS[@]}" <<'PY'
-import json, sys
-work, base, chunks, base_size, other, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
+python3 - "$WORK" "$BASE" "$BASE_CHUNKS" "$(size "$WORK/bf16/model.gguf")" "${ROWS[@]}" <<'PY'
+import json, math, sys
+work, base, chunks, base_size, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
 print(f"bf16 GGUF: {base_size} bytes, PPL {base:.4f} ({chunks} chunks of 512, llama-perplexity)")
-print(f"| llama-quantize type | its file | its PPL | rfid-moe --format gguf (--other-type {other}) | its PPL |")
+print("| llama-quantize type | its file | its PPL | rfid-moe --format gguf at that size | its PPL |")
 print("| --- | --- | --- | --- | --- |")
 out = {"bf16": {"bytes": base_size, "perplexity": base, "chunks": chunks}, "rows": []}
 for row in rows:
-    t, ts, tp, os_, op, ratio = row.split()
+    t, ts, tp, os_, op, ratio, other = row.split()
     ts, tp, os_, op = int(ts), float(tp), int(os_), float(op)
     d = lambda p: f"{100 * (p / base - 1):+.2f}%"
-    print(f"| {t} | {ts} B | {tp:.4f} ({d(tp)}) | {os_} B, --ratio {ratio} | {op:.4f} ({d(op)}) |")
-    out["rows"].append({"type": t, "llama_bytes": ts, "llama_perplexity": tp, "ours_bytes": os_, "ours_perplexity": op, "ratio": float(ratio)})
+    ours = "cannot be met" if math.isnan(op) else f"{op:.4f} ({d(op)})"
+    print(f"| {t} | {ts} B | {tp:.4f} ({d(tp)}) | {os_} B (--ratio {ratio} --other-type {other}) | {ours} |")
+    out["rows"].append({"type": t, "llama_bytes": ts, "llama_perplexity": tp, "ours_bytes": os_,
+                        "ours_perplexity": None if math.isnan(op) else op, "ratio": float(ratio), "other_type": other})
 json.dump(out, open(f"{work}/gguf-bench.json", "w"), indent=1)
 PY

@@ -14,8 +14,13 @@ ROOT=${RFID_MOE_LLAMA_CPP:-$HOME/.cache/rfid-moe/llama.cpp-$VERSION}
 PYTHON=${PYTHON:-python3}
 MARKER="$ROOT/.rfid-moe-build-complete"
 TARGETS=(llama-perplexity llama-quantize)
+# Not -march=native: on virtual machines whose CPU reports AMX that the kernel does not enable,
+# a native build runs AMX tile instructions for Q4_0/Q8_0 matrices and dies of SIGILL (seen
+# here). AVX2 with FMA and F16C runs on any x86-64 machine of the last decade.
+CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+BUILD_ID="$VERSION ${TARGETS[*]} ${CPU_FLAGS[*]}"
 
-if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$VERSION ${TARGETS[*]}" ]; then
+if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$BUILD_ID" ]; then
   echo "reusing llama.cpp build $ROOT" >&2
   echo "$ROOT/build/bin"
   exit 0
@@ -36,12 +41,13 @@ fi
 rm -rf src && mkdir src && tar xzf "$SDIST" -C src
 SOURCE="src/llama_cpp_python-$VERSION/vendor/llama.cpp"
 export PATH="$ROOT/V/bin:$PATH"
-cmake -S "$SOURCE" -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+rm -rf build
+cmake -S "$SOURCE" -B build -G Ninja "${CPU_FLAGS[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DCMAKE_BUILD_TYPE=Release >&2
 cmake --build build -j2 --target "${TARGETS[@]}" >&2
 for t in "${TARGETS[@]}"; do
   test -x "build/bin/$t"
 done
-echo "$VERSION ${TARGETS[*]}" > "$MARKER"
+echo "$BUILD_ID" > "$MARKER"
 echo "$ROOT/build/bin"

@@ -203,6 +203,50 @@ fn a_quantised_gguf_output_holds_the_weights_of_the_same_run_in_safetensors() {
 }
 
 #[test]
+fn other_weights_are_rounded_to_the_chosen_type_and_read_back() {
+    let (tmp, dir) = fixture_with_tokenizer("tiny-qwen2_moe");
+    let file = tmp.path().join("q8.gguf");
+    let source = Checkpoint::open(&dir).unwrap();
+    let options = gguf::GgufOptions {
+        other_type: Some(GgmlKind::Q8_0),
+    };
+    gguf::write(&source, &file, options).unwrap();
+    let content = read_content(&file);
+    let kind = |name: &str| format!("{:?}", content.tensor_infos[name].ggml_dtype);
+    assert_eq!(kind("blk.0.attn_q.weight"), "Q8_0");
+    assert_eq!(kind("token_embd.weight"), "Q8_0");
+    assert_eq!(kind("blk.0.ffn_gate_shexp.weight"), "Q8_0");
+    // Norms, routers, biases and the routed experts keep their types.
+    assert_eq!(kind("blk.0.attn_norm.weight"), "F32");
+    assert_eq!(kind("blk.0.ffn_gate_inp.weight"), "F32");
+    assert_eq!(kind("blk.0.attn_q.bias"), "F32");
+    assert_eq!(kind("blk.0.ffn_up_exps.weight"), "F32");
+    // Read back, every rounded matrix is exactly the Q8_0 round trip of the original.
+    let read = Checkpoint::open(&file).unwrap();
+    let q8 = Scheme::Ggml(GgmlKind::Q8_0);
+    let mut rounded = 0;
+    for name in source.tensor_names() {
+        let Some(gguf_name) = rfid_moe::checkpoint::gguf::names::gguf_name(name) else {
+            continue;
+        };
+        if kind(&gguf_name) != "Q8_0" {
+            continue;
+        }
+        let original = source.load_stored(name, "test").unwrap();
+        let cols = original.dim(1).unwrap();
+        let values = original.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let expected = q8
+            .dequantise(&q8.quantise_nearest(&values, cols, None).unwrap(), cols)
+            .unwrap();
+        let got = read.load_stored(name, "test").unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, expected, "{name}");
+        rounded += 1;
+    }
+    assert!(rounded >= 10, "{rounded} matrices rounded");
+}
+
+#[test]
 fn what_gguf_cannot_hold_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let mut options = mini_options(&tmp.path().join("x"), 0.5);
@@ -216,6 +260,18 @@ fn what_gguf_cannot_hold_is_refused_by_name() {
     options.budget.granularity = Granularity::Expert;
     let e = options.validate().unwrap_err().to_string();
     assert!(e.contains("granularity"), "{e}");
+
+    let mut options = mini_options(&tmp.path().join("w"), 0.5);
+    options.output.other_type = Some(Scheme::parse("q8_0").unwrap());
+    let e = options.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("--other-type") && e.contains("--format gguf"),
+        "{e}"
+    );
+    options.set_format(OutputFormat::Gguf);
+    options.validate().unwrap();
+    options.output.other_type = Some(Scheme::parse("int8-g128-sym").unwrap());
+    assert!(options.validate().is_err());
 
     let mut options = mini_options(&tmp.path().join("z"), 0.5);
     options.set_format(OutputFormat::Gguf);

@@ -181,6 +181,8 @@ fn llama_cpp_gives_a_quantised_qwen3_moe_our_perplexity() {
     options.calibration.seq_len = 128;
     options.calibration.batch_size = 8;
     options.set_format(OutputFormat::Gguf);
+    // Attention, embeddings and head as Q8_0 too, as llama-quantize would.
+    options.output.other_type = Some(rfid_moe::quant::Scheme::parse("q8_0").unwrap());
     rfid_moe::compress(&options).unwrap();
     let text_path = tmp.path().join("text.txt");
     let text = one_document(30_000);
