@@ -27,7 +27,7 @@ mkdir -p "$WORK"
 ppl() { # llama-perplexity's running estimate after the last chunk it printed: "CHUNKS PPL"
   local last
   last=$("$LLAMA/llama-perplexity" -m "$1" -f "$TEXT" -c 512 -t 2 2>"$1.ppl.log" \
-    | tr ',' '\n' | sed -n 's/^\[\([0-9]*\)\]\([0-9.]*\)$/\1 \2/p' | tail -n 1)
+    | tr ',' '\n' | sed -n 's/^\[\([0-9]*\)\]\([0-9.]*\)$/\1 \2/p' | tail -n 1) || true
   [ -n "$last" ] || { echo "llama-perplexity failed on $1 (see $1.ppl.log)" >&2; return 1; }
   echo "$last"
 }
