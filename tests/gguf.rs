@@ -15,7 +15,7 @@ use rfid_moe::checkpoint::gguf::encode::{self, MetaValue, TensorEntry, TensorTyp
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::export::gguf;
 use rfid_moe::pipeline::methods::quantise::QuantiseSettings;
-use rfid_moe::pipeline::output_format::OutputFormat;
+use rfid_moe::pipeline::OutputFormat;
 use rfid_moe::pipeline::{CompressOptions, Granularity};
 use rfid_moe::quant::{GgmlKind, Scheme};
 

@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::eval::{self, EvalOptions};
 use rfid_moe::models::Model;
-use rfid_moe::pipeline::output_format::OutputFormat;
+use rfid_moe::pipeline::OutputFormat;
 
 const SKIP_VAR: &str = "RFID_MOE_SKIP_LLAMA_CPP";
 const BIN_VAR: &str = "RFID_MOE_LLAMA_CPP_BIN";

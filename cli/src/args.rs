@@ -79,7 +79,7 @@ choice!(TuneMetric);
 choice!(rfid_moe::pipeline::methods::quantise::Algorithm);
 choice!(rfid_moe::pipeline::methods::quantise::HessianSource);
 choice!(rfid_moe::pipeline::methods::quantise::CandidateErrors);
-choice!(rfid_moe::pipeline::output_format::OutputFormat);
+choice!(rfid_moe::pipeline::OutputFormat);
 
 impl Choice for rfid_moe::checkpoint::experts::ExpertMatrix {
     fn all() -> &'static [Self] {

@@ -12,8 +12,8 @@ use candle_core::Tensor;
 
 use super::assemble::AssembledLayer;
 use super::experts::LayerExperts;
+use super::options::OutputFormat;
 use super::options::OutputOptions;
-use super::output_format::OutputFormat;
 use super::plan::LayerPlan;
 use super::report::LayerReport;
 use super::resume::{CommittedLayer, CommittedShards, Journal, Manifest};
@@ -44,7 +44,7 @@ pub struct RunFiles<'a> {
 /// resume journal of the compressed checkpoint's staging directory.
 pub struct Emitter<'a> {
     checkpoint: &'a Checkpoint,
-    format: super::output_format::OutputFormat,
+    format: super::options::OutputFormat,
     gguf: crate::export::gguf::GgufOptions,
     compressed: Option<CheckpointWriter>,
     dense: Option<CheckpointWriter>,

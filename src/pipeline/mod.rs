@@ -25,7 +25,6 @@ pub mod hf_compat;
 pub mod legacy;
 pub mod methods;
 pub mod options;
-pub mod output_format;
 pub mod plan;
 pub mod presets;
 pub mod removal;
@@ -56,7 +55,7 @@ pub use methods::Registry;
 use methods::{LayerContext, Method, MethodInputs, Needs, ObservedLayer};
 pub use options::{
     parse_device, BudgetOptions, BudgetScope, BudgetUnit, CalibrationOptions, CompressOptions,
-    Granularity, OutputOptions,
+    Granularity, OutputFormat, OutputOptions,
 };
 use plan::{LayerOffer, LayerPlan};
 pub use report::{read_layer_reports, GroupReport, LayerReport, Report};

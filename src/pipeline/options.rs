@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::experts::ExpertMatrix;
 use crate::error::{Error, Result};
+use crate::quant::{GgmlKind, Scheme};
 
 /// The version of the settings-file schema this build writes.
 pub const SETTINGS_VERSION: u32 = 2;
@@ -50,6 +51,66 @@ crate::named_enum! {
         Matrix = "matrix": "All experts of a layer's matrix take the same kind of candidate",
         /// Every layer takes one kind of candidate for all its experts and matrices.
         Layer = "layer": "All experts and matrices of a layer take the same kind of candidate",
+    }
+}
+
+crate::named_enum! {
+    /// The file format `compress` writes.
+    pub enum OutputFormat ("output format") {
+        /// rfid-moe's checkpoint.
+        Safetensors = "safetensors": "rfid-moe's safetensors checkpoint: every method (runs in rfid-moe, and in transformers with our modelling file)",
+        /// One `.gguf` for llama.cpp.
+        Gguf = "gguf": "One .gguf for llama.cpp, Ollama, LM Studio: removed experts and ggml block types, one type per layer and matrix",
+    }
+}
+
+impl Default for OutputFormat {
+    fn default() -> Self {
+        Self::Safetensors
+    }
+}
+
+/// Methods a restricted format's output can hold (removal, block formats, the input's floats).
+const BLOCK_FORMAT_METHODS: [&str; 3] = ["prune", "quantise", "keep"];
+
+impl OutputFormat {
+    /// Whether this is the default format (rfid-moe's checkpoint).
+    pub fn is_default(&self) -> bool {
+        *self == Self::Safetensors
+    }
+
+    /// Whether the output can hold what method `name` stores.
+    pub fn holds_method(self, name: &str) -> bool {
+        match self {
+            Self::Safetensors => true,
+            Self::Gguf => BLOCK_FORMAT_METHODS.contains(&name),
+        }
+    }
+
+    /// Whether the output can hold matrices stored as `scheme`.
+    pub fn holds_scheme(self, scheme: Scheme) -> bool {
+        match self {
+            Self::Safetensors => true,
+            Self::Gguf => matches!(scheme, Scheme::Ggml(_)),
+        }
+    }
+
+    /// The block formats the quantise method offers by default for this output (None: its own
+    /// default list).
+    pub fn default_schemes(self) -> Option<Vec<Scheme>> {
+        match self {
+            Self::Safetensors => None,
+            Self::Gguf => Some(GgmlKind::ALL.into_iter().map(Scheme::Ggml).collect()),
+        }
+    }
+
+    /// The finest granularity at which the output can mix choices (one tensor type per
+    /// layer and matrix for GGUF).
+    pub fn finest_granularity(self) -> Granularity {
+        match self {
+            Self::Safetensors => Granularity::Expert,
+            Self::Gguf => Granularity::Matrix,
+        }
     }
 }
 
@@ -225,8 +286,8 @@ pub struct OutputOptions {
     pub dry_run: bool,
     /// The file format of the output (left out of saved settings when it is the default, so
     /// they read as before).
-    #[serde(skip_serializing_if = "crate::pipeline::output_format::OutputFormat::is_default")]
-    pub format: crate::pipeline::output_format::OutputFormat,
+    #[serde(skip_serializing_if = "OutputFormat::is_default")]
+    pub format: OutputFormat,
     /// GGUF: the ggml type of the weight matrices outside the routed experts (None: as stored).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_type: Option<crate::quant::Scheme>,
@@ -296,7 +357,7 @@ impl CompressOptions {
     /// Writes `format`: the default methods become those the format can hold, and the budget's
     /// granularity no finer than the format mixes tensor types (what was set explicitly and
     /// does not fit is refused by [`Self::validate`]).
-    pub fn set_format(&mut self, format: crate::pipeline::output_format::OutputFormat) {
+    pub fn set_format(&mut self, format: OutputFormat) {
         self.output.format = format;
         if self.methods == DEFAULT_METHODS {
             self.methods.retain(|m| format.holds_method(m));
@@ -307,7 +368,6 @@ impl CompressOptions {
     }
 
     fn validate_format(&self) -> Result<()> {
-        use crate::pipeline::output_format::OutputFormat;
         let format = self.output.format;
         if let Some(method) = self.methods.iter().find(|m| !format.holds_method(m)) {
             return invalid(format!(

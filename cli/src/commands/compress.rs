@@ -12,8 +12,8 @@ use rfid_moe::pipeline::methods::prune::{self, PruneSettings, Saliency};
 use rfid_moe::pipeline::methods::quantise::{
     self, Algorithm, CandidateErrors, HessianSource, QuantiseSettings,
 };
-use rfid_moe::pipeline::output_format::OutputFormat;
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
+use rfid_moe::pipeline::OutputFormat;
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 use rfid_moe::quant::Scheme;
 
