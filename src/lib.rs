@@ -5,6 +5,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod format;
 pub mod generate;
 pub mod hub;
