@@ -61,21 +61,50 @@ pub fn schemes_it_holds() -> Vec<Scheme> {
         .collect()
 }
 
-/// Writes `source` (a finished rfid-moe checkpoint whose routed experts are floats or packed in
-/// schemes [`holds`] accepts, one scheme per layer) into the existing empty directory `out` as a
-/// compressed-tensors checkpoint, in shards of at most [`DEFAULT_SHARD_BYTES`].
-pub fn write(source: &Checkpoint, out: &Path) -> Result<()> {
-    write_sharded(source, out, DEFAULT_SHARD_BYTES)
+/// The dtype of the group scales written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScaleDtype {
+    /// The model's own dtype, as compressed-tensors' quantisers write them. compressed-tensors
+    /// multiplies code and scale in this dtype, so in an f32 runtime a bf16 model's weights
+    /// come out rounded to bf16, where rfid-moe computes the product in f32.
+    #[default]
+    Model,
+    /// f32: every reader gets rfid-moe's values exactly, at 2 more bytes per group.
+    F32,
 }
 
-/// [`write`] with shards of at most `max_shard_bytes` of tensor data (a tensor larger than that
-/// gets a shard of its own). Each file is written to a temporary name and renamed; on error
+/// How [`write_with`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Largest shard in bytes of tensor data (a larger tensor gets a shard of its own).
+    pub max_shard_bytes: u64,
+    /// Dtype of the group scales.
+    pub scales: ScaleDtype,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            max_shard_bytes: DEFAULT_SHARD_BYTES,
+            scales: ScaleDtype::Model,
+        }
+    }
+}
+
+/// Writes `source` (a finished rfid-moe checkpoint whose routed experts are floats or packed in
+/// schemes [`holds`] accepts, one scheme per layer) into the existing empty directory `out` as a
+/// compressed-tensors checkpoint, with [`WriteOptions::default`].
+pub fn write(source: &Checkpoint, out: &Path) -> Result<()> {
+    write_with(source, out, &WriteOptions::default())
+}
+
+/// [`write`] as `options` say. Each file is written to a temporary name and renamed; on error
 /// the files already written are removed, and `config.json` is written last.
-pub fn write_sharded(source: &Checkpoint, out: &Path, max_shard_bytes: u64) -> Result<()> {
+pub fn write_with(source: &Checkpoint, out: &Path, options: &WriteOptions) -> Result<()> {
     check_output_dir(out)?;
-    let plan = Plan::new(source)?;
+    let plan = Plan::new(source, options.scales)?;
     let mut written = Written::default();
-    let result = write_all(source, &plan, out, max_shard_bytes, &mut written);
+    let result = write_all(source, &plan, out, options.max_shard_bytes, &mut written);
     if result.is_err() {
         written.remove();
     }
@@ -156,7 +185,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(source: &Checkpoint) -> Result<Self> {
+    fn new(source: &Checkpoint, scales: ScaleDtype) -> Result<Self> {
         refuse_other_storage(source)?;
         let spec = ArchConfig::from_checkpoint(source)?.spec();
         let mut packed = BTreeMap::new();
@@ -199,7 +228,10 @@ impl Plan {
             ignore: ignored_modules(source, &experts),
             packed,
             targets,
-            scale_dtype: scale_dtype(source)?,
+            scale_dtype: match scales {
+                ScaleDtype::Model => model_dtype(source),
+                ScaleDtype::F32 => StoredDType::F32,
+            },
         })
     }
 
@@ -380,13 +412,13 @@ fn ignored_modules(source: &Checkpoint, experts: &BTreeSet<String>) -> Vec<Strin
     ignore.into_iter().collect()
 }
 
-/// The dtype of the group scales: the model's own (`dtype` / `torch_dtype` in the config, else
-/// that of most of its tensors), as compressed-tensors' quantisers write them.
-fn scale_dtype(source: &Checkpoint) -> Result<StoredDType> {
+/// The model's float dtype: `dtype` / `torch_dtype` in the config, else that of most of its
+/// tensors.
+fn model_dtype(source: &Checkpoint) -> StoredDType {
     let named = ["dtype", "torch_dtype"]
         .iter()
         .find_map(|k| source.config().get(*k).and_then(Value::as_str));
-    Ok(match named {
+    match named {
         Some("bfloat16") => StoredDType::BF16,
         Some("float16") => StoredDType::F16,
         Some("float32") => StoredDType::F32,
@@ -394,7 +426,7 @@ fn scale_dtype(source: &Checkpoint) -> Result<StoredDType> {
             d @ (StoredDType::BF16 | StoredDType::F16 | StoredDType::F32) => d,
             _ => StoredDType::BF16,
         },
-    })
+    }
 }
 
 /// One tensor of an output shard.
