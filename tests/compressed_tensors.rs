@@ -586,5 +586,100 @@ fn transformers_loads_the_output_without_remote_code() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
-    let _ = VLLM_VAR;
+}
+
+/// rfid-moe's perplexity of the checkpoint at `dir` on `ids` (f32, every token after the first
+/// of each window).
+fn perplexity(dir: &Path, ids: &Tensor) -> f64 {
+    let logits = common::logits_of(dir, ids).to_dtype(DType::F64).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 2).unwrap();
+    let ids: Vec<Vec<i64>> = ids.to_vec2().unwrap();
+    let mut nll = 0.0;
+    let mut tokens = 0;
+    for (w, window) in ids.iter().enumerate() {
+        for (t, &next) in window.iter().enumerate().skip(1) {
+            let row = logp.get(w).unwrap().get(t - 1).unwrap();
+            nll -= row.get(next as usize).unwrap().to_scalar::<f64>().unwrap();
+            tokens += 1;
+        }
+    }
+    (nll / tokens as f64).exp()
+}
+
+#[test]
+fn vllm_scores_the_output_as_rfid_moe_does() {
+    if !std::env::var(VLLM_VAR).is_ok_and(|v| v == "1") {
+        let warning = format!(
+            "\n!!! SKIPPING `vllm_scores_the_output_as_rfid_moe_does`: set {VLLM_VAR}=1 to load \
+             compressed-tensors output in vLLM (scripts/vllm-env.sh, about 6 GB) !!!\n"
+        );
+        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
+        return;
+    }
+    let script = common::repo_root().join("scripts/vllm-env.sh");
+    let output = Command::new("bash").arg(&script).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let python = PathBuf::from(stdout.lines().last().map(str::trim).unwrap_or_default());
+    assert!(
+        output.status.success() && python.exists(),
+        "{VLLM_VAR}=1 but vLLM could not be installed with {} ({}):\n{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let ids = common::mini_ids();
+    let windows: Vec<Vec<i64>> = ids.to_vec2().unwrap();
+    // (name, scheme, relative perplexity tolerance): 8-bit codes run as stored; vLLM's CPU path
+    // runs 4-bit ones with activations quantised to int8 (W4A8).
+    let cases = [
+        ("int8", "int8-g32-sym", 0.4, 2e-3),
+        ("int4", "int4-g32-sym", 0.6, 1e-2),
+    ];
+    let mut failures = Vec::new();
+    for (name, scheme, ratio, tolerance) in cases {
+        let source = quantised_mini(&work.join(name), &[scheme], ratio);
+        let ct = export(&source, &work.join(format!("{name}-ct"))).unwrap();
+        let ours = perplexity(&ct, &ids);
+        let job = json!({
+            "dir": ct, "windows": windows, "dtypes": ["float32", "bfloat16"],
+            "results_out": work.join(format!("{name}.json")),
+        });
+        let job_path = work.join(format!("{name}-job.json"));
+        std::fs::write(&job_path, job.to_string()).unwrap();
+        let driver = common::repo_root().join("tests/ct_vllm.py");
+        let run = Command::new(&python)
+            .arg(&driver)
+            .arg(&job_path)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}:\n{}",
+            driver.display(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let result: Value =
+            serde_json::from_slice(&std::fs::read(work.join(format!("{name}.json"))).unwrap())
+                .unwrap();
+        let Some(theirs) = result["perplexity"].as_f64() else {
+            failures.push(format!(
+                "{name}: vLLM refused every dtype: {}",
+                result["refused"]
+            ));
+            continue;
+        };
+        let report = format!(
+            "{name}: vLLM ({}) perplexity {theirs:.4}, rfid-moe (f32) {ours:.4}",
+            result["dtype"]
+        );
+        std::io::Write::write_all(&mut std::io::stderr(), format!("{report}\n").as_bytes())
+            .unwrap();
+        if ((theirs - ours) / ours).abs() > tolerance {
+            failures.push(report);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
 }

@@ -487,3 +487,55 @@ fn compression_record(checkpoint: &Checkpoint) -> Result<Option<CompressionRecor
         layers,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(weights: Value) -> Value {
+        json!({"quantization_config": {
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"g": {"targets": ["Linear"], "weights": weights,
+                                    "input_activations": null, "output_activations": null}},
+        }})
+    }
+
+    fn weights() -> Value {
+        json!({"num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+               "group_size": 128, "actorder": null})
+    }
+
+    #[test]
+    fn symmetric_integer_groups_are_read_and_anything_else_is_refused_by_key() {
+        let path = std::path::Path::new("config.json");
+        let schemes = accepted_schemes(&config(weights()), path).unwrap();
+        assert_eq!(schemes[0].name(), "int4-g128-sym");
+        assert!(is_compressed_tensors(&config(weights())));
+        let refused = |edit: &dyn Fn(&mut Value)| {
+            let mut c = config(weights());
+            edit(&mut c["quantization_config"]);
+            accepted_schemes(&c, path).unwrap_err().to_string()
+        };
+        let cases: [(&str, &dyn Fn(&mut Value)); 4] = [
+            (
+                "`quantization_config.format` is \"float-quantized\"",
+                &|q| q["format"] = json!("float-quantized"),
+            ),
+            ("config_groups.g.weights.type", &|q| {
+                q["config_groups"]["g"]["weights"]["type"] = json!("float")
+            }),
+            ("config_groups.g.weights.actorder", &|q| {
+                q["config_groups"]["g"]["weights"]["actorder"] = json!("group")
+            }),
+            ("quantization_config.kv_cache_scheme", &|q| {
+                q["kv_cache_scheme"] = json!({"num_bits": 8})
+            }),
+        ];
+        for (needle, edit) in cases {
+            let error = refused(edit);
+            assert!(error.contains(needle), "{needle}: {error}");
+        }
+    }
+}
