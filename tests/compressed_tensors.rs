@@ -665,9 +665,24 @@ fn vllm_scores_the_output_as_rfid_moe_does() {
             serde_json::from_slice(&std::fs::read(work.join(format!("{name}.json"))).unwrap())
                 .unwrap();
         let Some(theirs) = result["perplexity"].as_f64() else {
+            // The engine's own error is in its log, not in the exception.
+            // vLLM logs to stdout, its worker processes' tracebacks included.
+            let log = String::from_utf8_lossy(&run.stdout).into_owned()
+                + &String::from_utf8_lossy(&run.stderr);
+            let mut errors: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    ["rror", "xception", "upported"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .collect();
+            errors.dedup();
+            let tail = errors.join("\n");
+            let dtypes = result["refused"].as_object().map(|o| o.keys().cloned());
+            let dtypes: Vec<String> = dtypes.into_iter().flatten().collect();
             failures.push(format!(
-                "{name}: vLLM refused every dtype: {}",
-                result["refused"]
+                "{name}: vLLM refused every dtype ({dtypes:?}); its log's errors:\n{tail}"
             ));
             continue;
         };
