@@ -2,7 +2,8 @@
 # Creates, or reuses when already complete, the pinned Python environment that makes the
 # transformers reference outputs (tests/fixtures/*/reference.safetensors and
 # tests/fixtures/generate/*.json): torch 2.11.0 and transformers 5.17.0 used on CPU (the versions
-# in tests/fixtures/fixtures.json), safetensors and numpy. The venv lives OUTSIDE the clone, at
+# in tests/fixtures/fixtures.json), safetensors and numpy, plus compressed-tensors 0.20.1 (what
+# transformers loads compressed-tensors checkpoints with, tests/compressed_tensors.rs). The venv lives OUTSIDE the clone, at
 # ${RFID_MOE_PY_ENV:-$HOME/.cache/rfid-moe/py-tf5.17}; the last line printed is its python.
 # Usage: PY=$(scripts/python-env.sh | tail -n 1); "$PY" scripts/generate_reference.py --help
 # Idempotent: a marker file written last records a complete install. `cargo test` runs it once
@@ -48,8 +49,13 @@ TORCH_PURE_DEPS=(
   "jinja2" "fsspec>=0.8.5"
 )
 OTHER_PINS=("$TRANSFORMERS_PIN" "safetensors" "numpy")
+# compressed-tensors 0.20.1 asks for torch>=2.10, transformers>=4.45, pydantic>=2, loguru and
+# psutil; installed with --no-deps plus the last two so that pip never touches the pins above
+# (pydantic already comes with transformers' dependencies).
+COMPRESSED_TENSORS_PIN="compressed-tensors==0.20.1"
+COMPRESSED_TENSORS_DEPS=("loguru" "psutil")
 MARKER="$ENV_DIR/.rfid-moe-env-complete"
-MARKER_TEXT="$TORCH_PIN $TRANSFORMERS_PIN safetensors numpy"
+MARKER_TEXT="$TORCH_PIN $TRANSFORMERS_PIN safetensors numpy $COMPRESSED_TENSORS_PIN"
 
 if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$MARKER_TEXT" ] && [ -x "$ENV_DIR/bin/python" ]; then
   echo "reusing complete environment $ENV_DIR" >&2
@@ -70,20 +76,33 @@ smoke_test() {
     >/dev/null 2>&1
 }
 
-echo "installing trimmed CPU torch into $ENV_DIR" >&2
-"${PIP[@]}" --no-deps "$TORCH_PIN" "${NVIDIA_LIBS[@]}"
-"${PIP[@]}" "${TORCH_PURE_DEPS[@]}"
-if ! smoke_test; then
-  echo "trimmed torch does not import; falling back to the full CUDA dependency set" >&2
-  "${PIP[@]}" "$TORCH_PIN"
-  smoke_test
+# An environment made before compressed-tensors joined the pins keeps its torch and transformers.
+if "$PY" -c 'import torch, transformers
+assert torch.__version__.split("+")[0] == "2.11.0" and transformers.__version__ == "5.17.0"' \
+  >/dev/null 2>&1; then
+  echo "torch and transformers already in $ENV_DIR; adding $COMPRESSED_TENSORS_PIN" >&2
+else
+  echo "installing trimmed CPU torch into $ENV_DIR" >&2
+  "${PIP[@]}" --no-deps "$TORCH_PIN" "${NVIDIA_LIBS[@]}"
+  "${PIP[@]}" "${TORCH_PURE_DEPS[@]}"
+  if ! smoke_test; then
+    echo "trimmed torch does not import; falling back to the full CUDA dependency set" >&2
+    "${PIP[@]}" "$TORCH_PIN"
+    smoke_test
+  fi
+  # transformers and friends do not depend on torch, so this leaves the torch install alone.
+  "${PIP[@]}" "${OTHER_PINS[@]}"
 fi
-# transformers and friends do not depend on torch, so this leaves the torch install alone.
-"${PIP[@]}" "${OTHER_PINS[@]}"
+"${PIP[@]}" --no-deps "$COMPRESSED_TENSORS_PIN"
+"${PIP[@]}" "${COMPRESSED_TENSORS_DEPS[@]}"
 "$PY" -c 'import torch, transformers, safetensors, numpy
 assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
 assert transformers.__version__ == "5.17.0", transformers.__version__
-print("torch", torch.__version__, "transformers", transformers.__version__)' >&2
+import compressed_tensors
+from compressed_tensors.compressors import ModelCompressor
+assert compressed_tensors.__version__.startswith("0.20.1"), compressed_tensors.__version__
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "compressed-tensors", compressed_tensors.__version__)' >&2
 
 echo "$MARKER_TEXT" >"$MARKER"
 echo "$PY"

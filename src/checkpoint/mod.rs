@@ -5,6 +5,7 @@
 //! Tensors are materialised only when asked for, which is what lets the pipeline hold one layer at
 //! a time.
 
+pub mod compressed_tensors;
 pub mod experts;
 pub mod fp8;
 pub mod gguf;
@@ -142,11 +143,17 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
+    /// Whether the mapping is anonymous memory, whose pages hold the only copy of its bytes.
+    in_memory: bool,
 }
 
 impl SafetensorsFile {
-    /// Drops this file's mapped pages from the resident set (see [`Checkpoint::release_pages`]).
+    /// Drops this file's mapped pages from the resident set (see [`Checkpoint::release_pages`]);
+    /// nothing for an anonymous mapping, whose dropped pages would read back as zeros.
     pub fn release_pages(&self) {
+        if self.in_memory {
+            return;
+        }
         #[cfg(unix)]
         // SAFETY: the mapping is read-only and backed by the file, so MADV_DONTNEED only unmaps
         // clean pages; later reads fault them back in from the file with the same contents.
@@ -177,6 +184,7 @@ impl SafetensorsFile {
             mmap,
             data_start: header.data_start,
             tensors: header.tensors,
+            in_memory: false,
         })
     }
 
@@ -210,7 +218,15 @@ impl SafetensorsFile {
             mmap,
             data_start,
             tensors,
+            in_memory: false,
         })
+    }
+
+    /// Marks the mapping as anonymous memory (`MmapMut::map_anon`), so that
+    /// [`Self::release_pages`] leaves it resident.
+    pub fn in_memory(mut self) -> Self {
+        self.in_memory = true;
+        self
     }
 
     /// The file's path.
@@ -406,6 +422,9 @@ impl Checkpoint {
                 ),
             ));
         };
+        if compressed_tensors::is_compressed_tensors(&config) {
+            return compressed_tensors::open(dir, config, shards, location);
+        }
         Self::assemble(dir, config, shards, location)
     }
 

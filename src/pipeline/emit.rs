@@ -346,6 +346,9 @@ impl<'a> Emitter<'a> {
             }
             output = Some(match self.format {
                 OutputFormat::Safetensors => w.finish()?,
+                OutputFormat::CompressedTensors => {
+                    w.finish_with(crate::export::compressed_tensors::convert_staged)?
+                }
                 OutputFormat::Gguf => w.finish_with(|dir| {
                     crate::export::gguf::convert_staged(dir, self.gguf).map(|_| ())
                 })?,

@@ -26,7 +26,7 @@ pub const MODELING_SOURCE: &str = include_str!("../../python/modeling_rfid_moe.p
 pub const BASE_MODEL_TYPE_KEY: &str = "base_model_type";
 
 /// The transformers class-name stem of `family` (`Qwen3Moe` for `Qwen3MoeForCausalLM`).
-fn class_stem(family: Family) -> &'static str {
+pub(crate) fn class_stem(family: Family) -> &'static str {
     match family {
         Family::Mixtral => "Mixtral",
         Family::Qwen2Moe => "Qwen2Moe",

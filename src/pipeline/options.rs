@@ -61,6 +61,8 @@ crate::named_enum! {
         Safetensors = "safetensors": "rfid-moe's safetensors checkpoint: every method (runs in rfid-moe, and in transformers with our modelling file)",
         /// One `.gguf` for llama.cpp.
         Gguf = "gguf": "One .gguf for llama.cpp, Ollama, LM Studio: removed experts and ggml block types, one type per layer and matrix",
+        /// compressed-tensors `pack-quantized` for vLLM, SGLang and transformers.
+        CompressedTensors = "compressed-tensors": "A Hugging Face checkpoint vLLM, SGLang and transformers load without remote code: removed experts and symmetric int4/int8 groups of 32/64/128, one scheme per layer",
     }
 }
 
@@ -83,7 +85,7 @@ impl OutputFormat {
     pub fn holds_method(self, name: &str) -> bool {
         match self {
             Self::Safetensors => true,
-            Self::Gguf => BLOCK_FORMAT_METHODS.contains(&name),
+            Self::Gguf | Self::CompressedTensors => BLOCK_FORMAT_METHODS.contains(&name),
         }
     }
 
@@ -92,6 +94,7 @@ impl OutputFormat {
         match self {
             Self::Safetensors => true,
             Self::Gguf => matches!(scheme, Scheme::Ggml(_)),
+            Self::CompressedTensors => crate::export::compressed_tensors::holds(scheme),
         }
     }
 
@@ -101,6 +104,7 @@ impl OutputFormat {
         match self {
             Self::Safetensors => None,
             Self::Gguf => Some(GgmlKind::ALL.into_iter().map(Scheme::Ggml).collect()),
+            Self::CompressedTensors => Some(crate::export::compressed_tensors::schemes_it_holds()),
         }
     }
 
@@ -110,6 +114,8 @@ impl OutputFormat {
         match self {
             Self::Safetensors => Granularity::Expert,
             Self::Gguf => Granularity::Matrix,
+            // vLLM's fused MoE runs one scheme for gate, up and down of a layer's experts.
+            Self::CompressedTensors => Granularity::Layer,
         }
     }
 }

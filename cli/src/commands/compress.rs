@@ -44,8 +44,9 @@ pub struct CompressArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// What --out holds: safetensors (rfid-moe's checkpoint, every method), gguf (one
-    /// model.gguf for llama.cpp: removal and ggml block types, one per layer and matrix, the
-    /// solver offered nothing else).
+    /// model.gguf for llama.cpp: removal and ggml block types, one per layer and matrix),
+    /// compressed-tensors (vLLM/SGLang/transformers: removal and symmetric int4/int8 groups,
+    /// one scheme per layer); the solver is offered nothing else.
     #[arg(long, value_parser = choice::<OutputFormat>())]
     format: Option<OutputFormat>,
     /// With --format gguf: the ggml type (q8_0, q6_k, q4_k, ...) of the weight matrices outside

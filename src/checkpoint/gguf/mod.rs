@@ -360,7 +360,7 @@ fn rebuilt_file(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<Safetenso
     let mmap = buffer.make_read_only().map_err(|e| Error::io(path, e))?;
     let mut label = PathBuf::from(path);
     label.set_extension("gguf (rearranged tensors)");
-    SafetensorsFile::from_parts(label, mmap, 0, infos)
+    Ok(SafetensorsFile::from_parts(label, mmap, 0, infos)?.in_memory())
 }
 
 /// Whether `path` is a GGUF file (by its magic number).
