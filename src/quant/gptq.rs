@@ -399,16 +399,7 @@ impl GptqHessian {
                     .zip(importance.chunks(bc))
                     .zip(gain.chunks(bc))
                     .map(|((values, importance), gain)| {
-                        let grid = scheme.fit_for_estimate(values, Some(importance));
-                        values
-                            .iter()
-                            .zip(gain)
-                            .enumerate()
-                            .map(|(i, (&v, g))| {
-                                let e = v as f64 - grid.round(i, v).1 as f64;
-                                e * e * g
-                            })
-                            .sum::<f64>()
+                        scheme.estimate_block_loss(values, Some(importance), gain)
                     })
                     .sum()
             })
@@ -1254,5 +1245,35 @@ mod tests {
                 q.row_loss.iter().sum::<f64>() / rtn.row_loss.iter().sum::<f64>()
             );
         }
+    }
+
+    #[test]
+    #[ignore = "timing; run by hand"]
+    fn timing_candidate_estimates() {
+        let (rows, cols, tokens) = (768, 2048, 1024);
+        let mut rng = SplitMix64::new(18);
+        let x = Mat::from_fn(tokens, cols, |_, _| rng.normal());
+        let h = gram(&x);
+        let w = weights(rows, cols, 19);
+        let options = GptqOptions {
+            act_order: true,
+            ..GptqOptions::default()
+        };
+        let prepared = GptqHessian::new(&h, cols, &options).unwrap();
+        let schemes = crate::pipeline::methods::quantise::default_schemes();
+        let t = std::time::Instant::now();
+        let mut total = 0.0;
+        for &scheme in &schemes {
+            total += prepared
+                .estimate_row_loss(&w, rows, scheme)
+                .unwrap()
+                .iter()
+                .sum::<f64>();
+        }
+        println!(
+            "{rows}×{cols}: estimates in {} formats {:.2?} (total {total:e})",
+            schemes.len(),
+            t.elapsed()
+        );
     }
 }
