@@ -19,6 +19,7 @@ use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use rayon::prelude::*;
 
+use super::int::LANES;
 use super::{Grid, Scheme};
 use crate::error::{Error, Result};
 
@@ -392,18 +393,49 @@ impl GptqHessian {
             let d = self.u[p * n + p];
             gain[c] = 1.0 / (d * d);
         }
-        Ok(w.par_chunks(n)
-            .map(|row| {
-                let row = zero_dead(row, &self.dead);
-                row.chunks(bc)
-                    .zip(importance.chunks(bc))
-                    .zip(gain.chunks(bc))
-                    .map(|((values, importance), gain)| {
-                        scheme.estimate_block_loss(values, Some(importance), gain)
-                    })
-                    .sum()
+        let row_loss = |row: &[f32]| -> f64 {
+            zero_dead(row, &self.dead)
+                .chunks(bc)
+                .zip(importance.chunks(bc))
+                .zip(gain.chunks(bc))
+                .map(|((values, importance), gain)| {
+                    scheme.estimate_block_loss(values, Some(importance), gain)
+                })
+                .sum()
+        };
+        let Scheme::Int(int) = scheme else {
+            return Ok(w.par_chunks(n).map(row_loss).collect());
+        };
+        // Integer groups: `LANES` rows at a time, one per lane, each lane's arithmetic that of
+        // its row alone.
+        let chunks: Vec<Vec<f64>> = w
+            .par_chunks(LANES * n)
+            .map(|chunk| {
+                if chunk.len() < LANES * n {
+                    return chunk.chunks(n).map(row_loss).collect();
+                }
+                let mut block = vec![[0f32; LANES]; bc];
+                let mut totals = [0f64; LANES];
+                for start in (0..n).step_by(bc) {
+                    for (i, lanes) in block.iter_mut().enumerate() {
+                        let c = start + i;
+                        for (l, x) in lanes.iter_mut().enumerate() {
+                            *x = if self.dead[c] { 0.0 } else { chunk[l * n + c] };
+                        }
+                    }
+                    let losses = int.quick_loss_lanes(
+                        &block,
+                        &importance[start..start + bc],
+                        &gain[start..start + bc],
+                    );
+                    for (t, loss) in totals.iter_mut().zip(losses) {
+                        *t += loss;
+                    }
+                }
+                totals.to_vec()
             })
-            .collect())
+            .collect();
+        Ok(chunks.concat())
     }
 }
 

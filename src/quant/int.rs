@@ -179,6 +179,65 @@ impl IntScheme {
         errors
     }
 
+    /// Per lane (one row each), `Σ gain · (value − rounded value)²` of one block of
+    /// [`LANES`] rows rounded to [`IntScheme::fit_quick`]'s grid, exactly as
+    /// [`IntScheme::fit_quick_step`] and [`IntScheme::rounding_loss`] give it row by row:
+    /// `values[i]` holds column `i` of the block of every row.
+    pub fn quick_loss_lanes(
+        &self,
+        values: &[[f32; LANES]],
+        importance: &[f32],
+        gain: &[f64],
+    ) -> [f64; LANES] {
+        let mut ranges = [(0f32, 0f32); LANES];
+        for v in values {
+            for (r, &v) in ranges.iter_mut().zip(v) {
+                *r = (r.0.min(v), r.1.max(v));
+            }
+        }
+        let mut candidates = [[Candidate::ZERO; LANES]; 2 * QUICK_CLIPS.len()];
+        let mut count = 0;
+        for clip in QUICK_CLIPS {
+            let mut added = 0;
+            for (l, &range) in ranges.iter().enumerate() {
+                let mut out = [Candidate::ZERO; 2];
+                added = self.clip_candidates(range, clip, &mut out);
+                for (k, c) in out[..added].iter().enumerate() {
+                    candidates[count + k][l] = *c;
+                }
+            }
+            count += added;
+        }
+        let max_code = self.max_code();
+        let mut errors = [[0f32; LANES]; 2 * QUICK_CLIPS.len()];
+        for (group, out) in candidates[..count].chunks(3).zip(errors.chunks_mut(3)) {
+            match group {
+                [a] => out[..1].copy_from_slice(&sweep_lanes(values, importance, [*a], max_code)),
+                [a, b] => {
+                    out[..2].copy_from_slice(&sweep_lanes(values, importance, [*a, *b], max_code))
+                }
+                [a, b, c] => out[..3].copy_from_slice(&sweep_lanes(
+                    values,
+                    importance,
+                    [*a, *b, *c],
+                    max_code,
+                )),
+                _ => {}
+            }
+        }
+        // Per lane the first smallest error, as `first_smallest` picks it.
+        let mut best = candidates[0];
+        let mut best_error = errors[0];
+        for k in 1..count {
+            for l in 0..LANES {
+                if (errors[k][l] as f64) < best_error[l] as f64 {
+                    (best[l], best_error[l]) = (candidates[k][l], errors[k][l]);
+                }
+            }
+        }
+        rounding_loss_lanes(values, gain, best, max_code)
+    }
+
     /// `Σ gain · (value − rounded value)²` over `values` rounded to the grid of step `step`
     /// and zero code `zero`, each value rounded as [`Grid::round`] rounds it.
     pub fn rounding_loss(&self, values: &[f32], gain: &[f64], step: f32, zero: u8) -> f64 {
@@ -306,6 +365,64 @@ fn first_smallest(errors: &[f64]) -> usize {
         }
     }
     best
+}
+
+/// Rows handled together by [`IntScheme::quick_loss_lanes`], one per lane.
+pub const LANES: usize = 8;
+
+/// [`sweep`] for one block of [`LANES`] rows at once, each lane's sums in column order.
+///
+/// Branch-free so that the lanes vectorise: a lane whose step is zero (steps are always finite)
+/// gets a zero inverse, which rounds every value to its zero code's clamp, the code
+/// `nearest_code` falls back to; `max(0).min(max)` sends NaN to code 0 as the cast does.
+#[inline]
+fn sweep_lanes<const K: usize>(
+    values: &[[f32; LANES]],
+    importance: &[f32],
+    candidates: [[Candidate; LANES]; K],
+    max_code: u8,
+) -> [[f32; LANES]; K] {
+    let step = candidates.map(|c| c.map(|c| c.step));
+    let inverse = step.map(|s| s.map(|s| if s != 0.0 { 1.0 / s } else { 0.0 }));
+    let bias = candidates.map(|c| c.map(|c| c.zero as f32));
+    let max = max_code as f32;
+    let mut sums = [[0f32; LANES]; K];
+    for (v, &w) in values.iter().zip(importance) {
+        for k in 0..K {
+            for l in 0..LANES {
+                let x = (v[l] * inverse[k][l] + bias[k][l]).max(0.0).min(max);
+                let code = ((x + 0.5) as i32) as f32;
+                let d = step[k][l] * (code - bias[k][l]) - v[l];
+                sums[k][l] += w * d * d;
+            }
+        }
+    }
+    sums
+}
+
+/// Per lane, [`IntScheme::rounding_loss`] of one block of [`LANES`] rows on grid `grids`
+/// (branch-free as [`sweep_lanes`]: a zero step divides by infinity instead).
+#[inline]
+fn rounding_loss_lanes(
+    values: &[[f32; LANES]],
+    gain: &[f64],
+    grids: [Candidate; LANES],
+    max_code: u8,
+) -> [f64; LANES] {
+    let step = grids.map(|c| c.step);
+    let divisor = step.map(|s| if s != 0.0 { s } else { f32::INFINITY });
+    let bias = grids.map(|c| c.zero as f32);
+    let max = max_code as f32;
+    let mut sums = [0f64; LANES];
+    for (v, &g) in values.iter().zip(gain) {
+        for l in 0..LANES {
+            let x = (v[l] / divisor[l] + bias[l]).max(0.0).min(max);
+            let code = ((x + 0.5) as i32) as f32;
+            let e = v[l] as f64 - (step[l] * (code - bias[l])) as f64;
+            sums[l] += e * e * g;
+        }
+    }
+    sums
 }
 
 /// The importance-weighted squared rounding errors of `K` candidate grids on `values`, each
@@ -517,6 +634,40 @@ mod tests {
                         let (step, zero) = s.fit_quick_step(&w, imp);
                         assert_eq!(s.rounding_loss(&w, &gain, step, zero), by_grid);
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_give_each_rows_own_estimate() {
+        for bits in [2, 3, 4, 6, 8] {
+            for symmetric in [true, false] {
+                let s = IntScheme {
+                    bits,
+                    group: 16,
+                    symmetric,
+                };
+                let mut rows: Vec<Vec<f32>> = (0..LANES as u32)
+                    .map(|r| values(16, r + 50 * bits))
+                    .collect();
+                rows[1].fill(0.0);
+                rows[2].iter_mut().for_each(|v| *v = v.max(0.0));
+                rows[3][5] = 1e-30;
+                let imp: Vec<f32> = values(16, 3).iter().map(|x| x.abs()).collect();
+                let gain: Vec<f64> = values(16, 4).iter().map(|x| x.abs() as f64).collect();
+                let block: Vec<[f32; LANES]> = (0..16)
+                    .map(|i| std::array::from_fn(|l| rows[l][i]))
+                    .collect();
+                let lanes = s.quick_loss_lanes(&block, &imp, &gain);
+                for (row, lane) in rows.iter().zip(lanes) {
+                    let (step, zero) = s.fit_quick_step(row, Some(&imp));
+                    assert_eq!(
+                        lane,
+                        s.rounding_loss(row, &gain, step, zero),
+                        "{}",
+                        s.name()
+                    );
                 }
             }
         }
