@@ -142,6 +142,33 @@ impl Scheme {
         }
     }
 
+    /// `Σ gain · (value − rounded value)²` of one block rounded to the grid
+    /// [`Scheme::fit_for_estimate`] chooses for it.
+    pub fn estimate_block_loss(
+        &self,
+        values: &[f32],
+        importance: Option<&[f32]>,
+        gain: &[f64],
+    ) -> f64 {
+        let grid = match self {
+            Self::Int(s) => {
+                // No grid is built: this runs for every block of every format offered.
+                let (step, zero) = s.fit_quick_step(values, importance);
+                return s.rounding_loss(values, gain, step, zero);
+            }
+            Self::Ggml(k) => k.fit(values, importance),
+        };
+        values
+            .iter()
+            .zip(gain)
+            .enumerate()
+            .map(|(i, (&v, g))| {
+                let e = v as f64 - grid.round(i, v).1 as f64;
+                e * e * g
+            })
+            .sum::<f64>()
+    }
+
     /// Writes one row: its blocks' grids (one per block) and codes (one per column, as
     /// [`Grid::round`] gave them), appended to `out`.
     pub fn pack_row(&self, grids: &[Grid], codes: &[u8], out: &mut Vec<u8>) {

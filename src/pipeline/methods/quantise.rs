@@ -221,7 +221,7 @@ impl Quantise {
         &self,
         experts: &LayerExperts,
         inputs: &RoutedInputs,
-        prior: Option<&Tensor>,
+        prior: Option<&Prior>,
         expert: usize,
         with_down: bool,
     ) -> Result<ExpertGrams> {
@@ -232,9 +232,9 @@ impl Quantise {
         };
         // The layer's rows stand for `weight` tokens each.
         let prior_weight = match (self.settings.hessian, prior) {
-            (HessianSource::Layer, Some(p)) => tokens.max(1) as f64 / p.dim(0)? as f64,
+            (HessianSource::Layer, Some(p)) => tokens.max(1) as f64 / p.rows.dim(0)? as f64,
             (HessianSource::Expert, Some(p)) if tokens < self.settings.min_tokens => {
-                (self.settings.min_tokens - tokens) as f64 / p.dim(0)? as f64
+                (self.settings.min_tokens - tokens) as f64 / p.rows.dim(0)? as f64
             }
             _ => 0.0,
         };
@@ -247,14 +247,25 @@ impl Quantise {
         };
         let mut input = None;
         let mut inter = None;
-        for (rows, weight) in [
-            (own.as_ref(), 1.0),
-            (prior.filter(|_| prior_weight > 0.0), prior_weight),
-        ] {
-            let Some(rows) = rows else { continue };
-            add_gram(&mut input, rows, weight)?;
+        if let Some(rows) = own.as_ref() {
+            accumulate(&mut input, &gram_product(rows)?, 1.0);
             if with_down {
-                add_gram(&mut inter, &intermediate(rows)?, weight)?;
+                accumulate(&mut inter, &gram_product(&intermediate(rows)?)?, 1.0);
+            }
+        }
+        if let Some(prior) = prior.filter(|_| prior_weight > 0.0) {
+            let shared;
+            let product = match &prior.input_gram {
+                Some(g) => g,
+                None => {
+                    shared = gram_product(&prior.rows)?;
+                    &shared
+                }
+            };
+            accumulate(&mut input, product, prior_weight);
+            if with_down {
+                let product = gram_product(&intermediate(&prior.rows)?)?;
+                accumulate(&mut inter, &product, prior_weight);
             }
         }
         let d = experts.layout.hidden_size;
@@ -337,7 +348,20 @@ impl Quantise {
                     .into(),
             )
         })?;
-        let prior = prior_rows(inputs)?;
+        let prior = match prior_rows(inputs)? {
+            Some(rows) => {
+                let needed = self.settings.hessian == HessianSource::Layer
+                    || wanted
+                        .keys()
+                        .any(|&e| inputs.expert_tokens(e) < self.settings.min_tokens);
+                let input_gram = match needed {
+                    true => Some(gram_product(&rows)?),
+                    false => None,
+                };
+                Some(Prior { rows, input_gram })
+            }
+            None => None,
+        };
         // Every expert the layer fills in, whichever of them this pass quantises, so that the
         // report does not depend on which candidates were asked for (a resumed run applies a
         // saved plan without offering).
@@ -403,19 +427,31 @@ enum Prepared {
     Rtn(Vec<f64>),
 }
 
-/// Adds `weight · rowsᵀ·rows` to `gram` (created on first use).
-fn add_gram(gram: &mut Option<Vec<f64>>, rows: &Tensor, weight: f64) -> Result<()> {
+/// The layer's calibration inputs that fill in experts' statistics.
+struct Prior {
+    /// Up to [`PRIOR_ROWS`] of the layer's inputs.
+    rows: Tensor,
+    /// `rowsᵀ·rows` (f32, row-major) when experts will need it: the same for every expert of
+    /// the layer, so it is multiplied once rather than per expert.
+    input_gram: Option<Vec<f32>>,
+}
+
+/// `rowsᵀ·rows` in f32, row-major.
+fn gram_product(rows: &Tensor) -> Result<Vec<f32>> {
     let rows = rows.to_dtype(DType::F32)?;
     let product = rows.t()?.matmul(&rows)?;
-    let values = product.flatten_all()?.to_vec1::<f32>()?;
+    Ok(product.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Adds `weight · product` to `gram` (created on first use).
+fn accumulate(gram: &mut Option<Vec<f64>>, product: &[f32], weight: f64) {
     match gram {
         Some(g) => g
             .iter_mut()
-            .zip(values)
-            .for_each(|(g, v)| *g += weight * v as f64),
-        None => *gram = Some(values.into_iter().map(|v| weight * v as f64).collect()),
+            .zip(product)
+            .for_each(|(g, &v)| *g += weight * v as f64),
+        None => *gram = Some(product.iter().map(|&v| weight * v as f64).collect()),
     }
-    Ok(())
 }
 
 /// Up to [`PRIOR_ROWS`] of the layer's calibration inputs, evenly spaced.
