@@ -110,20 +110,22 @@ fn write_file(source: &Checkpoint, tmp: &Path, header: &[u8], plan: &[Planned]) 
     w.write_all(header).map_err(io)?;
     let mut total = header.len() as u64;
     for planned in plan {
-        let bytes = tensor_bytes(source, planned)?;
-        if bytes.len() as u64 != planned.entry.bytes() {
+        let mut written = 0u64;
+        write_tensor(source, planned, &mut |bytes: &[u8]| {
+            written += bytes.len() as u64;
+            w.write_all(bytes).map_err(io)
+        })?;
+        if written != planned.entry.bytes() {
             return Err(Error::InvalidArgument(format!(
-                "GGUF tensor `{}`: {} bytes produced, {} expected for {:?} {}",
+                "GGUF tensor `{}`: {written} bytes produced, {} expected for {:?} {}",
                 planned.entry.name,
-                bytes.len(),
                 planned.entry.bytes(),
                 planned.entry.dims,
                 planned.entry.kind.name()
             )));
         }
-        w.write_all(&bytes).map_err(io)?;
-        encode::data_padding(&mut w, bytes.len() as u64).map_err(io)?;
-        total += bytes.len() as u64;
+        encode::data_padding(&mut w, written).map_err(io)?;
+        total += written;
         total += (encode::ALIGNMENT - total % encode::ALIGNMENT) % encode::ALIGNMENT;
         source.release_pages();
     }
@@ -488,22 +490,33 @@ fn tensor_bytes(source: &Checkpoint, planned: &Planned) -> Result<Vec<u8>> {
             };
             float_bytes(&part.contiguous()?, kind)
         }
-        Source::Experts { layout, matrix } => {
-            let mut out = Vec::with_capacity(planned.entry.bytes() as usize);
-            for expert in 0..layout.num_experts {
-                let name = layout.dense_name(expert, *matrix);
-                match source.packed_bytes(&name) {
-                    Some((_, bytes)) => out.extend_from_slice(bytes),
-                    None => {
-                        let t =
-                            layout.load_dense(source, expert, *matrix, DType::F32, &Device::Cpu)?;
-                        out.extend(float_bytes(&t, kind)?);
-                    }
-                }
+        Source::Experts { .. } => Err(Error::InvalidArgument(
+            "internal: expert stacks are written one expert at a time".into(),
+        )),
+    }
+}
+
+/// Hands the tensor's bytes to `write` in order: a routed-expert stack one expert at a time (a
+/// DeepSeek-V3 layer's stack is gigabytes), any other tensor whole.
+fn write_tensor(
+    source: &Checkpoint,
+    planned: &Planned,
+    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let Source::Experts { layout, matrix } = &planned.source else {
+        return write(&tensor_bytes(source, planned)?);
+    };
+    for expert in 0..layout.num_experts {
+        let name = layout.dense_name(expert, *matrix);
+        match source.packed_bytes(&name) {
+            Some((_, bytes)) => write(bytes)?,
+            None => {
+                let t = layout.load_dense(source, expert, *matrix, DType::F32, &Device::Cpu)?;
+                write(&float_bytes(&t, planned.entry.kind)?)?;
             }
-            Ok(out)
         }
     }
+    Ok(())
 }
 
 /// A float tensor's values as `kind`'s little-endian bytes.
