@@ -430,31 +430,16 @@ fn compressed_tensors_layouts_rfid_moe_cannot_run_are_refused_by_key() {
 
 /// The Python to use, or None when the user opted out (`test` names the test skipped).
 fn pinned_python(test: &str) -> Option<PathBuf> {
-    if std::env::var(SKIP_PYTHON_VAR).is_ok_and(|v| v == "1") {
-        let warning = format!(
-            "\n!!! {SKIP_PYTHON_VAR}=1: SKIPPING `{test}`; transformers' reading of \
-             compressed-tensors output was NOT checked !!!\n"
-        );
-        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
-        return None;
-    }
-    if let Some(python) = std::env::var_os(PYTHON_VAR) {
-        return Some(PathBuf::from(python));
-    }
-    let script = common::repo_root().join("scripts/python-env.sh");
-    let output = Command::new("bash").arg(&script).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let python = stdout.lines().last().map(str::trim).unwrap_or_default();
-    assert!(
-        output.status.success() && Path::new(python).exists(),
-        "could not install the pinned Python environment with {} ({}):\n{}\nSet \
-         {PYTHON_VAR}=/path/to/python (torch, transformers 5, compressed-tensors) or \
-         {SKIP_PYTHON_VAR}=1 to skip this test.",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(PathBuf::from(python))
+    common::external_tool(
+        &common::ExternalTool {
+            skip_var: SKIP_PYTHON_VAR,
+            path_var: PYTHON_VAR,
+            script: "scripts/python-env.sh",
+            unchecked: "transformers' reading of compressed-tensors output",
+            usable: |path| path.exists(),
+        },
+        test,
+    )
 }
 
 /// transformers' fused expert tensors of `ours` (a checkpoint rfid-moe reads) for MoE layer

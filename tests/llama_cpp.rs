@@ -25,30 +25,16 @@ const BIN_VAR: &str = "RFID_MOE_LLAMA_CPP_BIN";
 
 /// The directory with llama.cpp's binaries, or None when the user opted out.
 fn llama_cpp(test: &str) -> Option<PathBuf> {
-    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
-        let warning = format!(
-            "\n!!! {SKIP_VAR}=1: SKIPPING the llama.cpp test `{test}`; nothing it covers about \
-             llama.cpp running our GGUF outputs was checked !!!\n"
-        );
-        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
-        return None;
-    }
-    if let Some(dir) = std::env::var_os(BIN_VAR) {
-        return Some(PathBuf::from(dir));
-    }
-    let script = common::repo_root().join("scripts/llama-cpp.sh");
-    let output = Command::new("bash").arg(&script).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let dir = stdout.lines().last().map(str::trim).unwrap_or_default();
-    assert!(
-        output.status.success() && Path::new(dir).join("llama-perplexity").exists(),
-        "could not build llama.cpp with {} ({}):\n{}\nSet {BIN_VAR}=/dir/with/llama-perplexity \
-         to use another build, or {SKIP_VAR}=1 to skip this test.",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(PathBuf::from(dir))
+    common::external_tool(
+        &common::ExternalTool {
+            skip_var: SKIP_VAR,
+            path_var: BIN_VAR,
+            script: "scripts/llama-cpp.sh",
+            unchecked: "llama.cpp running our GGUF outputs",
+            usable: |dir| dir.join("llama-perplexity").exists(),
+        },
+        test,
+    )
 }
 
 /// llama.cpp's perplexity of `gguf` on `text` in chunks of `ctx` tokens (their second halves

@@ -42,32 +42,16 @@ const TOLERANCE: f32 = 1e-4;
 
 /// The Python to use, or None when the user opted out (`test` names the test skipped).
 fn pinned_python(test: &str) -> Option<PathBuf> {
-    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
-        // Written to the process's stderr directly: the harness hides `eprintln!` of passing tests.
-        let warning = format!(
-            "\n!!! {SKIP_VAR}=1: SKIPPING the transformers test `{test}`; nothing it covers \
-             about reading our outputs in transformers was checked !!!\n"
-        );
-        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
-        return None;
-    }
-    if let Some(python) = std::env::var_os(PYTHON_VAR) {
-        return Some(PathBuf::from(python));
-    }
-    let script = common::repo_root().join("scripts/python-env.sh");
-    let output = Command::new("bash").arg(&script).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let python = stdout.lines().last().map(str::trim).unwrap_or_default();
-    assert!(
-        output.status.success() && Path::new(python).exists(),
-        "could not install the pinned Python environment with {} ({}):\n{}\n\
-         Set {PYTHON_VAR}=/path/to/python (torch + transformers 5) to use another one, or \
-         {SKIP_VAR}=1 to skip this test.",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(PathBuf::from(python))
+    common::external_tool(
+        &common::ExternalTool {
+            skip_var: SKIP_VAR,
+            path_var: PYTHON_VAR,
+            script: "scripts/python-env.sh",
+            unchecked: "reading our outputs in transformers",
+            usable: |path| path.exists(),
+        },
+        test,
+    )
 }
 
 /// Deterministic token windows `input_ids` (i64 [windows, seq]) below `vocab`, written to `path`.

@@ -111,14 +111,6 @@ pub fn write_with(source: &Checkpoint, out: &Path, options: &WriteOptions) -> Re
     result
 }
 
-/// Files of a staged rfid-moe checkpoint that the compressed-tensors files replace.
-fn replaced_on_conversion(name: &str) -> bool {
-    name.ends_with(".safetensors")
-        || name == INDEX_FILE
-        || name == CONFIG_FILE
-        || name.ends_with(".py")
-}
-
 /// Rewrites the complete rfid-moe checkpoint staged in `dir` as compressed-tensors in the same
 /// directory: written beside it first (a subdirectory), then the staged weights and config are
 /// replaced by the new ones; the report, settings, card and tokenizer stay.
@@ -130,17 +122,7 @@ pub fn convert_staged(dir: &Path) -> Result<()> {
     std::fs::create_dir(&beside).map_err(|e| Error::io(&beside, e))?;
     write(&Checkpoint::open(dir)?, &beside)?;
     crate::safety::staging::fault_point("finish:compressed-tensors-written");
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        if path.is_file() && replaced_on_conversion(&name) {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        }
-    }
+    super::remove_staged_checkpoint(dir)?;
     for entry in std::fs::read_dir(&beside).map_err(|e| Error::io(&beside, e))? {
         let from = entry.map_err(|e| Error::io(&beside, e))?.path();
         let to = dir.join(from.file_name().unwrap_or_default());

@@ -380,3 +380,53 @@ pub fn mini_ids() -> candle_core::Tensor {
     let ids: Vec<i64> = stream[..4 * 128].iter().map(|&t| t as i64).collect();
     candle_core::Tensor::from_vec(ids, (4, 128), &candle_core::Device::Cpu).unwrap()
 }
+
+/// An installation a test needs from outside the repository (a pinned Python environment, a
+/// llama.cpp build), made by a script on first use.
+pub struct ExternalTool {
+    /// Set to `1`, the test is skipped, loudly.
+    pub skip_var: &'static str,
+    /// Names an existing installation to use instead of the script's.
+    pub path_var: &'static str,
+    /// The script (relative to the repository) that installs it and prints its path last.
+    pub script: &'static str,
+    /// What a skip leaves unchecked, for the warning.
+    pub unchecked: &'static str,
+    /// Whether a path the script printed is a usable installation.
+    pub usable: fn(&Path) -> bool,
+}
+
+/// The installation's path, or None when the user opted out (`test` names the test skipped);
+/// fails the test when it cannot be installed.
+pub fn external_tool(tool: &ExternalTool, test: &str) -> Option<PathBuf> {
+    if std::env::var(tool.skip_var).is_ok_and(|v| v == "1") {
+        // Written to the process's stderr directly: the harness hides `eprintln!` of passing tests.
+        let warning = format!(
+            "\n!!! {}=1: SKIPPING `{test}`; {} was NOT checked !!!\n",
+            tool.skip_var, tool.unchecked
+        );
+        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
+        return None;
+    }
+    if let Some(path) = std::env::var_os(tool.path_var) {
+        return Some(PathBuf::from(path));
+    }
+    let script = repo_root().join(tool.script);
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = PathBuf::from(stdout.lines().last().map(str::trim).unwrap_or_default());
+    assert!(
+        output.status.success() && (tool.usable)(&path),
+        "could not install with {} ({}):\n{}\nSet {}=PATH to use another installation, or {}=1 \
+         to skip this test.",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        tool.path_var,
+        tool.skip_var
+    );
+    Some(path)
+}

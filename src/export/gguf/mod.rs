@@ -134,34 +134,15 @@ fn write_file(source: &Checkpoint, tmp: &Path, header: &[u8], plan: &[Planned]) 
     Ok(total)
 }
 
-/// Files of a staged rfid-moe checkpoint that the GGUF replaces (the tokenizer files, the
-/// report, the settings and the card stay beside it).
-fn replaced_by_gguf(name: &str) -> bool {
-    name.ends_with(".safetensors")
-        || name == crate::checkpoint::INDEX_FILE
-        || name == crate::checkpoint::CONFIG_FILE
-        || name.ends_with(".py")
-}
-
 /// Rewrites the complete rfid-moe checkpoint staged in `dir` as [`names::GGUF_FILE`] in the same
-/// directory, then removes what the GGUF replaces.
+/// directory, then removes the staged checkpoint it replaces.
 pub fn convert_staged(dir: &Path, options: GgufOptions) -> Result<GgufSummary> {
     let summary = {
         let staged = Checkpoint::open(dir)?;
         write(&staged, &dir.join(names::GGUF_FILE), options)?
     };
     crate::safety::staging::fault_point("finish:gguf-written");
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        if path.is_file() && replaced_by_gguf(&name) {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        }
-    }
+    super::remove_staged_checkpoint(dir)?;
     crate::safety::staging::sync_parent(&dir.join(names::GGUF_FILE))?;
     Ok(summary)
 }
