@@ -503,20 +503,7 @@ fn transformers_loads_the_output_without_remote_code() {
         "cases": cases.iter().map(|(n, d, _)| json!({"name": n, "dir": d})).collect::<Vec<_>>(),
     });
     std::fs::write(work.join("job.json"), job.to_string()).unwrap();
-    let driver = common::repo_root().join("tests/ct_transformers.py");
-    let output = Command::new(&python)
-        .arg(&driver)
-        .arg(work.join("job.json"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} failed:\n{}",
-        driver.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_python_driver(&python, "tests/ct_transformers.py", &work.join("job.json"));
     let results: Value =
         serde_json::from_slice(&std::fs::read(work.join("py.json")).unwrap()).unwrap();
     let tensors =
@@ -633,19 +620,7 @@ fn vllm_scores_the_output_as_rfid_moe_does() {
         });
         let job_path = work.join(format!("{name}-job.json"));
         std::fs::write(&job_path, job.to_string()).unwrap();
-        let driver = common::repo_root().join("tests/ct_vllm.py");
-        let run = Command::new(&python)
-            .arg(&driver)
-            .arg(&job_path)
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}:\n{}",
-            driver.display(),
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let run = common::run_python_driver(&python, "tests/ct_vllm.py", &job_path);
         let result: Value =
             serde_json::from_slice(&std::fs::read(work.join(format!("{name}.json"))).unwrap())
                 .unwrap();

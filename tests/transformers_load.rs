@@ -16,7 +16,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use rfid_moe::checkpoint::experts::ExpertMatrix;
@@ -217,21 +216,7 @@ fn run_python(
 fn run_driver(python: &Path, work: &Path, job: &Value) {
     let job_path = work.join("job.json");
     std::fs::write(&job_path, serde_json::to_vec(job).unwrap()).unwrap();
-    let driver = common::repo_root().join("tests/transformers_load.py");
-    let output = Command::new(python)
-        .arg(&driver)
-        .arg(&job_path)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_MODULES_CACHE", work.join("hf-modules"))
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} failed:\n{}",
-        driver.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_python_driver(python, "tests/transformers_load.py", &job_path);
 }
 
 fn check_case(case: &Case, result: &Value, python_logits: Option<&Tensor>, ids: &Tensor) {

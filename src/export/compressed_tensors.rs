@@ -637,10 +637,7 @@ fn output_config(source: &Checkpoint, plan: &Plan) -> Result<Value> {
     object.remove(COMPRESSION_KEY);
     object.remove("auto_map");
     object.insert("model_type".into(), json!(family.model_type()));
-    let architecture = format!(
-        "{}ForCausalLM",
-        crate::pipeline::hf_compat::class_stem(family)
-    );
+    let architecture = crate::pipeline::hf_compat::family_architecture(family);
     object.insert("architectures".into(), json!([architecture]));
     if !plan.targets.is_empty() {
         object.insert("quantization_config".into(), quantization_config(plan));

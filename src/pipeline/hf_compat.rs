@@ -26,7 +26,7 @@ pub const MODELING_SOURCE: &str = include_str!("../../python/modeling_rfid_moe.p
 pub const BASE_MODEL_TYPE_KEY: &str = "base_model_type";
 
 /// The transformers class-name stem of `family` (`Qwen3Moe` for `Qwen3MoeForCausalLM`).
-pub(crate) fn class_stem(family: Family) -> &'static str {
+fn class_stem(family: Family) -> &'static str {
     match family {
         Family::Mixtral => "Mixtral",
         Family::Qwen2Moe => "Qwen2Moe",
@@ -35,6 +35,11 @@ pub(crate) fn class_stem(family: Family) -> &'static str {
         Family::DeepseekV2 => "DeepseekV2",
         Family::DeepseekV3 => "DeepseekV3",
     }
+}
+
+/// The family's own transformers class (`Qwen3MoeForCausalLM`).
+pub(crate) fn family_architecture(family: Family) -> String {
+    format!("{}ForCausalLM", class_stem(family))
 }
 
 /// Names the family's transformers class in `config`'s `architectures` when it names none (the
@@ -50,7 +55,7 @@ pub fn name_architectures(config: &mut Value) {
         .and_then(Value::as_str)
         .and_then(Family::from_model_type);
     if let (false, Some(family)) = (named, family) {
-        config["architectures"] = json!([format!("{}ForCausalLM", class_stem(family))]);
+        config["architectures"] = json!([family_architecture(family)]);
     }
 }
 

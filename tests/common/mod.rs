@@ -430,3 +430,25 @@ pub fn external_tool(tool: &ExternalTool, test: &str) -> Option<PathBuf> {
     );
     Some(path)
 }
+
+/// Runs the Python test driver `driver` (relative to the repository) on the job file
+/// `job_path` with the Hub offline, failing with its stderr if it fails; returns its output.
+pub fn run_python_driver(python: &Path, driver: &str, job_path: &Path) -> std::process::Output {
+    let driver = repo_root().join(driver);
+    let work = job_path.parent().unwrap_or(Path::new("."));
+    let output = std::process::Command::new(python)
+        .arg(&driver)
+        .arg(job_path)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_MODULES_CACHE", work.join("hf-modules"))
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}",
+        driver.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}

@@ -172,16 +172,21 @@ fn refuse_factored(source: &Checkpoint) -> Result<()> {
 /// The GGUF float type of a stored tensor: as stored, FP8 widened to bf16, and F32 where
 /// llama.cpp's converter keeps F32 (vectors, norms, routers, biases).
 fn float_type(stored: StoredDType, gguf_name: &str, rank: usize) -> TensorType {
-    let always_f32 = rank <= 1
-        || gguf_name.ends_with("_norm.weight")
-        || gguf_name.contains(".ffn_gate_inp")
-        || !gguf_name.ends_with(".weight");
     match stored {
-        _ if always_f32 => TensorType::F32,
+        _ if stays_f32(gguf_name, rank) => TensorType::F32,
         StoredDType::F16 => TensorType::F16,
         StoredDType::F32 => TensorType::F32,
         _ => TensorType::BF16,
     }
+}
+
+/// Whether llama.cpp's converter keeps a tensor in F32 whatever the rest: vectors, norms,
+/// routers and biases.
+fn stays_f32(gguf_name: &str, rank: usize) -> bool {
+    rank <= 1
+        || gguf_name.ends_with("_norm.weight")
+        || gguf_name.contains(".ffn_gate_inp")
+        || !gguf_name.ends_with(".weight")
 }
 
 fn plan_tensors(
@@ -235,18 +240,13 @@ fn plan_tensors(
 /// whole blocks (the rearranged ones, rebuilt in memory, stay float).
 fn round_to(planned: &mut Planned, kind: crate::quant::GgmlKind) {
     let entry = &planned.entry;
-    let float_weight = matches!(entry.kind, TensorType::BF16 | TensorType::F16)
-        || (entry.kind == TensorType::F32 && entry.dims.len() == 2);
     let cols = entry.dims.first().copied().unwrap_or(0) as usize;
-    let keeps_f32 = entry.dims.len() != 2
-        || entry.name.ends_with("_norm.weight")
-        || entry.name.contains(".ffn_gate_inp")
-        || !entry.name.ends_with(".weight");
+    let matrix = entry.dims.len() == 2 && !stays_f32(&entry.name, 2);
     let name = match &planned.source {
         Source::Copy(n) | Source::Convert(n) => n.clone(),
         _ => return,
     };
-    if float_weight && !keeps_f32 && cols % kind.block_columns() == 0 {
+    if matrix && cols % kind.block_columns() == 0 {
         planned.entry.kind = TensorType::Block(kind);
         planned.source = Source::Rounded(name);
     }
@@ -322,10 +322,14 @@ fn plan_kv_b(
 ) -> Result<Vec<Planned>> {
     let (heads, nope, v) = kv_b_dims(source.config(), name, shape)?;
     let lora = shape[1];
-    let layer_prefix = names::gguf_name(name)
-        .and_then(|g| g.rsplit_once('.').map(|(p, _)| p.to_string()))
-        .and_then(|p| p.rsplit_once('.').map(|(p, _)| p.to_string()))
-        .unwrap_or_default();
+    let layer_prefix = match names::split_layer(name, "model.layers.") {
+        Some((Some(layer), _)) => format!("blk.{layer}"),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "tensor `{name}` is not inside a decoder layer"
+            )))
+        }
+    };
     Ok(vec![
         Planned {
             entry: TensorEntry::new(

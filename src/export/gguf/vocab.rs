@@ -101,7 +101,7 @@ pub fn tokenizer_metadata(
     vocab_size: usize,
     model_config: &Value,
 ) -> Result<Vec<(String, MetaValue)>> {
-    let path = dir.join("tokenizer.json");
+    let path = dir.join(crate::text::TOKENIZER_FILE);
     if !path.is_file() {
         return Err(Error::InvalidArgument(format!(
             "{}: missing; a GGUF carries the vocabulary (llama.cpp cannot run without it)",
@@ -109,108 +109,26 @@ pub fn tokenizer_metadata(
         )));
     }
     let json = crate::checkpoint::read_json(&path)?;
-    let model = json.get("model").cloned().unwrap_or(Value::Null);
-    let model_kind = model.get("type").and_then(Value::as_str).unwrap_or("none");
-    if model_kind != "BPE" || model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
-        return Err(unsupported(
-            &path,
-            format!(
-                "its model is `{model_kind}` (byte fallback: {})",
-                model.get("byte_fallback").unwrap_or(&Value::Null)
-            ),
-        ));
-    }
+    let model = byte_level_bpe(&path, &json)?;
     let pre = pre_tokenizer_name(&path, json.get("pre_tokenizer").unwrap_or(&Value::Null))?;
-    let vocab = model
-        .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or_else(|| unsupported(&path, "`model.vocab` is not a table of tokens".into()))?;
-    let added = json
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let count = vocab
-        .values()
-        .chain(added.iter().filter_map(|t| t.get("id")))
-        .filter_map(Value::as_u64)
-        .map(|id| id as usize + 1)
-        .max()
-        .unwrap_or(0)
-        .max(vocab_size);
-    let mut tokens: Vec<Option<String>> = vec![None; count];
-    let mut types = vec![NORMAL; count];
-    for (text, id) in vocab {
-        if let Some(id) = id.as_u64() {
-            tokens[id as usize] = Some(text.clone());
-        }
-    }
-    for token in &added {
-        let (Some(id), Some(text)) = (
-            token.get("id").and_then(Value::as_u64),
-            token.get("content").and_then(Value::as_str),
-        ) else {
-            continue;
-        };
-        let special = token
-            .get("special")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        tokens[id as usize] = Some(text.to_string());
-        types[id as usize] = if special { CONTROL } else { USER_DEFINED };
-    }
-    let tokens: Vec<String> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            t.unwrap_or_else(|| {
-                types[i] = UNUSED;
-                format!("[PAD{i}]")
-            })
-        })
-        .collect();
-    let merges = merges(&path, &model)?;
+    let (tokens, types) = token_table(&path, &json, model, vocab_size)?;
+    let merges = merges(&path, model)?;
     let config_path = dir.join("tokenizer_config.json");
     let tokenizer_config = match config_path.is_file() {
         true => crate::checkpoint::read_json(&config_path)?,
         false => Value::Null,
     };
+    let specials = special_ids(dir, &tokens, &tokenizer_config, model_config)?;
     let mut out = vec![
         (
             "tokenizer.ggml.model".to_string(),
             MetaValue::Str("gpt2".into()),
         ),
         ("tokenizer.ggml.pre".to_string(), MetaValue::Str(pre.into())),
+        ("tokenizer.ggml.tokens".into(), MetaValue::Strings(tokens)),
+        ("tokenizer.ggml.token_type".into(), MetaValue::I32s(types)),
+        ("tokenizer.ggml.merges".into(), MetaValue::Strings(merges)),
     ];
-    let mut specials = Vec::new();
-    for (key, ggml, config_key) in [
-        ("bos_token", "bos_token_id", "bos_token_id"),
-        ("eos_token", "eos_token_id", "eos_token_id"),
-        ("unk_token", "unknown_token_id", ""),
-        ("pad_token", "padding_token_id", "pad_token_id"),
-    ] {
-        let id = token_id(&tokens, &tokenizer_config, key).or_else(|| {
-            model_config
-                .get(config_key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-        });
-        match id {
-            Some(id) if id as usize >= tokens.len() => {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the {key} id {id} is outside the vocabulary of {} tokens (llama.cpp \
-                     refuses such a file)",
-                    dir.display(),
-                    tokens.len()
-                )))
-            }
-            Some(id) => specials.push((format!("tokenizer.ggml.{ggml}"), MetaValue::U32(id))),
-            None => {}
-        }
-    }
-    out.push(("tokenizer.ggml.tokens".into(), MetaValue::Strings(tokens)));
-    out.push(("tokenizer.ggml.token_type".into(), MetaValue::I32s(types)));
-    out.push(("tokenizer.ggml.merges".into(), MetaValue::Strings(merges)));
     out.extend(specials);
     for key in ["add_bos_token", "add_eos_token"] {
         let add = tokenizer_config
@@ -229,6 +147,115 @@ pub fn tokenizer_metadata(
         ));
     }
     Ok(out)
+}
+
+/// The `model` section of a byte-level BPE `tokenizer.json` (refusing any other kind).
+fn byte_level_bpe<'a>(path: &Path, json: &'a Value) -> Result<&'a Value> {
+    let model = json.get("model").unwrap_or(&Value::Null);
+    let kind = model.get("type").and_then(Value::as_str).unwrap_or("none");
+    let byte_fallback = model.get("byte_fallback").unwrap_or(&Value::Null);
+    if kind != "BPE" || byte_fallback.as_bool() == Some(true) {
+        return Err(unsupported(
+            path,
+            format!("its model is `{kind}` (byte fallback: {byte_fallback})"),
+        ));
+    }
+    Ok(model)
+}
+
+/// Every token by id (at least `vocab_size` of them, unfilled ids as unused `[PADn]`) and its
+/// llama.cpp type: control for special added tokens, user-defined for other added ones.
+fn token_table(
+    path: &Path,
+    json: &Value,
+    model: &Value,
+    vocab_size: usize,
+) -> Result<(Vec<String>, Vec<i32>)> {
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| unsupported(path, "`model.vocab` is not a table of tokens".into()))?;
+    let added: &[Value] = json
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let count = vocab
+        .values()
+        .chain(added.iter().filter_map(|t| t.get("id")))
+        .filter_map(Value::as_u64)
+        .map(|id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(vocab_size);
+    let mut tokens: Vec<Option<String>> = vec![None; count];
+    let mut types = vec![NORMAL; count];
+    for (text, id) in vocab {
+        if let Some(id) = id.as_u64() {
+            tokens[id as usize] = Some(text.clone());
+        }
+    }
+    for token in added {
+        let (Some(id), Some(text)) = (
+            token.get("id").and_then(Value::as_u64),
+            token.get("content").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let special = token
+            .get("special")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        tokens[id as usize] = Some(text.to_string());
+        types[id as usize] = if special { CONTROL } else { USER_DEFINED };
+    }
+    let tokens = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = UNUSED;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    Ok((tokens, types))
+}
+
+/// The bos/eos/unk/padding ids (from `tokenizer_config.json`'s tokens, else `config.json`'s
+/// ids), each checked against the vocabulary.
+fn special_ids(
+    dir: &Path,
+    tokens: &[String],
+    tokenizer_config: &Value,
+    model_config: &Value,
+) -> Result<Vec<(String, MetaValue)>> {
+    let mut specials = Vec::new();
+    for (key, ggml, config_key) in [
+        ("bos_token", "bos_token_id", "bos_token_id"),
+        ("eos_token", "eos_token_id", "eos_token_id"),
+        ("unk_token", "unknown_token_id", ""),
+        ("pad_token", "padding_token_id", "pad_token_id"),
+    ] {
+        let id = token_id(tokens, tokenizer_config, key).or_else(|| {
+            model_config
+                .get(config_key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        });
+        match id {
+            Some(id) if id as usize >= tokens.len() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the {key} id {id} is outside the vocabulary of {} tokens (llama.cpp \
+                     refuses such a file)",
+                    dir.display(),
+                    tokens.len()
+                )))
+            }
+            Some(id) => specials.push((format!("tokenizer.ggml.{ggml}"), MetaValue::U32(id))),
+            None => {}
+        }
+    }
+    Ok(specials)
 }
 
 /// The merges as `"left right"` strings (tokenizer.json holds either form).
