@@ -124,6 +124,13 @@ pub trait Method<B: LinalgBackend>: Send + Sync {
         Ok(())
     }
 
+    /// Whether [`Self::settle`] needs only the offers, so that it can settle offers another
+    /// process made (a split run's solve step); false when it relies on what its own
+    /// [`Self::offer`] kept.
+    fn settles_from_offers(&self) -> bool {
+        true
+    }
+
     /// The stored tensors of its candidates the solver chose in this layer.
     fn apply(&self, layer: &LayerContext<B>, chosen: &[Candidate]) -> Result<Vec<UnitOutput>>;
 

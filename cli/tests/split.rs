@@ -1,0 +1,310 @@
+//! A compression split into units (`compress --plan`, `--unit N`, `--solve`, `--merge`) through
+//! the `rfid-moe` binary: the merged output equals a single-process run's byte for byte (the
+//! bundled model with a model-wide and a per-layer budget, a fused-expert and a DeepSeek
+//! fixture), whatever order the units run in and after a unit is killed; a step of other options,
+//! a damaged input and an unfinished unit are refused by name.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A writable copy of a model, the compress arguments for it and the output path.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    args: Vec<String>,
+    out: PathBuf,
+}
+
+impl Setup {
+    /// The bundled model with its calibration text (4 layers, a few windows).
+    fn bundled() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let model = root.join("mini");
+        common::copy_dir(&common::mini_model(), &model);
+        let calibration = model.join("calibration.txt");
+        Self::with_model(tmp, &model, &calibration)
+    }
+
+    /// A fixture model (made by `make`, given the temporary root) calibrated on random tokens.
+    fn fixture(make: impl FnOnce(&Path) -> PathBuf) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = make(tmp.path());
+        let vocab = common::read_config(&model)["vocab_size"].as_u64().unwrap() as u32;
+        let calibration = common::random_token_windows(
+            &tmp.path().join("calibration.safetensors"),
+            vocab,
+            8,
+            32,
+            7,
+        );
+        Self::with_model(tmp, &model, &calibration)
+    }
+
+    fn with_model(tmp: tempfile::TempDir, model: &Path, calibration: &Path) -> Self {
+        let root = tmp.path().to_path_buf();
+        let args = [
+            "compress",
+            "--quiet",
+            "--samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--model",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            model.display().to_string(),
+            "--calibration".into(),
+            calibration.display().to_string(),
+            "--out".into(),
+            root.join("out").display().to_string(),
+        ])
+        .collect();
+        Self {
+            out: root.join("out"),
+            root,
+            args,
+            _tmp: tmp,
+        }
+    }
+
+    fn command(&self, extra: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rfid-moe"));
+        command
+            .args(&self.args)
+            .args(extra)
+            .env_remove("RFID_MOE_FAULT_INJECT");
+        command
+    }
+
+    fn run(&self, extra: &[&str]) -> Output {
+        self.command(extra).output().unwrap()
+    }
+
+    fn ok(&self, extra: &[&str]) -> Output {
+        let output = self.run(extra);
+        assert!(
+            output.status.success(),
+            "{extra:?} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    fn refused(&self, extra: &[&str]) -> String {
+        let output = self.run(extra);
+        assert!(!output.status.success(), "{extra:?} was not refused");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// A single-process run of `extra`, moved aside so that the split run writes the same path.
+    fn reference(&self, extra: &[&str]) -> PathBuf {
+        self.ok(extra);
+        let reference = self.root.join("reference");
+        std::fs::rename(&self.out, &reference).unwrap();
+        reference
+    }
+
+    fn status(&self, extra: &[&str]) -> serde_json::Value {
+        let mut with_status = extra.to_vec();
+        with_status.push("--status");
+        let output = self.ok(&with_status);
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Runs the split run's steps as a driver does, by `--status`, each wave's units in reverse
+    /// order; returns the steps run.
+    fn drive(&self, extra: &[&str]) -> Vec<String> {
+        let mut steps = Vec::new();
+        loop {
+            let status = self.status(extra);
+            let next = status["next"].as_str().unwrap().to_string();
+            let mut pending: Vec<u64> = status["pending"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_u64().unwrap())
+                .collect();
+            pending.reverse();
+            match next.as_str() {
+                "done" => return steps,
+                "offer" | "apply" => {
+                    for unit in pending {
+                        let unit = unit.to_string();
+                        self.ok(&[extra, &["--unit", &unit]].concat());
+                        steps.push(format!("{next} {unit}"));
+                    }
+                }
+                step => {
+                    self.ok(&[extra, &[&format!("--{step}")]].concat());
+                    steps.push(step.to_string());
+                }
+            }
+            assert!(steps.len() < 64, "the run does not converge: {steps:?}");
+        }
+    }
+}
+
+/// Every file under `dir` (relative path → bytes).
+fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    files
+}
+
+fn assert_same_files(reference: &Path, out: &Path) {
+    let (expected, found) = (tree(reference), tree(out));
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        found.keys().collect::<Vec<_>>(),
+        "the merged output holds other files"
+    );
+    for (name, bytes) in &expected {
+        assert!(
+            found[name] == *bytes,
+            "{} differs from the single-process run's",
+            name.display()
+        );
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_split_run_of_the_bundled_model_equals_one_process_byte_for_byte() {
+    let setup = Setup::bundled();
+    let reference = setup.reference(&[]);
+    setup.ok(&["--plan", "--units", "3"]);
+    let status = setup.status(&[]);
+    assert_eq!(
+        status["unit_layers"],
+        serde_json::json!([[0, 2], [2, 3], [3, 4]])
+    );
+    assert_eq!(status["scope"], "model");
+    let steps = setup.drive(&[]);
+    assert_eq!(
+        steps,
+        ["offer 2", "offer 1", "offer 0", "solve", "apply 2", "apply 1", "apply 0", "merge"]
+    );
+    assert_same_files(&reference, &setup.out);
+    // The units' inputs and files are gone; the plan and the merge's record stay.
+    let run = setup.root.join("out.run");
+    assert_eq!(names(&run), ["merged.json", "run.json"]);
+    assert_eq!(common::staging_leftovers(&setup.out), Vec::<String>::new());
+    assert_eq!(setup.status(&[])["next"], "done");
+    // A finished run's steps change nothing.
+    setup.ok(&["--merge"]);
+    assert_same_files(&reference, &setup.out);
+}
+
+#[test]
+fn a_per_layer_budget_splits_without_a_solve_and_a_killed_unit_resumes() {
+    let setup = Setup::bundled();
+    let layer = ["--budget-scope", "layer"];
+    let reference = setup.reference(&layer);
+    setup.ok(&[&layer[..], &["--plan", "--units", "2"]].concat());
+    assert!(setup
+        .refused(&[&layer[..], &["--solve"]].concat())
+        .contains("nothing to solve"));
+    // Unit 0 (layers 0–1) dies right after committing layer 0.
+    let killed = setup
+        .command(&[&layer[..], &["--unit", "0"]].concat())
+        .env("RFID_MOE_FAULT_INJECT", "layer-committed:0")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success());
+    let status = setup.status(&layer);
+    assert_eq!(status["next"], "apply");
+    assert_eq!(status["pending"], serde_json::json!([0, 1]));
+    let merge_early = setup.refused(&[&layer[..], &["--merge"]].concat());
+    assert!(
+        merge_early.contains("unit 0 (layers 0–1: 1 finished") && merge_early.contains("unit 1"),
+        "{merge_early}"
+    );
+    let steps = setup.drive(&layer);
+    assert_eq!(steps, ["apply 1", "apply 0", "merge"]);
+    assert_same_files(&reference, &setup.out);
+}
+
+#[test]
+fn a_fused_expert_fixture_and_a_deepseek_fixture_split_like_one_process() {
+    let fused = Setup::fixture(|root| {
+        common::fused_copy(
+            &common::fixture("tiny-qwen3_moe"),
+            &root.join("fused"),
+            false,
+        )
+    });
+    let deepseek = Setup::fixture(|root| {
+        let model = root.join("deepseek");
+        common::copy_dir(&common::fixture("tiny-deepseek_v3"), &model);
+        model
+    });
+    for setup in [fused, deepseek] {
+        let reference = setup.reference(&[]);
+        setup.ok(&["--plan", "--units", "8"]);
+        let layers = common::read_config(&reference)["num_hidden_layers"]
+            .as_u64()
+            .unwrap() as usize;
+        assert_eq!(setup.status(&[])["units"], layers);
+        setup.drive(&[]);
+        assert_same_files(&reference, &setup.out);
+    }
+}
+
+#[test]
+fn steps_of_other_options_a_damaged_input_and_a_missing_unit_are_refused_by_name() {
+    let setup = Setup::bundled();
+    setup.ok(&["--plan", "--units", "2"]);
+    let other = setup.refused(&["--ratio", "0.5", "--unit", "0"]);
+    assert!(
+        other.contains("is a split run of a different") && other.contains("budget.ratio"),
+        "{other}"
+    );
+    assert!(setup
+        .refused(&["--unit", "2"])
+        .contains("there is no unit 2"));
+    assert!(setup
+        .refused(&["--solve"])
+        .contains("units 0, 1 have not saved their offers"));
+    let input = setup.root.join("out.run/inputs/unit-0001.safetensors");
+    let mut bytes = std::fs::read(&input).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&input, bytes).unwrap();
+    let damaged = setup.refused(&["--unit", "1"]);
+    assert!(
+        damaged.contains("unit-0001.safetensors is not the input the plan step wrote for unit 1"),
+        "{damaged}"
+    );
+    assert!(setup
+        .refused(&["--dry-run", "--plan"])
+        .contains("a split run writes its output"));
+    assert!(setup
+        .refused(&["--run", "elsewhere"])
+        .contains("add the step"));
+}
