@@ -218,6 +218,8 @@ fn a_split_run_of_the_bundled_model_equals_one_process_byte_for_byte() {
     assert_eq!(setup.status(&[])["next"], "done");
     // A finished run's steps change nothing.
     setup.ok(&["--merge"]);
+    setup.ok(&["--unit", "0"]);
+    assert_eq!(names(&run), ["merged.json", "run.json"]);
     assert_same_files(&reference, &setup.out);
 }
 

@@ -143,9 +143,7 @@ impl Prepared {
         // What is saved (settings file, report, resume manifest) states every method's settings.
         for method in &methods {
             if let Some(settings) = method.resolved_settings() {
-                options
-                    .settings
-                    .insert(method.name().to_string(), settings);
+                options.settings.insert(method.name().to_string(), settings);
             }
         }
         let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
@@ -334,7 +332,13 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         };
         let mut stream = self.statistics_stream(windows, device, progress)?;
         let end = self.num_layers;
-        self.stream_layers(emitter, &mut stream, (&finished, end), model_plans.as_deref(), progress)
+        self.stream_layers(
+            emitter,
+            &mut stream,
+            (&finished, end),
+            model_plans.as_deref(),
+            progress,
+        )
     }
 
     /// Runs the stream's layers up to `end` (exclusive) through the stages and the emitter, after
@@ -379,8 +383,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             task.message(&format!("layer {}", layer.index));
             match layer.data {
                 Some(data) => {
-                    let plan = model_plans
-                        .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
+                    let plan =
+                        model_plans.and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
                     let held_out = layer.held_out.as_ref();
                     self.compress_layer(emitter, (data, held_out), plan, calibrate_seconds)?;
                 }
@@ -452,10 +456,16 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         }
         let mut stream = self.statistics_stream(windows, device, progress)?;
         let mut offers = Vec::new();
-        self.offer_layers(&mut stream, self.num_layers, &|_| false, progress, |offer| {
-            offers.push(offer);
-            Ok(())
-        })?;
+        self.offer_layers(
+            &mut stream,
+            self.num_layers,
+            &|_| false,
+            progress,
+            |offer| {
+                offers.push(offer);
+                Ok(())
+            },
+        )?;
         let plans = self.solve_model(&mut offers)?;
         emitter.save_plans(&plans)?;
         Ok(plans)

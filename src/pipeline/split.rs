@@ -169,31 +169,40 @@ pub fn run_step_with(
         moe: run.moe_layers.iter().map(Option::is_some).collect(),
     };
     let _cooperative = staging::InterruptScope::enter();
-    let mut report = None;
-    match step {
-        SplitStep::Status => {}
-        SplitStep::Plan { units } => split.plan(&mut run, &windows, &device, units, progress)?,
-        SplitStep::Unit(unit) => {
-            let plan = split.read_plan()?;
-            let spec = plan.units.get(unit).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{} has units 0–{}; there is no unit {unit}",
-                    split.dir.display(),
-                    plan.units.len().saturating_sub(1)
-                ))
-            })?;
-            let streams = UnitStreams {
-                windows: &windows,
-                device: &device,
-            };
-            split.run_unit(&mut run, &plan, spec, streams, progress)?;
+    let merged = split.dir.join(MERGED_FILE).is_file();
+    let streams = UnitStreams {
+        windows: &windows,
+        device: &device,
+    };
+    let outcome = match step {
+        SplitStep::Status => Ok(None),
+        // A merged run's units, inputs and offers are gone: nothing is left to redo.
+        _ if merged => split.read_plan().map(|_| {
+            progress.message("run", "the run is merged already; nothing to do");
+            None
+        }),
+        SplitStep::Plan { units } => split
+            .plan(&mut run, streams, units, progress)
+            .map(|()| None),
+        SplitStep::Unit(unit) => split
+            .run_unit(&mut run, unit, streams, progress)
+            .map(|()| None),
+        SplitStep::Solve => split.solve(&run).map(|()| None),
+        SplitStep::Merge => split.merge(run, streams, (calibration_tokens, started)),
+    };
+    let report = match outcome {
+        Err(Error::Interrupted { signal, .. }) => {
+            return Err(Error::Interrupted {
+                signal,
+                resume_hint: format!(
+                    "{} keeps every finished layer and offer; run the same step again to \
+                     continue",
+                    split.dir.display()
+                ),
+            })
         }
-        SplitStep::Solve => split.solve(&run)?,
-        SplitStep::Merge => {
-            let merged = split.merge(run, &windows, &device, (calibration_tokens, started))?;
-            report = merged;
-        }
-    }
+        other => other?,
+    };
     let status = split.status(&run_options_scope(&options))?;
     Ok(StepOutcome { status, report })
 }
@@ -285,8 +294,7 @@ impl SplitRun {
     fn plan<'r>(
         &self,
         run: &mut Run<'r, CpuBackend>,
-        windows: &super::calibrate::SplitWindows,
-        device: &'r candle_core::Device,
+        streams: UnitStreams<'r>,
         units: usize,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -297,7 +305,7 @@ impl SplitRun {
         let inputs = self.dir.join(INPUTS_DIR);
         std::fs::create_dir_all(&inputs).map_err(|e| Error::io(&inputs, e))?;
         let ranges = layer_ranges(run.num_layers, units);
-        let mut stream = run.statistics_stream(windows, device, &Silent)?;
+        let mut stream = run.statistics_stream(streams.windows, streams.device, &Silent)?;
         let task = crate::progress::Task::start(progress, "plan", run.num_layers as u64);
         let mut specs = Vec::new();
         for (unit, range) in ranges.iter().enumerate() {
@@ -338,11 +346,18 @@ impl SplitRun {
     fn run_unit<'r>(
         &self,
         run: &mut Run<'r, CpuBackend>,
-        plan: &RunPlan,
-        spec: &UnitSpec,
+        unit: usize,
         streams: UnitStreams<'r>,
         progress: &dyn Progress,
     ) -> Result<()> {
+        let plan = self.read_plan()?;
+        let spec = plan.units.get(unit).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} has units 0–{}; there is no unit {unit}",
+                self.dir.display(),
+                plan.units.len().saturating_sub(1)
+            ))
+        })?;
         let model_plans = match plan.model_scope {
             true => resume::read_plans(&self.dir.join(PLANS_FILE))?,
             false => None,
@@ -437,18 +452,14 @@ impl SplitRun {
 
     /// The merge step: checks that every unit finished its layers, takes them into the output's
     /// staging directory in order, and finishes the output as a single-process run does; then
-    /// removes the units' inputs and files. Returns None when the run was merged before.
+    /// removes the units' inputs and files.
     fn merge<'r>(
         &self,
         mut run: Run<'r, CpuBackend>,
-        windows: &super::calibrate::SplitWindows,
-        device: &'r candle_core::Device,
+        streams: UnitStreams<'r>,
         (calibration_tokens, started): (usize, Instant),
     ) -> Result<Option<Report>> {
         let plan = self.read_plan()?;
-        if self.dir.join(MERGED_FILE).is_file() {
-            return Ok(None);
-        }
         if plan.model_scope && resume::read_plans(&self.dir.join(PLANS_FILE))?.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "{} is not solved yet: run --solve, then every unit again, before --merge",
@@ -477,7 +488,7 @@ impl SplitRun {
                 run.num_layers
             )));
         }
-        run.compress_layers(&mut emitter, windows, device, &Silent)?;
+        run.compress_layers(&mut emitter, streams.windows, streams.device, &Silent)?;
         let report = run.finish(emitter, calibration_tokens, started)?;
         for dir in [INPUTS_DIR, OFFERS_DIR, UNITS_DIR, PLANS_FILE] {
             staging::remove_path(&self.dir.join(dir));
@@ -487,8 +498,9 @@ impl SplitRun {
         Ok(Some(report))
     }
 
-    /// Every unit's finished layers, each unit's journal verified (and held locked) by its own
-    /// writer; refuses, naming them, units that are not finished.
+    /// Every unit's finished layers, each unit's journal verified by its own writer (under the
+    /// unit's lock, so a unit still running is refused); refuses, naming them, units that are
+    /// not finished.
     fn finished_units(
         &self,
         run: &Run<CpuBackend>,

@@ -206,7 +206,7 @@ pub struct CompressArgs {
 /// The steps of a run split into units that other processes or machines run (every step takes
 /// the same compress flags; docs/SCALE-OUT.md).
 #[derive(Args)]
-#[group(id = "split_step", multiple = false)]
+#[group(skip)]
 pub struct SplitArgs {
     /// Run directory of a split run (shared by every step; default: OUT.run beside --out).
     #[arg(long, value_name = "DIR")]
@@ -236,7 +236,11 @@ pub struct SplitArgs {
 }
 
 /// The environment variables that name a unit, in the order they are read.
-const UNIT_VARIABLES: [&str; 3] = ["RFID_MOE_UNIT", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
+const UNIT_VARIABLES: [&str; 3] = [
+    "RFID_MOE_UNIT",
+    "SLURM_ARRAY_TASK_ID",
+    "JOB_COMPLETION_INDEX",
+];
 
 impl SplitArgs {
     /// The split step asked for, if any.
@@ -267,12 +271,16 @@ impl SplitArgs {
 fn unit_from_env() -> Result<usize> {
     for name in UNIT_VARIABLES {
         if let Ok(value) = std::env::var(name) {
-            return value.trim().parse().map_err(|_| {
-                anyhow::anyhow!("{name}={value:?} is not a unit number (0, 1, …)")
-            });
+            return value
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{name}={value:?} is not a unit number (0, 1, …)"));
         }
     }
-    bail!("--unit-from-env: none of {} is set", UNIT_VARIABLES.join(", "))
+    bail!(
+        "--unit-from-env: none of {} is set",
+        UNIT_VARIABLES.join(", ")
+    )
 }
 
 fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
@@ -554,7 +562,11 @@ fn run_split_step(args: &CompressArgs, options: &CompressOptions, step: SplitSte
             None => "nothing: merged".to_string(),
         },
     };
-    println!("{}: {} unit(s); next: {next}", run_dir.display(), status.units);
+    println!(
+        "{}: {} unit(s); next: {next}",
+        run_dir.display(),
+        status.units
+    );
     Ok(())
 }
 
