@@ -1,13 +1,12 @@
 //! A compression split into units (`compress --plan`, `--unit N`, `--solve`, `--merge`) through
 //! the `rfid-moe` binary: the merged output equals a single-process run's byte for byte (the
 //! bundled model with a model-wide and a per-layer budget, a fused-expert and a DeepSeek
-//! fixture), whatever order the units run in and after a unit is killed; a step of other options,
-//! a damaged input and an unfinished unit are refused by name.
+//! fixture), whatever order the units run in and after a unit is killed in either wave; a step
+//! of other options, a damaged input and an unfinished unit are refused by name.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -151,40 +150,6 @@ impl Setup {
     }
 }
 
-/// Every file under `dir` (relative path → bytes).
-fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(at) = stack.pop() {
-        for entry in std::fs::read_dir(&at).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
-            }
-        }
-    }
-    files
-}
-
-fn assert_same_files(reference: &Path, out: &Path) {
-    let (expected, found) = (tree(reference), tree(out));
-    assert_eq!(
-        expected.keys().collect::<Vec<_>>(),
-        found.keys().collect::<Vec<_>>(),
-        "the merged output holds other files"
-    );
-    for (name, bytes) in &expected {
-        assert!(
-            found[name] == *bytes,
-            "{} differs from the single-process run's",
-            name.display()
-        );
-    }
-}
-
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -205,12 +170,21 @@ fn a_split_run_of_the_bundled_model_equals_one_process_byte_for_byte() {
         serde_json::json!([[0, 2], [2, 3], [3, 4]])
     );
     assert_eq!(status["scope"], "model");
+    // Unit 0 (layers 0–1) dies after saving layer 0's offer; its rerun keeps that offer.
+    let killed = setup
+        .command(&["--unit", "0"])
+        .env("RFID_MOE_FAULT_INJECT", "offered:0")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success());
+    assert!(setup.root.join("out.run/offers/layer-00000.json").is_file());
+    assert!(!setup.root.join("out.run/offers/layer-00001.json").exists());
     let steps = setup.drive(&[]);
     assert_eq!(
         steps,
         ["offer 2", "offer 1", "offer 0", "solve", "apply 2", "apply 1", "apply 0", "merge"]
     );
-    assert_same_files(&reference, &setup.out);
+    common::assert_same_files(&reference, &setup.out);
     // The units' inputs and files are gone; the plan and the merge's record stay.
     let run = setup.root.join("out.run");
     assert_eq!(names(&run), ["merged.json", "run.json"]);
@@ -220,7 +194,7 @@ fn a_split_run_of_the_bundled_model_equals_one_process_byte_for_byte() {
     setup.ok(&["--merge"]);
     setup.ok(&["--unit", "0"]);
     assert_eq!(names(&run), ["merged.json", "run.json"]);
-    assert_same_files(&reference, &setup.out);
+    common::assert_same_files(&reference, &setup.out);
 }
 
 #[test]
@@ -249,7 +223,7 @@ fn a_per_layer_budget_splits_without_a_solve_and_a_killed_unit_resumes() {
     );
     let steps = setup.drive(&layer);
     assert_eq!(steps, ["apply 1", "apply 0", "merge"]);
-    assert_same_files(&reference, &setup.out);
+    common::assert_same_files(&reference, &setup.out);
 }
 
 #[test]
@@ -274,7 +248,7 @@ fn a_fused_expert_fixture_and_a_deepseek_fixture_split_like_one_process() {
             .unwrap() as usize;
         assert_eq!(setup.status(&[])["units"], layers);
         setup.drive(&[]);
-        assert_same_files(&reference, &setup.out);
+        common::assert_same_files(&reference, &setup.out);
     }
 }
 

@@ -408,7 +408,9 @@ impl SplitRun {
         }
         let mut stream = self.unit_stream(run, spec, streams)?;
         run.offer_layers(&mut stream, spec.layers[1], &saved, progress, |offer| {
-            write_sealed(&self.offer_path(offer.layer), &offer)
+            write_sealed(&self.offer_path(offer.layer), &offer)?;
+            staging::fault_point(&format!("offered:{}", offer.layer));
+            Ok(())
         })
     }
 

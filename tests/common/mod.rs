@@ -534,3 +534,41 @@ pub fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
     }
     write_checkpoint(&checkpoint, tensors, out)
 }
+
+/// Every file under `dir` (relative path → bytes).
+pub fn file_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    files
+}
+
+/// Every file of `out` equals `reference`'s byte for byte, and there are no others.
+pub fn assert_same_files(reference: &Path, out: &Path) {
+    let (expected, found) = (file_tree(reference), file_tree(out));
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        found.keys().collect::<Vec<_>>(),
+        "{} holds other files than {}",
+        out.display(),
+        reference.display()
+    );
+    for (name, bytes) in &expected {
+        assert!(
+            found[name] == *bytes,
+            "{} differs from {}'s",
+            name.display(),
+            reference.display()
+        );
+    }
+}
