@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, fused_copy, layouts, max_abs_diff, write_checkpoint};
-use rfid_moe::checkpoint::experts::{ExpertLayout, ExpertMatrix};
-use rfid_moe::checkpoint::writer::CheckpointWriter;
+use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::moe::{ExpertsForm, RoutedExperts};
-use rfid_moe::models::{ArchConfig, FeedForward, Model};
+use rfid_moe::models::{FeedForward, Model};
 use rfid_moe::Error;
 
 #[test]

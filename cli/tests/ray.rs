@@ -56,11 +56,7 @@ impl Setup {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let model = root.join("mini");
-        std::fs::create_dir(&model).unwrap();
-        for entry in std::fs::read_dir(common::mini_model()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-        }
+        common::copy_dir(&common::mini_model(), &model);
         Self {
             out: root.join("out"),
             model,
@@ -289,28 +285,13 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
-    let test = "a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process";
-    let Some(ray_bin) = ray_bin(test) else {
-        return;
-    };
-    let started = Instant::now();
-    let setup = Setup::new();
-    let args = setup.args(&[]);
-
-    let reference = setup.root.join("reference");
-    assert_success(&setup.compress(&args), "the single-process compress");
-    // Moved aside: the output path is recorded in compress.toml, so both runs write `out`.
-    std::fs::rename(&setup.out, &reference).unwrap();
-    let reference_s = started.elapsed().as_secs_f64();
-
-    // A unit given the options of another run is refused, naming the option that differs.
+/// A unit given the options of another run is refused, naming the option that differs.
+fn a_unit_of_another_run_is_refused(setup: &Setup, args: &[OsString]) {
     let other_run = setup.root.join("other.run");
     let mut other_args = setup.args(&["--ratio", "0.5"]);
     other_args.extend(["--run".into(), other_run.clone().into(), "--plan".into()]);
     assert_success(&setup.compress(&other_args), "planning another run");
-    let mut mismatched = args.clone();
+    let mut mismatched = args.to_vec();
     mismatched.extend([
         "--run".into(),
         other_run.clone().into(),
@@ -324,18 +305,20 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
         stderr.contains("budget.ratio") && stderr.contains("other.run"),
         "should name the option and the run: {stderr}"
     );
+}
 
-    let cluster_started = Instant::now();
-    let cluster = Cluster::start(&ray_bin);
-    let cluster_s = cluster_started.elapsed().as_secs_f64();
-
-    // A step that fails on every try: the driver shows why, keeps the finished units and stops.
-    let failing_started = Instant::now();
-    let failing = driver(&ray_bin, &cluster, &["--max-retries", "0"], &args)
+/// A step that fails on every try: the driver shows why, keeps the finished units and stops;
+/// returns its output.
+fn a_failing_step_stops_the_driver(
+    ray_bin: &Path,
+    cluster: &Cluster,
+    setup: &Setup,
+    args: &[OsString],
+) -> Output {
+    let failing = driver(ray_bin, cluster, &["--max-retries", "0"], args)
         .env("RFID_MOE_FAULT_INJECT", format!("factored:{KILLED_UNIT}"))
         .output()
         .unwrap();
-    let failing_s = failing_started.elapsed().as_secs_f64();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&failing.stdout),
         String::from_utf8_lossy(&failing.stderr),
@@ -349,12 +332,21 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
         "{stdout}\n{stderr}"
     );
     assert!(!setup.out.exists());
+    failing
+}
 
-    // Run again: it continues with the one unit left, whose Ray worker is killed mid-unit.
+/// The driver run again continues with the one unit left, whose Ray worker is killed by PID
+/// once the unit committed its layer; returns when, in seconds after the driver started.
+fn a_killed_worker_is_retried(
+    ray_bin: &Path,
+    cluster: &Cluster,
+    setup: &Setup,
+    args: &[OsString],
+) -> f64 {
     let driver_started = Instant::now();
     let (stdout_path, stderr_path) = (setup.root.join("driver.out"), setup.root.join("driver.err"));
     let mut child = KillOnDrop(
-        driver(&ray_bin, &cluster, &[], &args)
+        driver(ray_bin, cluster, &[], args)
             .env("RFID_MOE_FAULT_INJECT", PAUSE)
             .stdout(std::fs::File::create(&stdout_path).unwrap())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -368,7 +360,6 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
             std::fs::read_to_string(&stderr_path).unwrap_or_default()
         )
     };
-
     // The unit pauses once its layer is committed to its journal, while writing its layers.
     let journal = setup.run_dir().join(format!(
         "units/.unit-{KILLED_UNIT:04}.partial/.resume/layer-{KILLED_UNIT:05}.json"
@@ -411,7 +402,6 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
         child.0.try_wait().unwrap().is_some()
     });
     let status = child.0.wait().unwrap();
-    let driver_s = driver_started.elapsed().as_secs_f64();
     assert!(
         status.success(),
         "the driver failed ({status})\n{}",
@@ -427,6 +417,37 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
         "{}",
         driver_log()
     );
+    println!("{}", driver_log());
+    killed_after_s
+}
+
+#[test]
+fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
+    let test = "a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process";
+    let Some(ray_bin) = ray_bin(test) else {
+        return;
+    };
+    let started = Instant::now();
+    let setup = Setup::new();
+    let args = setup.args(&[]);
+
+    let reference = setup.root.join("reference");
+    assert_success(&setup.compress(&args), "the single-process compress");
+    // Moved aside: the output path is recorded in compress.toml, so both runs write `out`.
+    std::fs::rename(&setup.out, &reference).unwrap();
+    let reference_s = started.elapsed().as_secs_f64();
+    a_unit_of_another_run_is_refused(&setup, &args);
+
+    let cluster_started = Instant::now();
+    let cluster = Cluster::start(&ray_bin);
+    let cluster_s = cluster_started.elapsed().as_secs_f64();
+    let failing_started = Instant::now();
+    let failing = a_failing_step_stops_the_driver(&ray_bin, &cluster, &setup, &args);
+    let failing_s = failing_started.elapsed().as_secs_f64();
+    let driver_started = Instant::now();
+    let killed_after_s = a_killed_worker_is_retried(&ray_bin, &cluster, &setup, &args);
+    let driver_s = driver_started.elapsed().as_secs_f64();
+
     // Four units at once on two one-CPU nodes: both nodes took steps.
     let failing_stdout = String::from_utf8_lossy(&failing.stdout);
     let nodes: BTreeSet<&str> = failing_stdout
@@ -462,8 +483,7 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
     println!(
         "reference {reference_s:.1} s; cluster start {cluster_s:.1} s; failing driver \
          {failing_s:.1} s; resumed driver {driver_s:.1} s (worker killed at {killed_after_s:.1} s); \
-         driver on the finished run {again_s:.1} s; total {:.1} s\n{}",
+         driver on the finished run {again_s:.1} s; total {:.1} s",
         started.elapsed().as_secs_f64(),
-        driver_log()
     );
 }
