@@ -120,6 +120,11 @@ impl Setup {
     /// Runs the split run's steps as a driver does, by `--status`, each wave's units in reverse
     /// order; returns the steps run.
     fn drive(&self, extra: &[&str]) -> Vec<String> {
+        self.drive_killing_merge(extra, None)
+    }
+
+    /// [`Self::drive`], the merge killed at fault point `merge_fault` when given.
+    fn drive_killing_merge(&self, extra: &[&str], merge_fault: Option<&str>) -> Vec<String> {
         let mut steps = Vec::new();
         loop {
             let status = self.status(extra);
@@ -140,6 +145,15 @@ impl Setup {
                         steps.push(format!("{next} {unit}"));
                     }
                 }
+                "merge" if merge_fault.is_some() => {
+                    let killed = self
+                        .command(&[extra, &["--merge"]].concat())
+                        .env("RFID_MOE_FAULT_INJECT", merge_fault.unwrap_or_default())
+                        .output()
+                        .unwrap();
+                    assert!(!killed.status.success(), "the merge was not killed");
+                    steps.push("merge (killed)".to_string());
+                }
                 step => {
                     self.ok(&[extra, &[&format!("--{step}")]].concat());
                     steps.push(step.to_string());
@@ -148,6 +162,10 @@ impl Setup {
             assert!(steps.len() < 64, "the run does not converge: {steps:?}");
         }
     }
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -177,12 +195,16 @@ fn a_split_run_of_the_bundled_model_equals_one_process_byte_for_byte() {
         .output()
         .unwrap();
     assert!(!killed.status.success());
-    assert!(setup.root.join("out.run/offers/layer-00000.json").is_file());
-    assert!(!setup.root.join("out.run/offers/layer-00001.json").exists());
+    let offers = setup.root.join("out.run/offers");
+    let saved = modified(&offers.join("layer-00000.json"));
+    assert!(!offers.join("layer-00001.json").exists());
+    setup.ok(&["--unit", "0"]);
+    assert_eq!(modified(&offers.join("layer-00000.json")), saved);
+    assert!(offers.join("layer-00001.json").is_file());
     let steps = setup.drive(&[]);
     assert_eq!(
         steps,
-        ["offer 2", "offer 1", "offer 0", "solve", "apply 2", "apply 1", "apply 0", "merge"]
+        ["offer 2", "offer 1", "solve", "apply 2", "apply 1", "apply 0", "merge"]
     );
     common::assert_same_files(&reference, &setup.out);
     // The units' inputs and files are gone; the plan and the merge's record stay.
@@ -206,10 +228,11 @@ fn a_per_layer_budget_splits_without_a_solve_and_a_killed_unit_resumes() {
     assert!(setup
         .refused(&[&layer[..], &["--solve"]].concat())
         .contains("nothing to solve"));
-    // Unit 0 (layers 0–1) dies right after committing layer 0.
+    // Unit 1 (layers 2–3) dies right after committing layer 2; its rerun starts from its
+    // input, runs layer 2 through without statistics and keeps its shard.
     let killed = setup
-        .command(&[&layer[..], &["--unit", "0"]].concat())
-        .env("RFID_MOE_FAULT_INJECT", "layer-committed:0")
+        .command(&[&layer[..], &["--unit", "1"]].concat())
+        .env("RFID_MOE_FAULT_INJECT", "layer-committed:2")
         .output()
         .unwrap();
     assert!(!killed.status.success());
@@ -218,11 +241,25 @@ fn a_per_layer_budget_splits_without_a_solve_and_a_killed_unit_resumes() {
     assert_eq!(status["pending"], serde_json::json!([0, 1]));
     let merge_early = setup.refused(&[&layer[..], &["--merge"]].concat());
     assert!(
-        merge_early.contains("unit 0 (layers 0–1: 1 finished") && merge_early.contains("unit 1"),
+        merge_early.contains("unit 0 (layers 0–1: 0 finished)")
+            && merge_early.contains("unit 1 (layers 2–3: 1 finished)"),
         "{merge_early}"
     );
-    let steps = setup.drive(&layer);
-    assert_eq!(steps, ["apply 1", "apply 0", "merge"]);
+    let shard = setup
+        .root
+        .join("out.run/units/.unit-0001.partial/layer-00002.safetensors");
+    let written = modified(&shard);
+    setup.ok(&[&layer[..], &["--unit", "1"]].concat());
+    assert_eq!(modified(&shard), written);
+    // The merge dies after the output is in place: the run is merged, its cleanup is left to
+    // the next step.
+    let steps = setup.drive_killing_merge(&layer, Some("split-merged"));
+    assert_eq!(steps, ["apply 0", "merge (killed)"]);
+    common::assert_same_files(&reference, &setup.out);
+    let run = setup.root.join("out.run");
+    assert!(run.join("inputs").exists());
+    setup.ok(&[&layer[..], &["--merge"]].concat());
+    assert_eq!(names(&run), ["merged.json", "run.json"]);
     common::assert_same_files(&reference, &setup.out);
 }
 
@@ -283,4 +320,38 @@ fn steps_of_other_options_a_damaged_input_and_a_missing_unit_are_refused_by_name
     assert!(setup
         .refused(&["--run", "elsewhere"])
         .contains("add the step"));
+    assert!(setup
+        .refused(&["--plan", "--units", "3"])
+        .contains("is planned in 2 units already"));
+    assert!(setup
+        .refused(&["--restart", "--unit", "0"])
+        .contains("--restart does not apply to a split run"));
+    let disagreeing = setup
+        .command(&["--unit-from-env"])
+        .env("RFID_MOE_UNIT", "0")
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&disagreeing.stderr)
+        .contains("RFID_MOE_UNIT=0 and SLURM_ARRAY_TASK_ID=1 name different units"));
+}
+
+#[test]
+fn an_offer_of_another_run_is_not_taken() {
+    let setup = Setup::bundled();
+    setup.ok(&["--plan", "--units", "2"]);
+    let other_run = setup.root.join("other.run").display().to_string();
+    let other = ["--run", other_run.as_str(), "--ratio", "0.5"];
+    setup.ok(&[&other[..], &["--plan", "--units", "2"]].concat());
+    setup.ok(&[&other[..], &["--unit", "0"]].concat());
+    // Layer 0's offer of the other run copied into this run: it is not this run's.
+    let (from, to) = (
+        setup.root.join("other.run/offers/layer-00000.json"),
+        setup.root.join("out.run/offers/layer-00000.json"),
+    );
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(&from, &to).unwrap();
+    assert_eq!(setup.status(&[])["pending"], serde_json::json!([0, 1]));
+    setup.ok(&["--unit", "0"]);
+    assert_ne!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
 }

@@ -140,6 +140,19 @@ impl<'a> Emitter<'a> {
             return Ok(());
         };
         if let Some(shard) = &entry.shards.compressed {
+            // The name comes from a file on shared storage: only a plain name inside the
+            // staging directory is ever replaced.
+            let plain = std::path::Path::new(&shard.file)
+                .file_name()
+                .is_some_and(|name| name == shard.file.as_str() && shard.file != "..");
+            if !plain {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: layer {}'s journal entry names shard `{}`, which is not a file name",
+                    unit_staging.display(),
+                    entry.layer,
+                    shard.file
+                )));
+            }
             let from = unit_staging.join(&shard.file);
             let to = writer.staging_dir().join(&shard.file);
             crate::safety::staging::remove_path(&to);

@@ -98,7 +98,7 @@ pub fn compress_with(
         calibration_tokens,
         manifest,
         device,
-    } = Prepared::new(options, registry)?;
+    } = Prepared::new(options, registry, true)?;
     let mut run = Run::new(&options, &checkpoint, &CpuBackend, &fingerprint, methods)?;
     let windows = run.split_windows(&windows)?;
     // A signal now only asks the run to stop at its next safe point.
@@ -129,9 +129,18 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(options: &CompressOptions, registry: &Registry<CpuBackend>) -> Result<Self> {
+    /// Everything `options` needs before its first layer; `open_device: false` (steps that run
+    /// no layer) leaves the device unopened and uses the CPU.
+    fn new(
+        options: &CompressOptions,
+        registry: &Registry<CpuBackend>,
+        open_device: bool,
+    ) -> Result<Self> {
         options.validate()?;
-        let device = parse_device(&options.device)?;
+        let device = match open_device {
+            true => parse_device(&options.device)?,
+            false => Device::Cpu,
+        };
         let checkpoint = Checkpoint::open(&options.model)?;
         let mut options = options.clone();
         if options.budget.bits_per_weight.is_some() {

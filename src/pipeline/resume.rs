@@ -631,6 +631,13 @@ pub fn read_plans(path: &Path) -> Result<Option<Vec<LayerPlan>>> {
 /// Saves model-wide plans in `path`. Every number in them is finite (JSON has no other), and
 /// serde_json's round trip is exact.
 pub fn write_plans(path: &Path, plans: &[LayerPlan]) -> Result<()> {
+    check_plans_finite(plans)?;
+    let plans = plans.to_vec();
+    write_sealed(path, &SavedPlans { plans })
+}
+
+/// Refuses plans holding a non-finite number (JSON has none, so they could not be saved).
+pub fn check_plans_finite(plans: &[LayerPlan]) -> Result<()> {
     let finite = plans.iter().flat_map(|p| &p.chosen).all(|c| {
         c.error.is_finite()
             && c.signals.is_none_or(|s| {
@@ -644,8 +651,7 @@ pub fn write_plans(path: &Path, plans: &[LayerPlan]) -> Result<()> {
             "a plan holds a non-finite number and cannot be saved for resuming".into(),
         ));
     }
-    let plans = plans.to_vec();
-    write_sealed(path, &SavedPlans { plans })
+    Ok(())
 }
 
 /// What is wrong with the tensor names a step's shard `entry` lists, if anything: each must belong

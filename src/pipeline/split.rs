@@ -39,14 +39,16 @@ const INPUTS_DIR: &str = "inputs";
 const OFFERS_DIR: &str = "offers";
 const UNITS_DIR: &str = "units";
 const PLANS_FILE: &str = "plans.json";
+/// Units a plan makes when none are asked for.
+pub const DEFAULT_UNITS: usize = 4;
 
 /// A step of a split run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitStep {
     /// Plans the run in this many units (fewer when the model has fewer layers).
     Plan {
-        /// Units asked for.
-        units: usize,
+        /// Units asked for (None: [`DEFAULT_UNITS`], or the planned ones for a planned run).
+        units: Option<usize>,
     },
     /// Runs one unit's next wave (offers, or its layers).
     Unit(usize),
@@ -149,7 +151,10 @@ pub fn run_step_with(
     progress: &dyn Progress,
 ) -> Result<StepOutcome> {
     let started = Instant::now();
-    let prepared = Prepared::new(options, registry)?;
+    // Only the unit and plan steps run layers; the others must work on a machine without the
+    // run's device (a login node).
+    let runs_layers = matches!(step, SplitStep::Plan { .. } | SplitStep::Unit(_));
+    let prepared = Prepared::new(options, registry, runs_layers)?;
     check_splittable(&prepared)?;
     let Prepared {
         checkpoint,
@@ -165,11 +170,13 @@ pub fn run_step_with(
     let windows = run.split_windows(&windows)?;
     let split = SplitRun {
         dir: run_dir.to_path_buf(),
+        id: run_id(&manifest)?,
         manifest,
+        model_scope: options.budget.scope == BudgetScope::Model,
         moe: run.moe_layers.iter().map(Option::is_some).collect(),
     };
     let _cooperative = staging::InterruptScope::enter();
-    let merged = split.dir.join(MERGED_FILE).is_file();
+    let merged = split.merged_output().is_some();
     let streams = UnitStreams {
         windows: &windows,
         device: &device,
@@ -178,6 +185,7 @@ pub fn run_step_with(
         SplitStep::Status => Ok(None),
         // A merged run's units, inputs and offers are gone: nothing is left to redo.
         _ if merged => split.read_plan().map(|_| {
+            split.remove_unit_files();
             progress.message("run", "the run is merged already; nothing to do");
             None
         }),
@@ -203,8 +211,30 @@ pub fn run_step_with(
         }
         other => other?,
     };
-    let status = split.status(&run_options_scope(&options))?;
+    let status = split.status()?;
     Ok(StepOutcome { status, report })
+}
+
+/// A run's identity in the files its steps write: the checksum of its manifest.
+fn run_id(manifest: &Manifest) -> Result<String> {
+    let text = serde_json::to_vec(manifest)
+        .map_err(|e| Error::InvalidArgument(format!("the run's manifest: {e}")))?;
+    Ok(checksum::hex(checksum::fnv1a(&text)))
+}
+
+/// A file a step writes for the run it belongs to (offers, plans, the merge's record).
+#[derive(Serialize, Deserialize)]
+struct Stamped<T> {
+    /// The run's id ([`run_id`]).
+    run: String,
+    /// What the step wrote.
+    entry: T,
+}
+
+/// What the merge records: where the output went.
+#[derive(Serialize, Deserialize)]
+struct MergedRecord {
+    output: Option<PathBuf>,
 }
 
 /// Refuses what a split run cannot do the way a single-process run does.
@@ -236,13 +266,6 @@ fn check_splittable(prepared: &Prepared) -> Result<()> {
     Ok(())
 }
 
-fn run_options_scope(options: &CompressOptions) -> String {
-    match options.budget.scope {
-        BudgetScope::Model => "model".into(),
-        BudgetScope::Layer => "layer".into(),
-    }
-}
-
 /// The windows and device a unit's calibration stream is built from.
 #[derive(Clone, Copy)]
 struct UnitStreams<'s> {
@@ -253,7 +276,11 @@ struct UnitStreams<'s> {
 /// A split run's directory and the identity every step must share.
 struct SplitRun {
     dir: PathBuf,
+    /// The run's id, stamped into every file a step writes.
+    id: String,
     manifest: Manifest,
+    /// Whether the budget is model-wide (the options say; `run.json` only repeats it).
+    model_scope: bool,
     /// Which decoder layers are MoE layers (those that offer).
     moe: Vec<bool>,
 }
@@ -267,6 +294,56 @@ impl SplitRun {
                 self.dir.display()
             ))
         })
+    }
+
+    /// Writes `entry` to `path`, sealed and stamped with this run's id.
+    fn write_stamped<T: Serialize>(&self, path: &Path, entry: T) -> Result<()> {
+        let run = self.id.clone();
+        write_sealed(path, &Stamped { run, entry })
+    }
+
+    /// The entry a step of this run wrote to `path`: `None` when there is none, `Err` (why) when
+    /// it cannot be read, was changed, or belongs to another run.
+    fn read_stamped<T>(&self, path: &Path) -> Option<std::result::Result<T, String>>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        Some(
+            read_sealed::<Stamped<T>>(path)?.and_then(|stamped| match stamped.run == self.id {
+                true => Ok(stamped.entry),
+                false => Err(format!(
+                    "{} was written by another run (run {}, this run {})",
+                    path.display(),
+                    stamped.run,
+                    self.id
+                )),
+            }),
+        )
+    }
+
+    /// The model-wide plan the solve step saved, if any.
+    fn solved_plans(&self) -> Result<Option<Vec<LayerPlan>>> {
+        let path = self.dir.join(PLANS_FILE);
+        match self.read_stamped::<Vec<LayerPlan>>(&path) {
+            None => Ok(None),
+            Some(Ok(plans)) => Ok(Some(plans)),
+            Some(Err(message)) => Err(Error::Json { path, message }),
+        }
+    }
+
+    /// Where the merge put the output, once the run is merged.
+    fn merged_output(&self) -> Option<Option<PathBuf>> {
+        match self.read_stamped::<MergedRecord>(&self.dir.join(MERGED_FILE)) {
+            Some(Ok(record)) => Some(record.output),
+            _ => None,
+        }
+    }
+
+    /// Removes what only the units and the merge need (inputs, offers, plans, unit files).
+    fn remove_unit_files(&self) {
+        for name in [INPUTS_DIR, OFFERS_DIR, UNITS_DIR, PLANS_FILE] {
+            staging::remove_path(&self.dir.join(name));
+        }
     }
 
     /// The run's plan if there is one, refused when its manifest differs from this step's.
@@ -295,13 +372,25 @@ impl SplitRun {
         &self,
         run: &mut Run<'r, CpuBackend>,
         streams: UnitStreams<'r>,
-        units: usize,
+        units: Option<usize>,
         progress: &dyn Progress,
     ) -> Result<()> {
-        if self.saved_plan()?.is_some() {
+        if let Some(plan) = self.saved_plan()? {
+            if units.is_some_and(|units| units.min(run.num_layers) != plan.units.len()) {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is planned in {} units already; leave --units out, or plan the new \
+                     split in another --run directory",
+                    self.dir.display(),
+                    plan.units.len()
+                )));
+            }
             progress.message("plan", "the run is planned already; keeping its plan");
             return Ok(());
         }
+        // Without a plan, anything here is left from another run's steps.
+        self.remove_unit_files();
+        staging::remove_path(&self.dir.join(MERGED_FILE));
+        let units = units.unwrap_or(DEFAULT_UNITS);
         let inputs = self.dir.join(INPUTS_DIR);
         std::fs::create_dir_all(&inputs).map_err(|e| Error::io(&inputs, e))?;
         let ranges = layer_ranges(run.num_layers, units);
@@ -328,7 +417,7 @@ impl SplitRun {
         }
         let plan = RunPlan {
             manifest: self.manifest.clone(),
-            model_scope: run.options.budget.scope == BudgetScope::Model,
+            model_scope: self.model_scope,
             units: specs,
         };
         // Plain JSON (the manifest's file times do not fit a sealed entry): what it guards is
@@ -358,19 +447,20 @@ impl SplitRun {
                 plan.units.len().saturating_sub(1)
             ))
         })?;
-        let model_plans = match plan.model_scope {
-            true => resume::read_plans(&self.dir.join(PLANS_FILE))?,
-            false => None,
-        };
-        if plan.model_scope && model_plans.is_none() {
-            return self.unit_offers(run, spec, streams, progress);
-        }
+        // The unit's writer holds its lock through either wave: one process per unit.
         let mut emitter = Emitter::for_unit(
             run.checkpoint,
             &self.unit_out(spec.unit),
             &self.manifest,
             spec.layers[0],
         )?;
+        let model_plans = match self.model_scope {
+            true => self.solved_plans()?,
+            false => None,
+        };
+        if self.model_scope && model_plans.is_none() {
+            return self.unit_offers(run, spec, streams, progress);
+        }
         for note in emitter.resume_notes() {
             progress.message("resume", &format!("unit {}: {note}", spec.unit));
         }
@@ -408,7 +498,13 @@ impl SplitRun {
         }
         let mut stream = self.unit_stream(run, spec, streams)?;
         run.offer_layers(&mut stream, spec.layers[1], &saved, progress, |offer| {
-            write_sealed(&self.offer_path(offer.layer), &offer)?;
+            if let Some(bad) = offer.candidates.iter().find(|c| !c.error.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {}: {}'s candidate `{}` has a non-finite estimated error",
+                    offer.layer, bad.method, bad.label
+                )));
+            }
+            self.write_stamped(&self.offer_path(offer.layer), &offer)?;
             staging::fault_point(&format!("offered:{}", offer.layer));
             Ok(())
         })
@@ -417,7 +513,7 @@ impl SplitRun {
     /// The solve step: settles and solves every unit's offers into one model-wide plan.
     fn solve(&self, run: &Run<CpuBackend>) -> Result<()> {
         let plan = self.read_plan()?;
-        if !plan.model_scope {
+        if !self.model_scope {
             return Err(Error::InvalidArgument(format!(
                 "{} has a per-layer budget: its units plan their own layers, there is nothing \
                  to solve",
@@ -425,14 +521,14 @@ impl SplitRun {
             )));
         }
         let plans_path = self.dir.join(PLANS_FILE);
-        if resume::read_plans(&plans_path)?.is_some() {
+        if self.solved_plans()?.is_some() {
             return Ok(());
         }
         let mut offers = Vec::new();
         let mut waiting = Vec::new();
         for spec in &plan.units {
             for layer in moe_layers_of(run, spec) {
-                match read_sealed::<LayerOffer>(&self.offer_path(layer)) {
+                match self.read_stamped::<LayerOffer>(&self.offer_path(layer)) {
                     Some(Ok(offer)) if offer.layer == layer => offers.push(offer),
                     _ => {
                         if waiting.last() != Some(&spec.unit) {
@@ -449,7 +545,8 @@ impl SplitRun {
             )));
         }
         let plans: Vec<LayerPlan> = run.solve_model(&mut offers)?;
-        resume::write_plans(&plans_path, &plans)
+        resume::check_plans_finite(&plans)?;
+        self.write_stamped(&plans_path, &plans)
     }
 
     /// The merge step: checks that every unit finished its layers, takes them into the output's
@@ -462,7 +559,7 @@ impl SplitRun {
         (calibration_tokens, started): (usize, Instant),
     ) -> Result<Option<Report>> {
         let plan = self.read_plan()?;
-        if plan.model_scope && resume::read_plans(&self.dir.join(PLANS_FILE))?.is_none() {
+        if self.model_scope && self.solved_plans()?.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "{} is not solved yet: run --solve, then every unit again, before --merge",
                 self.dir.display()
@@ -492,11 +589,12 @@ impl SplitRun {
         }
         run.compress_layers(&mut emitter, streams.windows, streams.device, &Silent)?;
         let report = run.finish(emitter, calibration_tokens, started)?;
-        for dir in [INPUTS_DIR, OFFERS_DIR, UNITS_DIR, PLANS_FILE] {
-            staging::remove_path(&self.dir.join(dir));
-        }
-        let merged = serde_json::json!({ "output": report.output });
-        write_sealed(&self.dir.join(MERGED_FILE), &merged)?;
+        // Recorded before the cleanup: a kill during it leaves a merged run whose next step
+        // finishes the cleanup, not a run that looks unfinished with its inputs gone.
+        let output = report.output.clone();
+        self.write_stamped(&self.dir.join(MERGED_FILE), MergedRecord { output })?;
+        staging::fault_point("split-merged");
+        self.remove_unit_files();
         Ok(Some(report))
     }
 
@@ -536,7 +634,9 @@ impl SplitRun {
             let staging = emitter
                 .staging_dir()
                 .map(Path::to_path_buf)
-                .unwrap_or_default();
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("unit {} has no staging directory", spec.unit))
+                })?;
             units.push((staging, layers));
         }
         if !unfinished.is_empty() {
@@ -551,13 +651,16 @@ impl SplitRun {
 
     /// Where the run stands, from its files alone (nothing is verified: the unit and merge
     /// steps do that).
-    fn status(&self, scope: &str) -> Result<RunStatus> {
+    fn status(&self) -> Result<RunStatus> {
         let mut status = RunStatus {
             run: self.dir.clone(),
             next: NextStep::Plan,
             units: 0,
             pending: Vec::new(),
-            scope: scope.to_string(),
+            scope: match self.model_scope {
+                true => "model".into(),
+                false => "layer".into(),
+            },
             unit_layers: Vec::new(),
             output: None,
         };
@@ -566,13 +669,13 @@ impl SplitRun {
         };
         status.units = plan.units.len();
         status.unit_layers = plan.units.iter().map(|u| u.layers).collect();
-        if let Some(Ok(merged)) = read_sealed::<serde_json::Value>(&self.dir.join(MERGED_FILE)) {
+        if let Some(output) = self.merged_output() {
             status.next = NextStep::Done;
-            status.output = merged["output"].as_str().map(PathBuf::from);
+            status.output = output;
             return Ok(status);
         }
-        let solved = self.dir.join(PLANS_FILE).is_file();
-        let offering = plan.model_scope && !solved;
+        let solved = self.solved_plans().ok().flatten().is_some();
+        let offering = self.model_scope && !solved;
         status.pending = plan
             .units
             .iter()
@@ -630,7 +733,7 @@ impl SplitRun {
 
     fn offer_saved(&self, layer: usize) -> bool {
         matches!(
-            read_sealed::<LayerOffer>(&self.offer_path(layer)),
+            self.read_stamped::<LayerOffer>(&self.offer_path(layer)),
             Some(Ok(offer)) if offer.layer == layer
         )
     }

@@ -214,9 +214,9 @@ pub struct SplitArgs {
     /// Split run: plan the units and save each unit's input hidden states.
     #[arg(long, group = "split_step")]
     plan: bool,
-    /// Units to plan (--plan; at most one per decoder layer).
-    #[arg(long, default_value_t = 4, requires = "plan")]
-    units: usize,
+    /// Units to plan (--plan; at most one per decoder layer; default 4).
+    #[arg(long, requires = "plan", value_parser = clap::value_parser!(u64).range(1..))]
+    units: Option<u64>,
     /// Split run: run unit N (its offers, or its layers once the plan is solved).
     #[arg(long, value_name = "N", group = "split_step")]
     unit: Option<usize>,
@@ -246,7 +246,9 @@ impl SplitArgs {
     /// The split step asked for, if any.
     fn step(&self) -> Result<Option<SplitStep>> {
         let step = if self.plan {
-            SplitStep::Plan { units: self.units }
+            SplitStep::Plan {
+                units: self.units.map(|u| u as usize),
+            }
         } else if let Some(unit) = self.unit {
             SplitStep::Unit(unit)
         } else if self.unit_from_env {
@@ -267,20 +269,33 @@ impl SplitArgs {
     }
 }
 
-/// The unit number from the first of [`UNIT_VARIABLES`] that is set.
+/// The unit number from the first of [`UNIT_VARIABLES`] that is set; refused when another one
+/// names a different unit (a variable exported by mistake would run one unit everywhere).
 fn unit_from_env() -> Result<usize> {
+    let mut found: Option<(&str, usize)> = None;
     for name in UNIT_VARIABLES {
-        if let Ok(value) = std::env::var(name) {
-            return value
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{name}={value:?} is not a unit number (0, 1, …)"));
+        let Ok(value) = std::env::var(name) else {
+            continue;
+        };
+        let unit: usize = value
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={value:?} is not a unit number (0, 1, …)"))?;
+        match found {
+            None => found = Some((name, unit)),
+            Some((first, chosen)) if chosen != unit => bail!(
+                "--unit-from-env: {first}={chosen} and {name}={unit} name different units; unset one"
+            ),
+            Some(_) => {}
         }
     }
-    bail!(
-        "--unit-from-env: none of {} is set",
-        UNIT_VARIABLES.join(", ")
-    )
+    match found {
+        Some((_, unit)) => Ok(unit),
+        None => bail!(
+            "--unit-from-env: none of {} is set",
+            UNIT_VARIABLES.join(", ")
+        ),
+    }
 }
 
 fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
@@ -524,6 +539,16 @@ fn run_split_step(args: &CompressArgs, options: &CompressOptions, step: SplitSte
         }
         (None, None) => bail!("a split run needs --out (and --run DIR, or OUT.run is used)"),
     };
+    if args.restart {
+        bail!("--restart does not apply to a split run: plan a new run in another --run directory");
+    }
+    if run_dir.starts_with(&options.model) {
+        bail!(
+            "the run directory {} is inside the model directory {}: put it elsewhere",
+            run_dir.display(),
+            options.model.display()
+        );
+    }
     let observer = bars::observer(args.quiet || step == SplitStep::Status);
     let outcome = split::run_step(options, &run_dir, step, observer.as_ref());
     drop(observer);

@@ -119,7 +119,9 @@ pub trait Method<B: LinalgBackend>: Send + Sync {
 
     /// Reconsiders its candidates once every layer the budget covers has offered (all layers,
     /// or the one layer, by budget scope): a method that allocates on its own keeps only the
-    /// candidates of its allocation here.
+    /// candidates of its allocation here. A split run settles offers another process made: a
+    /// method that reads what its own `offer` kept must say so in
+    /// [`Self::settles_from_offers`].
     fn settle(&self, _offers: &mut [LayerOffer]) -> Result<()> {
         Ok(())
     }
