@@ -11,12 +11,12 @@
 #   PROMPT_FILE  text for the prompt; its token count (as rfid-moe's tokenizer counts it) is the
 #                -p of llama-bench, so both prefill the same number of tokens
 #   GGUF_DIR     a `compress --format gguf` output directory (model.gguf + tokenizer.json)
-# The rfid-moe binary is $RFID_MOE_BIN or target/release/rfid-moe.
+# The rfid-moe binary is $RFID_MOE_BIN, else release/rfid-moe under $CARGO_TARGET_DIR (or target/).
 set -euo pipefail
 PROMPT=$1; NEW=$2; THREADS=$3
 shift 3
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-RFID=${RFID_MOE_BIN:-$HERE/target/release/rfid-moe}
+RFID=${RFID_MOE_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release/rfid-moe}
 LLAMA=$("$HERE/scripts/llama-cpp.sh" | tail -n 1)
 if [ ! -x "$LLAMA/llama-bench" ]; then
   cmake --build "$(dirname "$LLAMA")" --target llama-bench -j "$THREADS" > /dev/null

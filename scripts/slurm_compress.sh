@@ -62,7 +62,8 @@ BIN=$(realpath "$BIN")
 step_command() {
   local command
   printf -v command '%q ' "$BIN" compress "${ARGS[@]}" "$@"
-  echo "exec $command"
+  # A unit number exported from the submitting shell would override the array's task id.
+  echo "unset RFID_MOE_UNIT JOB_COMPLETION_INDEX; exec $command"
 }
 
 # Submits a job; prints its id. Arguments: the job's name, extra sbatch options, `--`, the step.
