@@ -19,7 +19,9 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 RFID=${RFID_MOE_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release/rfid-moe}
 LLAMA=$("$HERE/scripts/llama-cpp.sh" | tail -n 1)
 if [ ! -x "$LLAMA/llama-bench" ]; then
-  cmake --build "$(dirname "$LLAMA")" --target llama-bench -j "$THREADS" > /dev/null
+  # cmake and ninja live in the build's own venv (scripts/llama-cpp.sh).
+  PATH="$(dirname "$(dirname "$LLAMA")")/V/bin:$PATH" \
+    cmake --build "$(dirname "$LLAMA")" --target llama-bench -j "$THREADS" > /dev/null
 fi
 export RAYON_NUM_THREADS=$THREADS
 
