@@ -20,7 +20,7 @@ MODEL=$1; CALIBRATION=$2; TEXT=$3; WORK=$4
 shift 4
 TYPES=("$@"); [ ${#TYPES[@]} -gt 0 ] || TYPES=(Q4_K_M:q8_0 Q3_K_M:q5_0 Q2_K:q4_0)
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-RFID=${RFID_MOE_BIN:-$HERE/target/release/rfid-moe}
+RFID=${RFID_MOE_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release/rfid-moe}
 LLAMA=$("$HERE/scripts/llama-cpp.sh" | tail -n 1)
 mkdir -p "$WORK"
 

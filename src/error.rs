@@ -120,6 +120,17 @@ pub enum Error {
         /// What differs, each with the old and the new value.
         differences: String,
     },
+    /// A split run's directory belongs to another model, options or data than the step given.
+    #[error(
+        "{run} is a split run of a different {differences}; give every step that run's \
+         arguments, or plan a new run in another --run directory"
+    )]
+    RunMismatch {
+        /// The run directory.
+        run: PathBuf,
+        /// What differs, each with the run's and the step's value.
+        differences: String,
+    },
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

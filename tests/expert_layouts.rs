@@ -7,80 +7,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, max_abs_diff};
-use rfid_moe::checkpoint::experts::{ExpertLayout, ExpertMatrix};
-use rfid_moe::checkpoint::writer::CheckpointWriter;
+use common::{fixture, fused_copy, layouts, max_abs_diff, write_checkpoint};
+use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::moe::{ExpertsForm, RoutedExperts};
-use rfid_moe::models::{ArchConfig, FeedForward, Model};
+use rfid_moe::models::{FeedForward, Model};
 use rfid_moe::Error;
-
-fn layouts(checkpoint: &Checkpoint) -> Vec<(usize, ExpertLayout)> {
-    let spec = ArchConfig::from_checkpoint(checkpoint).unwrap().spec();
-    spec.moe_layers
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, l)| l.map(|l| (i, l)))
-        .collect()
-}
-
-/// Writes `tensors` with `checkpoint`'s config as a one-shard checkpoint at `out`.
-fn write_checkpoint(
-    checkpoint: &Checkpoint,
-    tensors: HashMap<String, Tensor>,
-    out: &Path,
-) -> PathBuf {
-    let mut writer = CheckpointWriter::create(out, false).unwrap();
-    writer.write_shard(tensors).unwrap();
-    let config = serde_json::to_string(checkpoint.config()).unwrap();
-    writer.write_file("config.json", config.as_bytes()).unwrap();
-    writer.finish().unwrap();
-    out.to_path_buf()
-}
-
-/// Writes a copy of `source` whose experts are fused 3-D tensors; `break_down` gives layer 0's
-/// `down_proj` one expert too few.
-fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
-    let checkpoint = Checkpoint::open(source).unwrap();
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for name in checkpoint.tensor_names() {
-        if !name.contains(".experts.") {
-            let t = checkpoint
-                .load(name, DType::F32, &Device::Cpu, "test")
-                .unwrap();
-            tensors.insert(name.to_string(), t);
-        }
-    }
-    for (layer, layout) in layouts(&checkpoint) {
-        let load = |m| {
-            layout
-                .load_matrix(&checkpoint, m, DType::F32, &Device::Cpu)
-                .unwrap()
-        };
-        let (gate, up, mut down) = (
-            load(ExpertMatrix::Gate),
-            load(ExpertMatrix::Up),
-            load(ExpertMatrix::Down),
-        );
-        let gate_up: Vec<Tensor> = gate
-            .iter()
-            .zip(&up)
-            .map(|(g, u)| Tensor::cat(&[g, u], 0).unwrap())
-            .collect();
-        if break_down && layer == layouts(&checkpoint)[0].0 {
-            down.pop();
-        }
-        tensors.insert(
-            layout.fused_name(ExpertMatrix::Gate),
-            Tensor::stack(&gate_up, 0).unwrap(),
-        );
-        tensors.insert(
-            layout.fused_name(ExpertMatrix::Down),
-            Tensor::stack(&down, 0).unwrap(),
-        );
-    }
-    write_checkpoint(&checkpoint, tensors, out)
-}
 
 #[test]
 fn per_expert_and_fused_layouts_give_the_same_canonical_tensors() {

@@ -99,6 +99,75 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// The writer of one unit of a split run: its layers' shards and journal in the staging
+    /// directory of `unit_out` (never moved into place), from `first_layer` on, without the
+    /// ends; resumes what an interrupted attempt of the unit finished.
+    pub fn for_unit(
+        checkpoint: &'a Checkpoint,
+        unit_out: &std::path::Path,
+        manifest: &Manifest,
+        first_layer: usize,
+    ) -> Result<Self> {
+        let writer = CheckpointWriter::open(unit_out, false, StagingMode::Resume)?;
+        let journal = Journal::open_unit(
+            &writer.journal_dir(),
+            writer.staging_dir(),
+            manifest,
+            first_layer,
+        )?;
+        let mut emitter = Self {
+            checkpoint,
+            format: OutputFormat::Safetensors,
+            gguf: Default::default(),
+            compressed: Some(writer),
+            dense: None,
+            journal: Some(journal),
+            pending: CommittedShards::default(),
+        };
+        emitter.adopt_finished_steps()?;
+        Ok(emitter)
+    }
+
+    /// Takes layer `entry.layer`, finished by a unit of a split run in `unit_staging`, into this
+    /// output: its shard is linked (or copied) into the staging directory and the layer
+    /// committed. The next [`Self::create`] of the output verifies it as any finished layer.
+    pub fn import_layer(
+        &mut self,
+        unit_staging: &std::path::Path,
+        entry: CommittedLayer,
+    ) -> Result<()> {
+        let Some(writer) = self.compressed.as_mut() else {
+            return Ok(());
+        };
+        if let Some(shard) = &entry.shards.compressed {
+            // The name comes from a file on shared storage: only a plain name inside the
+            // staging directory is ever replaced.
+            let plain = std::path::Path::new(&shard.file)
+                .file_name()
+                .is_some_and(|name| name == shard.file.as_str() && shard.file != "..");
+            if !plain {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: layer {}'s journal entry names shard `{}`, which is not a file name",
+                    unit_staging.display(),
+                    entry.layer,
+                    shard.file
+                )));
+            }
+            let from = unit_staging.join(&shard.file);
+            let to = writer.staging_dir().join(&shard.file);
+            crate::safety::staging::remove_path(&to);
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+                crate::safety::staging::sync_file(&to)?;
+            }
+            writer.adopt_shard(shard);
+        }
+        if let Some(journal) = self.journal.as_mut() {
+            journal.commit_layer(entry)?;
+        }
+        Ok(())
+    }
+
     /// Opens the journal, adopts what an interrupted run finished and writes the ends.
     fn prepare(&mut self, manifest: &Manifest) -> Result<()> {
         if let Some(w) = &self.compressed {

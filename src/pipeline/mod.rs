@@ -32,6 +32,7 @@ pub mod report;
 pub mod resume;
 pub mod settings_file;
 pub mod solver;
+pub mod split;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -87,45 +88,19 @@ pub fn compress_with(
     registry: &Registry<CpuBackend>,
     progress: &dyn Progress,
 ) -> Result<Report> {
-    options.validate()?;
     let started = Instant::now();
-    let device = parse_device(&options.device)?;
-    let checkpoint = Checkpoint::open(&options.model)?;
-    let backend = CpuBackend;
-    let with_bits;
-    let options = match options.budget.bits_per_weight {
-        Some(_) => {
-            let bytes_per_parameter = budget::input_bytes_per_parameter(&checkpoint)?;
-            with_bits = CompressOptions {
-                budget: options.budget.resolve_bits(bytes_per_parameter)?,
-                ..options.clone()
-            };
-            &with_bits
-        }
-        None => options,
-    };
-    let inputs = MethodInputs::new(options, &checkpoint);
-    let methods = registry.build(&inputs)?;
-    // What is saved (settings file, report, resume manifest) states every method's settings.
-    let mut resolved = options.clone();
-    for method in &methods {
-        if let Some(settings) = method.resolved_settings() {
-            resolved
-                .settings
-                .insert(method.name().to_string(), settings);
-        }
-    }
-    let options = &resolved;
-    let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
-    let fingerprint = calibrate::fingerprint(&windows);
-    let calibration_tokens = windows.iter().map(Vec::len).sum();
-    let mut run = Run::new(options, &checkpoint, &backend, &fingerprint, methods)?;
-    // Held-out windows measure candidates and calibrate nothing.
-    let windows = match run.needs.held_out {
-        Some(fraction) => calibrate::split_holdout(&windows, fraction)?,
-        None => (windows, Vec::new()),
-    };
-    let manifest = resume::Manifest::new(options, &checkpoint, &fingerprint)?;
+    let Prepared {
+        checkpoint,
+        options,
+        methods,
+        windows,
+        fingerprint,
+        calibration_tokens,
+        manifest,
+        device,
+    } = Prepared::new(options, registry, true)?;
+    let mut run = Run::new(&options, &checkpoint, &CpuBackend, &fingerprint, methods)?;
+    let windows = run.split_windows(&windows)?;
     // A signal now only asks the run to stop at its next safe point.
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
@@ -138,6 +113,63 @@ pub fn compress_with(
     }
     run.save_statistics()?;
     run.finish(emitter, calibration_tokens, started)
+}
+
+/// What every run needs before its first layer: the checkpoint, the options as resolved (with
+/// every method's settings), the methods, the calibration windows and the resume manifest.
+struct Prepared {
+    checkpoint: Checkpoint,
+    options: CompressOptions,
+    methods: Vec<Box<dyn Method<CpuBackend>>>,
+    windows: Vec<Vec<u32>>,
+    fingerprint: String,
+    calibration_tokens: usize,
+    manifest: resume::Manifest,
+    device: Device,
+}
+
+impl Prepared {
+    /// Everything `options` needs before its first layer; `open_device: false` (steps that run
+    /// no layer) leaves the device unopened and uses the CPU.
+    fn new(
+        options: &CompressOptions,
+        registry: &Registry<CpuBackend>,
+        open_device: bool,
+    ) -> Result<Self> {
+        options.validate()?;
+        let device = match open_device {
+            true => parse_device(&options.device)?,
+            false => Device::Cpu,
+        };
+        let checkpoint = Checkpoint::open(&options.model)?;
+        let mut options = options.clone();
+        if options.budget.bits_per_weight.is_some() {
+            let bytes_per_parameter = budget::input_bytes_per_parameter(&checkpoint)?;
+            options.budget = options.budget.resolve_bits(bytes_per_parameter)?;
+        }
+        let inputs = MethodInputs::new(&options, &checkpoint);
+        let methods = registry.build(&inputs)?;
+        // What is saved (settings file, report, resume manifest) states every method's settings.
+        for method in &methods {
+            if let Some(settings) = method.resolved_settings() {
+                options.settings.insert(method.name().to_string(), settings);
+            }
+        }
+        let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
+        let fingerprint = calibrate::fingerprint(&windows);
+        let calibration_tokens = windows.iter().map(Vec::len).sum();
+        let manifest = resume::Manifest::new(&options, &checkpoint, &fingerprint)?;
+        Ok(Self {
+            checkpoint,
+            options,
+            methods,
+            windows,
+            fingerprint,
+            calibration_tokens,
+            manifest,
+            device,
+        })
+    }
 }
 
 /// Ends a run that stopped early: keeps the staging directory when it holds finished work and
@@ -201,6 +233,7 @@ struct Run<'a, B: LinalgBackend> {
     stored_dtype: DType,
     statistics_key: String,
     moe_layers: Vec<Option<ExpertLayout>>,
+    num_layers: usize,
     replaying: bool,
     statistics_to_save: Vec<LayerStatistics<B::Matrix>>,
     totals: report::Totals,
@@ -221,9 +254,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         let needs = methods
             .iter()
             .fold(Needs::default(), |n, m| n.union(m.needs()));
-        let moe_layers = crate::models::ArchConfig::from_checkpoint(checkpoint)?
-            .spec()
-            .moe_layers;
+        let spec = crate::models::ArchConfig::from_checkpoint(checkpoint)?.spec();
+        let (moe_layers, num_layers) = (spec.moe_layers, spec.num_layers);
         let budget = Budget::resolve(&options.budget, checkpoint)?;
         if options.calibration.statistics_cache.is_some()
             && (needs.expert_statistics
@@ -265,6 +297,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             stored_dtype: methods::lowrank::stored_dtype_of(checkpoint.dominant_dtype()),
             statistics_key,
             moe_layers,
+            num_layers,
             replaying: false,
             statistics_to_save: Vec::new(),
             totals: report::Totals::default(),
@@ -273,6 +306,15 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             layer_reports: Vec::new(),
             resumed_layers: Vec::new(),
         })
+    }
+
+    /// The calibration windows split into those that calibrate and those held out (none unless
+    /// a method measures candidates on held-out windows).
+    fn split_windows(&self, windows: &[Vec<u32>]) -> Result<SplitWindows> {
+        match self.needs.held_out {
+            Some(fraction) => calibrate::split_holdout(windows, fraction),
+            None => Ok((windows.to_vec(), Vec::new())),
+        }
     }
 
     /// Streams every layer through the stages, after adopting the `finished` ones (whose hidden
@@ -284,21 +326,51 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         device: &'a Device,
         progress: &dyn Progress,
     ) -> Result<()> {
+        let finished = emitter.finished_layers();
+        // Every layer done (a merged split run, or a run stopped while finishing): nothing to
+        // calibrate.
+        if finished.len() == self.num_layers {
+            for entry in &finished {
+                self.adopt_layer(entry)?;
+            }
+            return Ok(());
+        }
         let model_plans = match self.options.budget.scope {
             BudgetScope::Model => Some(self.model_plans(emitter, windows, device, progress)?),
             BudgetScope::Layer => None,
         };
         let mut stream = self.statistics_stream(windows, device, progress)?;
-        let finished = emitter.finished_layers();
-        let task = Task::start(progress, "layers", stream.spec().num_layers as u64);
+        let end = self.num_layers;
+        self.stream_layers(
+            emitter,
+            &mut stream,
+            (&finished, end),
+            model_plans.as_deref(),
+            progress,
+        )
+    }
+
+    /// Runs the stream's layers up to `end` (exclusive) through the stages and the emitter, after
+    /// skipping the `finished` ones at its start (a forward pass without statistics) and taking
+    /// them from the journal; with a model-wide budget the plans are given.
+    fn stream_layers(
+        &mut self,
+        emitter: &mut Emitter,
+        stream: &mut CalibrationStream<'a, B>,
+        (finished, end): (&[resume::CommittedLayer], usize),
+        model_plans: Option<&[LayerPlan]>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let first = stream.boundary().0;
+        let task = Task::start(progress, "layers", end.saturating_sub(first) as u64);
         if !finished.is_empty() {
             task.message(&format!(
                 "resuming at layer {}: {} finished layer(s) kept",
-                finished.len(),
+                first + finished.len(),
                 finished.len()
             ));
         }
-        for entry in &finished {
+        for entry in finished {
             check_interrupt()?;
             if stream.skip_layer()? != Some(entry.layer) {
                 return Err(Error::InvalidArgument(format!(
@@ -309,7 +381,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             self.adopt_layer(entry)?;
             task.advance(1);
         }
-        loop {
+        while stream.boundary().0 < end {
             check_interrupt()?;
             let calibration_started = Instant::now();
             let Some(layer) = stream.next_layer()? else {
@@ -320,9 +392,8 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             task.message(&format!("layer {}", layer.index));
             match layer.data {
                 Some(data) => {
-                    let plan = model_plans
-                        .as_ref()
-                        .and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
+                    let plan =
+                        model_plans.and_then(|plans| plans.iter().find(|p| p.layer == layer.index));
                     let held_out = layer.held_out.as_ref();
                     self.compress_layer(emitter, (data, held_out), plan, calibrate_seconds)?;
                 }
@@ -393,27 +464,67 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             return Ok(plans);
         }
         let mut stream = self.statistics_stream(windows, device, progress)?;
-        let task = Task::start(progress, "planning", stream.spec().num_layers as u64);
         let mut offers = Vec::new();
-        while let Some(layer) = stream.next_layer()? {
+        self.offer_layers(
+            &mut stream,
+            self.num_layers,
+            &|_| false,
+            progress,
+            |offer| {
+                offers.push(offer);
+                Ok(())
+            },
+        )?;
+        let plans = self.solve_model(&mut offers)?;
+        emitter.save_plans(&plans)?;
+        Ok(plans)
+    }
+
+    /// The planning pass of a model-wide budget over the stream's layers up to `end`
+    /// (exclusive): each MoE layer's offer, handed to `each` as it is made; layers `done` says
+    /// were offered before are only run through.
+    fn offer_layers(
+        &mut self,
+        stream: &mut CalibrationStream<'a, B>,
+        end: usize,
+        done: &dyn Fn(usize) -> bool,
+        progress: &dyn Progress,
+        mut each: impl FnMut(LayerOffer) -> Result<()>,
+    ) -> Result<()> {
+        let first = stream.boundary().0;
+        let task = Task::start(progress, "planning", end.saturating_sub(first) as u64);
+        while stream.boundary().0 < end {
             check_interrupt()?;
+            if done(stream.boundary().0) {
+                stream.skip_layer()?;
+                task.advance(1);
+                continue;
+            }
+            let Some(layer) = stream.next_layer()? else {
+                break;
+            };
             task.advance(1);
             let Some(data) = layer.data else {
                 continue;
             };
             let (statistics, pruning) = self.statistics_of(data)?;
             let held_out = layer.held_out.as_ref();
-            offers.push(
+            each(
                 self.with_experts(statistics.layer, pruning.as_ref(), |experts| {
                     let context = self.context(experts, &statistics, held_out)?;
                     self.offer(&context)
                 })?,
-            );
+            )?;
             self.checkpoint.release_pages();
         }
-        drop(task);
+        Ok(())
+    }
+
+    /// One model-wide plan from every layer's offer (in layer order): each method settles, then
+    /// the solver spends the budget over all layers.
+    fn solve_model(&self, offers: &mut [LayerOffer]) -> Result<Vec<LayerPlan>> {
         for method in &self.methods {
-            method.settle(&mut offers)?;
+            method.settle(offers)?;
         }
         let before: f64 = offers.iter().map(|o| o.target.before).sum();
         let spending = solver::Spending {
@@ -422,8 +533,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             tolerance: tolerance(before),
             layer_floor: self.options.budget.layer_floor,
         };
-        let (plans, _) = solver::solve(&offers, spending)?;
-        emitter.save_plans(&plans)?;
+        let (plans, _) = solver::solve(offers, spending)?;
         Ok(plans)
     }
 

@@ -239,10 +239,15 @@ pub struct CommittedLayer {
     pub report: Option<LayerReport>,
 }
 
-/// The journal of one output's staging directory.
+/// The journal of one output's staging directory, or of one unit of a split run (which holds
+/// layers from its first one on and no ends).
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
+    /// The first layer it records; the ends belong to a journal from layer 0 only.
+    first_layer: usize,
+    /// Whether it records the ends (embedding, final norm, head).
+    with_ends: bool,
     ends: Option<CommittedShards>,
     layers: BTreeMap<usize, CommittedLayer>,
     /// What was found wrong with the interrupted run's work and is recomputed, one line each.
@@ -290,6 +295,45 @@ fn entry_checksum<T: Serialize>(entry: &T) -> std::result::Result<String, serde_
     Ok(checksum::hex(checksum::fnv1a(&serde_json::to_vec(entry)?)))
 }
 
+/// The sealed entry in `path`: `None` when there is none, `Err` (why) when it cannot be read or
+/// its checksum does not match its contents.
+pub fn read_sealed<T>(path: &Path) -> Option<std::result::Result<T, String>>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    let bytes = std::fs::read(path).ok()?;
+    let file = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let sealed = match serde_json::from_slice::<Sealed<T>>(&bytes) {
+        Ok(sealed) => sealed,
+        Err(e) => return Some(Err(format!("its journal entry {file} is unreadable: {e}"))),
+    };
+    Some(match entry_checksum(&sealed.entry) {
+        Ok(sum) if sum == sealed.entry_checksum => Ok(sealed.entry),
+        Ok(sum) => Err(format!(
+            "its journal entry {file} was changed after it was written (checksum {sum}, \
+             expected {})",
+            sealed.entry_checksum
+        )),
+        Err(e) => Err(format!("its journal entry {file} is unreadable: {e}")),
+    })
+}
+
+/// Writes `entry` to `path` durably, sealed by a checksum of its contents.
+pub fn write_sealed<T: Serialize>(path: &Path, entry: &T) -> Result<()> {
+    let json_error = |e: serde_json::Error| Error::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let sealed = SealedRef {
+        entry,
+        entry_checksum: entry_checksum(entry).map_err(json_error)?,
+    };
+    let text = serde_json::to_vec(&sealed).map_err(json_error)?;
+    staging::write_durable(path, &text)
+}
+
 /// The model-wide plans as the journal stores them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedPlans {
@@ -319,12 +363,33 @@ impl Journal {
     /// that cannot be read or whose checksum fails are dropped with every later one (see
     /// [`Self::notes`]).
     pub fn open(dir: &Path, staging: &Path, manifest: &Manifest) -> Result<Self> {
+        Self::open_from(dir, staging, manifest, None)
+    }
+
+    /// [`Self::open`] for one unit of a split run: the layers from `first_layer` on, no ends.
+    pub fn open_unit(
+        dir: &Path,
+        staging: &Path,
+        manifest: &Manifest,
+        first_layer: usize,
+    ) -> Result<Self> {
+        Self::open_from(dir, staging, manifest, Some(first_layer))
+    }
+
+    fn open_from(
+        dir: &Path,
+        staging: &Path,
+        manifest: &Manifest,
+        unit_start: Option<usize>,
+    ) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let saved = std::fs::read(&manifest_path)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
         let mut journal = Self {
             dir: dir.to_path_buf(),
+            first_layer: unit_start.unwrap_or(0),
+            with_ends: unit_start.is_none(),
             ends: None,
             layers: BTreeMap::new(),
             notes: Vec::new(),
@@ -357,21 +422,23 @@ impl Journal {
     /// only ever committed after all earlier ones). The first entry that cannot be trusted ends
     /// the run and is dropped with everything after it.
     fn load(&mut self) {
-        match self.read_entry::<CommittedShards>(ENDS_FILE) {
-            None => return self.drop_from(Step::Ends, None),
-            Some(Ok(ends)) => self.ends = Some(ends),
-            Some(Err(reason)) => return self.drop_from(Step::Ends, Some(reason)),
+        if self.with_ends {
+            match self.read_entry::<CommittedShards>(ENDS_FILE) {
+                None => return self.drop_from(Step::Ends, None),
+                Some(Ok(ends)) => self.ends = Some(ends),
+                Some(Err(reason)) => return self.drop_from(Step::Ends, Some(reason)),
+            }
         }
         if let Some(Err(reason)) = self.read_entry::<SavedPlans>(PLANS_FILE) {
             // Every finished layer was factored by that plan.
             staging::remove_path(&self.dir.join(PLANS_FILE));
-            self.drop_from(Step::Layer(0), None);
+            self.drop_from(Step::Layer(self.first_layer), None);
             return self.notes.push(format!(
                 "resume: the interrupted run's model-wide rank plan cannot be trusted ({reason}); \
                  it is computed again and every layer recomputed"
             ));
         }
-        for layer in 0.. {
+        for layer in self.first_layer.. {
             match self.read_entry::<CommittedLayer>(&layer_file(layer)) {
                 Some(Ok(entry)) if entry.layer == layer => {
                     self.layers.insert(layer, entry);
@@ -393,7 +460,7 @@ impl Journal {
             Step::Ends => {
                 self.ends = None;
                 staging::remove_path(&self.dir.join(ENDS_FILE));
-                0
+                self.first_layer
             }
             Step::Layer(layer) => layer,
         };
@@ -432,34 +499,11 @@ impl Journal {
     where
         T: Serialize + serde::de::DeserializeOwned,
     {
-        let bytes = std::fs::read(self.dir.join(file)).ok()?;
-        let sealed = match serde_json::from_slice::<Sealed<T>>(&bytes) {
-            Ok(sealed) => sealed,
-            Err(e) => return Some(Err(format!("its journal entry {file} is unreadable: {e}"))),
-        };
-        Some(match entry_checksum(&sealed.entry) {
-            Ok(sum) if sum == sealed.entry_checksum => Ok(sealed.entry),
-            Ok(sum) => Err(format!(
-                "its journal entry {file} was changed after it was written (checksum {sum}, \
-                 expected {})",
-                sealed.entry_checksum
-            )),
-            Err(e) => Err(format!("its journal entry {file} is unreadable: {e}")),
-        })
+        read_sealed(&self.dir.join(file))
     }
 
     fn write_entry<T: Serialize>(&self, file: &str, entry: &T) -> Result<()> {
-        let path = self.dir.join(file);
-        let json_error = |e: serde_json::Error| Error::Json {
-            path: path.clone(),
-            message: e.to_string(),
-        };
-        let sealed = SealedRef {
-            entry,
-            entry_checksum: entry_checksum(entry).map_err(json_error)?,
-        };
-        let text = serde_json::to_vec(&sealed).map_err(json_error)?;
-        staging::write_durable(&path, &text)
+        write_sealed(&self.dir.join(file), entry)
     }
 
     /// Checks every finished step before anything of it is used: its entry names only tensors of
@@ -563,33 +607,51 @@ impl Journal {
 
     /// The model-wide plans an earlier run saved (`--budget-scope model`).
     pub fn plans(&self) -> Result<Option<Vec<LayerPlan>>> {
-        let path = self.dir.join(PLANS_FILE);
-        match self.read_entry::<SavedPlans>(PLANS_FILE) {
-            None => Ok(None),
-            Some(Ok(saved)) => Ok(Some(saved.plans)),
-            Some(Err(message)) => Err(Error::Json { path, message }),
-        }
+        read_plans(&self.dir.join(PLANS_FILE))
     }
 
-    /// Saves the model-wide plans, so that a resumed run needs no planning pass. Every number
-    /// in them is finite (JSON has no other), and serde_json's round trip is exact.
+    /// Saves the model-wide plans, so that a resumed run needs no planning pass.
     pub fn save_plans(&self, plans: &[LayerPlan]) -> Result<()> {
-        let finite = plans.iter().flat_map(|p| &p.chosen).all(|c| {
-            c.error.is_finite()
-                && c.signals.is_none_or(|s| {
-                    [s.effective_rank, s.frequency, s.density, s.score]
-                        .iter()
-                        .all(|v| v.is_finite())
-                })
-        });
-        if !finite {
-            return Err(Error::InvalidArgument(
-                "a plan holds a non-finite number and cannot be saved for resuming".into(),
-            ));
-        }
-        let plans = plans.to_vec();
-        self.write_entry(PLANS_FILE, &SavedPlans { plans })
+        write_plans(&self.dir.join(PLANS_FILE), plans)
     }
+}
+
+/// The model-wide plans saved in `path`, if any.
+pub fn read_plans(path: &Path) -> Result<Option<Vec<LayerPlan>>> {
+    match read_sealed::<SavedPlans>(path) {
+        None => Ok(None),
+        Some(Ok(saved)) => Ok(Some(saved.plans)),
+        Some(Err(message)) => Err(Error::Json {
+            path: path.to_path_buf(),
+            message,
+        }),
+    }
+}
+
+/// Saves model-wide plans in `path`. Every number in them is finite (JSON has no other), and
+/// serde_json's round trip is exact.
+pub fn write_plans(path: &Path, plans: &[LayerPlan]) -> Result<()> {
+    check_plans_finite(plans)?;
+    let plans = plans.to_vec();
+    write_sealed(path, &SavedPlans { plans })
+}
+
+/// Refuses plans holding a non-finite number (JSON has none, so they could not be saved).
+pub fn check_plans_finite(plans: &[LayerPlan]) -> Result<()> {
+    let finite = plans.iter().flat_map(|p| &p.chosen).all(|c| {
+        c.error.is_finite()
+            && c.signals.is_none_or(|s| {
+                [s.effective_rank, s.frequency, s.density, s.score]
+                    .iter()
+                    .all(|v| v.is_finite())
+            })
+    });
+    if !finite {
+        return Err(Error::InvalidArgument(
+            "a plan holds a non-finite number and cannot be saved for resuming".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What is wrong with the tensor names a step's shard `entry` lists, if anything: each must belong

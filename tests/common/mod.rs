@@ -452,3 +452,123 @@ pub fn run_python_driver(python: &Path, driver: &str, job_path: &Path) -> std::p
     );
     output
 }
+
+/// The MoE layers of `checkpoint` with their expert layouts.
+pub fn layouts(
+    checkpoint: &rfid_moe::checkpoint::Checkpoint,
+) -> Vec<(usize, rfid_moe::checkpoint::experts::ExpertLayout)> {
+    let spec = rfid_moe::models::ArchConfig::from_checkpoint(checkpoint)
+        .unwrap()
+        .spec();
+    spec.moe_layers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.map(|l| (i, l)))
+        .collect()
+}
+
+/// Writes `tensors` with `checkpoint`'s config as a one-shard checkpoint at `out`.
+pub fn write_checkpoint(
+    checkpoint: &rfid_moe::checkpoint::Checkpoint,
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    out: &Path,
+) -> PathBuf {
+    let mut writer = rfid_moe::checkpoint::writer::CheckpointWriter::create(out, false).unwrap();
+    writer.write_shard(tensors).unwrap();
+    let config = serde_json::to_string(checkpoint.config()).unwrap();
+    writer.write_file("config.json", config.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    out.to_path_buf()
+}
+
+/// Writes a copy of `source` whose experts are fused 3-D tensors; `break_down` gives layer 0's
+/// `down_proj` one expert too few.
+pub fn fused_copy(source: &Path, out: &Path, break_down: bool) -> PathBuf {
+    let checkpoint = rfid_moe::checkpoint::Checkpoint::open(source).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in checkpoint.tensor_names() {
+        if !name.contains(".experts.") {
+            let t = checkpoint
+                .load(
+                    name,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                    "test",
+                )
+                .unwrap();
+            tensors.insert(name.to_string(), t);
+        }
+    }
+    for (layer, layout) in layouts(&checkpoint) {
+        let load = |m| {
+            layout
+                .load_matrix(
+                    &checkpoint,
+                    m,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap()
+        };
+        let (gate, up, mut down) = (
+            load(rfid_moe::checkpoint::experts::ExpertMatrix::Gate),
+            load(rfid_moe::checkpoint::experts::ExpertMatrix::Up),
+            load(rfid_moe::checkpoint::experts::ExpertMatrix::Down),
+        );
+        let gate_up: Vec<candle_core::Tensor> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| candle_core::Tensor::cat(&[g, u], 0).unwrap())
+            .collect();
+        if break_down && layer == layouts(&checkpoint)[0].0 {
+            down.pop();
+        }
+        tensors.insert(
+            layout.fused_name(rfid_moe::checkpoint::experts::ExpertMatrix::Gate),
+            candle_core::Tensor::stack(&gate_up, 0).unwrap(),
+        );
+        tensors.insert(
+            layout.fused_name(rfid_moe::checkpoint::experts::ExpertMatrix::Down),
+            candle_core::Tensor::stack(&down, 0).unwrap(),
+        );
+    }
+    write_checkpoint(&checkpoint, tensors, out)
+}
+
+/// Every file under `dir` (relative path → bytes).
+pub fn file_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    files
+}
+
+/// Every file of `out` equals `reference`'s byte for byte, and there are no others.
+pub fn assert_same_files(reference: &Path, out: &Path) {
+    let (expected, found) = (file_tree(reference), file_tree(out));
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        found.keys().collect::<Vec<_>>(),
+        "{} holds other files than {}",
+        out.display(),
+        reference.display()
+    );
+    for (name, bytes) in &expected {
+        assert!(
+            found[name] == *bytes,
+            "{} differs from {}'s",
+            name.display(),
+            reference.display()
+        );
+    }
+}

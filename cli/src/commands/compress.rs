@@ -13,6 +13,7 @@ use rfid_moe::pipeline::methods::quantise::{
     self, Algorithm, CandidateErrors, HessianSource, QuantiseSettings,
 };
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
+use rfid_moe::pipeline::split::{self, SplitStep};
 use rfid_moe::pipeline::OutputFormat;
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 use rfid_moe::quant::Scheme;
@@ -198,6 +199,103 @@ pub struct CompressArgs {
     /// Where calibration runs: cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
+    #[command(flatten)]
+    split: SplitArgs,
+}
+
+/// The steps of a run split into units that other processes or machines run (every step takes
+/// the same compress flags; docs/SCALE-OUT.md).
+#[derive(Args)]
+#[group(skip)]
+pub struct SplitArgs {
+    /// Run directory of a split run (shared by every step; default: OUT.run beside --out).
+    #[arg(long, value_name = "DIR")]
+    run: Option<PathBuf>,
+    /// Split run: plan the units and save each unit's input hidden states.
+    #[arg(long, group = "split_step")]
+    plan: bool,
+    /// Units to plan (--plan; at most one per decoder layer; default 4).
+    #[arg(long, requires = "plan", value_parser = clap::value_parser!(u64).range(1..))]
+    units: Option<u64>,
+    /// Split run: run unit N (its offers, or its layers once the plan is solved).
+    #[arg(long, value_name = "N", group = "split_step")]
+    unit: Option<usize>,
+    /// Split run: run the unit named by RFID_MOE_UNIT, SLURM_ARRAY_TASK_ID or
+    /// JOB_COMPLETION_INDEX (the first set).
+    #[arg(long, group = "split_step")]
+    unit_from_env: bool,
+    /// Split run: solve the model-wide plan from every unit's offers.
+    #[arg(long, group = "split_step")]
+    solve: bool,
+    /// Split run: assemble the output from the finished units.
+    #[arg(long, group = "split_step")]
+    merge: bool,
+    /// Split run: print where the run stands as JSON (the next step and the units it needs).
+    #[arg(long, group = "split_step")]
+    status: bool,
+}
+
+/// The environment variables that name a unit, in the order they are read.
+const UNIT_VARIABLES: [&str; 3] = [
+    "RFID_MOE_UNIT",
+    "SLURM_ARRAY_TASK_ID",
+    "JOB_COMPLETION_INDEX",
+];
+
+impl SplitArgs {
+    /// The split step asked for, if any.
+    fn step(&self) -> Result<Option<SplitStep>> {
+        let step = if self.plan {
+            SplitStep::Plan {
+                units: self.units.map(|u| u as usize),
+            }
+        } else if let Some(unit) = self.unit {
+            SplitStep::Unit(unit)
+        } else if self.unit_from_env {
+            SplitStep::Unit(unit_from_env()?)
+        } else if self.solve {
+            SplitStep::Solve
+        } else if self.merge {
+            SplitStep::Merge
+        } else if self.status {
+            SplitStep::Status
+        } else {
+            if self.run.is_some() {
+                bail!("--run names a split run: add the step (--plan, --unit N, --unit-from-env, --solve, --merge or --status)");
+            }
+            return Ok(None);
+        };
+        Ok(Some(step))
+    }
+}
+
+/// The unit number from the first of [`UNIT_VARIABLES`] that is set; refused when another one
+/// names a different unit (a variable exported by mistake would run one unit everywhere).
+fn unit_from_env() -> Result<usize> {
+    let mut found: Option<(&str, usize)> = None;
+    for name in UNIT_VARIABLES {
+        let Ok(value) = std::env::var(name) else {
+            continue;
+        };
+        let unit: usize = value
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={value:?} is not a unit number (0, 1, …)"))?;
+        match found {
+            None => found = Some((name, unit)),
+            Some((first, chosen)) if chosen != unit => bail!(
+                "--unit-from-env: {first}={chosen} and {name}={unit} name different units; unset one"
+            ),
+            Some(_) => {}
+        }
+    }
+    match found {
+        Some((_, unit)) => Ok(unit),
+        None => bail!(
+            "--unit-from-env: none of {} is set",
+            UNIT_VARIABLES.join(", ")
+        ),
+    }
 }
 
 fn set<T: Clone>(target: &mut T, flag: &Option<T>) {
@@ -399,6 +497,9 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         options.output.export_dense.as_deref(),
         args.json.as_deref(),
     )?;
+    if let Some(step) = args.split.step()? {
+        return run_split_step(args, &options, step);
+    }
     let observer = bars::observer(args.quiet);
     let outcome = rfid_moe::compress_with_progress(&options, observer.as_ref());
     drop(observer);
@@ -424,6 +525,73 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         Some(out) => println!("wrote {} in {:.1}s", out.display(), report.seconds),
         None => println!("dry run: nothing written ({:.1}s)", report.seconds),
     }
+    Ok(())
+}
+
+/// Runs one step of a split run and says where the run stands (`--status`: JSON only).
+fn run_split_step(args: &CompressArgs, options: &CompressOptions, step: SplitStep) -> Result<()> {
+    let run_dir = match (&args.split.run, &options.output.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(out)) => {
+            let mut name = out.file_name().unwrap_or_default().to_os_string();
+            name.push(".run");
+            out.with_file_name(name)
+        }
+        (None, None) => bail!("a split run needs --out (and --run DIR, or OUT.run is used)"),
+    };
+    if args.restart {
+        bail!("--restart does not apply to a split run: plan a new run in another --run directory");
+    }
+    if run_dir.starts_with(&options.model) {
+        bail!(
+            "the run directory {} is inside the model directory {}: put it elsewhere",
+            run_dir.display(),
+            options.model.display()
+        );
+    }
+    let observer = bars::observer(args.quiet || step == SplitStep::Status);
+    let outcome = split::run_step(options, &run_dir, step, observer.as_ref());
+    drop(observer);
+    let outcome = match outcome {
+        Err(rfid_moe::Error::Interrupted {
+            signal,
+            resume_hint,
+        }) => exit_interrupted(signal, &resume_hint),
+        other => other?,
+    };
+    if step == SplitStep::Status {
+        println!("{}", serde_json::to_string(&outcome.status)?);
+        return Ok(());
+    }
+    if let Some(report) = &outcome.report {
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            super::write_json(path, report)?;
+        }
+    }
+    let status = &outcome.status;
+    let pending = status
+        .pending
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let next = match status.next {
+        split::NextStep::Plan => "plan the run (--plan)".to_string(),
+        split::NextStep::Offer => format!("units {pending} to save their offers (--unit N)"),
+        split::NextStep::Solve => "solve the model-wide plan (--solve)".to_string(),
+        split::NextStep::Apply => format!("units {pending} to write their layers (--unit N)"),
+        split::NextStep::Merge => "merge (--merge)".to_string(),
+        split::NextStep::Done => match &status.output {
+            Some(out) => format!("nothing: merged into {}", out.display()),
+            None => "nothing: merged".to_string(),
+        },
+    };
+    println!(
+        "{}: {} unit(s); next: {next}",
+        run_dir.display(),
+        status.units
+    );
     Ok(())
 }
 

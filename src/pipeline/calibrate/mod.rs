@@ -299,6 +299,51 @@ impl<'a, B: LinalgBackend> CalibrationStream<'a, B> {
         &self.spec
     }
 
+    /// The next layer to run and the hidden states it will see: the calibration batches' and
+    /// the held-out windows' (what a unit of a split run starts from).
+    pub fn boundary(&self) -> (usize, &[Tensor], &[Tensor]) {
+        (self.next_layer, &self.hidden, &self.held_out)
+    }
+
+    /// Continues at layer `layer` from hidden states a [`Self::boundary`] gave, which must have
+    /// the shapes of this stream's own (the same windows and batches); `what` names their
+    /// source in an error.
+    pub fn continue_at(
+        &mut self,
+        layer: usize,
+        hidden: Vec<Tensor>,
+        held_out: Vec<Tensor>,
+        what: &std::path::Path,
+    ) -> Result<()> {
+        let shapes = |states: &[Tensor]| -> Vec<Vec<usize>> {
+            states.iter().map(|t| t.dims().to_vec()).collect()
+        };
+        let expected = [shapes(&self.hidden), shapes(&self.held_out)];
+        let found = [shapes(&hidden), shapes(&held_out)];
+        if expected != found || layer > self.spec.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds hidden states of shapes {found:?} for layer {layer}; this run's \
+                 calibration has {expected:?} over {} layers",
+                what.display(),
+                self.spec.num_layers
+            )));
+        }
+        let device = self.hidden.first().map(|t| t.device().clone());
+        let to_device = |states: Vec<Tensor>| -> Result<Vec<Tensor>> {
+            states
+                .into_iter()
+                .map(|t| match &device {
+                    Some(device) => Ok(t.to_dtype(DType::F32)?.to_device(device)?),
+                    None => Ok(t),
+                })
+                .collect()
+        };
+        self.hidden = to_device(hidden)?;
+        self.held_out = to_device(held_out)?;
+        self.next_layer = layer;
+        Ok(())
+    }
+
     /// Runs every batch through the next layer without recording (a layer an interrupted run
     /// already compressed), so that the following layer sees the same hidden states; returns
     /// its index, `None` after the last layer.

@@ -119,9 +119,18 @@ pub trait Method<B: LinalgBackend>: Send + Sync {
 
     /// Reconsiders its candidates once every layer the budget covers has offered (all layers,
     /// or the one layer, by budget scope): a method that allocates on its own keeps only the
-    /// candidates of its allocation here.
+    /// candidates of its allocation here. A split run settles offers another process made: a
+    /// method that reads what its own `offer` kept must say so in
+    /// [`Self::settles_from_offers`].
     fn settle(&self, _offers: &mut [LayerOffer]) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether [`Self::settle`] needs only the offers, so that it can settle offers another
+    /// process made (a split run's solve step); false when it relies on what its own
+    /// [`Self::offer`] kept.
+    fn settles_from_offers(&self) -> bool {
+        true
     }
 
     /// The stored tensors of its candidates the solver chose in this layer.

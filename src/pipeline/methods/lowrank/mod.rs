@@ -1029,6 +1029,11 @@ impl<B: LinalgBackend> Method<B> for LowRank<B> {
         }
     }
 
+    fn settles_from_offers(&self) -> bool {
+        // The paper's model-wide allocation re-reads each layer's analysis its offer kept.
+        self.settings.allocation.policy().is_none()
+    }
+
     fn settle(&self, offers: &mut [LayerOffer]) -> Result<()> {
         if self.settings.allocation.policy().is_none() {
             return Ok(());
