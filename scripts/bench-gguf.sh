@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GGUF at equal file size, measured by llama.cpp itself: `compress --format gguf` against
-# llama-quantize's own Q4_K_M / Q3_K_M / Q2_K of our bf16 GGUF export of the same model.
+# llama-quantize's own Q4_K_M / Q3_K_M / Q2_K of our bf16 GGUF export of the same model, plain
+# and with an importance matrix (llama-imatrix over the same CALIBRATION text rfid-moe uses: the
+# strongest llama.cpp recipe; the types and so the file sizes are the same).
 # Perplexity is llama-perplexity's (-c 512, second half of each chunk scored) on TEXT.
 #
 # Usage: scripts/bench-gguf.sh MODEL CALIBRATION TEXT WORKDIR [TYPE[:OTHER]...]
@@ -23,6 +25,11 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 RFID=${RFID_MOE_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release/rfid-moe}
 LLAMA=$("$HERE/scripts/llama-cpp.sh" | tail -n 1)
 mkdir -p "$WORK"
+if [ ! -x "$LLAMA/llama-imatrix" ]; then
+  # cmake and ninja live in the build's own venv (scripts/llama-cpp.sh).
+  PATH="$(dirname "$(dirname "$LLAMA")")/V/bin:$PATH" \
+    cmake --build "$(dirname "$LLAMA")" --target llama-imatrix -j 2 > /dev/null
+fi
 
 ppl() { # llama-perplexity's running estimate after the last chunk it printed: "CHUNKS PPL"
   local last
@@ -40,6 +47,9 @@ size() { stat -c %s "$1"; }
 
 compress "$WORK/bf16" --ratio 0
 read -r BASE_CHUNKS BASE <<< "$(ppl "$WORK/bf16/model.gguf")"
+IMATRIX="$WORK/imatrix.gguf"
+[ -f "$IMATRIX" ] || "$LLAMA/llama-imatrix" -m "$WORK/bf16/model.gguf" -f "$CALIBRATION" \
+  -o "$IMATRIX" -c 512 -t 2 > "$IMATRIX.log" 2>&1
 ROWS=()
 for ENTRY in "${TYPES[@]}"; do
   T=${ENTRY%%:*}; OTHER=q8_0; [ "$ENTRY" = "$T" ] || OTHER=${ENTRY#*:}
@@ -59,22 +69,27 @@ for ENTRY in "${TYPES[@]}"; do
     P_OURS=nan; OURS_SIZE=0
   fi
   read -r _ P_THEIRS <<< "$(ppl "$THEIRS")"
-  ROWS+=("$T $TARGET $P_THEIRS $OURS_SIZE $P_OURS $RATIO $OTHER")
+  WEIGHTED="$WORK/llama-imatrix-$T.gguf"
+  [ -f "$WEIGHTED" ] || "$LLAMA/llama-quantize" --imatrix "$IMATRIX" "$WORK/bf16/model.gguf" \
+    "$WEIGHTED" "$T" > "$WEIGHTED.log" 2>&1
+  read -r _ P_WEIGHTED <<< "$(ppl "$WEIGHTED")"
+  ROWS+=("$T $TARGET $P_THEIRS $OURS_SIZE $P_OURS $RATIO $OTHER $(size "$WEIGHTED") $P_WEIGHTED")
 done
 python3 - "$WORK" "$BASE" "$BASE_CHUNKS" "$(size "$WORK/bf16/model.gguf")" "${ROWS[@]}" <<'PY'
 import json, math, sys
 work, base, chunks, base_size, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
 print(f"bf16 GGUF: {base_size} bytes, PPL {base:.4f} ({chunks} chunks of 512, llama-perplexity)")
-print("| llama-quantize type | its file | its PPL | rfid-moe --format gguf at that size | its PPL |")
-print("| --- | --- | --- | --- | --- |")
+print("| llama-quantize type | its file | its PPL | with imatrix: file, PPL | rfid-moe --format gguf at that size | its PPL |")
+print("| --- | --- | --- | --- | --- | --- |")
 out = {"bf16": {"bytes": base_size, "perplexity": base, "chunks": chunks}, "rows": []}
 for row in rows:
-    t, ts, tp, os_, op, ratio, other = row.split()
-    ts, tp, os_, op = int(ts), float(tp), int(os_), float(op)
+    t, ts, tp, os_, op, ratio, other, ws, wp = row.split()
+    ts, tp, os_, op, ws, wp = int(ts), float(tp), int(os_), float(op), int(ws), float(wp)
     d = lambda p: f"{100 * (p / base - 1):+.2f}%"
     ours = "cannot be met" if math.isnan(op) else f"{op:.4f} ({d(op)})"
-    print(f"| {t} | {ts} B | {tp:.4f} ({d(tp)}) | {os_} B (--ratio {ratio} --other-type {other}) | {ours} |")
+    print(f"| {t} | {ts} B | {tp:.4f} ({d(tp)}) | {ws} B, {wp:.4f} ({d(wp)}) | {os_} B (--ratio {ratio} --other-type {other}) | {ours} |")
     out["rows"].append({"type": t, "llama_bytes": ts, "llama_perplexity": tp, "ours_bytes": os_,
-                        "ours_perplexity": None if math.isnan(op) else op, "ratio": float(ratio), "other_type": other})
+                        "ours_perplexity": None if math.isnan(op) else op, "ratio": float(ratio), "other_type": other,
+                        "llama_imatrix_bytes": ws, "llama_imatrix_perplexity": wp})
 json.dump(out, open(f"{work}/gguf-bench.json", "w"), indent=1)
 PY
