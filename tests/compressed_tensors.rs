@@ -437,6 +437,7 @@ fn pinned_python(test: &str) -> Option<PathBuf> {
             script: "scripts/python-env.sh",
             unchecked: "transformers' reading of compressed-tensors output",
             usable: |path| path.exists(),
+            skip_if_uninstallable: false,
         },
         test,
     )

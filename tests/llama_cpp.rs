@@ -32,6 +32,7 @@ fn llama_cpp(test: &str) -> Option<PathBuf> {
             script: "scripts/llama-cpp.sh",
             unchecked: "llama.cpp running our GGUF outputs",
             usable: |dir| dir.join("llama-perplexity").exists(),
+            skip_if_uninstallable: false,
         },
         test,
     )

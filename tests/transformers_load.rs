@@ -48,6 +48,7 @@ fn pinned_python(test: &str) -> Option<PathBuf> {
             script: "scripts/python-env.sh",
             unchecked: "reading our outputs in transformers",
             usable: |path| path.exists(),
+            skip_if_uninstallable: false,
         },
         test,
     )

@@ -394,10 +394,13 @@ pub struct ExternalTool {
     pub unchecked: &'static str,
     /// Whether a path the script printed is a usable installation.
     pub usable: fn(&Path) -> bool,
+    /// Whether an installation that fails (no network, no wheel for this platform) skips the
+    /// test loudly instead of failing it.
+    pub skip_if_uninstallable: bool,
 }
 
 /// The installation's path, or None when the user opted out (`test` names the test skipped);
-/// fails the test when it cannot be installed.
+/// fails the test when it cannot be installed, unless the tool skips then (loudly).
 pub fn external_tool(tool: &ExternalTool, test: &str) -> Option<PathBuf> {
     if std::env::var(tool.skip_var).is_ok_and(|v| v == "1") {
         // Written to the process's stderr directly: the harness hides `eprintln!` of passing tests.
@@ -418,6 +421,19 @@ pub fn external_tool(tool: &ExternalTool, test: &str) -> Option<PathBuf> {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let path = PathBuf::from(stdout.lines().last().map(str::trim).unwrap_or_default());
+    let installed = output.status.success() && (tool.usable)(&path);
+    if !installed && tool.skip_if_uninstallable {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: String = stderr.lines().rev().take(8).collect::<Vec<_>>().join("\n");
+        let warning = format!(
+            "\n!!! {} could not install ({}): SKIPPING `{test}`; {} was NOT checked !!!\n{tail}\n",
+            script.display(),
+            output.status,
+            tool.unchecked
+        );
+        std::io::Write::write_all(&mut std::io::stderr(), warning.as_bytes()).unwrap();
+        return None;
+    }
     assert!(
         output.status.success() && (tool.usable)(&path),
         "could not install with {} ({}):\n{}\nSet {}=PATH to use another installation, or {}=1 \
