@@ -1,7 +1,8 @@
 //! Our GGUF outputs in llama.cpp itself (nobody's code but theirs: `llama-perplexity` built by
 //! `scripts/llama-cpp.sh` from the source PyPI's llama-cpp-python vendors): every family's
-//! plain conversion, and a quantised Qwen3-MoE from `compress --format gguf`, give llama.cpp the
-//! perplexity rfid-moe measures on the same weights, text and windows (`eval --second-half`).
+//! plain conversion, every family pruned and quantised by `compress --format gguf`, and a
+//! quantised Qwen3-MoE trained model give llama.cpp the perplexity rfid-moe measures on the same
+//! weights, text and windows (`eval --second-half`).
 //!
 //! Needs the llama.cpp build (made on first use, about 7 CPU-minutes, cached outside the clone)
 //! or `RFID_MOE_LLAMA_CPP_BIN=/dir/with/llama-perplexity`; fails when it cannot be had unless
@@ -188,4 +189,72 @@ fn llama_cpp_gives_a_quantised_qwen3_moe_our_perplexity() {
         relative(theirs, ours) < BLOCK_TOLERANCE,
         "llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
     );
+}
+
+#[test]
+fn llama_cpp_gives_every_family_pruned_and_quantised_our_perplexity() {
+    let test = "llama_cpp_gives_every_family_pruned_and_quantised_our_perplexity";
+    let Some(bin) = llama_cpp(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let text_path = tmp.path().join("text.txt");
+    let text = one_document(6000);
+    std::fs::write(&text_path, &text).unwrap();
+    for name in [
+        "tiny-mixtral",
+        "tiny-qwen2_moe",
+        "tiny-qwen3_moe",
+        "tiny-deepseek_v3",
+    ] {
+        let (_keep, dir) = common::copy_fixture(name);
+        gguf_common::write_byte_tokenizer(&dir);
+        let calibration =
+            common::random_token_windows(&dir.join("calibration.safetensors"), 256, 16, 32, 3);
+        let out = tmp.path().join(format!("{name}-gguf"));
+        let mut options = common::small_default_options(&dir, &calibration, &out, 0.6);
+        options.methods = vec!["prune".into(), "quantise".into(), "keep".into()];
+        options.set_format(OutputFormat::Gguf);
+        common::prune_settings(&mut options, |s| s.fraction = Some(0.25));
+        options
+            .update_settings::<rfid_moe::pipeline::methods::quantise::QuantiseSettings>(|s| {
+                s.schemes = ["q8_0", "q4_0"]
+                    .iter()
+                    .map(|k| rfid_moe::quant::Scheme::parse(k).unwrap())
+                    .collect();
+            })
+            .unwrap();
+        rfid_moe::compress(&options).unwrap();
+        // A quarter of the experts removed and kept ones stored as ggml blocks.
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("compression_report.json")).unwrap(),
+        )
+        .unwrap();
+        let layers = report["layers"].as_array().unwrap();
+        for layer in layers {
+            let pruning = &layer["pruning"];
+            let kept = pruning["kept"].as_array().unwrap().len();
+            let original = pruning["original_experts"].as_u64().unwrap() as usize;
+            assert_eq!(
+                kept * 4,
+                original * 3,
+                "{name}: a quarter of the experts removed"
+            );
+        }
+        let choices = serde_json::to_string(&report["layers"]).unwrap();
+        assert!(
+            choices.contains("quantise q4_0") || choices.contains("quantise q8_0"),
+            "{name}: {choices}"
+        );
+        let ctx = 128;
+        let file = out.join(rfid_moe::checkpoint::gguf::names::GGUF_FILE);
+        let (theirs, chunks) = llama_perplexity(&bin, &file, &text_path, ctx);
+        let ours = rfid_perplexity(&out, &tokens_of(&out, &text), ctx, chunks);
+        eprintln!("{name} pruned + quantised: llama.cpp {theirs:.6}, rfid-moe {ours:.6} over {chunks} chunks");
+        assert!(chunks >= 10, "{name}: {chunks} chunks");
+        assert!(
+            relative(theirs, ours) < BLOCK_TOLERANCE,
+            "{name}: llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
+        );
+    }
 }
