@@ -18,6 +18,7 @@ use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::export::compressed_tensors;
 use rfid_moe::models::{ArchConfig, Model};
 use rfid_moe::pipeline::methods::quantise::QuantiseSettings;
+use rfid_moe::pipeline::OutputFormat;
 use rfid_moe::quant::Scheme;
 use serde_json::{json, Value};
 
@@ -484,16 +485,39 @@ fn transformers_loads_the_output_without_remote_code() {
     };
     let checkpoint = Checkpoint::open(&mini).unwrap();
     compressed_tensors::write_with(&checkpoint, &f32_scales, &options).unwrap();
-    // (name, directory, whether transformers rounds the expert weights to bf16: bf16 scales)
-    let cases = [
-        ("mini", export(&mini, &work.join("mini-ct")).unwrap(), true),
-        ("mini f32 scales", f32_scales, false),
+    // (name, directory, whether transformers rounds the expert weights to bf16 (bf16 scales),
+    // whether anything is quantised)
+    let mut cases = vec![
         (
-            "qwen2_moe",
+            "mini".to_string(),
+            export(&mini, &work.join("mini-ct")).unwrap(),
+            true,
+            true,
+        ),
+        ("mini f32 scales".to_string(), f32_scales, false, true),
+        (
+            "qwen2_moe".to_string(),
             export(&fixture, &work.join("qwen2-ct")).unwrap(),
             false,
+            true,
         ),
     ];
+    // Every other family transformers runs, pruned and quantised by the pipeline (f32 fixtures:
+    // f32 scales, so transformers' values are ours exactly). At 30% kept every layer must be
+    // quantised: transformers 5.17 reads a compressed-tensors model's experts only in packed
+    // form, so a layer kept in floats beside packed ones does not load there (a known limit
+    // of mixed outputs). tiny-mixtral's down_proj has 48 input columns, which no group of 32,
+    // 64 or 128 divides: the format cannot quantise it, so it is only pruned.
+    for (family, ratio, quantised) in [
+        ("mixtral", 0.25, false),
+        ("olmoe", 0.7, true),
+        ("qwen3_moe", 0.7, true),
+        ("deepseek_v2", 0.7, true),
+        ("deepseek_v3", 0.7, true),
+    ] {
+        let out = pruned_and_quantised_fixture(&format!("tiny-{family}"), work, ratio, quantised);
+        cases.push((family.to_string(), out, false, quantised));
+    }
     let ids = common::mini_ids().narrow(0, 0, 2).unwrap();
     let ids = ids.clamp(0i64, 255i64).unwrap();
     common::write_input_ids(&work.join("ids.safetensors"), ids.clone());
@@ -501,7 +525,7 @@ fn transformers_loads_the_output_without_remote_code() {
         "input_ids": work.join("ids.safetensors"),
         "tensors_out": work.join("py.safetensors"),
         "results_out": work.join("py.json"),
-        "cases": cases.iter().map(|(n, d, _)| json!({"name": n, "dir": d})).collect::<Vec<_>>(),
+        "cases": cases.iter().map(|(n, d, ..)| json!({"name": n, "dir": d})).collect::<Vec<_>>(),
     });
     std::fs::write(work.join("job.json"), job.to_string()).unwrap();
     common::run_python_driver(&python, "tests/ct_transformers.py", &work.join("job.json"));
@@ -510,10 +534,11 @@ fn transformers_loads_the_output_without_remote_code() {
     let tensors =
         candle_core::safetensors::load(work.join("py.safetensors"), &Device::Cpu).unwrap();
     let mut failures = Vec::new();
-    for (name, dir, rounded) in &cases {
-        let result = &results[*name];
+    for (name, dir, rounded, quantised) in &cases {
+        let result = &results[name.as_str()];
         assert!(result.get("error").is_none(), "{name}: {}", result["error"]);
-        assert_eq!(result["quant_method"], "compressed-tensors", "{name}");
+        let method = quantised.then_some("compressed-tensors");
+        assert_eq!(result["quant_method"], json!(method), "{name}");
         assert_eq!(
             result["report"],
             json!({}),
@@ -559,6 +584,41 @@ fn transformers_loads_the_output_without_remote_code() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `compress --format compressed-tensors` of fixture `name` (in `work`) at `ratio` with a
+/// quarter of its experts removed and, when `quantised`, kept experts quantised.
+fn pruned_and_quantised_fixture(name: &str, work: &Path, ratio: f64, quantised: bool) -> PathBuf {
+    let model = work.join(name);
+    common::copy_dir(&common::fixture(name), &model);
+    let calibration =
+        common::random_token_windows(&work.join(format!("{name}.safetensors")), 256, 16, 32, 5);
+    let out = work.join(format!("{name}-ct"));
+    let mut options = common::small_default_options(&model, &calibration, &out, ratio);
+    options.methods = vec!["prune".into(), "quantise".into(), "keep".into()];
+    options.set_format(OutputFormat::CompressedTensors);
+    common::prune_settings(&mut options, |s| s.fraction = Some(0.25));
+    rfid_moe::compress(&options).unwrap();
+    let config = common::read_config(&out);
+    assert_eq!(
+        config.get("quantization_config").is_some(),
+        quantised,
+        "{name}: quantised"
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+            .unwrap();
+    for layer in report["layers"].as_array().unwrap() {
+        let pruning = &layer["pruning"];
+        let kept = pruning["kept"].as_array().unwrap().len();
+        let original = pruning["original_experts"].as_u64().unwrap() as usize;
+        assert_eq!(
+            kept * 4,
+            original * 3,
+            "{name}: a quarter of the experts removed"
+        );
+    }
+    out
 }
 
 /// rfid-moe's perplexity of the checkpoint at `dir` on `ids` (f32, every token after the first
