@@ -651,6 +651,10 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 candidate.error /= energy;
             }
         }
+        let format = self.options.output.format;
+        if !format.mixes_float_and_packed() && self.budget.ratio > 0.0 {
+            self.drop_floats_where_packed_fits(&mut candidates);
+        }
         Ok(LayerOffer {
             layer: statistics.layer,
             groups: statistics.groups.clone(),
@@ -659,6 +663,30 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             target: context.target,
             pruning: statistics.pruning.clone(),
         })
+    }
+
+    /// Removes the layer's candidates that store a unit in floats when every unit of the layer
+    /// has another, so that a format which cannot mix float and packed layers (one storage
+    /// per layer) gets every layer packed that can be (a budget that leaves room is spent on
+    /// finer formats instead).
+    fn drop_floats_where_packed_fits(&self, candidates: &mut Vec<plan::Candidate>) {
+        let floats: Vec<&str> = self
+            .methods
+            .iter()
+            .filter(|m| m.stores_floats())
+            .map(|m| m.name())
+            .collect();
+        let is_float = |c: &plan::Candidate| floats.contains(&c.method.as_str());
+        let units: std::collections::HashSet<plan::Unit> =
+            candidates.iter().map(|c| c.unit).collect();
+        let packed_units: std::collections::HashSet<plan::Unit> = candidates
+            .iter()
+            .filter(|c| !is_float(c))
+            .map(|c| c.unit)
+            .collect();
+        if packed_units == units {
+            candidates.retain(|c| !is_float(c));
+        }
     }
 
     /// Calls `f` with the layer's experts as the stages see them: after removal, the kept ones

@@ -108,6 +108,13 @@ impl OutputFormat {
         }
     }
 
+    /// Whether the output can keep some layers' experts in floats beside packed ones.
+    /// compressed-tensors cannot: transformers' loader reads a compressed model's experts only
+    /// in packed form, so a float layer among packed ones does not load there.
+    pub fn mixes_float_and_packed(self) -> bool {
+        !matches!(self, Self::CompressedTensors)
+    }
+
     /// The finest granularity at which the output can mix choices (one tensor type per
     /// layer and matrix for GGUF).
     pub fn finest_granularity(self) -> Granularity {

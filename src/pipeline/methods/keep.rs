@@ -26,6 +26,10 @@ impl<B: LinalgBackend> Method<B> for Keep {
         NAME
     }
 
+    fn stores_floats(&self) -> bool {
+        true
+    }
+
     fn offer(&self, layer: &LayerContext<B>) -> Result<Vec<Candidate>> {
         let experts = layer.experts;
         let mut candidates = Vec::new();

@@ -126,6 +126,12 @@ pub trait Method<B: LinalgBackend>: Send + Sync {
         Ok(())
     }
 
+    /// Whether its candidates store the unit in the input's floats (a format that cannot mix
+    /// float and packed layers offers them only where nothing packed fits).
+    fn stores_floats(&self) -> bool {
+        false
+    }
+
     /// Whether [`Self::settle`] needs only the offers, so that it can settle offers another
     /// process made (a split run's solve step); false when it relies on what its own
     /// [`Self::offer`] kept.
