@@ -605,19 +605,7 @@ fn pruned_and_quantised_fixture(name: &str, work: &Path, ratio: f64, quantised: 
         quantised,
         "{name}: quantised"
     );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
-            .unwrap();
-    for layer in report["layers"].as_array().unwrap() {
-        let pruning = &layer["pruning"];
-        let kept = pruning["kept"].as_array().unwrap().len();
-        let original = pruning["original_experts"].as_u64().unwrap() as usize;
-        assert_eq!(
-            kept * 4,
-            original * 3,
-            "{name}: a quarter of the experts removed"
-        );
-    }
+    common::assert_a_quarter_of_experts_removed(&out, name);
     out
 }
 

@@ -226,21 +226,7 @@ fn llama_cpp_gives_every_family_pruned_and_quantised_our_perplexity() {
             .unwrap();
         rfid_moe::compress(&options).unwrap();
         // A quarter of the experts removed and kept ones stored as ggml blocks.
-        let report: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("compression_report.json")).unwrap(),
-        )
-        .unwrap();
-        let layers = report["layers"].as_array().unwrap();
-        for layer in layers {
-            let pruning = &layer["pruning"];
-            let kept = pruning["kept"].as_array().unwrap().len();
-            let original = pruning["original_experts"].as_u64().unwrap() as usize;
-            assert_eq!(
-                kept * 4,
-                original * 3,
-                "{name}: a quarter of the experts removed"
-            );
-        }
+        let report = common::assert_a_quarter_of_experts_removed(&out, name);
         let choices = serde_json::to_string(&report["layers"]).unwrap();
         assert!(
             choices.contains("quantise q4_0") || choices.contains("quantise q8_0"),

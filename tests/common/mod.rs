@@ -588,3 +588,22 @@ pub fn assert_same_files(reference: &Path, out: &Path) {
         );
     }
 }
+
+/// Asserts that every MoE layer of the output at `out` removed a quarter of its experts (its
+/// compression report says; `what` names the case); returns the report.
+pub fn assert_a_quarter_of_experts_removed(out: &Path, what: &str) -> serde_json::Value {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compression_report.json")).unwrap())
+            .unwrap();
+    for layer in report["layers"].as_array().unwrap() {
+        let pruning = &layer["pruning"];
+        let kept = pruning["kept"].as_array().unwrap().len();
+        let original = pruning["original_experts"].as_u64().unwrap() as usize;
+        assert_eq!(
+            kept * 4,
+            original * 3,
+            "{what}: a quarter of the experts removed"
+        );
+    }
+    report
+}
