@@ -1,8 +1,9 @@
 //! A compression split into units (`compress --plan`, `--unit N`, `--solve`, `--merge`) through
 //! the `rfid-moe` binary: the merged output equals a single-process run's byte for byte (the
-//! bundled model with a model-wide and a per-layer budget, a fused-expert and a DeepSeek
-//! fixture), whatever order the units run in and after a unit is killed in either wave; a step
-//! of other options, a damaged input and an unfinished unit are refused by name.
+//! bundled model with a model-wide and a per-layer budget and with the paper's method and its
+//! held-out windows, a fused-expert and a DeepSeek fixture), whatever order the units run in
+//! and after a unit is killed in either wave; a step of other options, a damaged input and an
+//! unfinished unit are refused by name.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -260,6 +261,19 @@ fn a_per_layer_budget_splits_without_a_solve_and_a_killed_unit_resumes() {
     assert!(run.join("inputs").exists());
     setup.ok(&[&layer[..], &["--merge"]].concat());
     assert_eq!(names(&run), ["merged.json", "run.json"]);
+    common::assert_same_files(&reference, &setup.out);
+}
+
+#[test]
+fn the_papers_method_with_held_out_windows_splits_like_one_process() {
+    // `--xi auto` carries held-out windows through every layer: the units' inputs hold them.
+    let setup = Setup::bundled();
+    let paper = ["--preset", "paper", "--ratio", "0.4", "--xi", "auto"];
+    let reference = setup.reference(&paper);
+    setup.ok(&[&paper[..], &["--plan", "--units", "2"]].concat());
+    assert_eq!(setup.status(&paper)["scope"], "layer");
+    let steps = setup.drive(&paper);
+    assert_eq!(steps, ["apply 1", "apply 0", "merge"]);
     common::assert_same_files(&reference, &setup.out);
 }
 
