@@ -89,38 +89,31 @@ pub fn compress_with(
     progress: &dyn Progress,
 ) -> Result<Report> {
     let started = Instant::now();
-    let Prepared {
-        checkpoint,
-        options,
-        methods,
-        windows,
-        fingerprint,
-        calibration_tokens,
-        manifest,
-        device,
-    } = Prepared::new(options, registry, true)?;
-    let mut run = Run::new(&options, &checkpoint, &CpuBackend, &fingerprint, methods)?;
-    let windows = run.split_windows(&windows)?;
+    let (prepared, methods) = Prepared::new(options, registry, true)?;
+    let (mut run, windows) = prepared.start(methods)?;
+    let options = &prepared.options;
     // A signal now only asks the run to stop at its next safe point.
     let _cooperative = (!options.output.dry_run).then(staging::InterruptScope::enter);
     // Outputs are claimed before any long work, so a refused output fails at once.
-    let mut emitter = Emitter::create(&checkpoint, &options.output, &manifest)?;
+    let mut emitter = Emitter::create(&prepared.checkpoint, &options.output, &prepared.manifest)?;
     for note in emitter.resume_notes() {
         progress.message("resume", note);
     }
-    if let Err(error) = run.compress_layers(&mut emitter, &windows, &device, progress) {
+    if let Err(error) = run.compress_layers(&mut emitter, &windows, &prepared.device, progress) {
         return Err(stopped(emitter, error));
     }
     run.save_statistics()?;
-    run.finish(emitter, calibration_tokens, started)
+    run.finish(emitter, prepared.calibration_tokens, started)
 }
 
+/// The enabled methods of a run, as the registry built them.
+type Methods = Vec<Box<dyn Method<CpuBackend>>>;
+
 /// What every run needs before its first layer: the checkpoint, the options as resolved (with
-/// every method's settings), the methods, the calibration windows and the resume manifest.
+/// every method's settings), the calibration windows and the resume manifest.
 struct Prepared {
     checkpoint: Checkpoint,
     options: CompressOptions,
-    methods: Vec<Box<dyn Method<CpuBackend>>>,
     windows: Vec<Vec<u32>>,
     fingerprint: String,
     calibration_tokens: usize,
@@ -129,13 +122,13 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// Everything `options` needs before its first layer; `open_device: false` (steps that run
-    /// no layer) leaves the device unopened and uses the CPU.
+    /// Everything `options` needs before its first layer, and its methods; `open_device: false`
+    /// (steps that run no layer) leaves the device unopened and uses the CPU.
     fn new(
         options: &CompressOptions,
         registry: &Registry<CpuBackend>,
         open_device: bool,
-    ) -> Result<Self> {
+    ) -> Result<(Self, Methods)> {
         options.validate()?;
         let device = match open_device {
             true => parse_device(&options.device)?,
@@ -159,16 +152,30 @@ impl Prepared {
         let fingerprint = calibrate::fingerprint(&windows);
         let calibration_tokens = windows.iter().map(Vec::len).sum();
         let manifest = resume::Manifest::new(&options, &checkpoint, &fingerprint)?;
-        Ok(Self {
+        let prepared = Self {
             checkpoint,
             options,
-            methods,
             windows,
             fingerprint,
             calibration_tokens,
             manifest,
             device,
-        })
+        };
+        Ok((prepared, methods))
+    }
+
+    /// The run of these options with `methods`, and its calibration windows split into those
+    /// that calibrate and those held out.
+    fn start(&self, methods: Methods) -> Result<(Run<'_, CpuBackend>, SplitWindows)> {
+        let run = Run::new(
+            &self.options,
+            &self.checkpoint,
+            &CpuBackend,
+            &self.fingerprint,
+            methods,
+        )?;
+        let windows = run.split_windows(&self.windows)?;
+        Ok((run, windows))
     }
 }
 

@@ -80,8 +80,6 @@ pub struct UnitSpec {
 pub struct RunPlan {
     /// The run's identity: model, resolved options, calibration fingerprint.
     pub manifest: Manifest,
-    /// Whether the budget is model-wide (units offer first, then a solve, then write).
-    pub model_scope: bool,
     /// The units, in layer order.
     pub units: Vec<UnitSpec>,
 }
@@ -154,32 +152,21 @@ pub fn run_step_with(
     // Only the unit and plan steps run layers; the others must work on a machine without the
     // run's device (a login node).
     let runs_layers = matches!(step, SplitStep::Plan { .. } | SplitStep::Unit(_));
-    let prepared = Prepared::new(options, registry, runs_layers)?;
-    check_splittable(&prepared)?;
-    let Prepared {
-        checkpoint,
-        options,
-        methods,
-        windows,
-        fingerprint,
-        calibration_tokens,
-        manifest,
-        device,
-    } = prepared;
-    let mut run = Run::new(&options, &checkpoint, &CpuBackend, &fingerprint, methods)?;
-    let windows = run.split_windows(&windows)?;
+    let (prepared, methods) = Prepared::new(options, registry, runs_layers)?;
+    check_splittable(&prepared, &methods)?;
+    let (mut run, windows) = prepared.start(methods)?;
     let split = SplitRun {
         dir: run_dir.to_path_buf(),
-        id: run_id(&manifest)?,
-        manifest,
-        model_scope: options.budget.scope == BudgetScope::Model,
+        id: run_id(&prepared.manifest)?,
+        manifest: prepared.manifest.clone(),
+        model_scope: prepared.options.budget.scope == BudgetScope::Model,
         moe: run.moe_layers.iter().map(Option::is_some).collect(),
     };
     let _cooperative = staging::InterruptScope::enter();
     let merged = split.merged_output().is_some();
     let streams = UnitStreams {
         windows: &windows,
-        device: &device,
+        device: &prepared.device,
     };
     let outcome = match step {
         SplitStep::Status => Ok(None),
@@ -196,7 +183,7 @@ pub fn run_step_with(
             .run_unit(&mut run, unit, streams, progress)
             .map(|()| None),
         SplitStep::Solve => split.solve(&run).map(|()| None),
-        SplitStep::Merge => split.merge(run, streams, (calibration_tokens, started)),
+        SplitStep::Merge => split.merge(run, streams, (prepared.calibration_tokens, started)),
     };
     let report = match outcome {
         Err(Error::Interrupted { signal, .. }) => {
@@ -238,7 +225,7 @@ struct MergedRecord {
 }
 
 /// Refuses what a split run cannot do the way a single-process run does.
-fn check_splittable(prepared: &Prepared) -> Result<()> {
+fn check_splittable(prepared: &Prepared, methods: &super::Methods) -> Result<()> {
     let options = &prepared.options;
     let refuse = |what: &str| Err(Error::InvalidArgument(format!("a split run {what}")));
     if options.output.out.is_none() {
@@ -254,7 +241,7 @@ fn check_splittable(prepared: &Prepared) -> Result<()> {
         return refuse("calibrates in its units and keeps no statistics cache");
     }
     if options.budget.scope == BudgetScope::Model {
-        if let Some(method) = prepared.methods.iter().find(|m| !m.settles_from_offers()) {
+        if let Some(method) = methods.iter().find(|m| !m.settles_from_offers()) {
             return refuse(&format!(
                 "cannot settle {}'s model-wide choice in its solve step (the method keeps state \
                  between offering and settling); use --budget-scope layer or the solver's \
@@ -279,7 +266,7 @@ struct SplitRun {
     /// The run's id, stamped into every file a step writes.
     id: String,
     manifest: Manifest,
-    /// Whether the budget is model-wide (the options say; `run.json` only repeats it).
+    /// Whether the budget is model-wide (units offer first, then a solve, then write).
     model_scope: bool,
     /// Which decoder layers are MoE layers (those that offer).
     moe: Vec<bool>,
@@ -417,7 +404,6 @@ impl SplitRun {
         }
         let plan = RunPlan {
             manifest: self.manifest.clone(),
-            model_scope: self.model_scope,
             units: specs,
         };
         // Plain JSON (the manifest's file times do not fit a sealed entry): what it guards is
@@ -490,9 +476,7 @@ impl SplitRun {
         let offers_dir = self.dir.join(OFFERS_DIR);
         std::fs::create_dir_all(&offers_dir).map_err(|e| Error::io(&offers_dir, e))?;
         let saved = |layer: usize| self.offer_saved(layer);
-        let missing = (spec.layers[0]..spec.layers[1])
-            .filter(|&layer| run.moe_layers.get(layer).is_some_and(Option::is_some))
-            .any(|layer| !saved(layer));
+        let missing = self.moe_layers_of(spec).any(|layer| !saved(layer));
         if !missing {
             return Ok(());
         }
@@ -527,7 +511,7 @@ impl SplitRun {
         let mut offers = Vec::new();
         let mut waiting = Vec::new();
         for spec in &plan.units {
-            for layer in moe_layers_of(run, spec) {
+            for layer in self.moe_layers_of(spec) {
                 match self.read_stamped::<LayerOffer>(&self.offer_path(layer)) {
                     Some(Ok(offer)) if offer.layer == layer => offers.push(offer),
                     _ => {
@@ -680,8 +664,7 @@ impl SplitRun {
             .units
             .iter()
             .filter(|spec| match offering {
-                true => (spec.layers[0]..spec.layers[1])
-                    .any(|l| self.has_moe_offer(l) && !self.offer_saved(l)),
+                true => self.moe_layers_of(spec).any(|l| !self.offer_saved(l)),
                 false => (spec.layers[0]..spec.layers[1])
                     .any(|l| !self.unit_journal(spec.unit).join(layer_entry(l)).is_file()),
             })
@@ -696,9 +679,10 @@ impl SplitRun {
         Ok(status)
     }
 
-    /// Whether layer `layer` makes an offer: a MoE layer of the model (dense layers have none).
-    fn has_moe_offer(&self, layer: usize) -> bool {
-        self.moe.get(layer).copied().unwrap_or(false)
+    /// The MoE layers of a unit: those that make an offer (dense layers have none).
+    fn moe_layers_of<'s>(&'s self, spec: &UnitSpec) -> impl Iterator<Item = usize> + 's {
+        (spec.layers[0]..spec.layers[1])
+            .filter(|&layer| self.moe.get(layer).copied().unwrap_or(false))
     }
 
     /// The stream of a unit: the run's calibration stream continued at the unit's first layer
@@ -710,19 +694,8 @@ impl SplitRun {
         streams: UnitStreams<'r>,
     ) -> Result<CalibrationStream<'r, CpuBackend>> {
         let path = self.dir.join(&spec.input);
-        let (bytes, sum) = checksum::file_checksum(&path)?;
-        if bytes != spec.input_bytes || sum != spec.input_checksum {
-            return Err(Error::InvalidArgument(format!(
-                "{} is not the input the plan step wrote for unit {} ({bytes} bytes, checksum \
-                 {sum}; expected {} bytes, {}): plan the run again in a new --run directory",
-                path.display(),
-                spec.unit,
-                spec.input_bytes,
-                spec.input_checksum
-            )));
-        }
+        let (hidden, held_out) = load_boundary(&path, spec)?;
         let mut stream = run.statistics_stream(streams.windows, streams.device, &Silent)?;
-        let (hidden, held_out) = load_boundary(&path)?;
         stream.continue_at(spec.layers[0], hidden, held_out, &path)?;
         Ok(stream)
     }
@@ -750,13 +723,6 @@ impl SplitRun {
             .join(staging::resumable_staging_name(&format!("unit-{unit:04}")))
             .join(JOURNAL_DIR)
     }
-}
-
-/// The MoE layers of a unit (those that offer).
-fn moe_layers_of(run: &Run<CpuBackend>, spec: &UnitSpec) -> Vec<usize> {
-    (spec.layers[0]..spec.layers[1])
-        .filter(|&layer| run.moe_layers.get(layer).is_some_and(Option::is_some))
-        .collect()
 }
 
 /// A journal entry's file name for decoder layer `layer`.
@@ -793,8 +759,24 @@ fn save_boundary(stream: &CalibrationStream<CpuBackend>, path: &Path) -> Result<
 }
 
 /// The hidden states [`save_boundary`] wrote, in batch order.
-fn load_boundary(path: &Path) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-    let mut tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+/// The file is read once: checked against the size and checksum the plan recorded for `spec`'s
+/// unit, then parsed.
+fn load_boundary(path: &Path, spec: &UnitSpec) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is only read; a concurrent change shows up as a checksum mismatch.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (bytes, sum) = (map.len() as u64, checksum::hex(checksum::fnv1a_words(&map)));
+    if bytes != spec.input_bytes || sum != spec.input_checksum {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not the input the plan step wrote for unit {} ({bytes} bytes, checksum \
+             {sum}; expected {} bytes, {}): plan the run again in a new --run directory",
+            path.display(),
+            spec.unit,
+            spec.input_bytes,
+            spec.input_checksum
+        )));
+    }
+    let mut tensors = candle_core::safetensors::load_buffer(&map, &candle_core::Device::Cpu)
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
     let mut take = |prefix: &str| {
         let mut states = Vec::new();

@@ -503,13 +503,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     let observer = bars::observer(args.quiet);
     let outcome = rfid_moe::compress_with_progress(&options, observer.as_ref());
     drop(observer);
-    let report = match outcome {
-        Err(rfid_moe::Error::Interrupted {
-            signal,
-            resume_hint,
-        }) => exit_interrupted(signal, &resume_hint),
-        other => other?,
-    };
+    let report = or_exit_interrupted(outcome)?;
     if let (Some(first), Some(last)) = (report.resumed_layers.first(), report.resumed_layers.last())
     {
         println!(
@@ -552,13 +546,7 @@ fn run_split_step(args: &CompressArgs, options: &CompressOptions, step: SplitSte
     let observer = bars::observer(args.quiet || step == SplitStep::Status);
     let outcome = split::run_step(options, &run_dir, step, observer.as_ref());
     drop(observer);
-    let outcome = match outcome {
-        Err(rfid_moe::Error::Interrupted {
-            signal,
-            resume_hint,
-        }) => exit_interrupted(signal, &resume_hint),
-        other => other?,
-    };
+    let outcome = or_exit_interrupted(outcome)?;
     if step == SplitStep::Status {
         println!("{}", serde_json::to_string(&outcome.status)?);
         return Ok(());
@@ -593,6 +581,18 @@ fn run_split_step(args: &CompressArgs, options: &CompressOptions, step: SplitSte
         status.units
     );
     Ok(())
+}
+
+/// The outcome of a run, or the process ends as [`exit_interrupted`] says when a signal
+/// stopped the run.
+fn or_exit_interrupted<T>(outcome: rfid_moe::Result<T>) -> rfid_moe::Result<T> {
+    match outcome {
+        Err(rfid_moe::Error::Interrupted {
+            signal,
+            resume_hint,
+        }) => exit_interrupted(signal, &resume_hint),
+        other => other,
+    }
 }
 
 /// Says how a cooperative stop went and how to resume, and exits with 128 + the signal number

@@ -246,7 +246,7 @@ fn round_to(planned: &mut Planned, kind: crate::quant::GgmlKind) {
         Source::Copy(n) | Source::Convert(n) => n.clone(),
         _ => return,
     };
-    if matrix && cols % kind.block_columns() == 0 {
+    if matrix && cols.is_multiple_of(kind.block_columns()) {
         planned.entry.kind = TensorType::Block(kind);
         planned.source = Source::Rounded(name);
     }
