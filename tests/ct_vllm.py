@@ -5,8 +5,8 @@ Usage: python tests/ct_vllm.py JOB.json
 JOB.json: {"dir": MODEL, "windows": [[token, ...], ...], "dtypes": ["float32", ...],
            "results_out": FILE}
 The model is loaded in the first of `dtypes` that vLLM accepts for it; results_out gets that
-dtype, the perplexity over every token after the first of each window, the token count, and
-the errors of the dtypes refused.
+dtype, the perplexity over every token after the first of each window, the token count, the
+errors of the dtypes refused, and the device vLLM ran on ("cuda" or "cpu").
 """
 
 import json
@@ -20,7 +20,9 @@ def score(model, dtype, windows):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0)
+    # Room for the longest window and the one token generated after it.
+    max_model_len = max(len(w) for w in windows) + 1
+    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=0)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -36,7 +38,9 @@ def main():
     with open(sys.argv[1]) as f:
         job = json.load(f)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    result = {"refused": {}}
+    import torch
+
+    result = {"refused": {}, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     for dtype in job["dtypes"]:
         try:
             result.update(score(job["dir"], dtype, job["windows"]), dtype=dtype)
