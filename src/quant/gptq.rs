@@ -1166,6 +1166,35 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_quantised_independently_of_the_other_rows() {
+        // What lets the candidate errors measure GPTQ on a sample of a matrix's rows.
+        let (rows, cols, tokens) = (40, 256, 600);
+        let h = gram(&calibration(tokens, cols, 21));
+        let w = weights(rows, cols, 22);
+        let picked = [1, 7, 8, 30, 39];
+        let sub: Vec<f32> = picked
+            .iter()
+            .flat_map(|&r| &w[r * cols..(r + 1) * cols])
+            .copied()
+            .collect();
+        let prepared = GptqHessian::new(&h, cols, &GptqOptions::default()).unwrap();
+        for scheme in [int(3, 64, false), Scheme::parse("q4_k").unwrap()] {
+            let all = prepared.quantise(&w, rows, scheme).unwrap();
+            let some = prepared.quantise(&sub, picked.len(), scheme).unwrap();
+            for (i, &r) in picked.iter().enumerate() {
+                let at = format!("{scheme} row {r}");
+                let (a, b) = (all.row_loss[r], some.row_loss[i]);
+                assert!(relative(a, b) < 1e-9, "{at}: {a} vs {b}");
+                assert_eq!(
+                    all.dequantised[r * cols..(r + 1) * cols],
+                    some.dequantised[i * cols..(i + 1) * cols],
+                    "{at}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn bad_inputs_are_refused_with_the_reason() {
         let (rows, cols) = (4, 64);
         let h = gram(&calibration(100, cols, 14));

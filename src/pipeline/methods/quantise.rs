@@ -32,7 +32,7 @@ use crate::checkpoint::experts::ExpertMatrix;
 use crate::checkpoint::packed::packed_name;
 use crate::error::{Error, Result};
 use crate::linalg::LinalgBackend;
-use crate::pipeline::calibrate::{LayerStatistics, RoutedInputs};
+use crate::pipeline::calibrate::RoutedInputs;
 use crate::pipeline::experts::LayerExperts;
 use crate::pipeline::options::MethodSettings;
 use crate::pipeline::plan::{Candidate, StoredTensors, Unit, UnitOutput};
@@ -208,6 +208,9 @@ pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<
     }))
 }
 
+/// Per expert, the matrices to quantise and, per matrix, the formats (with variant numbers).
+type Wanted = BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>;
+
 /// One expert's Gram matrices: of its inputs (gate, up) and of its intermediate activations
 /// (down), `[n, n]` row-major.
 struct ExpertGrams {
@@ -297,6 +300,30 @@ impl Quantise {
         }
     }
 
+    /// The loss of each row of `picked` of `values` (rows of `cols`) quantised in `scheme`.
+    fn quantise_rows(
+        &self,
+        values: &[f32],
+        cols: usize,
+        picked: &[usize],
+        hessian: &Prepared,
+        scheme: Scheme,
+    ) -> Result<Vec<f64>> {
+        if picked.len() * cols == values.len() {
+            return Ok(self
+                .quantise(values, picked.len(), hessian, scheme)?
+                .row_loss);
+        }
+        let rows: Vec<f32> = picked
+            .iter()
+            .flat_map(|&r| &values[r * cols..(r + 1) * cols])
+            .copied()
+            .collect();
+        Ok(self
+            .quantise(&rows, picked.len(), hessian, scheme)?
+            .row_loss)
+    }
+
     /// The schemes that can store a matrix of `cols` columns, with their variant numbers.
     fn schemes_for(&self, cols: usize) -> Vec<(u64, Scheme)> {
         self.settings
@@ -313,7 +340,7 @@ impl Quantise {
     fn for_each_quantised<B: LinalgBackend, T: Send>(
         &self,
         layer: &LayerContext<B>,
-        wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
+        wanted: &Wanted,
         each: impl Fn(usize, ExpertMatrix, u64, &[f32], Quantised) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
         self.for_each_prepared(
@@ -337,7 +364,7 @@ impl Quantise {
     fn for_each_prepared<B: LinalgBackend, T: Send>(
         &self,
         layer: &LayerContext<B>,
-        wanted: &BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>>,
+        wanted: &Wanted,
         each: impl Fn(usize, ExpertMatrix, u64, &[f32], &Prepared, Scheme) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
         let statistics = layer.statistics;
@@ -476,23 +503,10 @@ fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
         .map_err(|_| Error::InvalidArgument("a worker thread panicked".into()))
 }
 
-/// The estimated output error of a quantised matrix from its rows' losses, weighted by how
-/// each row's error reaches the layer's output.
-fn weighted_error<M>(
-    statistics: &LayerStatistics<M>,
-    matrix: ExpertMatrix,
-    expert: usize,
-    row_loss: &[f64],
-) -> Result<f64> {
-    let weights = statistics
-        .error_weights(matrix, expert)
-        .ok_or_else(|| Error::InvalidArgument("quantise needs the experts' statistics".into()))?;
-    Ok(weights
-        .rows
-        .iter()
-        .zip(row_loss)
-        .map(|(w, loss)| w * loss)
-        .sum())
+/// `Σ weights[r]·loss` over rows `picked`, one loss per picked row: the output error of those
+/// rows, each weighted by how its error reaches the layer's output.
+fn weighted_rows(weights: &[f64], picked: &[usize], loss: impl IntoIterator<Item = f64>) -> f64 {
+    picked.iter().zip(loss).map(|(&r, l)| weights[r] * l).sum()
 }
 
 /// The experts quantised exactly in every format under [`CandidateErrors::Sampled`]: evenly
@@ -502,26 +516,57 @@ fn sampled_experts(experts: usize) -> Vec<usize> {
     (0..k).map(|i| (2 * i + 1) * experts / (2 * k)).collect()
 }
 
+/// How much of an expert matrix the offer quantises by GPTQ to measure its error exactly.
+#[derive(Clone, Copy, PartialEq)]
+enum Exactly {
+    /// Every row: the candidate's error is exact.
+    Every,
+    /// [`sampled_rows`]: GPTQ quantises rows independently under one factor, so their error is
+    /// exact for those rows and scales the estimates of the same matrix and format.
+    Sample,
+    /// None: the candidate's error is its estimate, scaled.
+    None,
+}
+
+/// Rows of a matrix quantised by GPTQ to scale the estimates of its format.
+pub const SAMPLED_ROWS: usize = 256;
+
+/// Up to [`SAMPLED_ROWS`] of `rows`, evenly spaced.
+fn sampled_rows(rows: usize) -> Vec<usize> {
+    let k = SAMPLED_ROWS.min(rows);
+    (0..k).map(|i| (2 * i + 1) * rows / (2 * k)).collect()
+}
+
+/// One candidate as its offer measured it.
+struct Measured {
+    /// Its error: exact where GPTQ quantised every row, else NaN.
+    candidate: Candidate,
+    /// The rounding estimate of its error over every row.
+    estimate: Option<f64>,
+    /// GPTQ's error and the estimate over the same rows, where GPTQ ran.
+    sample: Option<(f64, f64)>,
+}
+
 /// The candidates with the error of each one that was only estimated (error NaN) filled in:
-/// its estimate times Σ exact / Σ estimate over the candidates of the same matrix and format
-/// that have both.
-fn scale_estimates(candidates: Vec<(Candidate, Option<f64>)>) -> Vec<Candidate> {
+/// its estimate times Σ exact / Σ estimate over the samples of the same matrix and format.
+fn scale_estimates(measured: Vec<Measured>) -> Vec<Candidate> {
     let key = |c: &Candidate| match c.unit {
         Unit::Slot { matrix, .. } => Some((matrix, c.variant)),
         _ => None,
     };
     let mut sums: BTreeMap<(ExpertMatrix, u64), (f64, f64)> = BTreeMap::new();
-    for (c, estimate) in &candidates {
-        if let (Some(k), Some(estimate), false) = (key(c), estimate, c.error.is_nan()) {
+    for m in &measured {
+        if let (Some(k), Some((exact, estimate))) = (key(&m.candidate), m.sample) {
             let sum = sums.entry(k).or_default();
-            sum.0 += c.error;
+            sum.0 += exact;
             sum.1 += estimate;
         }
     }
-    candidates
+    measured
         .into_iter()
-        .map(|(mut c, estimate)| {
-            if let (Some(k), Some(estimate), true) = (key(&c), estimate, c.error.is_nan()) {
+        .map(|m| {
+            let mut c = m.candidate;
+            if let (Some(k), Some(estimate), true) = (key(&c), m.estimate, c.error.is_nan()) {
                 let scale = match sums.get(&k) {
                     Some(&(exact, est)) if est > 0.0 => exact / est,
                     _ => 1.0,
@@ -548,7 +593,7 @@ impl<B: LinalgBackend> Method<B> for Quantise {
 
     fn offer(&self, layer: &LayerContext<B>) -> Result<Vec<Candidate>> {
         let layout = layer.experts.layout;
-        let mut wanted: BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>> = BTreeMap::new();
+        let mut wanted = Wanted::new();
         for expert in 0..layout.num_experts {
             for &matrix in layer.matrices {
                 let [_, cols] = layout.shape(matrix);
@@ -561,29 +606,49 @@ impl<B: LinalgBackend> Method<B> for Quantise {
         let statistics = layer.statistics;
         let sampled = sampled_experts(layout.num_experts);
         let exact_for = |expert: usize| match (self.settings.errors, self.settings.algorithm) {
-            (CandidateErrors::Gptq, _) | (_, Algorithm::Rtn) => true,
-            (CandidateErrors::Sampled, Algorithm::Gptq) => sampled.contains(&expert),
+            (CandidateErrors::Gptq, _) | (_, Algorithm::Rtn) => Exactly::Every,
+            (CandidateErrors::Sampled, Algorithm::Gptq) if sampled.contains(&expert) => {
+                Exactly::Sample
+            }
+            (CandidateErrors::Sampled, Algorithm::Gptq) => Exactly::None,
         };
-        // Per (expert, matrix, format): the exact error where it was measured, the estimate.
+        // Per (expert, matrix, format): the exact error where it was measured on every row,
+        // the estimate, and both over a sample of rows.
         let errors = self.for_each_prepared(
             layer,
             &wanted,
             |expert, matrix, variant, values, hessian, scheme| {
                 let [rows, cols] = layout.shape(matrix);
-                let weighted =
-                    |row_loss: &[f64]| weighted_error(statistics, matrix, expert, row_loss);
-                let exact = match exact_for(expert) {
-                    true => Some(weighted(
-                        &self.quantise(values, rows, hessian, scheme)?.row_loss,
-                    )?),
-                    false => None,
-                };
+                let weights = statistics.error_weights(matrix, expert).ok_or_else(|| {
+                    Error::InvalidArgument("quantise needs the experts' statistics".into())
+                })?;
                 let estimate = match (hessian, self.settings.errors) {
                     (Prepared::Gptq(h), CandidateErrors::Sampled) => {
-                        Some(weighted(&h.estimate_row_loss(values, rows, scheme)?)?)
+                        Some(h.estimate_row_loss(values, rows, scheme)?)
                     }
                     _ => None,
                 };
+                let picked = match exact_for(expert) {
+                    Exactly::Every => Some((0..rows).collect::<Vec<_>>()),
+                    Exactly::Sample => Some(sampled_rows(rows)),
+                    Exactly::None => None,
+                };
+                let (exact, sample) = match picked {
+                    None => (None, None),
+                    Some(picked) => {
+                        let loss = self.quantise_rows(values, cols, &picked, hessian, scheme)?;
+                        let exact = weighted_rows(&weights.rows, &picked, loss);
+                        let sample = estimate.as_ref().map(|e| {
+                            (
+                                exact,
+                                weighted_rows(&weights.rows, &picked, picked.iter().map(|&r| e[r])),
+                            )
+                        });
+                        ((picked.len() == rows).then_some(exact), sample)
+                    }
+                };
+                let estimate =
+                    estimate.map(|e| weights.rows.iter().zip(&e).map(|(w, l)| w * l).sum());
                 let candidate = Candidate {
                     method: NAME.into(),
                     unit: Unit::Slot { matrix, expert },
@@ -594,14 +659,18 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                     error: exact.unwrap_or(f64::NAN),
                     signals: None,
                 };
-                Ok((candidate, estimate))
+                Ok(Measured {
+                    candidate,
+                    estimate,
+                    sample,
+                })
             },
         )?;
         Ok(scale_estimates(errors))
     }
 
     fn apply(&self, layer: &LayerContext<B>, chosen: &[Candidate]) -> Result<Vec<UnitOutput>> {
-        let mut wanted: BTreeMap<usize, Vec<(ExpertMatrix, Vec<(u64, Scheme)>)>> = BTreeMap::new();
+        let mut wanted = Wanted::new();
         for candidate in chosen {
             let Unit::Slot { matrix, expert } = candidate.unit else {
                 return Err(Error::InvalidArgument(format!(
@@ -699,17 +768,33 @@ mod tests {
     #[test]
     fn estimates_are_scaled_by_the_exact_share_of_their_matrix_and_format() {
         use ExpertMatrix::{Down, Gate};
+        let measured = |c, estimate: f64, sample: Option<(f64, f64)>| Measured {
+            candidate: c,
+            estimate: Some(estimate),
+            sample,
+        };
         let scaled = scale_estimates(vec![
-            // Gate, format 0: exact 3 against estimate 2 on the sample: scale 1.5.
-            (candidate(Gate, 0, 0, 3.0), Some(2.0)),
-            (candidate(Gate, 1, 0, f64::NAN), Some(4.0)),
-            // Gate, format 1 and down, format 0: their own scales.
-            (candidate(Gate, 0, 1, 1.0), Some(4.0)),
-            (candidate(Gate, 1, 1, f64::NAN), Some(8.0)),
-            (candidate(Down, 0, 0, 5.0), Some(5.0)),
-            (candidate(Down, 1, 0, f64::NAN), Some(7.0)),
+            // Gate, format 0: exact 3 against estimate 2 over every row: scale 1.5.
+            measured(candidate(Gate, 0, 0, 3.0), 2.0, Some((3.0, 2.0))),
+            measured(candidate(Gate, 1, 0, f64::NAN), 4.0, None),
+            // Gate, format 1: exact 1 against estimate 2 on a sample of rows: scale 0.5, and
+            // the sampled expert's own error is its scaled estimate.
+            measured(candidate(Gate, 0, 1, f64::NAN), 4.0, Some((1.0, 2.0))),
+            measured(candidate(Gate, 1, 1, f64::NAN), 8.0, None),
+            // Down, format 0: its own scale.
+            measured(candidate(Down, 0, 0, 5.0), 5.0, Some((5.0, 5.0))),
+            measured(candidate(Down, 1, 0, f64::NAN), 7.0, None),
         ]);
         let errors: Vec<f64> = scaled.iter().map(|c| c.error).collect();
-        assert_eq!(errors, vec![3.0, 6.0, 1.0, 2.0, 5.0, 7.0]);
+        assert_eq!(errors, vec![3.0, 6.0, 2.0, 4.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn sampled_rows_are_spread_over_the_matrix() {
+        assert_eq!(sampled_rows(100), (0..100).collect::<Vec<_>>());
+        let rows = sampled_rows(2048);
+        assert_eq!(rows.len(), SAMPLED_ROWS);
+        assert_eq!((rows[0], rows[255]), (4, 2044));
+        assert!(rows.windows(2).all(|w| w[1] - w[0] == 8));
     }
 }
