@@ -83,10 +83,11 @@ crate::named_enum! {
 /// Experts per layer quantised by GPTQ in every format to scale the other experts' estimates.
 pub const SAMPLED_EXPERTS: usize = 4;
 
-/// The formats offered by default: chosen on held-out calibration text (docs/RESULTS.md).
+/// The formats offered by default: chosen on held-out calibration text (docs/RESULTS.md); the
+/// solver picks each of them for some matrices of the trained models at 25.8%, 19.5% or 13.3%
+/// of the routed bytes kept.
 pub fn default_schemes() -> Vec<Scheme> {
     [
-        "int2-g32-asym",
         "int2-g64-asym",
         "int3-g64-asym",
         "int3-g128-asym",
@@ -100,7 +101,6 @@ pub fn default_schemes() -> Vec<Scheme> {
         "q3_k",
         "q4_k",
         "q5_k",
-        "q6_k",
     ]
     .iter()
     .filter_map(|s| Scheme::parse(s).ok())
