@@ -9,7 +9,7 @@ use candle_core::{DType, Device, D};
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::Model;
 use rfid_moe::pipeline::methods::lowrank::RankAllocation;
-use rfid_moe::pipeline::{BudgetScope, CompressOptions, Report};
+use rfid_moe::pipeline::{BudgetScope, CompressOptions, OutputFormat, Report};
 
 use common::FAMILIES;
 
@@ -362,4 +362,52 @@ fn model_scope_budget_is_met_across_layers() {
     let (divergence_kl, _) = divergence(&source, &tmp.path().join("model-scope"));
     assert!(divergence_kl.is_finite());
     // The output loads and runs like any other compressed checkpoint (divergence() ran it).
+}
+
+#[test]
+fn ratio_zero_is_a_plain_conversion_without_calibration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::mini_model();
+    let input = Checkpoint::open(&model).unwrap();
+    let ids = common::mini_ids();
+    let original = common::logits_of(&model, &ids);
+    for format in [OutputFormat::Safetensors, OutputFormat::Gguf] {
+        let out = tmp.path().join(format.to_string());
+        // No calibration file at all: nothing is calibrated.
+        let mut options = common::small_default_options(&model, Path::new(""), &out, 0.0);
+        options.set_format(format);
+        let report = rfid_moe::compress(&options).unwrap();
+        assert_eq!(report.calibration_tokens, 0, "{format}");
+        assert_eq!(
+            common::max_abs_diff(&original, &common::logits_of(&out, &ids)),
+            0.0,
+            "{format}"
+        );
+        if format == OutputFormat::Safetensors {
+            let output = Checkpoint::open(&out).unwrap();
+            let mut names = output.tensor_names();
+            names.sort();
+            let mut expected = input.tensor_names();
+            expected.sort();
+            assert_eq!(names, expected);
+            for name in &expected {
+                assert!(input.raw_bytes(name) == output.raw_bytes(name), "{name}");
+            }
+        }
+    }
+    // Quantising every expert (no method keeps them as stored) changes the model at ratio 0.
+    let out = tmp.path().join("quantised");
+    let mut options =
+        common::small_default_options(&model, &model.join("calibration.txt"), &out, 0.0);
+    options.methods = vec!["quantise".into()];
+    let report = rfid_moe::compress(&options).unwrap();
+    assert!(report.calibration_tokens > 0);
+    assert!(common::max_abs_diff(&original, &common::logits_of(&out, &ids)) > 0.0);
+    // Removing a fraction of the experts changes the model at any ratio: that needs calibration.
+    let mut options =
+        common::small_default_options(&model, Path::new(""), &tmp.path().join("pruned"), 0.0);
+    common::prune_settings(&mut options, |s| s.fraction = Some(0.125));
+    let error = rfid_moe::compress(&options).unwrap_err().to_string();
+    assert!(error.contains("--calibration is required"), "{error}");
+    assert!(!tmp.path().join("pruned").exists());
 }

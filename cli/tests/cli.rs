@@ -513,3 +513,33 @@ fn compress_rejects_bad_options_with_clear_messages() {
     ]);
     assert!(stderr.contains("/nonexistent.txt"), "{stderr}");
 }
+
+#[test]
+fn ratio_zero_converts_without_calibration_and_other_ratios_ask_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::mini_model();
+    let out = tmp.path().join("gguf");
+    let model_arg = model.to_str().unwrap();
+    rfid_moe(&[
+        "compress",
+        "--model",
+        model_arg,
+        "--format",
+        "gguf",
+        "--ratio",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.join("model.gguf").is_file());
+    let refused = Command::new(env!("CARGO_BIN_EXE_rfid-moe"))
+        .args(["compress", "--model", model_arg, "--ratio", "0.5", "--out"])
+        .arg(tmp.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("--calibration is required"), "{stderr}");
+    assert!(!tmp.path().join("other").exists());
+}

@@ -148,7 +148,20 @@ impl Prepared {
                 options.settings.insert(method.name().to_string(), settings);
             }
         }
-        let windows = calibrate::calibration_windows(&options.calibration, &checkpoint)?;
+        let windows = match (
+            is_plain_conversion(&options, &methods),
+            options.calibration.data.as_os_str().is_empty(),
+        ) {
+            (true, _) => Vec::new(),
+            (false, true) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--calibration is required: --ratio {} and --methods {} change the model",
+                    options.budget.ratio,
+                    options.methods.join(",")
+                )))
+            }
+            (false, false) => calibrate::calibration_windows(&options.calibration, &checkpoint)?,
+        };
         let fingerprint = calibrate::fingerprint(&windows);
         let calibration_tokens = windows.iter().map(Vec::len).sum();
         let manifest = resume::Manifest::new(&options, &checkpoint, &fingerprint)?;
@@ -215,6 +228,19 @@ fn stopped(emitter: Emitter, error: Error) -> Error {
         signal,
         resume_hint,
     }
+}
+
+/// Whether `options` with `methods` leave the model as it is (`--ratio 0`, a method that keeps
+/// units as stored, and none that acts without a budget): a plain conversion into the output
+/// format, with no calibration.
+fn is_plain_conversion<B: LinalgBackend>(
+    options: &CompressOptions,
+    methods: &[Box<dyn Method<B>>],
+) -> bool {
+    options.budget.ratio == 0.0
+        && !options.output.dry_run
+        && methods.iter().any(|m| m.keeps_as_stored())
+        && !methods.iter().any(|m| m.acts_without_budget())
 }
 
 /// Stops with [`Error::Interrupted`] when a SIGINT/SIGTERM asked the run to stop.
@@ -342,6 +368,9 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             }
             return Ok(());
         }
+        if is_plain_conversion(self.options, &self.methods) {
+            return self.copy_layers(emitter, &finished, progress);
+        }
         let model_plans = match self.options.budget.scope {
             BudgetScope::Model => Some(self.model_plans(emitter, windows, device, progress)?),
             BudgetScope::Layer => None,
@@ -410,6 +439,41 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             self.checkpoint.release_pages();
             task.advance(1);
         }
+        Ok(())
+    }
+
+    /// A plain conversion: every layer not `finished` written as stored, nothing calibrated.
+    fn copy_layers(
+        &mut self,
+        emitter: &mut Emitter,
+        finished: &[resume::CommittedLayer],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        for entry in finished {
+            self.adopt_layer(entry)?;
+        }
+        let task = Task::start(
+            progress,
+            "layers",
+            self.num_layers.saturating_sub(finished.len()) as u64,
+        );
+        for index in finished.len()..self.num_layers {
+            check_interrupt()?;
+            emitter.copy_layer(index)?;
+            task.advance(1);
+        }
+        // Every MoE layer as it was: its parameters and bytes kept.
+        for layout in self.moe_layers.iter().flatten() {
+            let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
+            let experts = layout.num_experts as u64;
+            let covered = self.budget.matrices.len() as u64 * matrix * experts;
+            let routed = 3 * matrix * experts;
+            self.totals
+                .add_layer((covered, covered), (routed, routed), 0.0);
+        }
+        let bytes = self.budget.storage.bytes as f64;
+        (self.budget_report.before, self.budget_report.target) = (bytes, bytes);
+        self.budget_report.planned = bytes;
         Ok(())
     }
 

@@ -468,9 +468,13 @@ impl CompressOptions {
         use crate::safety::{check_run_paths, RunPath};
         check_run_paths(
             &[
-                RunPath::new("--model", &self.model),
-                RunPath::new("--calibration", &self.calibration.data),
-            ],
+                Some(RunPath::new("--model", &self.model)),
+                // Empty in a plain conversion (`--ratio 0`), which reads no calibration data.
+                RunPath::unless_empty("--calibration", &self.calibration.data),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
             &[
                 RunPath::optional("--out", output.out.as_deref()),
                 RunPath::optional("--export-dense", output.export_dense.as_deref()),

@@ -240,6 +240,11 @@ fn check_splittable(prepared: &Prepared, methods: &super::Methods) -> Result<()>
     if options.calibration.statistics_cache.is_some() {
         return refuse("calibrates in its units and keeps no statistics cache");
     }
+    if super::is_plain_conversion(options, methods) {
+        return refuse(
+            "has nothing to split at --ratio 0: one process converts without calibrating",
+        );
+    }
     if options.budget.scope == BudgetScope::Model {
         if let Some(method) = methods.iter().find(|m| !m.settles_from_offers()) {
             return refuse(&format!(

@@ -18,7 +18,7 @@ pub fn check_compress_paths(
 ) -> Result<()> {
     let inputs: Vec<RunPath> = [
         Some(RunPath::new("--model", model)),
-        Some(RunPath::new("--calibration", calibration)),
+        RunPath::unless_empty("--calibration", calibration),
         RunPath::optional("--config", config),
     ]
     .into_iter()

@@ -25,6 +25,12 @@ impl<'a> RunPath<'a> {
     pub fn optional(role: &'a str, path: Option<&'a Path>) -> Option<Self> {
         path.map(|path| Self { role, path })
     }
+
+    /// A path named `role` unless it is empty (an input the run does not read, such as the
+    /// calibration data of a plain conversion).
+    pub fn unless_empty(role: &'a str, path: &'a Path) -> Option<Self> {
+        Self::optional(role, (!path.as_os_str().is_empty()).then_some(path))
+    }
 }
 
 /// Refuses a run in which an output equals, contains or sits inside an input, or two outputs

@@ -369,7 +369,8 @@ impl CompressArgs {
         if options.model.as_os_str().is_empty() {
             bail!("--model is required (flag or `model` in --config)");
         }
-        if options.calibration.data.as_os_str().is_empty() {
+        // A plain conversion (--ratio 0) needs none; the library says when one is missing.
+        if options.calibration.data.as_os_str().is_empty() && options.budget.ratio != 0.0 {
             bail!(
                 "--calibration is required (flag or `data` in the [calibration] table of --config)"
             );

@@ -30,6 +30,10 @@ impl<B: LinalgBackend> Method<B> for Keep {
         true
     }
 
+    fn keeps_as_stored(&self) -> bool {
+        true
+    }
+
     fn offer(&self, layer: &LayerContext<B>) -> Result<Vec<Candidate>> {
         let experts = layer.experts;
         let mut candidates = Vec::new();

@@ -132,6 +132,18 @@ pub trait Method<B: LinalgBackend>: Send + Sync {
         false
     }
 
+    /// Whether it changes the model even where the budget removes nothing (`--ratio 0`).
+    fn acts_without_budget(&self) -> bool {
+        false
+    }
+
+    /// Whether it offers every unit exactly as stored. At `--ratio 0` a run with such a method
+    /// and none that acts without a budget is a plain conversion: every layer written as
+    /// stored, with no calibration pass.
+    fn keeps_as_stored(&self) -> bool {
+        false
+    }
+
     /// Whether [`Self::settle`] needs only the offers, so that it can settle offers another
     /// process made (a split run's solve step); false when it relies on what its own
     /// [`Self::offer`] kept.

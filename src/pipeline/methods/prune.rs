@@ -345,6 +345,11 @@ impl<B: LinalgBackend> Method<B> for Prune {
         }
     }
 
+    fn acts_without_budget(&self) -> bool {
+        // `--prune-fraction` removes its experts whatever the budget.
+        self.rule.is_some()
+    }
+
     fn resolved_settings(&self) -> Option<serde_json::Value> {
         serde_json::to_value(&self.settings).ok()
     }
