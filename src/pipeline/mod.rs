@@ -155,7 +155,9 @@ impl Prepared {
             (true, _) => Vec::new(),
             (false, true) => {
                 return Err(Error::InvalidArgument(format!(
-                    "--calibration is required: --ratio {} and --methods {} change the model",
+                    "--calibration is required: this run calibrates (--ratio {}, --methods {}); \
+                     only --ratio 0 with `keep` among the methods, no --prune-fraction and no \
+                     --dry-run converts without calibration data",
                     options.budget.ratio,
                     options.methods.join(",")
                 )))
