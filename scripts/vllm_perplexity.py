@@ -8,7 +8,7 @@ The text is tokenised with DIR/tokenizer.json (documents joined, as one stream) 
 the first WINDOWS non-overlapping windows of SEQ_LEN tokens. vLLM scores them by prompt
 log-probabilities (bfloat16 where its kernels need it, else float32); rfid-moe by `rfid-moe
 logits` (f32) on the same ids. Both count every token after the first of each window. Prints
-one markdown row: model, vLLM dtype, its MoE backend, both perplexities and their relative
+one markdown row: model, expert schemes, vLLM dtype, both perplexities and their relative
 difference.
 """
 

@@ -156,8 +156,9 @@ impl Prepared {
             (false, true) => {
                 return Err(Error::InvalidArgument(format!(
                     "--calibration is required: this run calibrates (--ratio {}, --methods {}); \
-                     only --ratio 0 with `keep` among the methods, no --prune-fraction and no \
-                     --dry-run converts without calibration data",
+                     only --ratio 0 with `keep` among the methods converts without calibration \
+                     data, and not with --prune-fraction, the paper's allocation, a statistics \
+                     cache or --dry-run",
                     options.budget.ratio,
                     options.methods.join(",")
                 )))
@@ -241,6 +242,8 @@ fn is_plain_conversion<B: LinalgBackend>(
 ) -> bool {
     options.budget.ratio == 0.0
         && !options.output.dry_run
+        // A run with a statistics cache fills or replays it as before.
+        && options.calibration.statistics_cache.is_none()
         && methods.iter().any(|m| m.keeps_as_stored())
         && !methods.iter().any(|m| m.acts_without_budget())
 }
@@ -346,6 +349,10 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
     /// The calibration windows split into those that calibrate and those held out (none unless
     /// a method measures candidates on held-out windows).
     fn split_windows(&self, windows: &[Vec<u32>]) -> Result<SplitWindows> {
+        if windows.is_empty() {
+            // A plain conversion reads no calibration data.
+            return Ok((Vec::new(), Vec::new()));
+        }
         match self.needs.held_out {
             Some(fraction) => calibrate::split_holdout(windows, fraction),
             None => Ok((windows.to_vec(), Vec::new())),
@@ -362,6 +369,9 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
         progress: &dyn Progress,
     ) -> Result<()> {
         let finished = emitter.finished_layers();
+        if is_plain_conversion(self.options, &self.methods) {
+            return self.copy_layers(emitter, &finished, progress);
+        }
         // Every layer done (a merged split run, or a run stopped while finishing): nothing to
         // calibrate.
         if finished.len() == self.num_layers {
@@ -369,9 +379,6 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
                 self.adopt_layer(entry)?;
             }
             return Ok(());
-        }
-        if is_plain_conversion(self.options, &self.methods) {
-            return self.copy_layers(emitter, &finished, progress);
         }
         let model_plans = match self.options.budget.scope {
             BudgetScope::Model => Some(self.model_plans(emitter, windows, device, progress)?),
@@ -465,17 +472,29 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             task.advance(1);
         }
         // Every MoE layer as it was: its parameters and bytes kept.
+        let (mut covered, mut routed) = (0, 0);
         for layout in self.moe_layers.iter().flatten() {
             let matrix = (layout.intermediate_size * layout.hidden_size) as u64;
             let experts = layout.num_experts as u64;
-            let covered = self.budget.matrices.len() as u64 * matrix * experts;
-            let routed = 3 * matrix * experts;
-            self.totals
-                .add_layer((covered, covered), (routed, routed), 0.0);
+            let layer_covered = self.budget.matrices.len() as u64 * matrix * experts;
+            let layer_routed = 3 * matrix * experts;
+            self.totals.add_layer(
+                (layer_covered, layer_covered),
+                (layer_routed, layer_routed),
+                0.0,
+            );
+            (covered, routed) = (covered + layer_covered, routed + layer_routed);
         }
-        let bytes = self.budget.storage.bytes as f64;
-        (self.budget_report.before, self.budget_report.target) = (bytes, bytes);
-        self.budget_report.planned = bytes;
+        // What the budget covers, in its unit; a plain checkpoint stores its expert matrices in
+        // one type, so the covered matrices hold their parameters' share of the bytes.
+        let before = match self.budget.unit {
+            BudgetUnit::Parameters => covered as f64,
+            BudgetUnit::Bytes => {
+                self.budget.storage.compressed_bytes as f64 * covered as f64 / routed.max(1) as f64
+            }
+        };
+        (self.budget_report.before, self.budget_report.target) = (before, before);
+        self.budget_report.planned = before;
         Ok(())
     }
 

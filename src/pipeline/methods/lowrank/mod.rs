@@ -1007,6 +1007,12 @@ impl<B: LinalgBackend> Method<B> for LowRank<B> {
         NAME
     }
 
+    fn acts_without_budget(&self) -> bool {
+        // The paper's allocation decides which groups it factors (and stores dense groups as
+        // int8 with int8 factors) by its own rule, not by the budget solver's.
+        self.settings.allocation.policy().is_some()
+    }
+
     fn needs(&self) -> Needs {
         let solver = self.settings.allocation.policy().is_none();
         Needs {
