@@ -118,6 +118,31 @@ const FLOAT_TOLERANCE: f64 = 2e-4;
 /// was measured on mini-moe-docs at 30% kept.
 const BLOCK_TOLERANCE: f64 = 3e-3;
 
+/// A text (also written at `text_path`) scored in windows of `ctx` tokens.
+struct Scored<'a> {
+    text_path: &'a Path,
+    text: &'a str,
+    ctx: usize,
+}
+
+/// Asserts that llama.cpp's perplexity of `gguf` and rfid-moe's of `model` on the same windows
+/// of `scored` are within `tolerance` (relative) over at least `min_chunks` windows.
+fn assert_same_perplexity(
+    (bin, gguf, model): (&Path, &Path, &Path),
+    scored: &Scored,
+    (tolerance, min_chunks): (f64, usize),
+    label: &str,
+) {
+    let (theirs, chunks) = llama_perplexity(bin, gguf, scored.text_path, scored.ctx);
+    let ours = rfid_perplexity(model, &tokens_of(model, scored.text), scored.ctx, chunks);
+    eprintln!("{label}: llama.cpp {theirs:.6}, rfid-moe {ours:.6} over {chunks} chunks");
+    assert!(chunks >= min_chunks, "{label}: {chunks} chunks");
+    assert!(
+        relative(theirs, ours) < tolerance,
+        "{label}: llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
+    );
+}
+
 #[test]
 fn llama_cpp_gives_every_family_our_perplexity() {
     let Some(bin) = llama_cpp("llama_cpp_gives_every_family_our_perplexity") else {
@@ -143,15 +168,12 @@ fn llama_cpp_gives_every_family_our_perplexity() {
         let file = dir.join("model.gguf");
         rfid_moe::export::gguf::write(&Checkpoint::open(&dir).unwrap(), &file, Default::default())
             .unwrap();
-        let ctx = 128;
-        let (theirs, chunks) = llama_perplexity(&bin, &file, &text_path, ctx);
-        let ours = rfid_perplexity(&dir, &tokens_of(&dir, &text), ctx, chunks);
-        eprintln!("{name}: llama.cpp {theirs:.6}, rfid-moe {ours:.6} over {chunks} chunks");
-        assert!(chunks >= 10, "{name}: {chunks} chunks");
-        assert!(
-            relative(theirs, ours) < FLOAT_TOLERANCE,
-            "{name}: llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
-        );
+        let scored = Scored {
+            text_path: &text_path,
+            text: &text,
+            ctx: 128,
+        };
+        assert_same_perplexity((&bin, &file, &dir), &scored, (FLOAT_TOLERANCE, 10), name);
     }
 }
 
@@ -175,19 +197,17 @@ fn llama_cpp_gives_a_quantised_qwen3_moe_our_perplexity() {
     let text_path = tmp.path().join("text.txt");
     let text = one_document(30_000);
     std::fs::write(&text_path, &text).unwrap();
-    let ctx = 256;
-    let (theirs, chunks) = llama_perplexity(
-        &bin,
-        &out.join(rfid_moe::checkpoint::gguf::names::GGUF_FILE),
-        &text_path,
-        ctx,
-    );
-    let ours = rfid_perplexity(&out, &tokens_of(&out, &text), ctx, chunks);
-    eprintln!("mini-moe-docs GGUF: llama.cpp {theirs:.6}, rfid-moe {ours:.6} over {chunks} chunks");
-    assert!(chunks >= 20, "{chunks} chunks");
-    assert!(
-        relative(theirs, ours) < BLOCK_TOLERANCE,
-        "llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
+    let file = out.join(rfid_moe::checkpoint::gguf::names::GGUF_FILE);
+    let scored = Scored {
+        text_path: &text_path,
+        text: &text,
+        ctx: 256,
+    };
+    assert_same_perplexity(
+        (&bin, &file, &out),
+        &scored,
+        (BLOCK_TOLERANCE, 20),
+        "mini-moe-docs GGUF",
     );
 }
 
@@ -232,15 +252,13 @@ fn llama_cpp_gives_every_family_pruned_and_quantised_our_perplexity() {
             choices.contains("quantise q4_0") || choices.contains("quantise q8_0"),
             "{name}: {choices}"
         );
-        let ctx = 128;
         let file = out.join(rfid_moe::checkpoint::gguf::names::GGUF_FILE);
-        let (theirs, chunks) = llama_perplexity(&bin, &file, &text_path, ctx);
-        let ours = rfid_perplexity(&out, &tokens_of(&out, &text), ctx, chunks);
-        eprintln!("{name} pruned + quantised: llama.cpp {theirs:.6}, rfid-moe {ours:.6} over {chunks} chunks");
-        assert!(chunks >= 10, "{name}: {chunks} chunks");
-        assert!(
-            relative(theirs, ours) < BLOCK_TOLERANCE,
-            "{name}: llama.cpp {theirs} vs rfid-moe {ours} over {chunks} chunks"
-        );
+        let scored = Scored {
+            text_path: &text_path,
+            text: &text,
+            ctx: 128,
+        };
+        let label = format!("{name} pruned + quantised");
+        assert_same_perplexity((&bin, &file, &out), &scored, (BLOCK_TOLERANCE, 10), &label);
     }
 }

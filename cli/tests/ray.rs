@@ -45,28 +45,10 @@ fn ray_bin(test: &str) -> Option<PathBuf> {
     )
 }
 
-/// A writable copy of the bundled model, and the output path.
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    out: PathBuf,
-}
+// A writable copy of the bundled model and an output path, with this file's commands.
+use common::ModelCopy as Setup;
 
 impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let model = root.join("mini");
-        common::copy_dir(&common::mini_model(), &model);
-        Self {
-            out: root.join("out"),
-            model,
-            root,
-            _tmp: tmp,
-        }
-    }
-
     /// The compress arguments (4 layers, a few windows), with `extra`.
     fn args(&self, extra: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> = ["--quiet", "--samples", "8", "--seq-len", "64"]
@@ -430,7 +412,7 @@ fn a_split_run_over_ray_survives_a_killed_worker_and_equals_one_process() {
         return;
     };
     let started = Instant::now();
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let args = setup.args(&[]);
 
     let reference = setup.root.join("reference");

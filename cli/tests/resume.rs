@@ -12,32 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A writable copy of the bundled model with its calibration text, and the output path.
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    out: PathBuf,
-}
+// A writable copy of the bundled model and an output path, with this file's commands.
+use common::ModelCopy as Setup;
 
 impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let model = root.join("mini");
-        std::fs::create_dir(&model).unwrap();
-        for entry in std::fs::read_dir(common::mini_model()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-        }
-        Self {
-            out: root.join("out"),
-            model,
-            root,
-            _tmp: tmp,
-        }
-    }
-
     fn staging(&self) -> PathBuf {
         self.root.join(".out.partial")
     }
@@ -232,7 +210,7 @@ fn resume_and_check_after(
 
 #[test]
 fn a_run_killed_after_a_layer_resumes_at_the_next_layer_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     setup.killed_at(&[], "layer-committed:0");
     resume_and_check(&setup, &[], &reference, 1);
@@ -240,7 +218,7 @@ fn a_run_killed_after_a_layer_resumes_at_the_next_layer_with_identical_output() 
 
 #[test]
 fn a_run_killed_mid_layer_resumes_that_layer_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     // After layer 1 was factored, before its shard was written.
     setup.killed_at(&[], "factored:1");
@@ -253,7 +231,7 @@ fn a_run_killed_mid_layer_resumes_that_layer_with_identical_output() {
 
 #[test]
 fn a_run_killed_mid_write_resumes_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     // Layer 2's shard written to its temporary file, not yet renamed.
     setup.killed_at(&[], "shard-write:layer-00002");
@@ -275,7 +253,7 @@ fn a_run_killed_mid_write_resumes_with_identical_output() {
 
 #[test]
 fn a_model_wide_budget_resumes_from_its_saved_plan_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let model_scope = ["--budget-scope", "model"];
     let reference = setup.reference(&model_scope);
     setup.killed_at(&model_scope, "layer-committed:1");
@@ -285,7 +263,7 @@ fn a_model_wide_budget_resumes_from_its_saved_plan_with_identical_output() {
 
 #[test]
 fn xi_auto_resumes_with_identical_output_and_reports_each_layers_choice() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let auto = ["--preset", "paper", "--xi", "auto"];
     let reference = setup.reference(&auto);
     let report: serde_json::Value =
@@ -315,7 +293,7 @@ fn xi_auto_resumes_with_identical_output_and_reports_each_layers_choice() {
 
 #[test]
 fn a_different_option_calibration_or_model_is_refused_by_name_and_restart_starts_over() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     setup.killed_at(&[], "layer-committed:0");
     let refused = |extra: &[&str], culprits: &[&str]| {
         let output = setup.run(extra, None);
@@ -372,7 +350,7 @@ fn send(child: &Child, signal: libc::c_int) {
 #[cfg(unix)]
 #[test]
 fn sigterm_stops_at_a_safe_point_says_how_to_resume_and_resuming_gives_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     // A pause after each layer is committed leaves time to signal the run mid-way.
     let mut child = setup.spawn(&[], "pause-ms:400@layer-committed:0");
@@ -400,7 +378,7 @@ fn sigterm_stops_at_a_safe_point_says_how_to_resume_and_resuming_gives_identical
 #[cfg(unix)]
 #[test]
 fn sigint_before_any_layer_is_finished_leaves_nothing_behind() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let mut child = setup.spawn(&[], "pause-ms:20000@calibrated:0");
     wait_for(&mut child, &setup.staging().join(".resume/ends.json"));
     send(&child, libc::SIGINT);
@@ -415,7 +393,7 @@ fn sigint_before_any_layer_is_finished_leaves_nothing_behind() {
 #[cfg(unix)]
 #[test]
 fn sigkill_mid_run_resumes_with_identical_output_and_the_lock_keeps_a_second_run_out() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     let mut child = setup.spawn(&[], "pause-ms:150");
     wait_for(&mut child, &setup.journal_entry(1));
@@ -436,7 +414,7 @@ fn sigkill_mid_run_resumes_with_identical_output_and_the_lock_keeps_a_second_run
 
 #[test]
 fn int8_factors_resume_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let int8 = ["--factor-dtype", "int8"];
     let reference = setup.reference(&int8);
     setup.killed_at(&int8, "layer-committed:1");
@@ -445,7 +423,7 @@ fn int8_factors_resume_with_identical_output() {
 
 #[test]
 fn quantised_experts_resume_with_identical_output() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let low_bit = ["--bpw", "3"];
     let reference = setup.reference(&low_bit);
     let index = std::fs::read_to_string(reference.join("model.safetensors.index.json"))
@@ -469,7 +447,7 @@ fn three_finished_layers(setup: &Setup) {
 
 #[test]
 fn an_edited_journal_entry_is_not_trusted_and_its_layer_is_redone() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     three_finished_layers(&setup);
     // Drop a tensor from layer 1's list: adopted as it stands, the index would miss it.
@@ -508,7 +486,7 @@ fn zero_tail(path: &Path, count: usize) {
 
 #[test]
 fn a_zeroed_staged_shard_is_not_adopted_and_its_layer_is_redone() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     three_finished_layers(&setup);
     zero_tail(&setup.staging().join("layer-00002.safetensors"), 64);
@@ -526,7 +504,7 @@ fn a_zeroed_staged_shard_is_not_adopted_and_its_layer_is_redone() {
 
 #[test]
 fn a_truncated_staged_shard_is_redone_at_once_and_never_fails_a_rerun() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     three_finished_layers(&setup);
     let shard = setup.staging().join("layer-00001.safetensors");
@@ -568,7 +546,7 @@ fn a_truncated_staged_shard_is_redone_at_once_and_never_fails_a_rerun() {
 #[cfg(unix)]
 #[test]
 fn a_second_signal_stops_at_once_and_says_so() {
-    let setup = Setup::new();
+    let setup = Setup::bundled();
     let reference = setup.reference(&[]);
     let mut child = setup.spawn(&[], "pause-ms:20000@layer-committed:0");
     wait_for(&mut child, &setup.journal_entry(0));

@@ -235,6 +235,34 @@ pub fn read_config(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
 }
 
+/// A writable copy of the bundled model (with its calibration text) in a temporary directory,
+/// and an output path beside it.
+pub struct ModelCopy {
+    _tmp: tempfile::TempDir,
+    /// The temporary directory.
+    pub root: PathBuf,
+    /// The copied model.
+    pub model: PathBuf,
+    /// `root/out`, not created.
+    pub out: PathBuf,
+}
+
+impl ModelCopy {
+    /// Copies the bundled model.
+    pub fn bundled() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let model = root.join("mini");
+        copy_dir(&mini_model(), &model);
+        Self {
+            out: root.join("out"),
+            model,
+            root,
+            _tmp: tmp,
+        }
+    }
+}
+
 /// Copies the files of directory `from` (not recursively) into a new directory `to`.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir(to).unwrap();
