@@ -201,14 +201,54 @@ pub struct GptqHessian {
     diagonal: Vec<f64>,
     /// Processing position → original column.
     order: Vec<usize>,
-    /// `U` in processing order, row-major (zero below the diagonal).
-    u: Vec<f64>,
+    /// `U`, the upper Cholesky factor of the damped inverse Hessian, in processing order.
+    u: InverseFactor,
+}
+
+/// `U` in processing order, whole or its diagonal alone.
+#[derive(Debug, Clone)]
+enum InverseFactor {
+    /// Every entry, row-major (zero below the diagonal): what quantising needs.
+    Full(Vec<f64>),
+    /// The diagonal: all that estimating needs, without inverting the Cholesky factor.
+    Diagonal(Vec<f64>),
+}
+
+impl InverseFactor {
+    /// Every entry, which quantising needs.
+    fn full(&self) -> Result<&[f64]> {
+        match self {
+            InverseFactor::Full(u) => Ok(u),
+            InverseFactor::Diagonal(_) => Err(Error::InvalidArgument(
+                "GPTQ: this Hessian was prepared for estimates only".into(),
+            )),
+        }
+    }
+
+    /// `U_pp`.
+    fn diagonal(&self, p: usize, n: usize) -> f64 {
+        match self {
+            InverseFactor::Full(u) => u[p * n + p],
+            InverseFactor::Diagonal(d) => d[p],
+        }
+    }
 }
 
 impl GptqHessian {
     /// Prepares `hessian` [cols, cols] (row-major, symmetric positive semi-definite) under
     /// `options`' damping and order.
     pub fn new(hessian: &[f64], cols: usize, options: &GptqOptions) -> Result<Self> {
+        Self::prepare(hessian, cols, options, true)
+    }
+
+    /// Prepares `hessian` for [`GptqHessian::estimate_row_loss`] and
+    /// [`GptqHessian::row_energy`] alone (the same damping and order as
+    /// [`GptqHessian::new`], about a third of its work); it cannot quantise.
+    pub fn for_estimates(hessian: &[f64], cols: usize, options: &GptqOptions) -> Result<Self> {
+        Self::prepare(hessian, cols, options, false)
+    }
+
+    fn prepare(hessian: &[f64], cols: usize, options: &GptqOptions, full: bool) -> Result<Self> {
         check_options(options)?;
         let (diagonal, dead) = inspect_hessian(hessian, cols)?;
         let mut order: Vec<usize> = (0..cols).collect();
@@ -222,7 +262,7 @@ impl GptqHessian {
         for _ in 0..=DAMP_RETRIES {
             let damping = damp * mean;
             tried.push(damp);
-            if let Some(u) = inverse_factor(hessian, &diagonal, &order, damping) {
+            if let Some(u) = inverse_factor(hessian, &diagonal, &order, damping, full) {
                 return Ok(Self {
                     cols,
                     options: *options,
@@ -265,7 +305,7 @@ impl GptqHessian {
         // carry every update from the columns before it.
         let lazy = self.options.block.max(bc).div_ceil(bc) * bc;
         let importance: Vec<f32> = self.diagonal.iter().map(|&d| d as f32).collect();
-        let (order, u) = (&self.order, &self.u);
+        let (order, u) = (&self.order, self.u.full()?);
 
         let mut states: Vec<RowState> = w
             .par_chunks(n)
@@ -375,6 +415,34 @@ impl GptqHessian {
 }
 
 impl GptqHessian {
+    /// `1 / U_ii²` by original column: how much a rounding error in each column costs once
+    /// GPTQ has fed it forward.
+    fn gains(&self) -> Vec<f64> {
+        let n = self.cols;
+        let mut gain = vec![0f64; n];
+        for (p, &c) in self.order.iter().enumerate() {
+            let d = self.u.diagonal(p, n);
+            gain[c] = 1.0 / (d * d);
+        }
+        gain
+    }
+
+    /// Per row of `w` [rows, cols], `Σ_c gain_c·w_c²` over the live columns: the scale to which
+    /// every format's rounding loss of that row is proportional, to first order.
+    pub fn row_energy(&self, w: &[f32]) -> Vec<f64> {
+        let gain = self.gains();
+        w.chunks(self.cols)
+            .map(|row| {
+                row.iter()
+                    .zip(&gain)
+                    .zip(&self.dead)
+                    .filter(|(_, &dead)| !dead)
+                    .map(|((&v, g), _)| g * f64::from(v) * f64::from(v))
+                    .sum()
+            })
+            .collect()
+    }
+
     /// Per row, an estimate of the loss [`GptqHessian::quantise`] would report for `w` in
     /// `scheme`, at the cost of rounding once: each column's rounding error on grids fitted to
     /// the original row (in the scheme's [`Scheme::estimation_proxy`]), divided by `U_ii` as
@@ -387,12 +455,7 @@ impl GptqHessian {
         let scheme = scheme.estimation_proxy();
         let bc = scheme.block_columns();
         let importance: Vec<f32> = self.diagonal.iter().map(|&d| d as f32).collect();
-        // 1 / U_ii² by original column.
-        let mut gain = vec![0f64; n];
-        for (p, &c) in self.order.iter().enumerate() {
-            let d = self.u[p * n + p];
-            gain[c] = 1.0 / (d * d);
-        }
+        let gain = self.gains();
         let row_loss = |row: &[f32]| -> f64 {
             zero_dead(row, &self.dead)
                 .chunks(bc)
@@ -453,13 +516,14 @@ struct RowState {
 ///
 /// If `J` reverses the order and `J H J = L Lᵀ`, then `H = R Rᵀ` with `R = J L J` upper
 /// triangular, so `H⁻¹ = R⁻ᵀ R⁻¹` and `U = R⁻¹ = J L⁻¹ J`: one Cholesky factorisation and one
-/// triangular inverse.
+/// triangular inverse; its diagonal alone (`full` false) needs no inverse.
 fn inverse_factor(
     hessian: &[f64],
     diagonal: &[f64],
     order: &[usize],
     damping: f64,
-) -> Option<Vec<f64>> {
+    full: bool,
+) -> Option<InverseFactor> {
     let n = order.len();
     let reversed = Mat::from_fn(n, n, |a, b| {
         let (i, j) = (order[n - 1 - a], order[n - 1 - b]);
@@ -469,20 +533,38 @@ fn inverse_factor(
         }
     });
     let llt = reversed.llt(Side::Lower).ok()?;
+    if !full {
+        // U = (L⁻¹ reversed), so U_pp = 1 / L at the mirrored position.
+        let l = llt.L();
+        let diagonal: Vec<f64> = (0..n).map(|p| 1.0 / l[(n - 1 - p, n - 1 - p)]).collect();
+        let usable = diagonal.iter().all(|&d| d > 0.0 && d.is_finite());
+        return usable.then_some(InverseFactor::Diagonal(diagonal));
+    }
     let mut u = Mat::<f64>::zeros(n, n);
     invert_lower_triangular(
         u.as_mut().reverse_rows_and_cols_mut(),
         llt.L(),
         Par::rayon(0),
     );
+    // Row-major, a band of rows at a time and column by column within it, so that the
+    // column-major source is read in runs rather than one page per value.
+    const BAND: usize = 64;
     let mut rows = vec![0f64; n * n];
-    rows.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, x) in row.iter_mut().enumerate().skip(i) {
-            *x = u[(i, j)];
-        }
-    });
+    rows.par_chunks_mut(BAND * n)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let first = band * BAND;
+            for j in first..n {
+                for (r, row) in out.chunks_mut(n).enumerate() {
+                    let i = first + r;
+                    if j >= i {
+                        row[j] = u[(i, j)];
+                    }
+                }
+            }
+        });
     let usable = (0..n).all(|i| rows[i * n + i] > 0.0) && rows.iter().all(|x| x.is_finite());
-    usable.then_some(rows)
+    usable.then_some(InverseFactor::Full(rows))
 }
 
 /// Checks `hessian`'s shape and values; returns its diagonal with dead entries (zero) set to 1,
@@ -1336,5 +1418,30 @@ mod tests {
             schemes.len(),
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn a_hessian_prepared_for_estimates_estimates_alike_and_cannot_quantise() {
+        let (rows, cols) = (16, 256);
+        let w = weights(rows, cols, 7);
+        let h = gram(&calibration(96, cols, 8));
+        let options = GptqOptions::default();
+        let full = GptqHessian::new(&h, cols, &options).unwrap();
+        let light = GptqHessian::for_estimates(&h, cols, &options).unwrap();
+        assert_eq!(light.damping(), full.damping());
+        for scheme in [int(2, 64, false), int(4, 128, true)] {
+            let (a, b) = (
+                full.estimate_row_loss(&w, rows, scheme).unwrap(),
+                light.estimate_row_loss(&w, rows, scheme).unwrap(),
+            );
+            for (a, b) in a.iter().zip(&b) {
+                assert!(relative(*a, *b) < 1e-12, "{a} against {b}");
+            }
+        }
+        let (a, b) = (full.row_energy(&w), light.row_energy(&w));
+        for (a, b) in a.iter().zip(&b) {
+            assert!(relative(*a, *b) < 1e-12, "{a} against {b}");
+        }
+        assert!(light.quantise(&w, rows, int(4, 128, true)).is_err());
     }
 }

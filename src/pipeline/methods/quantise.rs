@@ -20,6 +20,7 @@
 //! [`ErrorWeights`](crate::pipeline::calibrate::ErrorWeights) rows), as every method's
 //! estimates are.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -309,16 +310,7 @@ impl Quantise {
         hessian: &Prepared,
         scheme: Scheme,
     ) -> Result<Vec<f64>> {
-        if picked.len() * cols == values.len() {
-            return Ok(self
-                .quantise(values, picked.len(), hessian, scheme)?
-                .row_loss);
-        }
-        let rows: Vec<f32> = picked
-            .iter()
-            .flat_map(|&r| &values[r * cols..(r + 1) * cols])
-            .copied()
-            .collect();
+        let rows = gather_rows(values, cols, picked);
         Ok(self
             .quantise(&rows, picked.len(), hessian, scheme)?
             .row_loss)
@@ -346,6 +338,7 @@ impl Quantise {
         self.for_each_prepared(
             layer,
             wanted,
+            |_| false,
             |expert, matrix, variant, values, hessian, scheme| {
                 let rows = values.len() / layer.experts.layout.shape(matrix)[1];
                 each(
@@ -360,11 +353,13 @@ impl Quantise {
     }
 
     /// Runs `each` on every (expert, matrix, scheme) of `wanted` with the matrix's values and
-    /// its prepared Gram matrix, one expert at a time per worker.
+    /// its prepared Gram matrix (for estimates alone where `estimate_only` says so), one expert
+    /// at a time per worker.
     fn for_each_prepared<B: LinalgBackend, T: Send>(
         &self,
         layer: &LayerContext<B>,
         wanted: &Wanted,
+        estimate_only: impl Fn(usize) -> bool + Sync,
         each: impl Fn(usize, ExpertMatrix, u64, &[f32], &Prepared, Scheme) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
         let statistics = layer.statistics;
@@ -414,12 +409,12 @@ impl Quantise {
                     let own;
                     let hessian = match matrix {
                         ExpertMatrix::Down => {
-                            own = self.prepare(gram)?;
+                            own = self.prepare(gram, estimate_only(expert))?;
                             &own
                         }
                         _ => {
                             if input_hessian.is_none() {
-                                input_hessian = Some(self.prepare(gram)?);
+                                input_hessian = Some(self.prepare(gram, estimate_only(expert))?);
                             }
                             input_hessian.as_ref().ok_or_else(|| {
                                 Error::InvalidArgument("input Gram matrix missing".into())
@@ -438,11 +433,16 @@ impl Quantise {
         Ok(results.into_iter().flatten().collect())
     }
 
-    /// The Gram matrix made ready for the settings' algorithm.
-    fn prepare(&self, gram: &[f64]) -> Result<Prepared> {
+    /// The Gram matrix made ready for the settings' algorithm (GPTQ's for its estimates alone
+    /// where `estimate_only`).
+    fn prepare(&self, gram: &[f64], estimate_only: bool) -> Result<Prepared> {
         let cols = (gram.len() as f64).sqrt().round() as usize;
+        let options = self.settings.gptq();
         Ok(match self.settings.algorithm {
-            Algorithm::Gptq => Prepared::Gptq(GptqHessian::new(gram, cols, &self.settings.gptq())?),
+            Algorithm::Gptq if estimate_only => {
+                Prepared::Gptq(GptqHessian::for_estimates(gram, cols, &options)?)
+            }
+            Algorithm::Gptq => Prepared::Gptq(GptqHessian::new(gram, cols, &options)?),
             Algorithm::Rtn => Prepared::Rtn(gram.to_vec()),
         })
     }
@@ -509,6 +509,39 @@ fn weighted_rows(weights: &[f64], picked: &[usize], loss: impl IntoIterator<Item
     picked.iter().zip(loss).map(|(&r, l)| weights[r] * l).sum()
 }
 
+/// Rows `picked` of `values` (rows of `cols`), borrowed where they are every row.
+fn gather_rows<'a>(values: &'a [f32], cols: usize, picked: &[usize]) -> Cow<'a, [f32]> {
+    if picked.len() * cols == values.len() {
+        return Cow::Borrowed(values);
+    }
+    picked
+        .iter()
+        .flat_map(|&r| &values[r * cols..(r + 1) * cols])
+        .copied()
+        .collect()
+}
+
+/// A matrix's weighted sum over every row from its sum over rows `sampled` (a ratio estimate):
+/// scaled by the share of the rows' weighted `energy` the sampled rows hold, since a row's
+/// rounding loss grows with its energy; by their share of the rows where they hold none.
+fn whole_from_sampled(
+    sampled_sum: f64,
+    weights: &[f64],
+    sampled: &[usize],
+    energy: impl FnOnce() -> Vec<f64>,
+) -> f64 {
+    if sampled.len() == weights.len() {
+        return sampled_sum;
+    }
+    let energy = energy();
+    let whole: f64 = weights.iter().zip(&energy).map(|(w, e)| w * e).sum();
+    let part: f64 = sampled.iter().map(|&r| weights[r] * energy[r]).sum();
+    match part > 0.0 {
+        true => sampled_sum * whole / part,
+        false => sampled_sum * weights.len() as f64 / sampled.len().max(1) as f64,
+    }
+}
+
 /// The experts quantised exactly in every format under [`CandidateErrors::Sampled`]: evenly
 /// spaced over the layer.
 fn sampled_experts(experts: usize) -> Vec<usize> {
@@ -528,7 +561,8 @@ enum Exactly {
     None,
 }
 
-/// Rows of a matrix quantised by GPTQ to scale the estimates of its format.
+/// Rows of a matrix its candidates' errors are estimated on (scaled to the whole by the rows'
+/// energy), and quantised by GPTQ on a sampled expert to scale the estimates of its format.
 pub const SAMPLED_ROWS: usize = 256;
 
 /// Up to [`SAMPLED_ROWS`] of `rows`, evenly spaced.
@@ -541,7 +575,7 @@ fn sampled_rows(rows: usize) -> Vec<usize> {
 struct Measured {
     /// Its error: exact where GPTQ quantised every row, else NaN.
     candidate: Candidate,
-    /// The rounding estimate of its error over every row.
+    /// The rounding estimate of its error over every row (from [`sampled_rows`]).
     estimate: Option<f64>,
     /// GPTQ's error and the estimate over the same rows, where GPTQ ran.
     sample: Option<(f64, f64)>,
@@ -617,20 +651,28 @@ impl<B: LinalgBackend> Method<B> for Quantise {
         let errors = self.for_each_prepared(
             layer,
             &wanted,
+            |expert| exact_for(expert) == Exactly::None,
             |expert, matrix, variant, values, hessian, scheme| {
                 let [rows, cols] = layout.shape(matrix);
                 let weights = statistics.error_weights(matrix, expert).ok_or_else(|| {
                     Error::InvalidArgument("quantise needs the experts' statistics".into())
                 })?;
+                // The rows every estimate covers, and a sampled expert's GPTQ with them.
+                let sampled = sampled_rows(rows);
                 let estimate = match (hessian, self.settings.errors) {
                     (Prepared::Gptq(h), CandidateErrors::Sampled) => {
-                        Some(h.estimate_row_loss(values, rows, scheme)?)
+                        let loss = h.estimate_row_loss(
+                            &gather_rows(values, cols, &sampled),
+                            sampled.len(),
+                            scheme,
+                        )?;
+                        Some((h, weighted_rows(&weights.rows, &sampled, loss)))
                     }
                     _ => None,
                 };
                 let picked = match exact_for(expert) {
                     Exactly::Every => Some((0..rows).collect::<Vec<_>>()),
-                    Exactly::Sample => Some(sampled_rows(rows)),
+                    Exactly::Sample => Some(sampled.clone()),
                     Exactly::None => None,
                 };
                 let (exact, sample) = match picked {
@@ -638,17 +680,15 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                     Some(picked) => {
                         let loss = self.quantise_rows(values, cols, &picked, hessian, scheme)?;
                         let exact = weighted_rows(&weights.rows, &picked, loss);
-                        let sample = estimate.as_ref().map(|e| {
-                            (
-                                exact,
-                                weighted_rows(&weights.rows, &picked, picked.iter().map(|&r| e[r])),
-                            )
-                        });
+                        let sample = estimate
+                            .filter(|_| picked == sampled)
+                            .map(|(_, estimated)| (exact, estimated));
                         ((picked.len() == rows).then_some(exact), sample)
                     }
                 };
-                let estimate =
-                    estimate.map(|e| weights.rows.iter().zip(&e).map(|(w, l)| w * l).sum());
+                let estimate = estimate.map(|(h, estimated)| {
+                    whole_from_sampled(estimated, &weights.rows, &sampled, || h.row_energy(values))
+                });
                 let candidate = Candidate {
                     method: NAME.into(),
                     unit: Unit::Slot { matrix, expert },
@@ -787,6 +827,71 @@ mod tests {
         ]);
         let errors: Vec<f64> = scaled.iter().map(|c| c.error).collect();
         assert_eq!(errors, vec![3.0, 6.0, 2.0, 4.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn a_whole_from_every_row_is_the_sum_itself() {
+        let weights = [1.0, 2.0, 3.0];
+        let energy = || panic!("not needed when every row was sampled");
+        assert_eq!(whole_from_sampled(7.5, &weights, &[0, 1, 2], energy), 7.5);
+        // Rows 0 and 2 hold 1·1 + 3·3 = 10 of the 1·1 + 2·5 + 3·3 = 20 of weighted energy.
+        let whole = whole_from_sampled(4.0, &weights, &[0, 2], || vec![1.0, 5.0, 3.0]);
+        assert!((whole - 8.0).abs() < 1e-12, "{whole}");
+        // Sampled rows of no energy stand for their share of the rows.
+        let whole = whole_from_sampled(4.0, &weights, &[0], || vec![0.0, 5.0, 3.0]);
+        assert!((whole - 12.0).abs() < 1e-12, "{whole}");
+    }
+
+    #[test]
+    fn estimates_from_sampled_rows_match_the_estimate_over_every_row() {
+        // Rows of very different scales, as a down_proj's output rows are, and a Gram matrix
+        // whose columns matter unequally.
+        let mut rng = crate::linalg::tests::TestRng::new(17);
+        let (rows, cols) = (1536, 256);
+        let x = rng.matrix(4 * cols, cols);
+        let mut gram = vec![0.0; cols * cols];
+        for i in 0..cols {
+            for j in 0..cols {
+                let scale = (1.0 + i as f64 / 16.0) * (1.0 + j as f64 / 16.0);
+                gram[i * cols + j] =
+                    scale * (0..x.nrows()).map(|t| x[(t, i)] * x[(t, j)]).sum::<f64>();
+            }
+        }
+        let h = GptqHessian::new(&gram, cols, &GptqOptions::default()).unwrap();
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|k| {
+                let row_scale = if (k / cols) % 97 == 5 {
+                    20.0
+                } else {
+                    1.0 + (k / cols % 7) as f64
+                };
+                (rng.normal() * row_scale) as f32
+            })
+            .collect();
+        let weights: Vec<f64> = (0..rows).map(|r| 0.5 + (r % 5) as f64).collect();
+        let sampled = sampled_rows(rows);
+        assert!(sampled.len() < rows);
+        for scheme in ["int2-g64-asym", "int4-g128-asym", "q4_k"] {
+            let scheme = Scheme::parse(scheme).unwrap();
+            assert!(scheme.supports(cols));
+            let every = h.estimate_row_loss(&values, rows, scheme).unwrap();
+            let all: Vec<usize> = (0..rows).collect();
+            let exact = weighted_rows(&weights, &all, every.iter().copied());
+            // A row's estimate does not depend on the rows beside it.
+            let gathered = gather_rows(&values, cols, &sampled);
+            let loss = h
+                .estimate_row_loss(&gathered, sampled.len(), scheme)
+                .unwrap();
+            let same: Vec<f64> = sampled.iter().map(|&r| every[r]).collect();
+            assert_eq!(loss, same);
+            let part = weighted_rows(&weights, &sampled, loss);
+            let whole = whole_from_sampled(part, &weights, &sampled, || h.row_energy(&values));
+            assert!(
+                (whole / exact - 1.0).abs() < 0.05,
+                "{}: {whole} from the sample against {exact}",
+                scheme.name()
+            );
+        }
     }
 
     #[test]
