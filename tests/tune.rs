@@ -22,7 +22,9 @@ use rfid_moe::pipeline::methods::lowrank::allocate::{
     allocate_layer, Allocation, AllocationSettings, RankPlan,
 };
 use rfid_moe::pipeline::methods::lowrank::analyse::{analyse_layer, LayerAnalysis};
-use rfid_moe::pipeline::methods::lowrank::factor::{factor_layer, FactorSettings, SvdFactorizer};
+use rfid_moe::pipeline::methods::lowrank::factor::{
+    factor_layer, FactorSettings, Precision, SvdFactorizer,
+};
 use rfid_moe::pipeline::methods::lowrank::tune::{search_xi, SearchSettings, TuneMetric};
 use rfid_moe::pipeline::methods::lowrank::DEFAULT_XI_CANDIDATES;
 use rfid_moe::pipeline::CalibrationOptions;
@@ -140,6 +142,7 @@ fn reconstruct(
         whiten_ridge: 1e-4,
         residual_seed: 1,
         factor_dtype: DType::F32,
+        precision: Precision::Double,
         stored_dtype: DType::F32,
         factorize: true,
         keep_reconstruction: true,

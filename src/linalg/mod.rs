@@ -11,9 +11,9 @@ mod cpu;
 pub mod lapack;
 
 pub use cpu::{
-    frobenius_norm, leading_right_singular_vectors, mat_to_tensor, singular_values,
-    squared_singular_values, stack_rows, tensor_to_mat, thin_svd, whitening_factor, CpuBackend,
-    ThinSvd,
+    column_dot, frobenius_norm, leading_right_singular_pairs_single,
+    leading_right_singular_vectors, mat_to_tensor, singular_values, squared_singular_values,
+    stack_rows, tensor_to_mat, thin_svd, whitening_factor, CpuBackend, ThinSvd,
 };
 
 #[cfg(test)]
@@ -72,6 +72,12 @@ pub trait LinalgBackend: Send + Sync {
     /// `a · b`.
     fn matmul(&self, a: &Self::Matrix, b: &Self::Matrix) -> Result<Self::Matrix>;
 
+    /// [`LinalgBackend::matmul`] in single precision where the backend can: for factors stored
+    /// in 8 bits.
+    fn matmul_single(&self, a: &Self::Matrix, b: &Self::Matrix) -> Result<Self::Matrix> {
+        self.matmul(a, b)
+    }
+
     /// `aᵀ`.
     fn transpose(&self, a: &Self::Matrix) -> Result<Self::Matrix>;
 
@@ -85,6 +91,16 @@ pub trait LinalgBackend: Send + Sync {
     /// Truncated SVD: the `rank` leading right singular vectors of `a` as columns (`n × rank`).
     fn leading_right_singular_vectors(&self, a: &Self::Matrix, rank: usize)
         -> Result<Self::Matrix>;
+
+    /// [`LinalgBackend::leading_right_singular_vectors`] computed in single precision where the
+    /// backend can: for factors stored in 8 bits, whose rounding dwarfs the difference.
+    fn leading_right_singular_vectors_single(
+        &self,
+        a: &Self::Matrix,
+        rank: usize,
+    ) -> Result<Self::Matrix> {
+        self.leading_right_singular_vectors(a, rank)
+    }
 
     /// Cholesky whitening: lower `S` with `S Sᵀ = G + ridge_relative · tr(G)/d · I` (identity
     /// when `tr(G) = 0`).
@@ -102,6 +118,12 @@ pub trait LinalgBackend: Send + Sync {
 
     /// `tr(M G Mᵀ)`: the energy of `M x` over inputs whose Gram matrix is `G`.
     fn quadratic_trace(&self, m: &Self::Matrix, gram: &Self::Matrix) -> Result<f64>;
+
+    /// [`LinalgBackend::quadratic_trace`] in single precision where the backend can: for the
+    /// reports of factors stored in 8 bits.
+    fn quadratic_trace_single(&self, m: &Self::Matrix, gram: &Self::Matrix) -> Result<f64> {
+        self.quadratic_trace(m, gram)
+    }
 
     /// Errors (naming `what`) if `a` has a non-finite entry.
     fn check_finite(&self, a: &Self::Matrix, what: &str) -> Result<()>;

@@ -17,8 +17,8 @@
 use faer::{Mat, MatRef};
 
 use crate::checkpoint::int8::{BLOCK, MAX_CODE};
-use crate::error::{Error, Result};
-use crate::linalg::{leading_right_singular_vectors, stack_rows};
+use crate::error::Result;
+use crate::linalg::{leading_right_singular_pairs_single, stack_rows};
 
 /// Variance of rounding values of block maximum `absmax` to int8.
 fn rounding_variance(absmax: f64) -> f64 {
@@ -73,39 +73,32 @@ fn at_ranks(squared: &[f64], noise: &[f64], ranks: &[usize]) -> Vec<f64> {
 }
 
 /// The right singular vectors of `t` (all of them, leading first) and their squared singular
-/// values. From the eigendecomposition of `tᵀt` in single precision where `t` has at least as
-/// many rows as columns: the estimates only rank candidates, and this is the largest
-/// computation of the offer (about half its time in double precision).
+/// values, in single precision: the estimates only rank candidates, and this is the largest
+/// computation of the offer.
 fn spectrum(t: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>)> {
-    let (m, n) = (t.nrows(), t.ncols());
-    if m < n {
-        let v = leading_right_singular_vectors(t, m)?;
-        let tv = t * &v;
-        let squared = (0..m)
-            .map(|k| (0..tv.nrows()).map(|i| tv[(i, k)] * tv[(i, k)]).sum())
-            .collect();
-        return Ok((v, squared));
-    }
-    let t = single(t.as_ref());
-    let gram = t.transpose() * &t;
-    let evd = gram.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
-        Error::Numerical(format!(
-            "eigendecomposition of the {n}×{n} Gram matrix failed: {e:?}"
-        ))
-    })?;
-    // Eigenvalues ascend: the leading directions are the last columns.
-    let (vectors, values) = (evd.U(), evd.S().column_vector());
-    let v = Mat::from_fn(n, n, |i, k| f64::from(vectors[(i, n - 1 - k)]));
-    let squared = (0..n)
-        .map(|k| f64::from(values[n - 1 - k]).max(0.0))
-        .collect();
-    Ok((v, squared))
+    leading_right_singular_pairs_single(t, t.nrows().min(t.ncols()))
 }
 
-/// `a·b` computed in single precision, for the noise estimates (which need the factors' block
-/// maxima, not their last digits).
-fn single_product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+/// `a·b` computed in single precision, for the spectra and noise estimates (which rank
+/// candidates, and need the factors' block maxima, not their last digits).
+pub(super) fn single_product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     double(&(single(a) * single(b)))
+}
+
+/// `Σ_k m_ck²` of every row `c` of `m`, each summed in column order.
+fn row_energy(m: &Mat<f64>) -> Vec<f64> {
+    let mut energy = vec![0.0; m.nrows()];
+    for k in 0..m.ncols() {
+        for (e, x) in energy.iter_mut().zip(column(m, k)) {
+            *e += x * x;
+        }
+    }
+    energy
+}
+
+/// Column `j` of `m` as a slice.
+fn column(m: &Mat<f64>, j: usize) -> &[f64] {
+    m.col(j).try_as_col_major().map_or(&[], |c| c.as_slice())
 }
 
 /// `m` in single precision.
@@ -134,10 +127,12 @@ pub fn input_side(
     let rank = squared.len();
     let mut noise = vec![0.0; rank];
     if int8 {
-        let a = single_product(x.as_ref(), v.as_ref());
+        // Transposed, so that each row of A is a contiguous column.
+        let a_t = single_product(x.as_ref(), v.as_ref())
+            .transpose()
+            .to_owned();
         for (i, &d) in weights.iter().enumerate() {
-            let row: Vec<f64> = (0..rank).map(|c| a[(i, c)]).collect();
-            prefix_row_noise(&row, |_| 1.0, &mut noise, d.max(0.0));
+            prefix_row_noise(column(&a_t, i), |_| 1.0, &mut noise, d.max(0.0));
         }
         // Basis rows Bᵀ = S⁻ᵀ V, and the whitened inputs' energy per column G_cc = ‖S_c‖².
         let (basis_t, column_energy) = match whitening {
@@ -147,10 +142,7 @@ pub fn input_side(
                     .transpose()
                     .solve_upper_triangular_in_place(b.as_mut());
                 let b = double(&b);
-                let energy = (0..s.nrows())
-                    .map(|c| (0..s.ncols()).map(|k| s[(c, k)] * s[(c, k)]).sum())
-                    .collect::<Vec<f64>>();
-                (b, energy)
+                (b, row_energy(s))
             }
             None => (v.clone(), vec![1.0; v.nrows()]),
         };
@@ -196,18 +188,16 @@ pub fn output_side(members: &[OutputMember], ranks: &[usize], int8: bool) -> Res
     let mut noise = vec![0.0; rank];
     if int8 {
         // The basis U [d, r], rows blocked along the rank, each value weighted by σ_k².
+        let u_t = u.transpose().to_owned();
         for a in 0..u.nrows() {
-            let row: Vec<f64> = (0..rank).map(|k| u[(a, k)]).collect();
-            prefix_row_noise(&row, |k| squared[k], &mut noise, 1.0);
+            prefix_row_noise(column(&u_t, a), |k| squared[k], &mut noise, 1.0);
         }
         // The coefficients C_j = Uᵀ W_j: row k is (W_jᵀ u_k)ᵀ, blocked along p.
         let mut running = vec![0.0; rank];
         for member in members {
             let projected = single_product(member.transposed.as_ref(), u.as_ref());
             let energy: Vec<f64> = match member.whitening {
-                Some(s) => (0..s.nrows())
-                    .map(|c| (0..s.ncols()).map(|k| s[(c, k)] * s[(c, k)]).sum())
-                    .collect(),
+                Some(s) => row_energy(s),
                 None => vec![1.0; projected.nrows()],
             };
             for (k, slot) in running.iter_mut().enumerate() {
@@ -228,6 +218,7 @@ pub fn output_side(members: &[OutputMember], ranks: &[usize], int8: bool) -> Res
 mod tests {
     use super::*;
     use crate::checkpoint::int8;
+    use crate::linalg::leading_right_singular_vectors;
     use crate::linalg::tests::TestRng;
 
     fn random(rng: &mut TestRng, rows: usize, cols: usize) -> Mat<f64> {

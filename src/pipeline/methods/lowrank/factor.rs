@@ -157,6 +157,41 @@ pub(crate) fn scaled<B: LinalgBackend>(
     backend.matrix_from_host(&host)
 }
 
+/// The arithmetic a factorisation's singular vectors are computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Double precision.
+    Double,
+    /// Single precision where the backend can: for factors stored in 8 bits.
+    Single,
+}
+
+/// The `rank` leading right singular vectors of `a` in `precision`.
+fn leading_vectors<B: LinalgBackend>(
+    backend: &B,
+    a: &B::Matrix,
+    rank: usize,
+    precision: Precision,
+) -> Result<B::Matrix> {
+    match precision {
+        Precision::Double => backend.leading_right_singular_vectors(a, rank),
+        Precision::Single => backend.leading_right_singular_vectors_single(a, rank),
+    }
+}
+
+/// `a · b` in `precision`.
+fn product<B: LinalgBackend>(
+    backend: &B,
+    a: &B::Matrix,
+    b: &B::Matrix,
+    precision: Precision,
+) -> Result<B::Matrix> {
+    match precision {
+        Precision::Double => backend.matmul(a, b),
+        Precision::Single => backend.matmul_single(a, b),
+    }
+}
+
 /// Truncated SVD of a stacked group under output-sensitivity row weights `w` (one per row of
 /// `stacked`): the basis is fitted to `diag(√w) · W · S` (S the whitening factor, identity
 /// without), which minimises `Σ_i w_i ‖(W_i − Ŵ_i) S‖²` over rank-`rank` products with a
@@ -169,6 +204,7 @@ pub fn weighted_truncated_svd<B: LinalgBackend>(
     rank: usize,
     whitening: Option<&B::Matrix>,
     weights: &[f64],
+    precision: Precision,
 ) -> Result<GroupFactors<B::Matrix>> {
     let (rows, cols) = backend.shape(stacked);
     check_inputs((rows, cols), rank, whitening.map(|s| backend.shape(s)))?;
@@ -179,7 +215,7 @@ pub fn weighted_truncated_svd<B: LinalgBackend>(
         )));
     }
     let target = match whitening {
-        Some(s) => backend.matmul(stacked, s)?,
+        Some(s) => product(backend, stacked, s, precision)?,
         None => stacked.clone(),
     };
     let mut weighted = backend.to_host(&target)?;
@@ -189,8 +225,13 @@ pub fn weighted_truncated_svd<B: LinalgBackend>(
             weighted[(i, j)] *= scale;
         }
     }
-    let v = backend.leading_right_singular_vectors(&backend.matrix_from_host(&weighted)?, rank)?;
-    let coefficients = backend.matmul(&target, &v)?;
+    let v = leading_vectors(
+        backend,
+        &backend.matrix_from_host(&weighted)?,
+        rank,
+        precision,
+    )?;
+    let coefficients = product(backend, &target, &v, precision)?;
     let basis = match whitening {
         None => backend.transpose(&v)?,
         Some(s) => backend.transpose(&backend.solve_lower_transposed(s, &v)?)?,
@@ -222,6 +263,7 @@ pub fn factor_output_shared<B: LinalgBackend>(
     members: &[B::Matrix],
     rank: usize,
     whitening: Option<&[B::Matrix]>,
+    precision: Precision,
 ) -> Result<GroupFactors<B::Matrix>> {
     let Some(first) = members.first() else {
         return Err(Error::InvalidArgument(
@@ -255,8 +297,8 @@ pub fn factor_output_shared<B: LinalgBackend>(
             backend.stack_rows(&blocks)?
         }
     };
-    let v = backend.leading_right_singular_vectors(&target, rank)?;
-    let coefficients = backend.matmul(&stacked, &v)?;
+    let v = leading_vectors(backend, &target, rank, precision)?;
+    let coefficients = product(backend, &stacked, &v, precision)?;
     let basis = backend.transpose(&v)?;
     backend.check_finite(
         &coefficients,
@@ -441,15 +483,7 @@ fn silu_mat(a: &Mat<f64>) -> Mat<f64> {
 
 /// `Σ a ⊙ b` over all entries.
 fn dot(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
-    (0..a.ncols())
-        .map(|j| {
-            a.col_as_slice(j)
-                .iter()
-                .zip(b.col_as_slice(j))
-                .map(|(x, y)| x * y)
-                .sum::<f64>()
-        })
-        .sum()
+    crate::linalg::column_dot(a, b)
 }
 
 /// Adam state of one parameter matrix.
@@ -689,9 +723,9 @@ struct Optimised {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linalg::singular_values;
     use crate::linalg::tests::TestRng;
     use crate::linalg::whitening_factor;
+    use crate::linalg::{frobenius_norm, singular_values, stack_rows};
 
     /// A `m × n` matrix with a decaying spectrum (product of two Gaussian factors plus noise).
     fn structured(rng: &mut TestRng, m: usize, n: usize, inner: usize) -> Mat<f64> {
@@ -705,6 +739,46 @@ mod tests {
         }
         let noise = map_mat(&rng.matrix(m, n), |x| 0.01 * x);
         &left * &right + noise
+    }
+
+    #[test]
+    fn single_precision_fits_err_as_little_as_double_precision() {
+        let mut rng = TestRng::new(31);
+        let (rows, cols, rank) = (96, 40, 8);
+        let w = structured(&mut rng, rows, cols, 20);
+        let x = rng.matrix(3 * cols, cols);
+        let s = whitening_factor(&(x.transpose() * &x), 1e-4).unwrap();
+        let weights: Vec<f64> = (0..rows).map(|i| 0.5 + (i % 5) as f64).collect();
+        // Σ_i w_i ‖(W_i − Ŵ_i) S‖², the error the fit minimises.
+        let weighted_error = |f: &GroupFactors<Mat<f64>>| {
+            let e = (&w - f.reconstruct(BasisActivation::Identity)) * &s;
+            (0..rows)
+                .map(|i| weights[i] * (0..cols).map(|j| e[(i, j)].powi(2)).sum::<f64>())
+                .sum::<f64>()
+        };
+        let fit = |precision| {
+            weighted_truncated_svd(&CpuBackend, &w, rank, Some(&s), &weights, precision).unwrap()
+        };
+        let (double, single) = (
+            weighted_error(&fit(Precision::Double)),
+            weighted_error(&fit(Precision::Single)),
+        );
+        assert!(
+            (single / double - 1.0).abs() < 1e-4,
+            "{single} against {double}"
+        );
+        // The output side likewise: its error is the tail of the whitened stack's spectrum.
+        let members: Vec<Mat<f64>> = (0..3).map(|_| structured(&mut rng, 12, cols, 6)).collect();
+        let tail = |precision| {
+            let f = factor_output_shared(&CpuBackend, &members, rank, None, precision).unwrap();
+            let stacked = stack_rows(&members).unwrap();
+            frobenius_norm(&(&stacked - f.reconstruct(BasisActivation::Identity))).powi(2)
+        };
+        let (double, single) = (tail(Precision::Double), tail(Precision::Single));
+        assert!(
+            (single / double - 1.0).abs() < 1e-4,
+            "{single} against {double}"
+        );
     }
 
     #[test]
@@ -819,7 +893,14 @@ mod tests {
         }
         let sigma = singular_values(&side_by_side).unwrap();
         for rank in [1, 3, 6, 10] {
-            let f = factor_output_shared(&CpuBackend, &members, rank, Some(&whitening)).unwrap();
+            let f = factor_output_shared(
+                &CpuBackend,
+                &members,
+                rank,
+                Some(&whitening),
+                Precision::Double,
+            )
+            .unwrap();
             assert_eq!(
                 (f.coefficients.nrows(), f.coefficients.ncols()),
                 (k * p, rank)
@@ -865,7 +946,14 @@ mod tests {
             }
         }
         // Full rank (d ≤ k·p) reconstructs every member exactly.
-        let f = factor_output_shared(&CpuBackend, &members, d, Some(&whitening)).unwrap();
+        let f = factor_output_shared(
+            &CpuBackend,
+            &members,
+            d,
+            Some(&whitening),
+            Precision::Double,
+        )
+        .unwrap();
         let stacked = CpuBackend.stack_rows(&members).unwrap();
         assert!(relative_error(&stacked, &f.reconstruct(BasisActivation::Identity)) < 1e-9);
     }
@@ -893,16 +981,35 @@ mod tests {
                 .sqrt()
         };
         for rank in [2, 4, 8] {
-            let plain = factor_output_shared(&CpuBackend, &members, rank, None).unwrap();
-            let white =
-                factor_output_shared(&CpuBackend, &members, rank, Some(&whitening)).unwrap();
+            let plain =
+                factor_output_shared(&CpuBackend, &members, rank, None, Precision::Double).unwrap();
+            let white = factor_output_shared(
+                &CpuBackend,
+                &members,
+                rank,
+                Some(&whitening),
+                Precision::Double,
+            )
+            .unwrap();
             let (ep, ew) = (output_error(&plain), output_error(&white));
             assert!(ew < 0.95 * ep, "rank {rank}: whitened {ew} vs plain {ep}");
         }
-        assert!(factor_output_shared(&CpuBackend, &members, 0, None).is_err());
-        assert!(factor_output_shared(&CpuBackend, &members, d + 1, None).is_err());
-        assert!(factor_output_shared(&CpuBackend, &members, 2, Some(&whitening[..2])).is_err());
-        assert!(factor_output_shared::<CpuBackend>(&CpuBackend, &[], 1, None).is_err());
+        assert!(factor_output_shared(&CpuBackend, &members, 0, None, Precision::Double).is_err());
+        assert!(
+            factor_output_shared(&CpuBackend, &members, d + 1, None, Precision::Double).is_err()
+        );
+        assert!(factor_output_shared(
+            &CpuBackend,
+            &members,
+            2,
+            Some(&whitening[..2]),
+            Precision::Double
+        )
+        .is_err());
+        assert!(
+            factor_output_shared::<CpuBackend>(&CpuBackend, &[], 1, None, Precision::Double)
+                .is_err()
+        );
     }
 
     #[test]

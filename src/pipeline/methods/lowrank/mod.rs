@@ -635,8 +635,9 @@ impl<B: LinalgBackend> LowRank<B> {
                     }
                     (false, _) => None,
                 };
+                // The spectrum is taken in single precision, so the product may be too.
                 let x = match &whitening {
-                    Some(s) => &w * s,
+                    Some(s) => estimate::single_product(w.as_ref(), s.as_ref()),
                     None => w,
                 };
                 estimate::input_side(&x, &weights, whitening.as_ref(), ranks, self.int8)
@@ -684,6 +685,11 @@ impl<B: LinalgBackend> LowRank<B> {
             whiten_ridge: self.settings.whiten_ridge,
             residual_seed: self.settings.residual_seed,
             factor_dtype: self.factor_dtype,
+            // int8 rounding of the factors dwarfs single precision's.
+            precision: match self.int8 {
+                true => factor::Precision::Single,
+                false => factor::Precision::Double,
+            },
             stored_dtype: layer.stored_dtype,
             factorize: true,
             keep_reconstruction: layer.export_dense,

@@ -30,6 +30,8 @@ pub struct FactorSettings<'a, B: LinalgBackend> {
     pub residual_seed: u64,
     /// Dtype of written factors.
     pub factor_dtype: DType,
+    /// The arithmetic of the singular vectors (single where factors are stored in 8 bits).
+    pub precision: super::Precision,
     /// Dtype of matrices kept dense.
     pub stored_dtype: DType,
     /// Factor at all (false for a dry run: only reports are filled).
@@ -260,9 +262,14 @@ fn factor_group<B: LinalgBackend>(
         _ => None,
     };
     let factors = match &job.weights {
-        Some(weights) => {
-            super::weighted_truncated_svd(backend, &w, report.rank, whitening.as_ref(), weights)?
-        }
+        Some(weights) => super::weighted_truncated_svd(
+            backend,
+            &w,
+            report.rank,
+            whitening.as_ref(),
+            weights,
+            settings.precision,
+        )?,
         None => settings
             .factorizer
             .factor(backend, &w, report.rank, whitening.as_ref())?,
@@ -289,7 +296,13 @@ fn factor_group<B: LinalgBackend>(
     let (w_host, reconstruction_host) = (backend.to_host(&w)?, backend.to_host(&reconstruction)?);
     report.relative_error = relative_error(&w_host, &reconstruction_host);
     if let Some(gram) = job.gram {
-        report.activation_error = Some(activation_error(backend, &w, &reconstruction, gram)?);
+        report.activation_error = Some(activation_error(
+            backend,
+            &w,
+            &reconstruction,
+            gram,
+            settings.precision,
+        )?);
     }
     let per_expert = |m: &B::Matrix, dtype: DType| -> Result<Vec<Tensor>> {
         (0..job.experts.len())
@@ -356,7 +369,13 @@ fn factor_down_group<B: LinalgBackend>(
         }
         (None, factors) => factors,
     };
-    let factors = super::factor_output_shared(backend, &blocks, report.rank, whitening.as_deref())?;
+    let factors = super::factor_output_shared(
+        backend,
+        &blocks,
+        report.rank,
+        whitening.as_deref(),
+        settings.precision,
+    )?;
     let w = backend.stack_rows(&blocks)?;
     let reconstruction = backend.matmul(&factors.coefficients, &factors.basis)?;
     report.relative_error =
@@ -367,6 +386,7 @@ fn factor_down_group<B: LinalgBackend>(
             &blocks,
             &factors.basis,
             grams,
+            settings.precision,
         )?);
     }
     let rows = job.shape.rows_per_expert;
@@ -410,14 +430,15 @@ fn member_activation_error<B: LinalgBackend>(
     blocks: &[B::Matrix],
     basis: &B::Matrix,
     grams: &[&B::Matrix],
+    precision: super::Precision,
 ) -> Result<f64> {
     let basis_t = backend.transpose(basis)?;
     let (mut error, mut energy) = (0.0, 0.0);
     for (w, gram) in blocks.iter().zip(grams) {
         let projected = backend.matmul(&backend.matmul(w, &basis_t)?, basis)?;
         let residual = backend.sub(w, &projected)?;
-        error += backend.quadratic_trace(&backend.transpose(&residual)?, gram)?;
-        energy += backend.quadratic_trace(&backend.transpose(w)?, gram)?;
+        error += quadratic_trace(backend, &backend.transpose(&residual)?, gram, precision)?;
+        energy += quadratic_trace(backend, &backend.transpose(w)?, gram, precision)?;
     }
     if energy <= 0.0 {
         return Ok(0.0);
@@ -470,19 +491,35 @@ fn add_residual<B: LinalgBackend>(
     Ok((eta, backend.matrix_from_host(&rebuilt)?))
 }
 
+/// `tr(M G Mᵀ)` in `precision`.
+fn quadratic_trace<B: LinalgBackend>(
+    backend: &B,
+    m: &B::Matrix,
+    gram: &B::Matrix,
+    precision: super::Precision,
+) -> Result<f64> {
+    match precision {
+        super::Precision::Double => backend.quadratic_trace(m, gram),
+        super::Precision::Single => backend.quadratic_trace_single(m, gram),
+    }
+}
+
 /// ‖(W−Ŵ)X‖_F / ‖WX‖_F from the input Gram G = XXᵀ: sqrt(tr(E G Eᵀ) / tr(W G Wᵀ)).
 fn activation_error<B: LinalgBackend>(
     backend: &B,
     w: &B::Matrix,
     w_hat: &B::Matrix,
     gram: &B::Matrix,
+    precision: super::Precision,
 ) -> Result<f64> {
-    let denominator = backend.quadratic_trace(w, gram)?;
+    let denominator = quadratic_trace(backend, w, gram, precision)?;
     if denominator <= 0.0 {
         return Ok(0.0);
     }
     let error = backend.sub(w, w_hat)?;
-    Ok((backend.quadratic_trace(&error, gram)? / denominator)
-        .max(0.0)
-        .sqrt())
+    Ok(
+        (quadratic_trace(backend, &error, gram, precision)? / denominator)
+            .max(0.0)
+            .sqrt(),
+    )
 }
