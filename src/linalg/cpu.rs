@@ -182,7 +182,7 @@ pub fn leading_right_singular_vectors(a: &Mat<f64>, rank: usize) -> Result<Mat<f
 /// The `rank` leading right singular vectors of `a` (as columns, leading first) and their
 /// squared singular values, from the eigendecomposition of `aᵀa` in single precision where `a`
 /// is tall (a thin SVD in double precision where it is wide). About twice as fast as
-/// [`leading_right_singular_vectors`]; directions whose singular values sit below about
+/// [`leading_right_singular_vectors`] without the `lapack` feature; directions whose singular values sit below about
 /// `10⁻³·σ_max` are not resolved, so it suits factors stored in 8 bits and estimates that only
 /// rank candidates.
 pub fn leading_right_singular_pairs_single(

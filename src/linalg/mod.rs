@@ -27,7 +27,8 @@ use crate::Result;
 /// Dense linear algebra for the pipeline, with matrices held where the backend computes.
 ///
 /// Matrices are real, row-major at every boundary (`(i, j)` of a `[m, n]` tensor is entry
-/// `(i, j)` of the `m × n` matrix) and at least `f64`-accurate in what they return.
+/// `(i, j)` of the `m × n` matrix) and at least `f64`-accurate in what they return, but for
+/// the `_single` methods, which may compute in `f32`.
 pub trait LinalgBackend: Send + Sync {
     /// A dense real matrix in this backend's memory (host or device).
     type Matrix: Clone + Send + Sync;

@@ -512,6 +512,7 @@ fn weighted_rows(weights: &[f64], picked: &[usize], loss: impl IntoIterator<Item
 /// Rows `picked` of `values` (rows of `cols`), borrowed where they are every row.
 fn gather_rows<'a>(values: &'a [f32], cols: usize, picked: &[usize]) -> Cow<'a, [f32]> {
     if picked.len() * cols == values.len() {
+        debug_assert!(picked.iter().enumerate().all(|(i, &r)| i == r));
         return Cow::Borrowed(values);
     }
     picked
@@ -521,24 +522,31 @@ fn gather_rows<'a>(values: &'a [f32], cols: usize, picked: &[usize]) -> Cow<'a, 
         .collect()
 }
 
-/// A matrix's weighted sum over every row from its sum over rows `sampled` (a ratio estimate):
-/// scaled by the share of the rows' weighted `energy` the sampled rows hold, since a row's
-/// rounding loss grows with its energy; by their share of the rows where they hold none.
-fn whole_from_sampled(
-    sampled_sum: f64,
-    weights: &[f64],
-    sampled: &[usize],
-    energy: impl FnOnce() -> Vec<f64>,
-) -> f64 {
-    if sampled.len() == weights.len() {
-        return sampled_sum;
-    }
-    let energy = energy();
-    let whole: f64 = weights.iter().zip(&energy).map(|(w, e)| w * e).sum();
-    let part: f64 = sampled.iter().map(|&r| weights[r] * energy[r]).sum();
-    match part > 0.0 {
-        true => sampled_sum * whole / part,
-        false => sampled_sum * weights.len() as f64 / sampled.len().max(1) as f64,
+/// How a matrix's weighted sum over its sampled rows stands for the sum over every row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RowCoverage {
+    /// Times this ratio: the share of the rows' weighted energy the sampled rows hold, since a
+    /// row's rounding loss grows with its energy (1 exactly when every row is sampled).
+    Scaled(f64),
+    /// Not at all: the sampled rows hold no energy and others do, so every row is estimated.
+    EveryRow,
+}
+
+impl RowCoverage {
+    /// The coverage of rows `sampled` of a matrix with row `weights` and, per row, `energy`.
+    fn of(weights: &[f64], sampled: &[usize], energy: impl FnOnce() -> Vec<f64>) -> Self {
+        if sampled.len() == weights.len() {
+            return RowCoverage::Scaled(1.0);
+        }
+        let energy = energy();
+        let whole: f64 = weights.iter().zip(&energy).map(|(w, e)| w * e).sum();
+        let part: f64 = sampled.iter().map(|&r| weights[r] * energy[r]).sum();
+        match (part > 0.0, whole > 0.0) {
+            (true, _) => RowCoverage::Scaled(whole / part),
+            (false, true) => RowCoverage::EveryRow,
+            // No row holds energy: every loss is zero, however it is scaled.
+            (false, false) => RowCoverage::Scaled(1.0),
+        }
     }
 }
 
@@ -646,6 +654,9 @@ impl<B: LinalgBackend> Method<B> for Quantise {
             }
             (CandidateErrors::Sampled, Algorithm::Gptq) => Exactly::None,
         };
+        // Per (expert, matrix): how its sampled rows stand for all of them, the same for
+        // every format.
+        let coverages: Mutex<BTreeMap<(usize, ExpertMatrix), RowCoverage>> = Mutex::default();
         // Per (expert, matrix, format): the exact error where it was measured on every row,
         // the estimate, and both over a sample of rows.
         let errors = self.for_each_prepared(
@@ -659,6 +670,7 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                 })?;
                 // The rows every estimate covers, and a sampled expert's GPTQ with them.
                 let sampled = sampled_rows(rows);
+                // (over the sampled rows, over every row)
                 let estimate = match (hessian, self.settings.errors) {
                     (Prepared::Gptq(h), CandidateErrors::Sampled) => {
                         let loss = h.estimate_row_loss(
@@ -666,7 +678,25 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                             sampled.len(),
                             scheme,
                         )?;
-                        Some((h, weighted_rows(&weights.rows, &sampled, loss)))
+                        let part = weighted_rows(&weights.rows, &sampled, loss);
+                        let coverage = match lock(&coverages)?.get(&(expert, matrix)) {
+                            Some(&coverage) => coverage,
+                            None => {
+                                let coverage = RowCoverage::of(&weights.rows, &sampled, || {
+                                    h.row_energy(values)
+                                });
+                                lock(&coverages)?.insert((expert, matrix), coverage);
+                                coverage
+                            }
+                        };
+                        let whole = match coverage {
+                            RowCoverage::Scaled(ratio) => part * ratio,
+                            RowCoverage::EveryRow => {
+                                let loss = h.estimate_row_loss(values, rows, scheme)?;
+                                weights.rows.iter().zip(loss).map(|(w, l)| w * l).sum()
+                            }
+                        };
+                        Some((part, whole))
                     }
                     _ => None,
                 };
@@ -682,13 +712,11 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                         let exact = weighted_rows(&weights.rows, &picked, loss);
                         let sample = estimate
                             .filter(|_| picked == sampled)
-                            .map(|(_, estimated)| (exact, estimated));
+                            .map(|(part, _)| (exact, part));
                         ((picked.len() == rows).then_some(exact), sample)
                     }
                 };
-                let estimate = estimate.map(|(h, estimated)| {
-                    whole_from_sampled(estimated, &weights.rows, &sampled, || h.row_energy(values))
-                });
+                let estimate = estimate.map(|(_, whole)| whole);
                 let candidate = Candidate {
                     method: NAME.into(),
                     unit: Unit::Slot { matrix, expert },
@@ -830,16 +858,19 @@ mod tests {
     }
 
     #[test]
-    fn a_whole_from_every_row_is_the_sum_itself() {
+    fn sampled_rows_stand_for_every_row_by_their_share_of_energy() {
         let weights = [1.0, 2.0, 3.0];
         let energy = || panic!("not needed when every row was sampled");
-        assert_eq!(whole_from_sampled(7.5, &weights, &[0, 1, 2], energy), 7.5);
+        assert_eq!(
+            RowCoverage::of(&weights, &[0, 1, 2], energy),
+            RowCoverage::Scaled(1.0)
+        );
         // Rows 0 and 2 hold 1·1 + 3·3 = 10 of the 1·1 + 2·5 + 3·3 = 20 of weighted energy.
-        let whole = whole_from_sampled(4.0, &weights, &[0, 2], || vec![1.0, 5.0, 3.0]);
-        assert!((whole - 8.0).abs() < 1e-12, "{whole}");
-        // Sampled rows of no energy stand for their share of the rows.
-        let whole = whole_from_sampled(4.0, &weights, &[0], || vec![0.0, 5.0, 3.0]);
-        assert!((whole - 12.0).abs() < 1e-12, "{whole}");
+        let coverage = RowCoverage::of(&weights, &[0, 2], || vec![1.0, 5.0, 3.0]);
+        assert_eq!(coverage, RowCoverage::Scaled(2.0));
+        // Sampled rows of no energy cannot stand for rows that have some.
+        let coverage = RowCoverage::of(&weights, &[0], || vec![0.0, 5.0, 3.0]);
+        assert_eq!(coverage, RowCoverage::EveryRow);
     }
 
     #[test]
@@ -885,7 +916,12 @@ mod tests {
             let same: Vec<f64> = sampled.iter().map(|&r| every[r]).collect();
             assert_eq!(loss, same);
             let part = weighted_rows(&weights, &sampled, loss);
-            let whole = whole_from_sampled(part, &weights, &sampled, || h.row_energy(&values));
+            let RowCoverage::Scaled(ratio) =
+                RowCoverage::of(&weights, &sampled, || h.row_energy(&values))
+            else {
+                panic!("the sampled rows hold energy");
+            };
+            let whole = part * ratio;
             assert!(
                 (whole / exact - 1.0).abs() < 0.05,
                 "{}: {whole} from the sample against {exact}",

@@ -98,7 +98,7 @@ fn row_energy(m: &Mat<f64>) -> Vec<f64> {
 
 /// Column `j` of `m` as a slice.
 fn column(m: &Mat<f64>, j: usize) -> &[f64] {
-    m.col(j).try_as_col_major().map_or(&[], |c| c.as_slice())
+    m.col_as_slice(j)
 }
 
 /// `m` in single precision.
