@@ -679,8 +679,11 @@ impl<B: LinalgBackend> Method<B> for Quantise {
                             scheme,
                         )?;
                         let part = weighted_rows(&weights.rows, &sampled, loss);
-                        let coverage = match lock(&coverages)?.get(&(expert, matrix)) {
-                            Some(&coverage) => coverage,
+                        // Looked up in a statement of its own: the guard must be released
+                        // before the insert takes the lock again.
+                        let cached = lock(&coverages)?.get(&(expert, matrix)).copied();
+                        let coverage = match cached {
+                            Some(coverage) => coverage,
                             None => {
                                 let coverage = RowCoverage::of(&weights.rows, &sampled, || {
                                     h.row_energy(values)
