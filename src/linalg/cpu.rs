@@ -199,7 +199,7 @@ pub fn leading_right_singular_pairs_single(
             .collect();
         return Ok((v, squared));
     }
-    let single = Mat::from_fn(m, n, |i, j| a[(i, j)] as f32);
+    let single = to_single(a.as_ref());
     let gram = single.transpose() * &single;
     let evd = gram.self_adjoint_eigen(Side::Lower).map_err(|e| {
         Error::Numerical(format!(
@@ -213,6 +213,21 @@ pub fn leading_right_singular_pairs_single(
         .map(|k| f64::from(values[n - 1 - k]).max(0.0))
         .collect();
     Ok((v, squared))
+}
+
+/// `m` rounded to single precision.
+pub fn to_single(m: MatRef<'_, f64>) -> Mat<f32> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
+}
+
+/// `m` widened to double precision.
+pub fn to_double(m: &Mat<f32>) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)]))
+}
+
+/// `a·b` computed in single precision and returned in double.
+pub fn single_product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    to_double(&(to_single(a) * to_single(b)))
 }
 
 /// `a`'s shape, or an error if `rank` exceeds its smaller side.
@@ -373,11 +388,7 @@ impl LinalgBackend for CpuBackend {
 
     fn matmul_single(&self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
         check_product(a, b)?;
-        let single = |m: &Mat<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32);
-        let product = single(a) * single(b);
-        Ok(Mat::from_fn(product.nrows(), product.ncols(), |i, j| {
-            f64::from(product[(i, j)])
-        }))
+        Ok(single_product(a.as_ref(), b.as_ref()))
     }
 
     fn transpose(&self, a: &Mat<f64>) -> Result<Mat<f64>> {
@@ -461,11 +472,7 @@ impl LinalgBackend for CpuBackend {
 
     fn quadratic_trace_single(&self, m: &Mat<f64>, gram: &Mat<f64>) -> Result<f64> {
         check_quadratic_trace(m, gram)?;
-        let single = |a: &Mat<f64>| Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32);
-        let m_single = single(m);
-        let mg = &m_single * single(gram);
-        let mg = Mat::from_fn(mg.nrows(), mg.ncols(), |i, j| f64::from(mg[(i, j)]));
-        Ok(column_dot(&mg, m))
+        Ok(column_dot(&single_product(m.as_ref(), gram.as_ref()), m))
     }
 
     fn check_finite(&self, a: &Mat<f64>, what: &str) -> Result<()> {

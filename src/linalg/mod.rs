@@ -12,8 +12,9 @@ pub mod lapack;
 
 pub use cpu::{
     column_dot, frobenius_norm, leading_right_singular_pairs_single,
-    leading_right_singular_vectors, mat_to_tensor, singular_values, squared_singular_values,
-    stack_rows, tensor_to_mat, thin_svd, whitening_factor, CpuBackend, ThinSvd,
+    leading_right_singular_vectors, mat_to_tensor, single_product, singular_values,
+    squared_singular_values, stack_rows, tensor_to_mat, thin_svd, to_double, to_single,
+    whitening_factor, CpuBackend, ThinSvd,
 };
 
 #[cfg(test)]

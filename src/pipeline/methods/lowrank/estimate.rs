@@ -14,11 +14,13 @@
 //! are `U` (int8 per row of `d`, blocks along the rank) and `C_j = Uᵀ·W_j` (int8 per row, blocks
 //! along `p`); the noise adds `Σ_k σ_k²·Σ_a var(ΔU_ak)` and `Σ_j ω_j Σ_k Σ_c var(ΔC_jkc)·H_j,cc`.
 
-use faer::{Mat, MatRef};
+use faer::Mat;
 
 use crate::checkpoint::int8::{BLOCK, MAX_CODE};
 use crate::error::Result;
-use crate::linalg::{leading_right_singular_pairs_single, stack_rows};
+use crate::linalg::{
+    leading_right_singular_pairs_single, single_product, stack_rows, to_double, to_single,
+};
 
 /// Variance of rounding values of block maximum `absmax` to int8.
 fn rounding_variance(absmax: f64) -> f64 {
@@ -79,12 +81,6 @@ fn spectrum(t: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>)> {
     leading_right_singular_pairs_single(t, t.nrows().min(t.ncols()))
 }
 
-/// `a·b` computed in single precision, for the spectra and noise estimates (which rank
-/// candidates, and need the factors' block maxima, not their last digits).
-pub(super) fn single_product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
-    double(&(single(a) * single(b)))
-}
-
 /// `Σ_k m_ck²` of every row `c` of `m`, each summed in column order.
 fn row_energy(m: &Mat<f64>) -> Vec<f64> {
     let mut energy = vec![0.0; m.nrows()];
@@ -99,16 +95,6 @@ fn row_energy(m: &Mat<f64>) -> Vec<f64> {
 /// Column `j` of `m` as a slice.
 fn column(m: &Mat<f64>, j: usize) -> &[f64] {
     m.col_as_slice(j)
-}
-
-/// `m` in single precision.
-fn single(m: MatRef<'_, f64>) -> Mat<f32> {
-    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
-}
-
-/// `m` in double precision.
-fn double(m: &Mat<f32>) -> Mat<f64> {
-    Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)]))
 }
 
 /// The errors at `ranks` of an input-side group: `x = W·S` (`k·p × d`), `weights` one per row,
@@ -137,11 +123,11 @@ pub fn input_side(
         // Basis rows Bᵀ = S⁻ᵀ V, and the whitened inputs' energy per column G_cc = ‖S_c‖².
         let (basis_t, column_energy) = match whitening {
             Some(s) => {
-                let mut b = single(v.as_ref());
-                single(s.as_ref())
+                let mut b = to_single(v.as_ref());
+                to_single(s.as_ref())
                     .transpose()
                     .solve_upper_triangular_in_place(b.as_mut());
-                let b = double(&b);
+                let b = to_double(&b);
                 (b, row_energy(s))
             }
             None => (v.clone(), vec![1.0; v.nrows()]),

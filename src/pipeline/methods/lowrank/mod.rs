@@ -637,7 +637,7 @@ impl<B: LinalgBackend> LowRank<B> {
                 };
                 // The spectrum is taken in single precision, so the product may be too.
                 let x = match &whitening {
-                    Some(s) => estimate::single_product(w.as_ref(), s.as_ref()),
+                    Some(s) => crate::linalg::single_product(w.as_ref(), s.as_ref()),
                     None => w,
                 };
                 estimate::input_side(&x, &weights, whitening.as_ref(), ranks, self.int8)
