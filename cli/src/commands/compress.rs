@@ -103,6 +103,10 @@ pub struct CompressArgs {
     /// quantise: GPTQ's column order, descending Gram diagonal (on) or as stored (off).
     #[arg(long, value_parser = parse_on_off)]
     act_order: Option<bool>,
+    /// quantise: coordinate-descent passes over GPTQ's codes (each moved to the grid value that
+    /// best fits the rest of its row; 0 = GPTQ alone).
+    #[arg(long)]
+    quant_refine_passes: Option<usize>,
     /// quantise: whose calibration inputs each expert is quantised under.
     #[arg(long, value_parser = choice::<HessianSource>())]
     quant_hessian: Option<HessianSource>,
@@ -410,6 +414,7 @@ impl CompressArgs {
             ("--schemes", self.schemes.is_some()),
             ("--quant-algorithm", self.quant_algorithm.is_some()),
             ("--act-order", self.act_order.is_some()),
+            ("--quant-refine-passes", self.quant_refine_passes.is_some()),
             ("--quant-hessian", self.quant_hessian.is_some()),
             ("--quant-min-tokens", self.quant_min_tokens.is_some()),
             ("--quant-errors", self.quant_errors.is_some()),
@@ -468,6 +473,7 @@ impl CompressArgs {
                 set(&mut s.schemes, &self.schemes);
                 set(&mut s.algorithm, &self.quant_algorithm);
                 set(&mut s.act_order, &self.act_order);
+                set(&mut s.refine_passes, &self.quant_refine_passes);
                 set(&mut s.hessian, &self.quant_hessian);
                 set(&mut s.min_tokens, &self.quant_min_tokens);
                 set(&mut s.errors, &self.quant_errors);
