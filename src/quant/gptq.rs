@@ -61,7 +61,8 @@ pub struct Quantised {
     pub bytes: Vec<u8>,
     /// The dequantised matrix, row-major.
     pub dequantised: Vec<f32>,
-    /// Per row, `Δw·H·Δwᵀ` under the Hessian used (damping included).
+    /// Per row, `Δw·H·Δwᵀ` under the Hessian used (damping included; after refinement, as
+    /// accurate as its single-precision `H·Δw`).
     ///
     /// `H` is the Hessian with the diagonal of dead columns (`H_ii = 0`) set to 1 and the
     /// damping added to the diagonal; `Δw` is the row with its dead columns set to zero (their
@@ -413,6 +414,8 @@ impl GptqHessian {
         }
 
         if let Some(refinement) = &self.refinement {
+            // GPTQ's working copies are done with: freed before the refinement's own.
+            drop((work, errors));
             self.refine(refinement, &mut states, bc);
         }
         let grids: Vec<Vec<Grid>> = states
