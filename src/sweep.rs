@@ -193,7 +193,7 @@ fn point_options(
     settings.residual = point.residual;
     settings.whiten = point.whiten;
     *table = serde_json::to_value(&settings).unwrap_or_default();
-    options.calibration.group_size = point.group_size;
+    options.calibration.group_size = crate::pipeline::GroupSize::Experts(point.group_size);
     // The cache holds no down_proj statistics: a run that factors down calibrates afresh.
     let down = crate::checkpoint::experts::ExpertMatrix::Down;
     options.calibration.statistics_cache =

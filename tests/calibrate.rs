@@ -14,7 +14,7 @@ use rfid_moe::models::Model;
 use rfid_moe::pipeline::calibrate::{
     frequency_groups, CalibrationStream, Recording, StatisticsWanted,
 };
-use rfid_moe::pipeline::CalibrationOptions;
+use rfid_moe::pipeline::{CalibrationOptions, GroupSize};
 
 /// Per-expert routing counts and Gram matrices Σ xxᵀ, collected through the runtime model.
 #[derive(Default)]
@@ -57,7 +57,7 @@ fn group_statistics_are_the_sums_of_their_experts_gram_matrices() {
         .map(|w| (0..16u32).map(|t| (w * 37 + t * 11) % 256).collect())
         .collect();
     let options = CalibrationOptions {
-        group_size: 3,
+        group_size: GroupSize::Experts(3),
         batch_size: 2,
         ..CalibrationOptions::default()
     };
@@ -140,7 +140,7 @@ fn routing_counts_and_tokens_do_not_depend_on_collecting_gram_matrices() {
             ..Recording::default()
         };
         let wanted = StatisticsWanted {
-            group_size: options.group_size,
+            group_size: 2,
             group_gram: gram,
             expert_statistics: false,
             routed_inputs: false,

@@ -411,3 +411,35 @@ fn ratio_zero_is_a_plain_conversion_without_calibration() {
     assert!(error.contains("--calibration is required"), "{error}");
     assert!(!tmp.path().join("pruned").exists());
 }
+
+#[test]
+fn automatic_group_size_is_one_expert_where_the_grams_fit_and_is_saved_resolved() {
+    let source = common::fixture("tiny-qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let calibration = calibration_file(tmp.path(), 256, 16, 32);
+    let run = |name: &str, paper: bool| {
+        let out = tmp.path().join(name);
+        let mut opts = match paper {
+            true => options(&source, &calibration, &out, 0.4),
+            false => common::small_default_options(&source, &calibration, &out, 0.4),
+        };
+        opts.methods = vec!["lowrank".into(), "keep".into()];
+        let report = rfid_moe::compress(&opts).unwrap();
+        let sizes: Vec<usize> = report
+            .layers
+            .iter()
+            .flat_map(|l| l.matrices.values().flatten().map(|g| g.experts.len()))
+            .collect();
+        let saved = std::fs::read_to_string(out.join("compress.toml")).unwrap();
+        (sizes, saved)
+    };
+    let (sizes, saved) = run("auto", false);
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|&k| k == 1),
+        "{sizes:?}"
+    );
+    assert!(saved.contains("group_size = 1\n"), "{saved}");
+    let (sizes, saved) = run("paper", true);
+    assert!(sizes.contains(&4), "{sizes:?}");
+    assert!(saved.contains("group_size = 4\n"), "{saved}");
+}

@@ -27,7 +27,7 @@ use rfid_moe::pipeline::methods::lowrank::factor::{
 };
 use rfid_moe::pipeline::methods::lowrank::tune::{search_xi, SearchSettings, TuneMetric};
 use rfid_moe::pipeline::methods::lowrank::DEFAULT_XI_CANDIDATES;
-use rfid_moe::pipeline::CalibrationOptions;
+use rfid_moe::pipeline::{CalibrationOptions, GroupSize};
 
 /// Per expert, the tokens routed to it and their weights.
 type Routes = Vec<(Vec<u32>, Vec<f32>)>;
@@ -239,7 +239,7 @@ fn held_out_windows_calibrate_nothing_and_candidate_errors_match_an_independent_
     let (kept, held) = split_holdout(&all, 0.25).unwrap();
     assert_eq!((kept.len(), held.len()), (6, 2));
     let options = CalibrationOptions {
-        group_size: 2,
+        group_size: GroupSize::Experts(2),
         batch_size: 3,
         ..CalibrationOptions::default()
     };

@@ -42,7 +42,9 @@ impl UniformPlan {
     /// The plan `compress` makes at `ratio` with the uniform allocation, the default group size
     /// and the default dense fallback, for the experts of `s`.
     pub fn new(s: &Shape, ratio: f64) -> anyhow::Result<Self> {
-        let group_size = CalibrationOptions::default().group_size;
+        let group_size = CalibrationOptions::default()
+            .group_size
+            .resolve([(s.experts, s.hidden)]);
         let experts: Vec<usize> = (0..s.experts).collect();
         let groups: Vec<Vec<usize>> = experts.chunks(group_size).map(<[_]>::to_vec).collect();
         let shapes: Vec<GroupShape> = groups

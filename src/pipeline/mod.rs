@@ -56,7 +56,7 @@ pub use methods::Registry;
 use methods::{LayerContext, Method, MethodInputs, Needs, ObservedLayer};
 pub use options::{
     parse_device, BudgetOptions, BudgetScope, BudgetUnit, CalibrationOptions, CompressOptions,
-    Granularity, OutputFormat, OutputOptions,
+    Granularity, GroupSize, OutputFormat, OutputOptions,
 };
 use plan::{LayerOffer, LayerPlan};
 pub use report::{read_layer_reports, GroupReport, LayerReport, Report};
@@ -136,6 +136,13 @@ impl Prepared {
         };
         let checkpoint = Checkpoint::open(&options.model)?;
         let mut options = options.clone();
+        let spec = crate::models::ArchConfig::from_checkpoint(&checkpoint)?.spec();
+        let shapes = spec.moe_layers.iter().flatten();
+        let group_size = options
+            .calibration
+            .group_size
+            .resolve(shapes.map(|l| (l.num_experts, l.hidden_size)));
+        options.calibration.group_size = GroupSize::Experts(group_size);
         if options.budget.bits_per_weight.is_some() {
             let bytes_per_parameter = budget::input_bytes_per_parameter(&checkpoint)?;
             options.budget = options.budget.resolve_bits(bytes_per_parameter)?;
@@ -698,7 +705,7 @@ impl<'a, B: LinalgBackend> Run<'a, B> {
             }
         }
         let wanted = StatisticsWanted {
-            group_size: self.options.calibration.group_size,
+            group_size: self.options.calibration.group_size.resolved()?,
             group_gram: self.needs.group_gram || self.options.calibration.activation_statistics,
             expert_statistics: self.needs.expert_statistics,
             routed_inputs: self.needs.routed_inputs,

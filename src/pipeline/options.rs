@@ -127,6 +127,111 @@ impl OutputFormat {
     }
 }
 
+/// A layer's per-expert input Gram matrices (`experts × hidden² × 8` bytes) that
+/// [`GroupSize::Auto`] still gives one group per expert: 1 GiB.
+pub const PER_EXPERT_GRAM_LIMIT: u64 = 1 << 30;
+
+/// Experts per group where per-expert groups would hold more than [`PER_EXPERT_GRAM_LIMIT`] of
+/// Gram matrices (the paper's k).
+pub const SHARED_GROUP_SIZE: usize = 4;
+
+/// Experts per frequency-sorted group: `auto`, or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSize {
+    /// One expert per group where every MoE layer's per-expert input Gram matrices fit in
+    /// [`PER_EXPERT_GRAM_LIMIT`], else [`SHARED_GROUP_SIZE`]: per-expert whitening and bases
+    /// measured better on held-out text (docs/RESULTS.md §11), and memory stays as bounded as
+    /// with shared groups where they would not fit.
+    Auto,
+    /// This many experts per group.
+    Experts(usize),
+}
+
+impl GroupSize {
+    /// The number of experts per group for MoE layers of `(experts, hidden)` shapes.
+    pub fn resolve(self, layers: impl IntoIterator<Item = (usize, usize)>) -> usize {
+        match self {
+            GroupSize::Experts(k) => k,
+            GroupSize::Auto => {
+                let gram_bytes = |(experts, hidden): (usize, usize)| {
+                    (experts as u64)
+                        .saturating_mul(hidden as u64)
+                        .saturating_mul(hidden as u64)
+                        .saturating_mul(8)
+                };
+                match layers.into_iter().map(gram_bytes).max().unwrap_or(0) {
+                    bytes if bytes <= PER_EXPERT_GRAM_LIMIT => 1,
+                    _ => SHARED_GROUP_SIZE,
+                }
+            }
+        }
+    }
+
+    /// The number of experts per group of options resolved against their model.
+    pub fn resolved(self) -> Result<usize> {
+        match self {
+            GroupSize::Experts(k) => Ok(k),
+            GroupSize::Auto => invalid(
+                "the group size `auto` is resolved against the model before calibration".into(),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupSize::Auto => f.write_str("auto"),
+            GroupSize::Experts(k) => write!(f, "{k}"),
+        }
+    }
+}
+
+impl std::str::FromStr for GroupSize {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim() {
+            "auto" => Ok(GroupSize::Auto),
+            number => match number.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(GroupSize::Experts(k)),
+                _ => invalid(format!(
+                    "group size `{text}`: expected `auto` or a whole number of experts ≥ 1"
+                )),
+            },
+        }
+    }
+}
+
+impl Serialize for GroupSize {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            GroupSize::Auto => serializer.serialize_str("auto"),
+            GroupSize::Experts(k) => serializer.serialize_u64(*k as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupSize {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(u64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Number(k) => Ok(GroupSize::Experts(k as usize)),
+            Written::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// What the calibrate stage reads: the data, its windows and how experts are grouped.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -142,7 +247,7 @@ pub struct CalibrationOptions {
     /// Windows per forward batch.
     pub batch_size: usize,
     /// Experts per frequency-sorted group (k); shared bases and statistics are per group.
-    pub group_size: usize,
+    pub group_size: GroupSize,
     /// Collect per-group input Gram matrices even when no method needs them, to report
     /// activation errors (d×d doubles per group).
     pub activation_statistics: bool,
@@ -160,7 +265,7 @@ impl Default for CalibrationOptions {
             seq_len: 512,
             seed: 0,
             batch_size: 8,
-            group_size: 4,
+            group_size: GroupSize::Auto,
             activation_statistics: true,
             statistics_cache: None,
         }
@@ -503,8 +608,8 @@ impl CalibrationOptions {
         if self.batch_size == 0 {
             return invalid("--batch-size must be at least 1".into());
         }
-        if self.group_size == 0 {
-            return invalid("--group-size must be at least 1".into());
+        if self.group_size == GroupSize::Experts(0) {
+            return invalid("--group-size must be at least 1 (or `auto`)".into());
         }
         if self.batch_size == 0 {
             return invalid("--batch-size must be at least 1".into());
@@ -534,5 +639,55 @@ pub fn parse_device(name: &str) -> Result<Device> {
         other => invalid(format!(
             "unknown device `{other}` (expected cpu, cuda or cuda:N)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn automatic_group_size_is_one_expert_while_the_layers_grams_fit() {
+        // tiny-moe-docs: 32 experts of hidden 256 (16 MiB of Grams).
+        assert_eq!(GroupSize::Auto.resolve([(32, 256)]), 1);
+        // Mixtral: 8 × 4096² doubles, exactly the limit.
+        assert_eq!(GroupSize::Auto.resolve([(8, 4096)]), 1);
+        // Qwen3-30B-A3B: 128 × 2048² doubles = 4 GiB; the largest layer decides.
+        assert_eq!(
+            GroupSize::Auto.resolve([(32, 256), (128, 2048)]),
+            SHARED_GROUP_SIZE
+        );
+        assert_eq!(GroupSize::Auto.resolve([(256, 7168)]), SHARED_GROUP_SIZE);
+        assert_eq!(GroupSize::Experts(3).resolve([(128, 2048)]), 3);
+        assert!(GroupSize::Auto.resolved().is_err());
+        assert_eq!(GroupSize::Experts(2).resolved().unwrap(), 2);
+    }
+
+    #[test]
+    fn group_size_reads_and_writes_auto_or_a_number() {
+        let options: CalibrationOptions = toml::from_str("group_size = \"auto\"").unwrap();
+        assert_eq!(options.group_size, GroupSize::Auto);
+        let options: CalibrationOptions = toml::from_str("group_size = 3").unwrap();
+        assert_eq!(options.group_size, GroupSize::Experts(3));
+        let written = toml::to_string(&options).unwrap();
+        assert!(written.contains("group_size = 3\n"), "{written}");
+        let json = serde_json::to_value(CalibrationOptions::default()).unwrap();
+        assert_eq!(json["group_size"], "auto");
+        let refused = toml::from_str::<CalibrationOptions>("group_size = \"four\"").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("expected `auto` or a whole number"),
+            "{refused}"
+        );
+        assert_eq!("auto".parse::<GroupSize>().unwrap(), GroupSize::Auto);
+        assert_eq!(" 2 ".parse::<GroupSize>().unwrap(), GroupSize::Experts(2));
+        assert!("0".parse::<GroupSize>().is_err());
+        let zero: CalibrationOptions = toml::from_str("group_size = 0").unwrap();
+        let message = zero.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--group-size must be at least 1"),
+            "{message}"
+        );
     }
 }

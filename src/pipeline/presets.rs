@@ -2,18 +2,22 @@
 //! the paper's RFID-MoE.
 
 use super::methods::lowrank::LowRankSettings;
-use super::options::{BudgetOptions, CompressOptions};
+use super::options::{BudgetOptions, CalibrationOptions, CompressOptions, GroupSize};
 use crate::error::{Error, Result};
 
 /// The presets `--preset` accepts.
 pub const NAMES: [&str; 2] = ["default", "paper"];
 
 /// The paper's RFID-MoE (`--preset paper`): low-rank factors of gate and up with the fused-score
-/// allocation, in the checkpoint's dtype, `ratio` a fraction of their parameters per layer, no
-/// removal.
+/// allocation over groups of four experts, in the checkpoint's dtype, `ratio` a fraction of
+/// their parameters per layer, no removal.
 pub fn paper() -> CompressOptions {
     let mut options = CompressOptions {
         methods: vec!["lowrank".into(), "keep".into()],
+        calibration: CalibrationOptions {
+            group_size: GroupSize::Experts(4),
+            ..CalibrationOptions::default()
+        },
         budget: BudgetOptions::paper(),
         ..CompressOptions::default()
     };

@@ -14,6 +14,7 @@ use rfid_moe::pipeline::methods::quantise::{
 };
 use rfid_moe::pipeline::settings_file::{read_settings_file, SettingsFile};
 use rfid_moe::pipeline::split::{self, SplitStep};
+use rfid_moe::pipeline::GroupSize;
 use rfid_moe::pipeline::OutputFormat;
 use rfid_moe::pipeline::{presets, BudgetScope, BudgetUnit, CompressOptions, Granularity};
 use rfid_moe::quant::Scheme;
@@ -124,9 +125,10 @@ pub struct CompressArgs {
     /// an eighth of the experts).
     #[arg(long)]
     prune_fraction: Option<f64>,
-    /// Experts per frequency-sorted group (1 = per expert, n = one basis per layer).
+    /// Experts per frequency-sorted group: auto (the default: one per expert where a layer's
+    /// per-expert Gram matrices fit in 1 GiB, else 4), 1 = per expert, n = one basis per layer.
     #[arg(long)]
-    group_size: Option<usize>,
+    group_size: Option<GroupSize>,
     /// lowrank: how ranks are chosen: solver (by estimated output error, with every other
     /// method's candidates; the default) or the paper's scores.
     #[arg(long, value_parser = choice::<RankAllocation>())]
