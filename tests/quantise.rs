@@ -194,6 +194,11 @@ fn gptq_codes_beat_round_to_nearest_at_the_same_bytes() {
     let model = common::mini_model();
     let ids = common::mini_ids();
     let original = common::logits_of(&model, &ids);
+    // Rounding to nearest has no GPTQ codes to refine: its saved settings say none ran.
+    let expected_passes = |algorithm| match algorithm {
+        Algorithm::Rtn => 0,
+        _ => QuantiseSettings::default().refine_passes,
+    };
     let run = |name: &str, algorithm: Algorithm| {
         let mut options = mini_options(&tmp.path().join(name), 0.7, &["quantise"]);
         options
@@ -206,6 +211,9 @@ fn gptq_codes_beat_round_to_nearest_at_the_same_bytes() {
         let report = rfid_moe::checkpoint::read_json(&out.join("compression_report.json")).unwrap();
         let estimated = report["budget"]["estimated_error"].as_f64().unwrap();
         let kl = mean_kl(&original, &common::logits_of(&out, &ids));
+        let saved = std::fs::read_to_string(out.join("compress.toml")).unwrap();
+        let passes = format!("refine_passes = {}\n", expected_passes(algorithm));
+        assert!(saved.contains(&passes), "{passes} in {saved}");
         (common::kept_share(&model, &out), estimated, kl)
     };
     let (gptq_kept, gptq_estimate, gptq_kl) = run("gptq", Algorithm::Gptq);

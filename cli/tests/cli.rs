@@ -503,6 +503,23 @@ fn compress_rejects_bad_options_with_clear_messages() {
     ];
     let stderr = run(&[&base[..], &holdout].concat());
     assert!(stderr.contains("--holdout-fraction 1"), "{stderr}");
+    let rtn = [
+        "--quant-algorithm",
+        "rtn",
+        "--quant-refine-passes",
+        "2",
+        "--dry-run",
+    ];
+    let stderr = run(&[&base[..], &rtn].concat());
+    assert!(
+        stderr.contains("--quant-algorithm rtn has none"),
+        "{stderr}"
+    );
+    let stderr = run(&[&base[..], &["--group-size", "four", "--dry-run"]].concat());
+    assert!(
+        stderr.contains("expected `auto` or a whole number"),
+        "{stderr}"
+    );
     let stderr = run(&[
         "compress",
         "--model",

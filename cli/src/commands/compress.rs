@@ -470,6 +470,14 @@ impl CompressArgs {
                 }
             })?;
         }
+        if self.quant_algorithm == Some(Algorithm::Rtn)
+            && self.quant_refine_passes.is_some_and(|passes| passes > 0)
+        {
+            bail!(
+                "--quant-refine-passes refines GPTQ's codes: --quant-algorithm rtn has none \
+                 (leave it out, or use --quant-algorithm gptq)"
+            );
+        }
         if options.uses(quantise::NAME) && quantise_flags.iter().any(|(_, given)| *given) {
             options.update_settings::<QuantiseSettings>(|s| {
                 set(&mut s.schemes, &self.schemes);

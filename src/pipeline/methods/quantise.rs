@@ -210,6 +210,11 @@ pub fn create<B: LinalgBackend>(inputs: &MethodInputs) -> Result<Box<dyn Method<
             "--format {format} cannot hold quantisation scheme {scheme}"
         )));
     }
+    if settings.algorithm == Algorithm::Rtn {
+        // The passes refine GPTQ's codes under a Gram matrix; rounding to nearest has neither,
+        // and the saved settings state what ran.
+        settings.refine_passes = 0;
+    }
     settings.validate()?;
     Ok(Box::new(Quantise {
         settings,
