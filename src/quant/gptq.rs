@@ -512,8 +512,7 @@ impl GptqHessian {
                     .map(|c| match self.dead[c] {
                         true => f32::INFINITY,
                         false => {
-                            let grid = &state.grids[c / bc];
-                            let step = grid.steps[(c % bc) / grid.sub_columns].abs();
+                            let step = state.grids[c / bc].step(c % bc);
                             (0.45 * f64::from(step) * self.diagonal[c]) as f32
                         }
                     })

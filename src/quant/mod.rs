@@ -337,6 +337,11 @@ impl Grid {
         total
     }
 
+    /// The distance between neighbouring grid values at column `column` of the block.
+    pub fn step(&self, column: usize) -> f32 {
+        self.steps[column / self.sub_columns].abs()
+    }
+
     /// The value code `code` stands for at column `column`.
     pub fn value(&self, column: usize, code: u8) -> f32 {
         let sub = column / self.sub_columns;
