@@ -40,11 +40,12 @@ pub struct UniformPlan {
 
 impl UniformPlan {
     /// The plan `compress` makes at `ratio` with the uniform allocation, the default group size
-    /// and the default dense fallback, for the experts of `s`.
-    pub fn new(s: &Shape, ratio: f64) -> anyhow::Result<Self> {
+    /// (resolved, as `compress` does, against the checkpoint's `experts_before` experts, which
+    /// removal may since have cut to those of `s`) and the default dense fallback.
+    pub fn new(s: &Shape, ratio: f64, experts_before: usize) -> anyhow::Result<Self> {
         let group_size = CalibrationOptions::default()
             .group_size
-            .resolve([(s.experts, s.hidden)]);
+            .resolve([(experts_before, s.hidden)]);
         let experts: Vec<usize> = (0..s.experts).collect();
         let groups: Vec<Vec<usize>> = experts.chunks(group_size).map(<[_]>::to_vec).collect();
         let shapes: Vec<GroupShape> = groups

@@ -219,16 +219,37 @@ impl<'de> Deserialize<'de> for GroupSize {
     fn deserialize<D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Written {
-            Number(u64),
-            Text(String),
+        struct Written;
+        impl serde::de::Visitor<'_> for Written {
+            type Value = GroupSize;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`auto` or a whole number of experts ≥ 1")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, k: u64) -> std::result::Result<GroupSize, E> {
+                usize::try_from(k)
+                    .map(GroupSize::Experts)
+                    .map_err(|_| E::custom(format!("group size {k} is too large")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, k: i64) -> std::result::Result<GroupSize, E> {
+                match u64::try_from(k) {
+                    Ok(k) => self.visit_u64(k),
+                    Err(_) => Err(E::custom(format!(
+                        "group size {k}: expected `auto` or a whole number of experts ≥ 1"
+                    ))),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(
+                self,
+                text: &str,
+            ) -> std::result::Result<GroupSize, E> {
+                text.parse().map_err(E::custom)
+            }
         }
-        match Written::deserialize(deserializer)? {
-            Written::Number(k) => Ok(GroupSize::Experts(k as usize)),
-            Written::Text(text) => text.parse().map_err(serde::de::Error::custom),
-        }
+        deserializer.deserialize_any(Written)
     }
 }
 
@@ -252,7 +273,8 @@ pub struct CalibrationOptions {
     /// activation errors (d×d doubles per group).
     pub activation_statistics: bool,
     /// Save calibration statistics here, or reuse them if the file holds statistics of the same
-    /// model, windows and grouping (skips the forward passes; holds all layers in memory).
+    /// model, windows and grouping (skips the forward passes; holds all layers in memory, with
+    /// per-expert groups one Gram matrix per expert of every layer).
     /// Only for runs that remove no expert and collect nothing per expert.
     pub statistics_cache: Option<PathBuf>,
 }

@@ -8,7 +8,7 @@
 //!   SVD of `D^½·ΔW·L`, `H = L·Lᵀ`), its factors in bf16, int8 or int4;
 //! - low rank alone (the same SVD of `D^½·W·L`), its factors in bf16, int8 or int4, and with
 //!   int4 factors measured: the input-side factor quantised by GPTQ (int4, groups of 32), the
-//!   output-side one refitted to it by least squares and rounded to int8;
+//!   output-side one refitted to it by least squares and stored in int8;
 //! - removal and keeping.
 //!
 //! Except where measured, quantised factors are counted at their stored bytes but as if they
@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
 use rfid_moe::linalg::{singular_values, thin_svd, CpuBackend};
 use rfid_moe::pipeline::methods::quantise::{default_schemes, QuantiseSettings};
-use rfid_moe::pipeline::methods::{keep, LayerContext, Method, Needs};
+use rfid_moe::pipeline::methods::{int8, keep, LayerContext, Method, Needs};
 use rfid_moe::pipeline::plan::{Candidate, UnitOutput};
 use rfid_moe::pipeline::{CompressOptions, Registry};
 use rfid_moe::quant::gptq::{GptqHessian, GptqOptions};
@@ -91,12 +91,16 @@ enum Factors {
 impl Factors {
     const ALL: [Factors; 3] = [Factors::Bf16, Factors::Int8, Factors::Int4];
 
-    /// Bytes of `values` factor values in `count_rows` rows (scales included: bf16 per row
-    /// for int8, per 32 values for int4).
-    fn bytes(self, values: usize, count_rows: usize) -> f64 {
+    /// Bytes of rank-`rank` factors `[rows, rank]·[rank, cols]`, scales included: int8 as the
+    /// low-rank method stores it (an f32 scale per row and 128 columns), int4 with a bf16
+    /// scale per 32 values.
+    fn bytes(self, rank: usize, rows: usize, cols: usize) -> f64 {
+        let values = rank * (rows + cols);
         match self {
             Factors::Bf16 => 2.0 * values as f64,
-            Factors::Int8 => values as f64 + 2.0 * count_rows as f64,
+            Factors::Int8 => {
+                (int8::stored_bytes(rows, rank) + int8::stored_bytes(rank, cols)) as f64
+            }
             Factors::Int4 => values as f64 / 2.0 + 2.0 * (values as f64 / 32.0).ceil(),
         }
     }
@@ -184,7 +188,6 @@ impl Probe {
             .L()
             .to_owned();
         let mut points = Vec::new();
-        let factor_rows = |rank: usize| (rank * (rows + cols), 2 * rank);
         let whole = singular_values(&whitened(w, rows, row_weights, &l))?;
         points.push(Point {
             kind: Kind::Remove,
@@ -203,14 +206,13 @@ impl Probe {
             error: 0.0,
         });
         for &rank in self.ranks.iter().filter(|&&r| r < rows.min(cols)) {
-            let (values, count) = factor_rows(rank);
             for factors in Factors::ALL {
                 points.push(Point {
                     kind: Kind::LowRank,
                     scheme: None,
                     rank,
                     factors: Some(factors),
-                    bytes: factors.bytes(values, count),
+                    bytes: factors.bytes(rank, rows, cols),
                     error: tail(&whole, rank) / energy,
                 });
             }
@@ -234,14 +236,13 @@ impl Probe {
                 error: tail(&s, 0) / energy,
             });
             for &rank in self.ranks.iter().filter(|&&r| r < rows.min(cols)) {
-                let (values, count) = factor_rows(rank);
                 for factors in Factors::ALL {
                     points.push(Point {
                         kind: Kind::Corrected,
                         scheme: Some(scheme.name()),
                         rank,
                         factors: Some(factors),
-                        bytes: bytes + factors.bytes(values, count),
+                        bytes: bytes + factors.bytes(rank, rows, cols),
                         error: tail(&s, rank) / energy,
                     });
                 }
@@ -313,7 +314,7 @@ impl Probe {
             let mut a = Mat::<f64>::zeros(rows, rank);
             for i in 0..rows {
                 let scale = (0..rank).map(|j| a_t[(j, i)].abs()).fold(0.0, f64::max) / 127.0;
-                let scale = half::bf16::from_f64(scale).to_f64();
+                let scale = scale as f32 as f64;
                 for j in 0..rank {
                     a[(i, j)] = match scale > 0.0 {
                         true => (a_t[(j, i)] / scale).round().clamp(-127.0, 127.0) * scale,
@@ -334,7 +335,7 @@ impl Probe {
                 scheme: Some(scheme.name()),
                 rank,
                 factors: Some(Factors::Int4),
-                bytes: (rows * rank + 2 * rows) as f64 + scheme.stored_bytes(rank, cols) as f64,
+                bytes: (int8::stored_bytes(rows, rank) + scheme.stored_bytes(rank, cols)) as f64,
                 error: error / energy,
             });
         }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
-use rfid_moe::pipeline::{CalibrationOptions, CompressOptions, OutputOptions, Report};
+use rfid_moe::pipeline::{CompressOptions, OutputOptions, Report};
 use rfid_moe_bench::device_memory::{DeviceMemory, DeviceMemorySampler};
 use rfid_moe_bench::host_memory;
 use rfid_moe_bench::reference::ReferenceTiming;
@@ -216,12 +216,10 @@ fn options(args: &Args, model: &Path, calibration: &Path, out: &Path) -> Compres
     };
     options.model = model.to_path_buf();
     options.device = args.device.clone();
-    options.calibration = CalibrationOptions {
-        data: calibration.to_path_buf(),
-        samples: args.samples,
-        seq_len: args.seq_len,
-        ..CalibrationOptions::default()
-    };
+    // The preset's grouping stays (the paper's four experts, or `auto`).
+    options.calibration.data = calibration.to_path_buf();
+    options.calibration.samples = args.samples;
+    options.calibration.seq_len = args.seq_len;
     options.budget.ratio = args.ratio;
     options.output = OutputOptions {
         out: Some(out.to_path_buf()),

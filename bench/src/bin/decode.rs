@@ -214,7 +214,7 @@ fn prepare(
     match spec {
         VariantSpec::Anchor | VariantSpec::Original => Ok(original.clone()),
         VariantSpec::LowRank(ratio) => {
-            let plan = UniformPlan::new(s, *ratio)?;
+            let plan = UniformPlan::new(s, *ratio, s.experts)?;
             eprintln!("  ranks {:?}, groups of {}", plan.ranks(), plan.group_size);
             ensure_written(&dir, || write_compressed(s, &plan, args.vocab, &dir))?;
             let params = opened(&dir, s)?;
@@ -226,7 +226,7 @@ fn prepare(
         VariantSpec::PrunedLowRank(ratio) => {
             let prune = PrunePlan::new(&Checkpoint::open(&original.dir)?, *ratio)?;
             let (kept, _) = shape(args, Some(prune.kept()))?;
-            let plan = UniformPlan::new(&kept, prune.lowrank_ratio)?;
+            let plan = UniformPlan::new(&kept, prune.lowrank_ratio, s.experts)?;
             eprintln!(
                 "  {} of {} experts removed, the rest factored at ρ' = {:.4}: ranks {:?}",
                 prune.removed,
