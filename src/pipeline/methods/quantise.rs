@@ -90,6 +90,7 @@ pub const SAMPLED_EXPERTS: usize = 4;
 pub fn default_schemes() -> Vec<Scheme> {
     [
         "int2-g64-asym",
+        "int2-g128-asym",
         "int3-g64-asym",
         "int3-g128-asym",
         "int4-g64-asym",
