@@ -12,7 +12,9 @@ use rfid_moe::checkpoint::weight::Int8Holding;
 use rfid_moe::checkpoint::Checkpoint;
 use rfid_moe::models::moe::RoutedExperts;
 use rfid_moe::models::{ArchConfig, FeedForward, Model};
-use rfid_moe::pipeline::methods::quantise::{Algorithm, QuantiseSettings};
+use rfid_moe::pipeline::methods::quantise::{
+    Algorithm, CandidateErrors, QuantiseSettings, SAMPLED_ROWS,
+};
 use rfid_moe::pipeline::CompressOptions;
 use rfid_moe::quant::Scheme;
 
@@ -301,4 +303,90 @@ fn a_packed_tensor_that_is_not_blocks_of_bytes_is_refused_by_name() {
     common::write_safetensors_raw(&path, &header, &data);
     let error = Checkpoint::open(&out).unwrap_err().to_string();
     assert!(error.contains(&name) && error.contains("F16"), "{error}");
+}
+
+/// A copy of the tiny Qwen3-MoE fixture whose experts have `intermediate` rows in gate and up
+/// (and columns in down), filled with seeded random values.
+fn tall_experts_copy(intermediate: usize, out: &Path) -> PathBuf {
+    let source = common::fixture("tiny-qwen3_moe");
+    let checkpoint = Checkpoint::open(&source).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in checkpoint.tensor_names() {
+        let tensor = checkpoint
+            .load(name, DType::F32, &Device::Cpu, "test")
+            .unwrap();
+        tensors.insert(name.to_string(), tensor);
+    }
+    let mut rng = rfid_moe::rng::SplitMix64::new(0x7a11);
+    for (name, tensor) in tensors.iter_mut() {
+        if !name.contains(".experts.") {
+            continue;
+        }
+        let (rows, cols) = tensor.dims2().unwrap();
+        let shape = match name.contains("down_proj") {
+            true => (rows, intermediate),
+            false => (intermediate, cols),
+        };
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| 0.08 * rng.normal() as f32)
+            .collect();
+        *tensor = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+    }
+    common::write_checkpoint(&checkpoint, tensors, out);
+    common::edit_config(out, |c| {
+        c["moe_intermediate_size"] = serde_json::json!(intermediate)
+    });
+    out.to_path_buf()
+}
+
+#[test]
+fn sampled_estimates_hold_on_matrices_taller_than_the_row_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    // gate and up get more rows than the estimates sample, so their sampled rows stand for
+    // the rest by their share of the energy.
+    let intermediate = SAMPLED_ROWS + 32;
+    let model = tall_experts_copy(intermediate, &tmp.path().join("tall"));
+    let calibration = common::random_token_windows(
+        &tmp.path().join("calibration.safetensors"),
+        256,
+        16,
+        64,
+        0x5eed,
+    );
+    let run = |name: &str, errors: CandidateErrors| {
+        let out = tmp.path().join(name);
+        let mut options = common::small_default_options(&model, &calibration, &out, 0.78);
+        options.methods = vec!["quantise".into(), "keep".into()];
+        options
+            .update_settings::<QuantiseSettings>(|s| {
+                s.schemes = schemes(&["int2-g32-asym", "int3-g32-asym", "int4-g32-asym"]);
+                s.errors = errors;
+            })
+            .unwrap();
+        let report = rfid_moe::compress(&options).unwrap();
+        let estimated = report.budget.estimated_error;
+        let ids = Tensor::new(&[[1i64, 5, 9, 2, 7, 3]], &Device::Cpu).unwrap();
+        let kl = mean_kl(
+            &common::logits_of(&model, &ids),
+            &common::logits_of(&out, &ids),
+        );
+        (common::kept_share(&model, &out), estimated, kl)
+    };
+    let (exact_kept, exact_estimate, exact_kl) = run("exact", CandidateErrors::Gptq);
+    let (sampled_kept, sampled_estimate, sampled_kl) = run("sampled", CandidateErrors::Sampled);
+    assert!(
+        exact_kept <= 0.225 && sampled_kept <= 0.225,
+        "{exact_kept} {sampled_kept}"
+    );
+    assert!(
+        (sampled_kept - exact_kept).abs() < 0.01,
+        "{exact_kept} {sampled_kept}"
+    );
+    let ratio = sampled_estimate / exact_estimate;
+    eprintln!("estimate ratio {ratio:.4}, KL exact {exact_kl:.5} sampled {sampled_kl:.5}");
+    assert!(
+        (0.9..1.1).contains(&ratio),
+        "estimated {sampled_estimate} vs {exact_estimate}"
+    );
+    assert!(sampled_kl < 1.1 * exact_kl, "KL {sampled_kl} vs {exact_kl}");
 }
