@@ -533,57 +533,89 @@ fn transformers_loads_the_output_without_remote_code() {
         serde_json::from_slice(&std::fs::read(work.join("py.json")).unwrap()).unwrap();
     let tensors =
         candle_core::safetensors::load(work.join("py.safetensors"), &Device::Cpu).unwrap();
-    let mut failures = Vec::new();
-    for (name, dir, rounded, quantised) in &cases {
-        let result = &results[name.as_str()];
-        assert!(result.get("error").is_none(), "{name}: {}", result["error"]);
-        let method = quantised.then_some("compressed-tensors");
-        assert_eq!(result["quant_method"], json!(method), "{name}");
-        assert_eq!(
-            result["report"],
-            json!({}),
-            "{name}: weights not all loaded"
-        );
-        let ours = Checkpoint::open(dir).unwrap();
-        // transformers decompressed our codes and scales into our values: exactly, or rounded
-        // to bf16 where it multiplies in the bf16 of the scales.
-        let layers = ArchConfig::from_checkpoint(&ours)
-            .unwrap()
-            .spec()
-            .moe_layer_indices();
-        for layer in layers {
-            let (gate_up, down) = fused_experts(&ours, layer);
-            for (key, want) in [("gate_up_proj", gate_up), ("down_proj", down)] {
-                let want = match rounded {
-                    true => want
-                        .to_dtype(DType::BF16)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap(),
-                    false => want,
-                };
-                let got = &tensors[&format!("{name}/model.layers.{layer}.mlp.experts.{key}")];
-                let diff = common::max_abs_diff(got, &want);
-                assert_eq!(diff, 0.0, "{name} layer {layer} {key}");
-            }
-        }
-        let want = common::logits_of(dir, &ids);
-        let got = &tensors[&format!("{name}/logits")];
-        let (diff, mean) = (
-            common::max_abs_diff(got, &want),
-            common::mean_abs_diff(got, &want),
-        );
-        // transformers keeps experts decompressed from bf16 scales as bf16 parameters even in
-        // an f32 model, so only their values, checked above, can be held to rfid-moe's.
-        let within = match rounded {
-            false => diff <= TOLERANCE,
-            true => mean <= ROUNDED_MEAN_TOLERANCE,
-        };
-        if !within {
-            failures.push(format!("{name}: logits differ by {diff} (mean {mean})"));
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(name, dir, rounded, quantised)| {
+            let case = LoadedCase {
+                name,
+                dir,
+                rounded: *rounded,
+                quantised: *quantised,
+            };
+            check_loaded_case(&case, &results[name.as_str()], &tensors, &ids)
+        })
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// One output transformers loaded: its name in the job, directory, whether transformers rounds
+/// its expert weights to bf16 (bf16 scales), and whether anything is quantised.
+struct LoadedCase<'a> {
+    name: &'a str,
+    dir: &'a Path,
+    rounded: bool,
+    quantised: bool,
+}
+
+/// Checks what transformers made of `case` (its `result` and the `tensors` it wrote) against
+/// rfid-moe's own reading: the expert weights exactly (asserted), the logits on `ids` within
+/// tolerance (a failure message when not).
+fn check_loaded_case(
+    case: &LoadedCase,
+    result: &Value,
+    tensors: &HashMap<String, Tensor>,
+    ids: &Tensor,
+) -> Option<String> {
+    let LoadedCase {
+        name,
+        dir,
+        rounded,
+        quantised,
+    } = *case;
+    assert!(result.get("error").is_none(), "{name}: {}", result["error"]);
+    let method = quantised.then_some("compressed-tensors");
+    assert_eq!(result["quant_method"], json!(method), "{name}");
+    assert_eq!(
+        result["report"],
+        json!({}),
+        "{name}: weights not all loaded"
+    );
+    let ours = Checkpoint::open(dir).unwrap();
+    // transformers decompressed our codes and scales into our values: exactly, or rounded
+    // to bf16 where it multiplies in the bf16 of the scales.
+    let layers = ArchConfig::from_checkpoint(&ours)
+        .unwrap()
+        .spec()
+        .moe_layer_indices();
+    for layer in layers {
+        let (gate_up, down) = fused_experts(&ours, layer);
+        for (key, want) in [("gate_up_proj", gate_up), ("down_proj", down)] {
+            let want = match rounded {
+                true => want
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+                false => want,
+            };
+            let got = &tensors[&format!("{name}/model.layers.{layer}.mlp.experts.{key}")];
+            let diff = common::max_abs_diff(got, &want);
+            assert_eq!(diff, 0.0, "{name} layer {layer} {key}");
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    let want = common::logits_of(dir, ids);
+    let got = &tensors[&format!("{name}/logits")];
+    let (diff, mean) = (
+        common::max_abs_diff(got, &want),
+        common::mean_abs_diff(got, &want),
+    );
+    // transformers keeps experts decompressed from bf16 scales as bf16 parameters even in
+    // an f32 model, so only their values, checked above, can be held to rfid-moe's.
+    let within = match rounded {
+        false => diff <= TOLERANCE,
+        true => mean <= ROUNDED_MEAN_TOLERANCE,
+    };
+    (!within).then(|| format!("{name}: logits differ by {diff} (mean {mean})"))
 }
 
 /// `compress --format compressed-tensors` of fixture `name` (in `work`) at `ratio` with a

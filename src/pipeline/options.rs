@@ -66,6 +66,8 @@ crate::named_enum! {
     }
 }
 
+// `named_enum!` writes the enum and its derives, so the default is stated here.
+#[allow(clippy::derivable_impls)]
 impl Default for OutputFormat {
     fn default() -> Self {
         Self::Safetensors
