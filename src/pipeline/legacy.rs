@@ -75,7 +75,8 @@ impl Default for LegacyCalibration {
             seq_len: current.seq_len,
             seed: current.seed,
             batch_size: current.batch_size,
-            group_size: crate::pipeline::options::SHARED_GROUP_SIZE,
+            // The default when files without `version` were written.
+            group_size: 4,
             activation_statistics: current.activation_statistics,
             statistics_cache: None,
             holdout_fraction: lowrank::DEFAULT_HOLDOUT_FRACTION,

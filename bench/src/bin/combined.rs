@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Parser;
-use faer::linalg::solvers::Solve;
+use faer::linalg::solvers::{Llt, Solve};
 use faer::Mat;
 use rayon::prelude::*;
 use rfid_moe::checkpoint::experts::ExpertMatrix;
@@ -182,11 +182,10 @@ impl Probe {
                 _ => h[(i, j)],
             }
         });
-        let l = damped
+        let llt = damped
             .llt(faer::Side::Lower)
-            .map_err(|e| anyhow::anyhow!("Cholesky of the damped Gram failed: {e:?}"))?
-            .L()
-            .to_owned();
+            .map_err(|e| anyhow::anyhow!("Cholesky of the damped Gram failed: {e:?}"))?;
+        let l = llt.L().to_owned();
         let mut points = Vec::new();
         let whole = singular_values(&whitened(w, rows, row_weights, &l))?;
         points.push(Point {
@@ -217,7 +216,7 @@ impl Probe {
                 });
             }
         }
-        points.extend(self.quantised_low_rank(w, rows, row_weights, &damped, &l, energy)?);
+        points.extend(self.quantised_low_rank(w, rows, row_weights, &damped, &llt, energy)?);
         for scheme in self.schemes.iter().filter(|s| s.supports(cols)) {
             let quantised = hessian.quantise(w, rows, *scheme)?;
             let delta: Vec<f32> = w
@@ -260,18 +259,16 @@ impl Probe {
         rows: usize,
         row_weights: &[f64],
         damped: &Mat<f64>,
-        l: &Mat<f64>,
+        llt: &Llt<f64>,
         energy: f64,
     ) -> anyhow::Result<Vec<Point>> {
+        let l = &llt.L().to_owned();
         let cols = damped.nrows();
         let scheme = Scheme::parse("int4-g32-asym")?;
         if !scheme.supports(cols) {
             return Ok(Vec::new());
         }
         let svd = thin_svd(&whitened(w, rows, row_weights, l))?;
-        let llt = damped
-            .llt(faer::Side::Lower)
-            .map_err(|e| anyhow::anyhow!("Cholesky failed: {e:?}"))?;
         let flat: Vec<f64> = (0..cols * cols)
             .map(|k| damped[(k / cols, k % cols)])
             .collect();
@@ -574,14 +571,13 @@ fn main() -> anyhow::Result<()> {
     options.output.dry_run = true;
     // The probe offers nothing: every matrix is kept, so the run only calibrates and measures.
     options.budget.ratio = 0.0;
-    let probe = std::sync::Arc::new(probe);
-    let shared = probe.clone();
-    PROBE.set(shared).ok().context("probe set twice")?;
+    PROBE.set(probe).ok().context("probe set twice")?;
     let mut registry = Registry::<CpuBackend>::builtin();
     registry.register("probe", "measures combined candidates", |_| {
         Ok(Box::new(SharedProbe))
     });
     rfid_moe::pipeline::compress_with(&options, &registry, &rfid_moe::Silent)?;
+    let probe = PROBE.get().context("the probe is set above")?;
     let matrices = std::mem::take(&mut *probe.recorded.lock().expect("no worker panicked"));
     let full: f64 = matrices
         .iter()
@@ -628,7 +624,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The probe the registry's constructor hands out (constructors are plain functions).
-static PROBE: std::sync::OnceLock<std::sync::Arc<Probe>> = std::sync::OnceLock::new();
+static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
 
 /// A handle on [`PROBE`] as a method.
 struct SharedProbe;
